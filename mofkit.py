@@ -23,6 +23,8 @@ import sys
 import math
 import json
 import hashlib
+import tempfile
+import contextlib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -33,6 +35,37 @@ import torch
 # =============================================================================
 # 1. Downloads: verified files over HTTP / Google Drive, NIST ISODB, MOFX-DB
 # =============================================================================
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temp file beside `path` and rename it into place on success.
+
+    Readers (and a Colab session that dies mid-write) never see half a file: either the old
+    file or the complete new one is there. On any error the temp file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path, chunk_bytes=1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so large shards never sit in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_bytes), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 
 

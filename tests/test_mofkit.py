@@ -18,6 +18,19 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # 1. Downloads
 # =============================================================================
 
+def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
+    target = tmp_path / "a" / "file.bin"
+    with mofkit.atomic_write(target) as f:
+        f.write(b"first")
+    with pytest.raises(RuntimeError):
+        with mofkit.atomic_write(target) as f:
+            f.write(b"half of the second")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]  # no temp left behind
+    import hashlib
+    assert mofkit.sha256_file(target) == hashlib.sha256(b"first").hexdigest()
+
 
 
 # =============================================================================
