@@ -49,6 +49,284 @@ def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
 # 4. Isotherms
 # =============================================================================
 
+STUDY_ISOTHERM = FIXTURES / "isodb" / "10.1002adem.200500223.isotherm1.json"
+
+
+def _study_points():
+    """H2 on Cu3(BTC)2 at 77 K as the study used it: bar, cm3(STP)/g / 22.4 -> mmol/g."""
+    record = json.loads(STUDY_ISOTHERM.read_text())
+    assert record["pressureUnits"] == "bar" and record["adsorptionUnits"] == "cm3(STP)/g"
+    P = np.array([p["pressure"] for p in record["isotherm_data"]])
+    q = np.array([p["total_adsorption"] for p in record["isotherm_data"]]) / 22.4
+    return P, q
+
+
+def test_sips_with_K_fixed_reproduces_the_studys_published_row():
+    P, q = _study_points()
+    fit = mofkit.fit_sips(P, q, fix_K=2.5)
+    assert abs(fit.g_inf - 16.466949) < 1e-5
+    assert fit.K == 2.5 and "K" in fit.fixed and np.isnan(fit.K_se)
+    assert abs(fit.n - 1.328632) < 1e-5
+    assert abs(fit.r2 - 0.996919) < 1e-5
+    assert fit.n_points == 12 and fit.model == "sips"
+
+
+def test_free_sips_and_true_freundlich_on_the_study_isotherm():
+    P, q = _study_points()
+    sips, freundlich = mofkit.fit_sips(P, q), mofkit.fit_freundlich(P, q)
+    assert sips.g_inf == pytest.approx(14.07, abs=0.01) and sips.K == pytest.approx(3.89, abs=0.01)
+    assert sips.n == pytest.approx(1.143, abs=1e-3) and sips.r2 == pytest.approx(0.9986, abs=1e-4)
+    assert freundlich.K == pytest.approx(11.42, abs=0.01) and freundlich.n == pytest.approx(2.43, abs=0.01)
+    assert freundlich.r2 == pytest.approx(0.974, abs=1e-3)
+    # the free fit has one more parameter and must not fit worse than K fixed at 2.5
+    assert sips.r2 > mofkit.fit_sips(P, q, fix_K=2.5).r2 > freundlich.r2
+
+
+def test_fit_statistics_match_their_definitions():
+    P, q = _study_points()
+    fit = mofkit.fit_langmuir(P, q)
+    resid = q - fit.predict(P)
+    assert fit.r2 == pytest.approx(1 - np.sum(resid ** 2) / np.sum((q - q.mean()) ** 2), rel=1e-12)
+    assert fit.rmse == pytest.approx(np.sqrt(np.mean(resid ** 2)), rel=1e-12)
+    assert fit.aic == pytest.approx(12 * np.log(np.mean(resid ** 2)) + 2 * 2, rel=1e-12)
+    # least squares optimum: the gradient J^T r vanishes (central differences, parameters as given)
+    for name in ("Q_max", "b"):
+        h = 1e-6 * fit.params[name]
+        up, down = ({**fit.params, name: fit.params[name] + s * h} for s in (1, -1))
+        grad = (np.sum((q - mofkit._langmuir(P, **up)) ** 2) - np.sum((q - mofkit._langmuir(P, **down)) ** 2)) / (2 * h)
+        assert abs(grad) * fit.params[name] < 1e-6
+
+
+NOISELESS = [  # (fitter, true parameters, pressures, fitter kwargs)
+    (mofkit.fit_freundlich, {"K": 11.4, "n": 2.4}, np.linspace(0.05, 1.0, 15), {}),
+    (mofkit.fit_sips, {"g_inf": 14.0, "K": 3.9, "n": 1.15}, np.linspace(0.05, 1.0, 15), {}),
+    (mofkit.fit_sips, {"g_inf": 16.5, "K": 2.5, "n": 1.33}, np.linspace(0.05, 1.0, 15), {"fix_K": 2.5}),
+    (mofkit.fit_langmuir, {"Q_max": 12.8, "b": 4.9}, np.linspace(0.05, 1.0, 15), {}),
+    (mofkit.fit_bet, {"q_m": 8.0, "C": 80.0, "P0": 1.0}, np.linspace(0.05, 0.3, 15), {"p0": 1.0}),
+]
+
+
+def _model_values(fitter, true, P):
+    return mofkit._MODELS[fitter.__name__[4:]].func(P, **true)
+
+
+@pytest.mark.parametrize("fitter,true,P,kwargs", NOISELESS)
+def test_isotherm_fits_recover_noiseless_parameters(fitter, true, P, kwargs):
+    fit = fitter(P, _model_values(fitter, true, P), **kwargs)
+    for name, value in true.items():
+        assert fit.params[name] == pytest.approx(value, rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+
+
+def test_freundlich_log_space_recovers_noiseless_parameters():
+    P = np.geomspace(0.01, 10, 9)
+    fit = mofkit.fit_freundlich(P, 3.0 * P ** (1 / 1.7), log_space=True)
+    assert fit.log_space and fit.K == pytest.approx(3.0, rel=1e-6) and fit.n == pytest.approx(1.7, rel=1e-6)
+
+
+@pytest.mark.parametrize("fitter,true,P,kwargs", NOISELESS)
+def test_isotherm_standard_errors_cover_the_truth_under_2pct_noise(fitter, true, P, kwargs):
+    # 100 seeded data sets, Gaussian noise of 2% of the largest uptake (the least-squares model's own
+    # assumption). With 12-13 degrees of freedom a calibrated se puts the truth within 1 se 66% and
+    # within 2 se 93% of the time; the bounds are >3 binomial sd away from those, yet fail for se off
+    # by 1.5x in either direction (1-se coverage ~0.49 or ~0.86).
+    q_true = _model_values(fitter, true, P)
+    rng = np.random.default_rng(9)
+    z = []
+    for _ in range(100):
+        fit = fitter(P, q_true + 0.02 * q_true.max() * rng.standard_normal(P.size), **kwargs)
+        z.append([(fit.params[p] - v) / fit.se[p] for p, v in true.items() if p not in fit.fixed])
+    z = np.abs(np.array(z))
+    assert ((z < 1).mean(0) >= 0.5).all() and ((z < 1).mean(0) <= 0.85).all(), (z < 1).mean(0)
+    assert ((z < 2).mean(0) >= 0.8).all(), (z < 2).mean(0)
+
+
+def test_freundlich_log_space_errors_cover_the_truth_under_2pct_relative_noise():
+    P, rng, z = np.linspace(0.05, 1.0, 15), np.random.default_rng(3), []
+    for _ in range(100):
+        fit = mofkit.fit_freundlich(P, 11.4 * P ** (1 / 2.4) * (1 + 0.02 * rng.standard_normal(P.size)),
+                                    log_space=True)
+        z.append([(fit.K - 11.4) / fit.K_se, (fit.n - 2.4) / fit.n_se])
+    z = np.abs(np.array(z))
+    assert ((z < 1).mean(0) >= 0.5).all() and ((z < 1).mean(0) <= 0.85).all() and ((z < 2).mean(0) >= 0.8).all()
+
+
+BAD_INPUTS = [
+    (([0.1, np.nan, 0.3], [1, 2, 3]), "pressure has NaN/inf at index \\[1\\]"),
+    (([0.1, 0.2, 0.3], [1, np.inf, 3]), "adsorption has NaN/inf"),
+    (([0.1, -0.2, 0.3], [1, 2, 3]), "pressure has negative"),
+    (([0.1, 0.2, 0.3], [1, -2, 3]), "adsorption has negative"),
+    (([0.1, 0.2], [1, 2]), "only 2 usable points"),
+    (([0.1, 0.2, 0.3], [0, 0, 0]), "zero at every point"),
+    (([0.1, 0.2, 0.3, 0.4], [1, 2, 3]), "4 points but adsorption has 3"),
+]
+
+
+@pytest.mark.parametrize("fitter", [mofkit.fit_freundlich, mofkit.fit_sips, mofkit.fit_langmuir,
+                                    lambda P, q: mofkit.fit_bet(P, q, p0=1.0, p_range=(0.0, 0.9))])
+@pytest.mark.parametrize("data,message", BAD_INPUTS)
+def test_isotherm_fits_reject_bad_input_by_name(fitter, data, message):
+    with pytest.raises(ValueError, match=message):
+        fitter(*data)
+
+
+def test_freundlich_drops_zero_pressure_points_with_a_warning():
+    P = np.array([0.0, 0.1, 0.2, 0.5, 1.0])
+    with pytest.warns(UserWarning, match="dropped 1 zero-pressure point"):
+        fit = mofkit.fit_freundlich(P, np.r_[0.0, 2.0 * P[1:] ** 0.5])
+    assert fit.n_points == 4 and fit.n == pytest.approx(2.0, rel=1e-6)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="only 2 usable"):
+        mofkit.fit_freundlich([0.0, 0.0, 0.1, 0.2], [0.0, 0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="fixed sips parameter K=-1"):
+        mofkit.fit_sips([0.1, 0.2, 0.3], [1, 2, 3], fix_K=-1)
+
+
+def test_bet_p0_lookup_validity_range_and_rouquerol():
+    assert mofkit.saturation_pressure_bar("Nitrogen", 77.355) == pytest.approx(1.01325, rel=1e-12)
+    assert mofkit.saturation_pressure_bar("N2", 77.0) == pytest.approx(0.97152, rel=5e-3)  # EOS value
+    assert mofkit.saturation_pressure_bar("Argon", 87.0) == pytest.approx(0.98131, rel=5e-3)
+    with pytest.raises(ValueError, match="Hydrogen"):
+        mofkit.saturation_pressure_bar("Hydrogen", 77.0)
+    with pytest.raises(ValueError, match="pass p0"):
+        mofkit.saturation_pressure_bar("N2", 90.0)
+    p0 = mofkit.saturation_pressure_bar("N2", 77.0)
+    P = np.linspace(0.01, 0.95, 60) * p0
+    q_bet = mofkit._bet(P, 10.0, 150.0, p0)
+    fit = mofkit.fit_bet(P, q_bet, adsorbate="Nitrogen", temperature_K=77.0)
+    assert fit.q_m == pytest.approx(10.0, rel=1e-6) and fit.C == pytest.approx(150.0, rel=1e-6)
+    x = P / p0
+    assert fit.n_points == np.sum((x >= 0.05) & (x <= 0.30)) and fit.P0 == p0
+    # a type-I (Langmuir-like) isotherm: Rouquerol keeps points up to the maximum of q (1 - x)
+    q_type1 = mofkit._langmuir(x, 10.0, 200.0)
+    fit = mofkit.fit_bet(P, q_type1, p0=p0, p_range="rouquerol")
+    assert fit.pressure_range[1] / p0 == pytest.approx(x[np.argmax(q_type1 * (1 - x))])
+    with pytest.raises(ValueError, match="BET range"):
+        mofkit.fit_bet(P[x > 0.5], q_bet[x > 0.5], p0=p0)
+
+
+def _isodb_row(path):
+    """A row of the ISODB tidy table (COMMON.md contract), built here from a raw record."""
+    r = json.loads(Path(path).read_text())
+    pressure = [p["pressure"] for p in r["isotherm_data"]]
+    adsorption = [p.get("total_adsorption") for p in r["isotherm_data"]]
+    per_mmol = {"mmol/g": 1.0, "cm3(STP)/g": 1 / 22.4}.get(r["adsorptionUnits"])
+    note = (f"mixture of {len(r['adsorbates'])} adsorbates" if len(r["adsorbates"]) > 1 else
+            "" if per_mmol else f"unit '{r['adsorptionUnits']}' not convertible to mmol/g")
+    return {"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"],
+            "adsorbate": r["adsorbates"][0]["name"], "temperature_K": r["temperature"],
+            "pressure_units": r["pressureUnits"], "adsorption_units": r["adsorptionUnits"],
+            "pressure": pressure, "adsorption": adsorption,
+            "pressure_bar": pressure if not note else None,
+            "adsorption_mmol_g": [a * per_mmol for a in adsorption] if not note else None, "note": note}
+
+
+def test_fit_isotherm_table_fits_good_rows_and_keeps_bad_ones_with_the_reason():
+    import pandas as pd
+    rows = [_isodb_row(FIXTURES / "isodb" / f"{name}.json") for name in
+            ("10.1002adem.200500223.isotherm1", "10.1002adem.200500223.isotherm3",
+             "10.1007s1045001193373.Isotherm11")]
+    bad = dict(rows[0], filename="bad", adsorption_mmol_g=[np.nan] + rows[0]["adsorption_mmol_g"][1:])
+    table = mofkit.fit_isotherm_table(pd.DataFrame(rows + [bad]), "sips", progress=False, fix_K=2.5)
+    assert list(table.filename) == [r["filename"] for r in rows] + ["bad"]
+    assert table.g_inf[0] == pytest.approx(16.466949, abs=1e-5) and table.r2[0] == pytest.approx(0.996919, abs=1e-5)
+    assert table.n[0] == pytest.approx(1.328632, abs=1e-5) and table.K[0] == 2.5 and table.fit_error[0] == ""
+    assert "not convertible" in table.fit_error[1] and "mixture of 2" in table.fit_error[2]
+    assert "NaN/inf" in table.fit_error[3] and table[["g_inf", "n", "r2"]].iloc[1:].isna().all().all()
+    assert {"doi", "adsorbent", "adsorbate", "temperature_K", "g_inf_se", "n_points"} <= set(table.columns)
+
+
+def test_fit_isotherm_table_reads_user_csv_layouts(tmp_path):
+    import pandas as pd
+    P, q = _study_points()
+    wide = tmp_path / "wide.csv"
+    pd.DataFrame({"name": ["cubtc"], "pressure": [json.dumps(P.tolist())],
+                  "adsorption": [json.dumps(q.tolist())]}).to_csv(wide, index=False)
+    long = pd.DataFrame({"isotherm": ["a"] * 12 + ["b"] * 12, "pressure": np.r_[P, P],
+                         "adsorption": np.r_[q, 2 * q]})
+    expected = mofkit.fit_freundlich(P, q)
+    by_list = mofkit.fit_isotherm_table(pd.read_csv(wide), progress=False)
+    by_point = mofkit.fit_isotherm_table(long, progress=False)
+    assert by_list.K[0] == pytest.approx(expected.K, rel=1e-9) and by_list["name"][0] == "cubtc"
+    assert list(by_point.isotherm) == ["a", "b"] and by_point.K[1] == pytest.approx(2 * expected.K, rel=1e-6)
+    np.testing.assert_allclose(by_point.n, expected.n, rtol=1e-6)
+    assert (by_point.fit_error == "").all()
+    with pytest.raises(ValueError, match="pressure_bar/adsorption_mmol_g or pressure/adsorption"):
+        mofkit.fit_isotherm_table(pd.DataFrame({"p": [1]}))
+
+
+def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
+    P, q = _study_points()
+    fits = {"study: Sips, K = 2.5": mofkit.fit_sips(P, q, fix_K=2.5), "Sips": mofkit.fit_sips(P, q),
+            "Freundlich": mofkit.fit_freundlich(P, q)}
+    fig, table = mofkit.plot_isotherm_fits(P, q, fits, path=tmp_path / "fits.png")
+    assert (tmp_path / "fits.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(table.index) == list(fits) and table.loc["Freundlich", "R²"] == f"{fits['Freundlich'].r2:.6f}"
+    assert table.loc["study: Sips, K = 2.5", "K"] == "2.5"  # fixed: no standard error shown
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3
+
+
+def test_grid_isotherm_of_uniform_grid_is_exactly_langmuir():
+    E0, T, rho = -400.0, 77.0, 900.0
+    P = np.geomspace(1e-4, 100, 13)
+    iso = mofkit.grid_isotherm(np.full((4, 4, 4), E0), T, P, "H2", density_kg_m3=rho)
+    b_per_bar = np.exp(-E0 / T) / (mofkit.GAS_CONSTANT_J_MOL_K * T * H2_LIQUID_MOL_M3) * 1e5
+    Q = H2_LIQUID_MOL_M3 / rho  # mol/kg = mmol/g
+    np.testing.assert_allclose(iso.q_mmol_g, Q * b_per_bar * P / (1 + b_per_bar * P), rtol=1e-12)
+    np.testing.assert_allclose(iso.q_cm3_stp_g, iso.q_mmol_g * 22.414, rtol=1e-15)
+    fit = mofkit.fit_langmuir(P, iso.q_mmol_g)
+    assert fit.b == pytest.approx(b_per_bar, rel=1e-6) and fit.Q_max == pytest.approx(Q, rel=1e-6)
+
+
+def _random_grid(seed=0, size=12, capped=0.3):
+    rng = np.random.default_rng(seed)
+    grid = rng.uniform(-1200.0, 3000.0, (size, size, size))
+    grid[rng.random(grid.shape) < capped] = 5000.0  # inside atoms, as the voxelizer caps them
+    return grid.astype(np.float32)
+
+
+def test_grid_isotherm_reduces_to_the_widom_henry_law():
+    grid, T, rho = _random_grid(), 77.0, 1200.0
+    widom = np.mean(np.exp(-grid.astype(np.float64) / T))  # over every voxel, capped ones included
+    henry_mmol_g_bar = widom / (mofkit.GAS_CONSTANT_J_MOL_K * T * rho) * 1e5
+    P = np.array([1e-22, 1e-20])  # deepest site: b ~ 1e11/bar, so b P < 1e-10
+    iso = mofkit.grid_isotherm(grid, T, P, density_kg_m3=rho)
+    np.testing.assert_allclose(iso.q_mmol_g / P, henry_mmol_g_bar, rtol=1e-10)
+    assert iso.henry_mmol_g_bar == pytest.approx(henry_mmol_g_bar, rel=1e-10)
+
+
+def test_grid_isotherm_saturates_at_accessible_pore_volume_times_liquid_density():
+    grid, T, rho = _random_grid(seed=1), 77.0, 1200.0
+    accessible = np.mean(grid < 5000.0)  # voxels below the cap
+    q_sat = accessible / rho * 70.85 / 2.01588e-3  # pore volume per kg x liquid H2 -> mol/kg
+    iso = mofkit.grid_isotherm(grid, T, [1.0, 100.0, 1e60], density_kg_m3=rho)
+    assert iso.accessible_fraction == accessible and iso.saturation_mmol_g == pytest.approx(q_sat, rel=1e-12)
+    assert iso.q_mmol_g[-1] == pytest.approx(q_sat, rel=1e-12)
+    assert 0 < iso.q_mmol_g[0] < iso.q_mmol_g[1] < iso.q_mmol_g[2]
+    # GAN output has repulsion clipped to 0 K: cap_K=0 keeps only attractive voxels
+    gan = np.minimum(grid, 0.0)
+    iso_gan = mofkit.grid_isotherm(gan, T, [1e60], density_kg_m3=rho, cap_K=0.0)
+    assert iso_gan.accessible_fraction == np.mean(grid < 0)
+    with pytest.raises(ValueError, match="liquid density"):
+        mofkit.grid_isotherm(grid, T, [1.0], probe="He", density_kg_m3=rho)
+    with pytest.raises(ValueError, match="density_kg_m3 > 0"):
+        mofkit.grid_isotherm(grid, T, [1.0], density_kg_m3=0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        mofkit.grid_isotherm(np.full(8, np.nan), T, [1.0], density_kg_m3=rho)
+
+
+def test_grid_freundlich_is_henry_law_for_a_weak_uniform_grid_and_sublinear_for_a_real_one():
+    rho, T = 900.0, 77.0
+    weak = np.full((4, 4, 4), 400.0)  # b P < 3e-5 up to 1 bar: the Henry regime
+    fit = mofkit.grid_freundlich(weak, T, density_kg_m3=rho)
+    henry = mofkit.grid_isotherm(weak, T, [1.0], density_kg_m3=rho).henry_mmol_g_bar
+    assert fit.n == pytest.approx(1.0, rel=1e-4) and fit.K == pytest.approx(henry, rel=1e-4)
+    strong = mofkit.grid_freundlich(_random_grid(), T, density_kg_m3=rho)
+    assert strong.n > 1.5 and strong.K > 0
+
 
 
 # =============================================================================
