@@ -113,17 +113,18 @@ PROBE_LIQUIDS = {
     "CO2": (44.0095, 1178.5),
 }
 
-# BET needs the saturation pressure P0. Known here near the normal boiling point Tb (P0 = 1 atm) and
-# extended by Clausius-Clapeyron with the enthalpy of vaporisation at Tb (kJ/mol), which stays within
-# 0.5% of the reference equations of state (same sources as above) for |T - Tb| <= 3 K. CO2 at 1 atm
-# sublimes (194.69 K, enthalpy of sublimation 25.2 kJ/mol, NIST WebBook). Else pass p0 explicitly.
-_BOILING_POINTS = {  # name -> (Tb in K, enthalpy in kJ/mol)
-    "N2": (77.355, 5.580),
-    "Ar": (87.302, 6.437),
-    "CH4": (111.667, 8.195),
-    "Kr": (119.735, 8.971),
-    "Xe": (165.051, 12.550),
-    "CO2": (194.686, 25.2),
+# BET needs the saturation pressure P0. Known here near the normal boiling point Tb (P0 = 1 atm) as
+# ln P0 = ln(1 atm) - (L/R)(1/T - 1/Tb), with L = R dln P0/d(1/T) at Tb taken from the reference
+# equations of state above (an effective enthalpy of vaporisation, kJ/mol): within 0.4% of those
+# equations for |T - Tb| <= 5 K. CO2 sublimes at 1 atm: 194.686 K with the enthalpy of sublimation
+# 25.23 kJ/mol (Giauque & Egan 1937), not checked against an equation of state. Else pass p0.
+_BOILING_POINTS = {  # name -> (Tb in K, L in kJ/mol)
+    "N2": (77.355, 5.8646),
+    "Ar": (87.302, 6.6925),
+    "CH4": (111.667, 8.539),
+    "Kr": (119.735, 9.3092),
+    "Xe": (165.051, 13.0016),
+    "CO2": (194.686, 25.23),
 }
 _ADSORBATE_ALIASES = {"hydrogen": "H2", "nitrogen": "N2", "argon": "Ar", "methane": "CH4",
                       "krypton": "Kr", "xenon": "Xe", "carbon dioxide": "CO2"}
@@ -136,7 +137,7 @@ def _adsorbate_key(adsorbate):
     return _ADSORBATE_ALIASES.get(name.lower()) or by_lower.get(name.lower()) or name
 
 
-def saturation_pressure_bar(adsorbate, temperature_K, window_K=3.0) -> float:
+def saturation_pressure_bar(adsorbate, temperature_K, window_K=5.0) -> float:
     """Saturation (vapour) pressure P0 of `adsorbate` near its normal boiling point, in bar."""
     key = _adsorbate_key(adsorbate)
     if key not in _BOILING_POINTS:
@@ -167,18 +168,23 @@ def _bet(P, q_m, C, P0):
 
 
 def _line(x, y):
-    """Least-squares line y = a + s x -> (a, s)."""
-    s, a = np.polyfit(x, y, 1)
+    """Least-squares line y = a + s x -> (a, s) through the finite points (zero uptakes give inf)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2:
+        return math.nan, math.nan
+    s, a = np.polyfit(x[ok], y[ok], 1)
     return a, s
 
 
 def _start_freundlich(P, q, fixed):
-    a, s = _line(np.log(P), np.log(q))  # ln q = ln K + (1/n) ln P
-    return {"K": math.exp(a), "n": 1.0 / s if s > 0 else 1.0}
+    with np.errstate(divide="ignore"):
+        a, s = _line(np.log(P), np.log(q))  # ln q = ln K + (1/n) ln P
+    return {"K": math.exp(a) if math.isfinite(a) else q.max(), "n": 1.0 / s if s > 0 else 1.0}
 
 
 def _start_langmuir(P, q, fixed):
-    a, s = _line(P, P / q)  # P/q = 1/(Q b) + P/Q
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, s = _line(P, P / q)  # P/q = 1/(Q b) + P/Q
     if a > 0 and s > 0:
         return {"Q_max": 1.0 / s, "b": s / a}
     return {"Q_max": 1.5 * q.max(), "b": 1.0 / np.median(P)}  # linearisation useless: a rough guess
@@ -191,7 +197,8 @@ def _start_sips(P, q, fixed):
 
 def _start_bet(P, q, fixed):
     x = P / fixed["P0"]
-    a, s = _line(x, x / (q * (1.0 - x)))  # x/(q(1-x)) = 1/(q_m C) + (C-1)/(q_m C) x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, s = _line(x, x / (q * (1.0 - x)))  # x/(q(1-x)) = 1/(q_m C) + (C-1)/(q_m C) x
     if a > 0 and s > -a:
         return {"q_m": 1.0 / (a + s), "C": max(s / a + 1.0, 1e-3)}
     return {"q_m": float(np.median(q)), "C": 10.0}
