@@ -179,7 +179,8 @@ def test_freundlich_drops_zero_pressure_points_with_a_warning():
     q = [0.0, 2.0 * 0.2 ** 0.5, 2.0 * 0.5 ** 0.5, 2.0]
     fit = mofkit.fit_freundlich(P[1:], q)
     from scipy.optimize import curve_fit
-    reference, _ = curve_fit(lambda P, K, n: K * P ** (1 / n), P[1:], q, p0=(2.0, 2.0))
+    reference, _ = curve_fit(lambda P, K, n: K * P ** (1 / n), P[1:], q, p0=(2.0, 2.0),
+                             xtol=1e-14, ftol=1e-14)
     assert fit.n_points == 4
     np.testing.assert_allclose([fit.K, fit.n], reference, rtol=1e-6)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="only 2 usable"):
