@@ -432,7 +432,6 @@ def heat_of_adsorption(grid_K, temperature_K=77.0):
 # 77 K: g_inf 16.466949, K 2.5, n 1.328632, R^2 0.996919) is a Sips fit with K held at 2.5:
 # `fit_sips(P, q, fix_K=2.5)` reproduces it; `fit_freundlich` is the true Freundlich fit.
 
-GAS_CONSTANT_J_MOL_K = 8.314462618  # CODATA 2018 (exact)
 CM3_STP_PER_MMOL = 22.414  # ideal-gas molar volume at 273.15 K and 1 atm
 
 # Probe liquids: molar mass (g/mol) and saturated-liquid density (kg/m^3) at the normal boiling point
@@ -483,7 +482,7 @@ def saturation_pressure_bar(adsorbate, temperature_K, window_K=5.0) -> float:
     if abs(temperature_K - tb_K) > window_K:
         raise ValueError(f"P0 of {key} is known here only within {window_K} K of {tb_K} K, "
                          f"not at {temperature_K} K; pass p0 explicitly")
-    return 1.01325 * math.exp(-dh_kJ_mol * 1e3 / GAS_CONSTANT_J_MOL_K * (1 / temperature_K - 1 / tb_K))
+    return 1.01325 * math.exp(-dh_kJ_mol * 1e3 / R_J_PER_MOL_K * (1 / temperature_K - 1 / tb_K))
 
 
 def _freundlich(P, K, n):
@@ -867,7 +866,7 @@ def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_k
         raise ValueError(f"need density_kg_m3 > 0 (got {density_kg_m3}), temperature_K > 0 "
                          f"(got {temperature_K}) and finite pressures >= 0")
     c_liq_mol_m3 = liquid_density_kg_m3 / (molar_mass_g_mol * 1e-3)
-    rtc_Pa = GAS_CONSTANT_J_MOL_K * temperature_K * c_liq_mol_m3
+    rtc_Pa = R_J_PER_MOL_K * temperature_K * c_liq_mol_m3
     E_acc = E[E < cap_K]
     q_sat_mol_kg = c_liq_mol_m3 / density_kg_m3 * E_acc.size / E.size
     # occupancy b P/(1 + b P) = expit(ln(P/RTc) - E/T): no overflow for deep sites or huge P
@@ -876,7 +875,7 @@ def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_k
     theta = np.array([expit(lp - E_acc / temperature_K).sum() / E_acc.size if E_acc.size else 0.0
                       for lp in log_p])
     q = q_sat_mol_kg * theta  # mol/kg = mmol/g
-    henry = np.exp(-E_acc / temperature_K).sum() / E.size / (GAS_CONSTANT_J_MOL_K * temperature_K
+    henry = np.exp(-E_acc / temperature_K).sum() / E.size / (R_J_PER_MOL_K * temperature_K
                                                              * density_kg_m3) * 1e5
     return GridIsotherm(key, float(temperature_K), P_bar, q, q * CM3_STP_PER_MMOL, float(henry),
                         float(q_sat_mol_kg), E_acc.size / E.size)

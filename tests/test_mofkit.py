@@ -459,7 +459,7 @@ def test_grid_isotherm_of_uniform_grid_is_exactly_langmuir():
     E0, T, rho = -400.0, 77.0, 900.0
     P = np.geomspace(1e-4, 100, 13)
     iso = mofkit.grid_isotherm(np.full((4, 4, 4), E0), T, P, "H2", density_kg_m3=rho)
-    b_per_bar = np.exp(-E0 / T) / (mofkit.GAS_CONSTANT_J_MOL_K * T * H2_LIQUID_MOL_M3) * 1e5
+    b_per_bar = np.exp(-E0 / T) / (mofkit.R_J_PER_MOL_K * T * H2_LIQUID_MOL_M3) * 1e5
     Q = H2_LIQUID_MOL_M3 / rho  # mol/kg = mmol/g
     np.testing.assert_allclose(iso.q_mmol_g, Q * b_per_bar * P / (1 + b_per_bar * P), rtol=1e-12)
     np.testing.assert_allclose(iso.q_cm3_stp_g, iso.q_mmol_g * 22.414, rtol=1e-15)
@@ -477,11 +477,21 @@ def _random_grid(seed=0, size=12, capped=0.3):
 def test_grid_isotherm_reduces_to_the_widom_henry_law():
     grid, T, rho = _random_grid(), 77.0, 1200.0
     widom = np.mean(np.exp(-grid.astype(np.float64) / T))  # over every voxel, capped ones included
-    henry_mmol_g_bar = widom / (mofkit.GAS_CONSTANT_J_MOL_K * T * rho) * 1e5
+    henry_mmol_g_bar = widom / (mofkit.R_J_PER_MOL_K * T * rho) * 1e5
     P = np.array([1e-22, 1e-20])  # deepest site: b ~ 1e11/bar, so b P < 1e-10
     iso = mofkit.grid_isotherm(grid, T, P, density_kg_m3=rho)
     np.testing.assert_allclose(iso.q_mmol_g / P, henry_mmol_g_bar, rtol=1e-10)
     assert iso.henry_mmol_g_bar == pytest.approx(henry_mmol_g_bar, rel=1e-10)
+
+
+def test_grid_isotherm_henry_limit_matches_henry_coefficient_on_a_real_grid():
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    grid, rho, T = mofkit.voxelize(atoms, size=16, frame="cell"), mofkit.framework_density(atoms), 77.0
+    iso = mofkit.grid_isotherm(grid, T, [1e-22], density_kg_m3=rho)
+    henry_mmol_g_bar = mofkit.henry_coefficient(grid, rho, T) * 1e5  # mol/kg/Pa -> mmol/g/bar
+    assert iso.q_mmol_g[0] / 1e-22 == pytest.approx(henry_mmol_g_bar, rel=1e-10)
+    assert iso.henry_mmol_g_bar == pytest.approx(henry_mmol_g_bar, rel=1e-10)
+    assert 0 < iso.accessible_fraction < 1
 
 
 def test_grid_isotherm_saturates_at_accessible_pore_volume_times_liquid_density():
