@@ -425,14 +425,15 @@ def test_fit_isotherm_table_reads_user_csv_layouts(tmp_path):
     import pandas as pd
     P, q = _study_points()
     wide = tmp_path / "wide.csv"
-    pd.DataFrame({"name": ["cubtc"], "pressure": [json.dumps(P.tolist())],
-                  "adsorption": [json.dumps(q.tolist())]}).to_csv(wide, index=False)
+    pd.DataFrame({"name": ["cubtc", "empty"], "pressure": [json.dumps(P.tolist()), None],
+                  "adsorption": [json.dumps(q.tolist()), None], "note": ["", ""]}).to_csv(wide, index=False)
     long = pd.DataFrame({"isotherm": ["a"] * 12 + ["b"] * 12, "pressure": np.r_[P, P],
                          "adsorption": np.r_[q, 2 * q]})
     expected = mofkit.fit_freundlich(P, q)
     by_list = mofkit.fit_isotherm_table(pd.read_csv(wide), progress=False)
     by_point = mofkit.fit_isotherm_table(long, progress=False)
     assert by_list.K[0] == pytest.approx(expected.K, rel=1e-9) and by_list["name"][0] == "cubtc"
+    assert by_list.fit_error[0] == "" and "no points" in by_list.fit_error[1]  # empty note reads back NaN
     assert list(by_point.isotherm) == ["a", "b"] and by_point.K[1] == pytest.approx(2 * expected.K, rel=1e-6)
     np.testing.assert_allclose(by_point.n, expected.n, rtol=1e-6)
     assert (by_point.fit_error == "").all()
