@@ -279,46 +279,63 @@ def periodic_images(atoms, lo_A, hi_A, reach_A):
     return np.concatenate(pos), np.concatenate(idx)
 
 
-def _lj_blocks(blocks_A, atoms, probe, cutoff_A, device, dtype, pairs_per_batch):
-    """Lennard-Jones energies (K) at points grouped in spatially compact blocks: (nb, P, 3) -> (nb, P).
+def _lj_blocks(jobs, probe, cutoff_A, device, dtype, pairs_per_batch):
+    """Lennard-Jones energies (K) at points grouped in spatially compact blocks, for several structures at once.
 
+    jobs: list of (blocks_A (nb, P, 3), atoms) -> list of (nb, P) energy tensors.
     Each block only sees the atom images within cutoff + its own radius of its centre, so the work is
-    ~ points x atoms-in-cutoff rather than points x all images. Blocks are batched with padding (a far-away
-    dummy atom) so a GPU gets large kernels; pairs beyond the cutoff are masked (truncated, not shifted).
-    Coordinates are taken relative to each block's centre, so float32 keeps ~1e-6 relative precision.
+    ~ points x atoms-in-cutoff rather than points x all images. Blocks of all structures are sorted by
+    neighbour count and batched with padding (a far-away dummy atom with zero coefficients), so a GPU gets
+    a few large kernels; pairs beyond the cutoff are masked (truncated, not shifted). Coordinates are taken
+    relative to each block's centre, so float32 keeps ~1e-6 relative precision.
     """
-    blocks = torch.as_tensor(blocks_A, dtype=torch.float64)
-    nb, P, _ = blocks.shape
-    centres = blocks.mean(1)
-    radius = float((blocks - centres[:, None]).norm(dim=-1).max())
-    flat = blocks.reshape(-1, 3)
-    pos, idx = periodic_images(atoms, flat.min(0).values.numpy(), flat.max(0).values.numpy(), cutoff_A)
-    A, B = pair_coefficients(atoms.get_chemical_symbols(), probe)
-    M = len(pos)
-    # index M is a dummy atom: far away, zero coefficients
-    pos = torch.cat([torch.as_tensor(pos), torch.full((1, 3), 1e6, dtype=torch.float64)]).to(device)
-    A = torch.as_tensor(np.append(A[idx], 0.0), dtype=dtype, device=device)
-    B = torch.as_tensor(np.append(B[idx], 0.0), dtype=dtype, device=device)
-    centres, blocks = centres.to(device), blocks.to(device)
-    # neighbour lists: every image within reach of the block centre (1e-3 A of slack covers float32 rounding)
-    reach = cutoff_A + radius + 1e-3
-    near = torch.cat([torch.cdist(c.float(), pos[:M].float()) < reach
-                      for c in torch.split(centres, max(1, 4_000_000 // max(M, 1)))])
-    counts = near.sum(1)
-    order = torch.argsort(counts)                       # similar counts together: little padding
-    counts_host = counts[order].cpu()
+    centres, blocks, pos, A, B, nbr_block, nbr_atom = [], [], [], [], [], [], []
+    n_blocks = n_atoms = 0
+    for blocks_A, atoms in jobs:
+        b = torch.as_tensor(blocks_A, dtype=torch.float64)
+        c = b.mean(1)
+        radius = float((b - c[:, None]).norm(dim=-1).max())
+        flat = b.reshape(-1, 3)
+        p, idx = periodic_images(atoms, flat.min(0).values.numpy(), flat.max(0).values.numpy(), cutoff_A)
+        a, bb = pair_coefficients(atoms.get_chemical_symbols(), probe)
+        p = torch.as_tensor(p, device=device)
+        # neighbour lists: every image within reach of the block centre (1e-3 A of slack covers float32 rounding)
+        c_dev = c.to(device)
+        for part, c_part in zip(torch.split(torch.arange(len(c), device=device), max(1, 4_000_000 // max(len(p), 1))),
+                                torch.split(c_dev, max(1, 4_000_000 // max(len(p), 1)))):
+            rows, cols = (torch.cdist(c_part.float(), p.float()) < cutoff_A + radius + 1e-3).nonzero(as_tuple=True)
+            nbr_block.append(part[rows] + n_blocks)
+            nbr_atom.append(cols + n_atoms)
+        centres.append(c_dev)
+        blocks.append(b.to(device))
+        pos.append(p)
+        A.append(torch.as_tensor(a[idx], dtype=dtype, device=device))
+        B.append(torch.as_tensor(bb[idx], dtype=dtype, device=device))
+        n_blocks, n_atoms = n_blocks + len(b), n_atoms + len(p)
+    # index n_atoms is the dummy atom: far away, zero coefficients
+    pos = torch.cat(pos + [torch.full((1, 3), 1e6, dtype=torch.float64, device=device)])
+    A = torch.cat(A + [torch.zeros(1, dtype=dtype, device=device)])
+    B = torch.cat(B + [torch.zeros(1, dtype=dtype, device=device)])
+    centres, blocks = torch.cat(centres), torch.cat(blocks)
+    nbr_block, nbr_atom = torch.cat(nbr_block), torch.cat(nbr_atom)      # CSR: sorted by block
+    counts = torch.bincount(nbr_block, minlength=n_blocks)
+    ptr = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(counts)                                        # similar counts together: little padding
+    counts_sorted = counts[order].cpu()
+    P = blocks.shape[1]
     rc_inv2 = 1.0 / cutoff_A ** 2
-    out = torch.empty(nb, P, dtype=dtype, device=device)
+    out = torch.empty(n_blocks, P, dtype=dtype, device=device)
     start = 0
-    while start < nb:
-        g = max(1, pairs_per_batch // (P * max(int(counts_host[start]), 1)))
+    while start < n_blocks:
+        g = max(1, pairs_per_batch // (P * max(int(counts_sorted[start]), 1)))
         sel = order[start:start + g]
-        kmax = max(int(counts_host[start:start + g].max()), 1)
-        # padded neighbour matrix (g, kmax) without a Python loop: scatter the nonzeros of the mask rows
-        rows, cols = near[sel].nonzero(as_tuple=True)
-        first = torch.cumsum(counts[sel], 0) - counts[sel]
-        nbr = torch.full((len(sel), kmax), M, dtype=torch.long, device=device)
-        nbr[rows, torch.arange(len(rows), device=device) - first[rows]] = cols
+        kmax = max(int(counts_sorted[start:start + g].max()), 1)
+        # padded neighbour matrix (g, kmax), gathered from the CSR lists without a Python loop
+        n_sel = counts[sel]
+        row = torch.repeat_interleave(torch.arange(len(sel), device=device), n_sel)
+        col = torch.arange(len(row), device=device) - torch.repeat_interleave(torch.cumsum(n_sel, 0) - n_sel, n_sel)
+        nbr = torch.full((len(sel), kmax), n_atoms, dtype=torch.long, device=device)
+        nbr[row, col] = nbr_atom[torch.repeat_interleave(ptr[sel], n_sel) + col]
         c = centres[sel]
         pts = (blocks[sel] - c[:, None]).to(dtype)                               # (g, P, 3)
         nb_pos = (pos[nbr] - c[:, None]).to(dtype)                               # (g, K, 3)
@@ -331,7 +348,7 @@ def _lj_blocks(blocks_A, atoms, probe, cutoff_A, device, dtype, pairs_per_batch)
         e.sub_(B[nbr][:, None, :]).mul_(inv3).masked_fill_(far, 0.0)
         out[sel] = e.sum(-1)
         start += len(sel)
-    return out
+    return list(torch.split(out, [len(b) for b, _ in jobs]))
 
 
 def grid_points(atoms, size=64, frame="cube", spacing_A=0.5):
@@ -364,13 +381,38 @@ def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=
     # sort points into 4 A cells so each block of 256 is spatially compact
     key = np.floor((flat - flat.min(0)) / 4.0).astype(np.int64)
     order = np.lexsort(key.T[::-1])
-    P = 256
-    n = len(flat)
+    P, n = 256, len(flat)
     padded = np.concatenate([flat[order], np.repeat(flat[order[-1:]], (-n) % P, 0)])
-    e = _lj_blocks(padded.reshape(-1, P, 3), atoms, probe, cutoff_A, _default_device(device), dtype, 4_000_000)
+    (e,) = _lj_blocks([(padded.reshape(-1, P, 3), atoms)], probe, cutoff_A, _default_device(device), dtype, 4_000_000)
     out = np.empty(n)
     out[order] = e.reshape(-1)[:n].double().cpu().numpy()
     return out.reshape(pts.shape[:-1])
+
+
+def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0,
+                  device=None, block=8, pairs_per_batch=None):
+    """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays."""
+    device = _default_device(device)
+    nblk = -(-size // block)
+    n = nblk * block
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64)] * 3, indexing="ij"), -1)
+    jobs = []
+    for atoms in structures:
+        # the grid is padded up to whole blocks and cropped afterwards
+        pts = ijk * spacing_A if frame == "cube" else (ijk / size) @ atoms.cell.array if frame == "cell" else None
+        if pts is None:
+            raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
+        # (X, Y, Z, 3) -> (nblk^3 blocks, block^3 points, 3)
+        jobs.append((pts.reshape(nblk, block, nblk, block, nblk, block, 3).transpose(0, 2, 4, 1, 3, 5, 6)
+                     .reshape(-1, block ** 3, 3), atoms))
+    if pairs_per_batch is None:
+        pairs_per_batch = 64_000_000 if device.type == "cuda" else 1_000_000
+    grids = []
+    for e in _lj_blocks(jobs, probe, cutoff_A, device, torch.float32, pairs_per_batch):
+        e = e.clamp_(max=cap_K).nan_to_num_(nan=cap_K).cpu().numpy()
+        e = e.reshape(nblk, nblk, nblk, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape(n, n, n)
+        grids.append(np.ascontiguousarray(e[:size, :size, :size]))
+    return grids
 
 
 def voxelize(atoms, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0, device=None,
@@ -378,20 +420,9 @@ def voxelize(atoms, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=1
     """Energy grid (size, size, size) of float32 kelvin: probe-framework LJ 12-6, periodic, capped at cap_K.
 
     Grid points as in grid_points(). Points are processed in block^3 cubes of neighbouring voxels so each
-    block only visits the atoms within its reach (see _lj_blocks).
+    block only visits the atoms within its reach (see _lj_blocks). CPU or CUDA (device=None picks CUDA if any).
     """
-    device = _default_device(device)
-    nblk = -(-size // block)
-    pts = grid_points(atoms, nblk * block, frame, spacing_A) if frame == "cube" else \
-        (np.stack(np.meshgrid(*[np.arange(nblk * block)] * 3, indexing="ij"), -1) / size) @ atoms.cell.array
-    # (X, Y, Z, 3) -> (nblk^3 blocks, block^3 points, 3)
-    blocks = pts.reshape(nblk, block, nblk, block, nblk, block, 3).transpose(0, 2, 4, 1, 3, 5, 6).reshape(-1, block ** 3, 3)
-    if pairs_per_batch is None:
-        pairs_per_batch = 64_000_000 if device.type == "cuda" else 1_000_000
-    e = _lj_blocks(blocks, atoms, probe, cutoff_A, device, torch.float32, pairs_per_batch)
-    e = e.clamp_(max=cap_K).nan_to_num_(nan=cap_K).cpu().numpy()
-    e = e.reshape(nblk, nblk, nblk, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape((nblk * block,) * 3)
-    return np.ascontiguousarray(e[:size, :size, :size])
+    return voxelize_many([atoms], size, frame, spacing_A, probe, cutoff_A, cap_K, device, block, pairs_per_batch)[0]
 
 
 def framework_density(atoms):
