@@ -125,10 +125,13 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
     work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     try:
         tmp = work / dest.name
+        retry = dict(what=f"downloading {url} to {dest}", retries=retries, backoff_s=backoff_s,
+                     hint=f"Nothing was kept in {dest.parent}; check the connection or the server and rerun.")
         file_id = _drive_file_id(url)
-        fetch = _drive_to_file if file_id is not None else _http_to_file
-        fetch(url, tmp, dest, file_id=file_id, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-              progress=progress)
+        if file_id is None:
+            _http_to_file(url, tmp, dest, timeout_s, progress, retry)
+        else:
+            _drive_to_file(url, file_id, tmp, dest, timeout_s, progress, retry)
         if sha256 is not None and (actual := sha256_file(tmp)) != sha256:
             raise DownloadError(
                 f"{url}: the downloaded file for {dest} has sha256 {actual}, expected {sha256}; it was discarded. "
@@ -140,11 +143,12 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
     return dest
 
 
-def _http_to_file(url, path, dest, *, file_id, timeout_s, retries, backoff_s, progress):
+def _http_to_file(url, path, dest, timeout_s, progress, retry):
     """Stream an http(s) URL into `path`, resuming from the bytes already there when the server allows (206)."""
     import requests
     from tqdm.auto import tqdm
     path.touch()
+    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, disable=not progress)
 
     def attempt():
         have = path.stat().st_size
@@ -170,20 +174,19 @@ def _http_to_file(url, path, dest, *, file_id, timeout_s, retries, backoff_s, pr
                         f.write(chunk)
                         bar.update(len(chunk))
                 except requests.exceptions.ChunkedEncodingError:
-                    if total is None:
+                    if total is None:  # no Content-Length to say how much is missing: report it as it is
                         raise
                 size = f.tell()
         if total is not None and size != total:
             raise _Transient(f"truncated body: {size} of the {total} bytes announced by Content-Length arrived")
 
-    with tqdm(desc=dest.name, unit="B", unit_scale=True, disable=not progress) as bar:
-        _with_retries(attempt, f"downloading {url} to {dest}",
-                      f"Nothing was kept in {dest.parent}; check the connection or the server and rerun.",
-                      retries, backoff_s)
+    with bar:
+        _with_retries(attempt, **retry)
 
 
-def _drive_to_file(url, path, dest, *, file_id, timeout_s, retries, backoff_s, progress):
-    """Fetch a Google Drive file with gdown, which knows Drive's confirmation pages; turn refusals into DownloadError."""
+def _drive_to_file(url, file_id, path, dest, timeout_s, progress, retry):
+    """Fetch a Google Drive file with gdown, which knows Drive's confirmation pages; Drive's refusals (quota,
+    permissions) become a DownloadError that says what to do, and are not retried."""
     import gdown
     from gdown.exceptions import FileURLRetrievalError
     # Only gdown >= 6 takes a timeout; older versions wait on a stalled connection as long as the OS lets them.
@@ -201,8 +204,7 @@ def _drive_to_file(url, path, dest, *, file_id, timeout_s, retries, backoff_s, p
         if not path.is_file():  # gdown < 5 prints the refusal and returns None instead of raising
             raise DownloadError(refused)
 
-    _with_retries(attempt, f"downloading {url} to {dest}",
-                  f"Nothing was kept in {dest.parent}; check the connection and rerun.", retries, backoff_s)
+    _with_retries(attempt, **retry)
 
 
 # --- JSON APIs: NIST/ARPA-E ISODB and MOFX-DB ---------------------------------------------------------------
@@ -276,6 +278,15 @@ def _parse_json(body, source):
                             "have answered with an error page: retry later, or delete a cached copy.") from e
 
 
+def _parse_record(parse, record, kind):
+    """parse(record), or a ValueError that shows the record when it is not in the expected schema."""
+    try:
+        return parse(record)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"{kind} record not in the expected schema ({type(e).__name__}: {e}): "
+                         f"{str(record)[:200]}") from None
+
+
 def _isotherm_fields(record):
     """Tidy fields of one isotherm in the ISODB schema (MOFX-DB shares it), in bar and mmol/g where possible.
 
@@ -289,16 +300,17 @@ def _isotherm_fields(record):
     p_factor = PRESSURE_TO_BAR.get(p_units.casefold())
     if p_factor is None:
         notes.append(f"pressure unit {p_units!r} not convertible to bar")
-    q_factor = None
-    gas = _gas(adsorbates[0]) if len(adsorbates) == 1 else None
+    q_factor, unit = None, q_units.casefold()
     if len(adsorbates) != 1:
         notes.append(f"mixture of {len(adsorbates)} adsorbates")
-    elif q_units.casefold() in AMOUNT_TO_MMOL_G:
-        q_factor = AMOUNT_TO_MMOL_G[q_units.casefold()]
-    elif q_units.casefold() in MASS_TO_MG_G and gas is not None:
-        q_factor = MASS_TO_MG_G[q_units.casefold()] / gas[2]
-    elif q_units.casefold() in MASS_TO_MG_G:
-        notes.append(f"unit {q_units!r} needs the molar mass of {adsorbates[0]!r}, which is not in mofkit.GASES")
+    elif unit in AMOUNT_TO_MMOL_G:
+        q_factor = AMOUNT_TO_MMOL_G[unit]
+    elif unit in MASS_TO_MG_G:
+        gas = _gas(adsorbates[0])
+        if gas is None:
+            notes.append(f"unit {q_units!r} needs the molar mass of {adsorbates[0]!r}, which is not in mofkit.GASES")
+        else:
+            q_factor = MASS_TO_MG_G[unit] / gas[2]
     else:
         notes.append(f"unit {q_units!r} not convertible to mmol/g")
     if any(q is None for q in adsorption):
@@ -325,8 +337,11 @@ def isodb_table(records):
     where the units do not allow it), note ('' when converted, else why not).
     """
     import pandas as pd
-    rows = [{"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"], **_isotherm_fields(r)}
-            for r in records]
+
+    def parse(r):
+        return {"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"], **_isotherm_fields(r)}
+
+    rows = [_parse_record(parse, record, "ISODB isotherm") for record in records]
     return pd.DataFrame(rows, columns=["filename", "doi", "adsorbent", "adsorbate", "temperature_K",
                                        "pressure_units", "adsorption_units", "pressure", "adsorption",
                                        "pressure_bar", "adsorption_mmol_g", "note"])
@@ -363,7 +378,8 @@ def fetch_isodb(adsorbent=None, adsorbate=None, temperature_K=None, *, doi=None,
                 raise ValueError(f"fetch_isodb: adsorbent {adsorbent!r} is not a material name or synonym in ISODB")
             index = [e for e in index if e["adsorbent"]["hashkey"] in hashkeys]
         if adsorbate is not None:
-            queries = {adsorbate} | ({_gas(adsorbate)[1]} if _gas(adsorbate) else set())
+            gas = _gas(adsorbate)  # a formula such as "H2" matches the gas's name ("Hydrogen") too
+            queries = {adsorbate, gas[1]} if gas else {adsorbate}
             inchikeys = {g["InChIKey"] for g in get("/isodb/api/gases.json") if any(_named(g, q) for q in queries)}
             if not inchikeys:
                 raise ValueError(f"fetch_isodb: adsorbate {adsorbate!r} is not a gas name or synonym in ISODB")
@@ -397,11 +413,13 @@ def mofxdb_table(results):
     not lost.
     """
     import pandas as pd
-    rows = []
-    for mof in results:
+
+    def parse(mof):
         head = {"name": mof["name"], "mofkey": mof["mofkey"], "database": mof["database"]}
         isotherms = [_isotherm_fields(iso) for iso in mof["isotherms"]] or [{"note": "no isotherms"}]
-        rows += [{**head, **iso, "cif": mof["cif"]} for iso in isotherms]
+        return [{**head, **iso, "cif": mof["cif"]} for iso in isotherms]
+
+    rows = [row for mof in results for row in _parse_record(parse, mof, "MOFX-DB MOF")]
     return pd.DataFrame(rows, columns=["name", "mofkey", "database", "adsorbate", "temperature_K",
                                        "pressure_units", "adsorption_units", "pressure", "adsorption",
                                        "pressure_bar", "adsorption_mmol_g", "note", "cif"])
