@@ -115,9 +115,12 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
     Google Drive links go through gdown; other http(s) URLs are streamed with requests, retried with backoff on
     connection errors, timeouts and 5xx, and resumed with HTTP Range (206) after a dropped connection. The body
     must match its Content-Length and, when given, `sha256`. A `dest` that already has that sha256 is kept as is.
-    Partial bytes live in a temp folder beside `dest` that is removed on success and failure alike.
+    Partial bytes live in a temp folder beside `dest` that is removed on success and failure alike. `timeout_s`
+    is how long the server may stay silent (connecting, or between bytes) before a try counts as failed.
     """
     dest = Path(dest)
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise DownloadError(f"{url}: only http(s) URLs (Google Drive links included) can be downloaded")
     if sha256 is not None and dest.is_file() and sha256_file(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

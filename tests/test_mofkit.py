@@ -159,9 +159,12 @@ def test_download_old_gdown_returning_none_is_a_refusal(monkeypatch, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_download_drive_folder_link_is_rejected(tmp_path):
+def test_download_rejects_folder_links_and_other_schemes(tmp_path):
     with pytest.raises(mofkit.DownloadError, match="without a file id"):
         mofkit.download("https://drive.google.com/drive/folders/abc", tmp_path / "x", **FAST)
+    with pytest.raises(mofkit.DownloadError, match="only http"):
+        mofkit.download("ftp://example.org/x", tmp_path / "x", **FAST)
+    assert os.listdir(tmp_path) == []
 
 
 # --- ISODB and MOFX-DB clients -----------------------------------------------------------------------------
@@ -236,7 +239,7 @@ def test_isodb_table_converts_pressure_units_and_flags_the_rest():
     assert "molar mass of 'Water'" in mofkit.isodb_table([water]).iloc[0].note
     mg = mofkit.isodb_table([{**base, "adsorptionUnits": "mg/g"}]).iloc[0]
     assert mg.adsorption_mmol_g[0] == pytest.approx(20.6782 / 2.01588)
-    with pytest.raises(ValueError, match="ISODB isotherm record not in the expected schema.*KeyError.*'filename'.*Not found"):
+    with pytest.raises(ValueError, match="ISODB isotherm record not in the expected schema.*'filename'.*Not found"):
         mofkit.isodb_table([{"detail": "Not found."}])
 
 
