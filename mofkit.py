@@ -204,8 +204,8 @@ def _drive_to_file(url, file_id, path, dest, timeout_s, progress, retry):
             gdown.download(id=file_id, output=str(path), quiet=not progress, use_cookies=False, **timeout)
         except FileURLRetrievalError as e:
             raise DownloadError(f"{refused} gdown said: {' '.join(str(e).split())}") from e
-        if not path.is_file():  # gdown < 5 prints the refusal and returns None instead of raising
-            raise DownloadError(refused)
+        if not path.is_file():  # gdown 5 prints some failures (e.g. a proxy error) and returns None
+            raise DownloadError(f"gdown returned without a file (its message is above). {refused}")
 
     _with_retries(attempt, **retry)
 

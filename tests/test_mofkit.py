@@ -151,9 +151,9 @@ def test_download_google_drive_quota_error_is_clear(http_server, monkeypatch, tm
     assert os.listdir(tmp_path) == []
 
 
-def test_download_old_gdown_returning_none_is_a_refusal(monkeypatch, tmp_path):
+def test_download_gdown_returning_without_a_file_is_an_error(monkeypatch, tmp_path):
     import gdown
-    monkeypatch.setattr(gdown, "download", lambda **kwargs: None)  # gdown < 5 on a refused file
+    monkeypatch.setattr(gdown, "download", lambda **kwargs: None)  # as gdown 5 does after e.g. a proxy error
     with pytest.raises(mofkit.DownloadError, match="would not serve"):
         mofkit.download(f"https://drive.google.com/open?id={DRIVE_ID}", tmp_path / "s.bin", **FAST)
     assert os.listdir(tmp_path) == []
@@ -341,27 +341,18 @@ def test_mofxdb_table_keeps_a_mof_without_isotherms():
     assert len(table) == 1 and table.iloc[0].note == "no isotherms" and table.iloc[0].cif == mof["cif"]
 
 
-def test_mofxdb_structures_reads_the_cifs(monkeypatch):
-    if not hasattr(mofkit, "read_structure"):  # section 2 lands on main later; ase stands in until then
-        import io
-        import ase.io
-
-        def read_structure(cif, name=None):  # the contract: malformed CIFs raise StructureError(ValueError)
-            try:
-                atoms = ase.io.read(io.StringIO(cif), format="cif")
-            except Exception as e:
-                raise ValueError(f"{name}: malformed CIF ({e!r})") from None
-            atoms.info["name"] = name
-            return atoms
-        monkeypatch.setattr(mofkit, "read_structure", read_structure, raising=False)
-    doc = json.loads((MOFXDB / "mofs.mofkey.QAHDUA_clean.json").read_text())
-    broken = {**doc["results"][0], "name": "broken", "cif": "data_x\n_cell_length_a oops\n"}
+def test_mofxdb_structures_reads_the_cifs():
+    results = json.loads((MOFXDB / "mofs.page1.sample.json").read_text())["results"]
+    broken = {**results[0], "name": "broken", "cif": "data_x\n_cell_length_a oops\n"}
     failures = []
-    atoms = mofkit.mofxdb_structures(mofkit.mofxdb_table(doc["results"] + [broken]), failures)
-    assert list(atoms) == ["QAHDUA_clean"] and [name for name, _ in failures] == ["broken"]
-    qahdua = atoms["QAHDUA_clean"]
-    assert len(qahdua) == 420 and qahdua.get_chemical_formula() == "C318O78Zn24"
-    np.testing.assert_allclose(qahdua.cell.cellpar(), [41.288, 41.288, 17.5402, 90, 90, 120], atol=1e-4)
+    atoms = mofkit.mofxdb_structures(mofkit.mofxdb_table(results + [broken]), failures)
+    assert list(atoms) == ["tobmof-345", "tobmof-344", "tobmof-351"]
+    assert [name for name, _ in failures] == ["broken"]
+    tobmof = atoms["tobmof-345"]
+    assert len(tobmof) == 491 and tobmof.get_chemical_formula() == "C264H176Cu12N36Zn3"
+    assert tobmof.info["name"] == "tobmof-345"
+    np.testing.assert_allclose(tobmof.cell.cellpar(), [47.5795, 47.8407, 47.3675, 89.8089, 90.0725, 89.8585],
+                               atol=1e-4)
 
 
 
