@@ -19,13 +19,18 @@ Units are in names: energies in kelvin (E/k_B, `_K`), lengths in angstrom (`_A`)
 from __future__ import annotations
 
 import os
+import re
 import sys
 import math
 import json
+import time
+import shutil
 import hashlib
+import inspect
 import tempfile
 import warnings
 import contextlib
+import urllib.parse
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -66,6 +71,401 @@ def sha256_file(path, chunk_bytes=1 << 20) -> str:
         for block in iter(lambda: f.read(chunk_bytes), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class DownloadError(RuntimeError):
+    """A file or API document could not be fetched or failed verification (the message says what to do)."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying: HTTP 5xx / 429, or a body cut short."""
+
+
+def _with_retries(attempt, what, hint, retries, backoff_s):
+    """Call `attempt()` until it succeeds.
+
+    Connection errors, timeouts, 5xx answers and cut-off bodies are retried after backoff_s, 2*backoff_s,
+    4*backoff_s... seconds; anything else (404, a checksum mismatch) is final and raised at once.
+    """
+    import requests
+    transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Transient)
+    for i in range(retries + 1):
+        try:
+            return attempt()
+        except transient as e:
+            if i == retries:
+                raise DownloadError(f"{what}: failed after {retries + 1} attempts; last error: {e}. {hint}") from e
+            time.sleep(backoff_s * 2 ** i)
+
+
+def _drive_file_id(url):
+    """The file id of a Google Drive link (.../file/d/ID/view, open?id=ID, uc?id=ID), or None for other URLs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname not in ("drive.google.com", "docs.google.com"):
+        return None
+    match = re.match(r"/file/(?:u/\d+/)?d/([-\w]+)", parts.path)
+    ids = urllib.parse.parse_qs(parts.query).get("id")
+    if match is None and not ids:
+        raise DownloadError(f"{url}: a Google Drive link without a file id (a folder?); share the file itself")
+    return match.group(1) if match else ids[0]
+
+
+def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0, progress=True) -> Path:
+    """Fetch `url` into `dest` and return `dest`; nothing but a complete, verified file is ever left there.
+
+    Google Drive links go through gdown; other http(s) URLs are streamed with requests, retried with backoff on
+    connection errors, timeouts and 5xx, and resumed with HTTP Range (206) after a dropped connection. The body
+    must match its Content-Length and, when given, `sha256`. A `dest` that already has that sha256 is kept as is.
+    Partial bytes live in a temp folder beside `dest` that is removed on success and failure alike. `timeout_s`
+    is how long the server may stay silent (connecting, or between bytes) before a try counts as failed.
+    """
+    dest = Path(dest)
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise DownloadError(f"{url}: only http(s) URLs (Google Drive links included) can be downloaded")
+    if sha256 is not None and dest.is_file() and sha256_file(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as dest, so the final rename is atomic; gdown also puts its own partial files in here.
+    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+    try:
+        tmp = work / dest.name
+        retry = dict(what=f"downloading {url} to {dest}", retries=retries, backoff_s=backoff_s,
+                     hint=f"Nothing was kept in {dest.parent}; check the connection or the server and rerun.")
+        file_id = _drive_file_id(url)
+        if file_id is None:
+            _http_to_file(url, tmp, dest, timeout_s, progress, retry)
+        else:
+            _drive_to_file(url, file_id, tmp, dest, timeout_s, progress, retry)
+        if sha256 is not None and (actual := sha256_file(tmp)) != sha256:
+            raise DownloadError(
+                f"{url}: the downloaded file for {dest} has sha256 {actual}, expected {sha256}; it was discarded. "
+                "The published file is corrupt or has changed: rerun to fetch it again, rebuild it locally, or, "
+                "if you trust the new file, update the expected sha256 (e.g. in data_manifest.csv).")
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def _http_to_file(url, path, dest, timeout_s, progress, retry):
+    """Stream an http(s) URL into `path`, resuming from the bytes already there when the server allows (206)."""
+    import requests
+    from tqdm.auto import tqdm
+    path.touch()
+    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, disable=not progress)
+
+    def attempt():
+        have = path.stat().st_size
+        # identity: Content-Length and Range offsets must count the bytes on disk, not a gzip stream.
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+        with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as r:
+            if r.status_code >= 500 or r.status_code == 429:
+                raise _Transient(f"HTTP {r.status_code} {r.reason}")
+            if r.status_code not in (200, 206):
+                raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason} (for {dest}); check the URL.")
+            if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                raise DownloadError(f"{url}: asked for bytes {have}- but got {r.headers.get('Content-Range')!r}.")
+            start = have if r.status_code == 206 else 0  # a 200 is the whole body: start over
+            length = r.headers.get("Content-Length")
+            total = start + int(length) if length is not None else None
+            bar.reset(total=total)
+            bar.update(start)
+            with open(path, "r+b") as f:
+                f.seek(start)
+                f.truncate()
+                try:
+                    for chunk in r.iter_content(1 << 16):  # a cut connection loses at most this chunk
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                except requests.exceptions.ChunkedEncodingError:
+                    if total is None:  # no Content-Length to say how much is missing: report it as it is
+                        raise
+                size = f.tell()
+        if total is not None and size != total:
+            raise _Transient(f"truncated body: {size} of the {total} bytes announced by Content-Length arrived")
+
+    with bar:
+        _with_retries(attempt, **retry)
+
+
+def _drive_to_file(url, file_id, path, dest, timeout_s, progress, retry):
+    """Fetch a Google Drive file with gdown, which knows Drive's confirmation pages; Drive's refusals (quota,
+    permissions) become a DownloadError that says what to do, and are not retried."""
+    import gdown
+    from gdown.exceptions import FileURLRetrievalError
+    # Only gdown >= 6 takes a timeout; older versions wait on a stalled connection as long as the OS lets them.
+    timeout = {"timeout": timeout_s} if "timeout" in inspect.signature(gdown.download).parameters else {}
+    refused = (f"Google Drive would not serve {url} (for {dest}). This is usually Drive's download quota "
+               "('too many users have viewed or downloaded this file') or a file not shared as 'anyone with the "
+               "link'. Fall back to building the file locally, retry in a few hours, or download it in a browser "
+               f"and put it at {dest}.")
+
+    def attempt():
+        try:
+            gdown.download(id=file_id, output=str(path), quiet=not progress, use_cookies=False, **timeout)
+        except FileURLRetrievalError as e:
+            raise DownloadError(f"{refused} gdown said: {' '.join(str(e).split())}") from e
+        if not path.is_file():  # gdown 5 prints some failures (e.g. a proxy error) and returns None
+            raise DownloadError(f"gdown returned without a file (its message is above). {refused}")
+
+    _with_retries(attempt, **retry)
+
+
+# --- JSON APIs: NIST/ARPA-E ISODB and MOFX-DB ---------------------------------------------------------------
+
+ISODB_URL = "https://adsorption.nist.gov"        # /isodb/api/... and /matdb/api/...
+MOFXDB_URL = "https://mof.tech.northwestern.edu"  # /mofs.json?...
+CACHE_DIR = Path("~/.cache/mofkit").expanduser()
+
+# Molar masses (g/mol) of common adsorbates, to turn mg/g and wt% into mmol/g; keyed by formula, with the
+# names ISODB and MOFX-DB use.
+GASES = {
+    "H2": ("Hydrogen", 2.01588), "He": ("Helium", 4.002602), "CH4": ("Methane", 16.04246),
+    "N2": ("Nitrogen", 28.0134), "CO": ("Carbon monoxide", 28.0101), "O2": ("Oxygen", 31.9988),
+    "Ar": ("Argon", 39.948), "CO2": ("Carbon dioxide", 44.0095), "Kr": ("Krypton", 83.798),
+    "Xe": ("Xenon", 131.293),
+}
+PRESSURE_TO_BAR = {"bar": 1.0, "pa": 1e-5, "kpa": 1e-2, "mpa": 10.0, "mbar": 1e-3, "atm": 1.01325,
+                   "torr": 1.01325 / 760, "mmhg": 1.01325 / 760, "psi": 0.0689475729}
+# Amount-based adsorption units -> mmol/g. cm3(STP)/g uses 22.4 cm3(STP)/mmol as the study did (the ideal gas
+# at 0 °C and 1 atm: 22.414; the 0.06% difference is below digitisation error).
+AMOUNT_TO_MMOL_G = {"mmol/g": 1.0, "mol/kg": 1.0, "mol/g": 1000.0, "mmol/kg": 1e-3, "cm3(stp)/g": 1 / 22.4}
+# Mass-based units -> mg of adsorbate per g of adsorbent (then / molar mass). wt% is read as g per 100 g of
+# adsorbent, as ISODB's other units are per gram of adsorbent; some H2-storage papers mean per 100 g of
+# adsorbent plus H2, which differs by the wt% value itself in relative terms (1% at 1 wt%).
+MASS_TO_MG_G = {"mg/g": 1.0, "g/g": 1000.0, "wt%": 10.0}
+
+
+def _gas(name):
+    """(formula, name, molar mass g/mol) for a formula or name in GASES (any case), else None."""
+    for formula, (gas_name, molar_mass) in GASES.items():
+        if name.casefold() in (formula.casefold(), gas_name.casefold()):
+            return formula, gas_name, molar_mass
+    return None
+
+
+def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, backoff_s=1.0):
+    """GET a JSON document with timeouts and retries; with `cache_dir`, a copy on disk answers later calls.
+
+    The cache file name is a hash of the full URL (query included) plus its last path part; only documents
+    that parsed as JSON are cached, written atomically. Delete the folder to refresh.
+    """
+    import requests
+    full_url = requests.Request("GET", url, params=params).prepare().url
+    name = urllib.parse.urlsplit(full_url).path.rsplit("/", 1)[-1]
+    cache = None if cache_dir is None else (
+        Path(cache_dir).expanduser() / f"{hashlib.sha256(full_url.encode()).hexdigest()[:16]}-{name}")
+    if cache is not None and cache.is_file():
+        return _parse_json(cache.read_bytes(), cache)
+
+    def attempt():
+        r = requests.get(full_url, timeout=timeout_s)
+        if r.status_code >= 500 or r.status_code == 429:
+            raise _Transient(f"HTTP {r.status_code} {r.reason}")
+        if r.status_code != 200:
+            raise DownloadError(f"{full_url}: HTTP {r.status_code} {r.reason}; check the name or query.")
+        return r.content
+
+    body = _with_retries(attempt, f"fetching {full_url}", "The service may be down: retry later.", retries, backoff_s)
+    data = _parse_json(body, full_url)
+    if cache is not None:
+        with atomic_write(cache) as f:
+            f.write(body)
+    return data
+
+
+def _parse_json(body, source):
+    try:
+        return json.loads(body)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise DownloadError(f"{source}: malformed JSON ({e}); it starts with {body[:80]!r}. The service may "
+                            "have answered with an error page: retry later, or delete a cached copy.") from e
+
+
+def _parse_record(parse, record, kind):
+    """parse(record), or a ValueError that shows the record when it is not in the expected schema."""
+    try:
+        return parse(record)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"{kind} record not in the expected schema ({type(e).__name__}: {e}): "
+                         f"{str(record)[:200]}") from None
+
+
+def _isotherm_fields(record):
+    """Tidy fields of one isotherm in the ISODB schema (MOFX-DB shares it), in bar and mmol/g where possible.
+
+    Conversions that the units do not allow are left as None and explained in `note` ('' when all converted).
+    """
+    adsorbates = [a["name"] for a in record["adsorbates"]]
+    p_units, q_units = record["pressureUnits"], record["adsorptionUnits"]
+    pressure = [point["pressure"] for point in record["isotherm_data"]]
+    adsorption = [point["total_adsorption"] for point in record["isotherm_data"]]
+    notes = []
+    p_factor = PRESSURE_TO_BAR.get(p_units.casefold())
+    if p_factor is None:
+        notes.append(f"pressure unit {p_units!r} not convertible to bar")
+    q_factor, unit = None, q_units.casefold()
+    if len(adsorbates) != 1:
+        notes.append(f"mixture of {len(adsorbates)} adsorbates")
+    elif unit in AMOUNT_TO_MMOL_G:
+        q_factor = AMOUNT_TO_MMOL_G[unit]
+    elif unit in MASS_TO_MG_G:
+        gas = _gas(adsorbates[0])
+        if gas is None:
+            notes.append(f"unit {q_units!r} needs the molar mass of {adsorbates[0]!r}, which is not in mofkit.GASES")
+        else:
+            q_factor = MASS_TO_MG_G[unit] / gas[2]
+    else:
+        notes.append(f"unit {q_units!r} not convertible to mmol/g")
+    if any(q is None for q in adsorption):
+        notes.append("null total_adsorption")
+        q_factor = None
+    return {
+        "adsorbate": " + ".join(adsorbates),
+        "temperature_K": float(record["temperature"]),
+        "pressure_units": p_units,
+        "adsorption_units": q_units,
+        "pressure": pressure,
+        "adsorption": adsorption,
+        "pressure_bar": None if p_factor is None else [p * p_factor for p in pressure],
+        "adsorption_mmol_g": None if q_factor is None else [q * q_factor for q in adsorption],
+        "note": "; ".join(notes),
+    }
+
+
+def isodb_table(records):
+    """ISODB isotherm records (parsed JSON) -> a tidy pandas table, one row per isotherm, as in the study.
+
+    Columns: filename, doi, adsorbent, adsorbate, temperature_K, pressure_units, adsorption_units, pressure and
+    adsorption (raw lists; adsorption is total_adsorption), pressure_bar and adsorption_mmol_g (lists, or None
+    where the units do not allow it), note ('' when converted, else why not).
+    """
+    import pandas as pd
+
+    def parse(r):
+        return {"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"], **_isotherm_fields(r)}
+
+    rows = [_parse_record(parse, record, "ISODB isotherm") for record in records]
+    return pd.DataFrame(rows, columns=["filename", "doi", "adsorbent", "adsorbate", "temperature_K",
+                                       "pressure_units", "adsorption_units", "pressure", "adsorption",
+                                       "pressure_bar", "adsorption_mmol_g", "note"])
+
+
+def _named(entry, query):
+    """Whether an ISODB material/gas entry has `query` as its name or one of its synonyms (any case)."""
+    names = [entry.get("name") or ""] + list(entry.get("synonyms") or [])
+    return query.casefold() in {n.casefold() for n in names}
+
+
+def fetch_isodb(adsorbent=None, adsorbate=None, temperature_K=None, *, doi=None, filenames=None,
+                base_url=ISODB_URL, cache_dir=CACHE_DIR / "isodb", progress=True, **http):
+    """List and fetch NIST/ARPA-E ISODB isotherms; returns `isodb_table` of them.
+
+    Either give `filenames` (e.g. "10.1002adem.200500223.isotherm1"), or filter the isotherm index by
+    `adsorbent` (material name or synonym, e.g. "CuBTC" or "HKUST-1"), `adsorbate` (gas name, synonym or a
+    formula from GASES), `temperature_K` (within 0.5 K) and `doi`. `http` takes fetch_json's timeout_s, retries
+    and backoff_s. Everything fetched is cached under `cache_dir` (None: no cache).
+    """
+    from tqdm.auto import tqdm
+
+    def get(path):
+        return fetch_json(f"{base_url}{path}", cache_dir=cache_dir, **http)
+
+    if filenames is None:
+        if adsorbent is None and adsorbate is None and temperature_K is None and doi is None:
+            raise ValueError("fetch_isodb: give filenames or at least one filter (adsorbent, adsorbate, "
+                             "temperature_K, doi); fetching all ~40,000 isotherms is almost never intended")
+        index = get("/isodb/api/isotherms.json")
+        if adsorbent is not None:
+            hashkeys = {m["hashkey"] for m in get("/matdb/api/materials.json") if _named(m, adsorbent)}
+            if not hashkeys:
+                raise ValueError(f"fetch_isodb: adsorbent {adsorbent!r} is not a material name or synonym in ISODB")
+            index = [e for e in index if e["adsorbent"]["hashkey"] in hashkeys]
+        if adsorbate is not None:
+            gas = _gas(adsorbate)  # a formula such as "H2" matches the gas's name ("Hydrogen") too
+            queries = {adsorbate, gas[1]} if gas else {adsorbate}
+            inchikeys = {g["InChIKey"] for g in get("/isodb/api/gases.json") if any(_named(g, q) for q in queries)}
+            if not inchikeys:
+                raise ValueError(f"fetch_isodb: adsorbate {adsorbate!r} is not a gas name or synonym in ISODB")
+            index = [e for e in index if any(a["InChIKey"] in inchikeys for a in e["adsorbates"])]
+        if temperature_K is not None:
+            index = [e for e in index if abs(float(e["temperature"]) - temperature_K) <= 0.5]
+        if doi is not None:
+            index = [e for e in index if e["DOI"].casefold() == doi.casefold()]
+        filenames = [e["filename"] for e in index]
+    records = [get(f"/isodb/api/isotherm/{name}.json")
+               for name in tqdm(filenames, desc="ISODB isotherms", disable=not progress)]
+    return isodb_table(records)
+
+
+def isodb_doi_stub(doi):
+    """The DOI stub ISODB uses in file names and URLs (10.1007/s10450-011-9337-3 -> 10.1007s1045001193373)."""
+    stub = doi.replace("/", "-").replace("(", "").replace(")", "").replace(":", "").replace(" ", "")
+    return stub.replace("+", "plus").replace("-", "")
+
+
+def isodb_biblio(doi, *, base_url=ISODB_URL, cache_dir=CACHE_DIR / "isodb", **http):
+    """The ISODB bibliography record of an article (title, authors, its isotherms' filenames...)."""
+    return fetch_json(f"{base_url}/isodb/api/biblio/{isodb_doi_stub(doi)}.json", cache_dir=cache_dir, **http)
+
+
+def mofxdb_table(results):
+    """MOFX-DB results (entries of mofs.json pages) -> a tidy pandas table, one row per (MOF, isotherm).
+
+    Columns: name, mofkey, database, then the isotherm columns of `isodb_table` (adsorbate ... note), then cif
+    (the entry's CIF text). A MOF without isotherms keeps one row, with note 'no isotherms', so its CIF is
+    not lost.
+    """
+    import pandas as pd
+
+    def parse(mof):
+        head = {"name": mof["name"], "mofkey": mof["mofkey"], "database": mof["database"]}
+        isotherms = [_isotherm_fields(iso) for iso in mof["isotherms"]] or [{"note": "no isotherms"}]
+        return [{**head, **iso, "cif": mof["cif"]} for iso in isotherms]
+
+    rows = [row for mof in results for row in _parse_record(parse, mof, "MOFX-DB MOF")]
+    return pd.DataFrame(rows, columns=["name", "mofkey", "database", "adsorbate", "temperature_K",
+                                       "pressure_units", "adsorption_units", "pressure", "adsorption",
+                                       "pressure_bar", "adsorption_mmol_g", "note", "cif"])
+
+
+def fetch_mofxdb(name=None, mofkey=None, database=None, *, base_url=MOFXDB_URL, cache_dir=CACHE_DIR / "mofxdb",
+                 max_pages=None, progress=True, **http):
+    """Query MOFX-DB (mofs.json: by MOF name, MOFkey and/or database such as "CoREMOF 2019"), following its
+    pages up to `max_pages`; returns `mofxdb_table` of the MOFs with their CIFs and computed isotherms.
+
+    `http` takes fetch_json's timeout_s, retries and backoff_s; pages are cached under `cache_dir`.
+    """
+    from tqdm.auto import tqdm
+    params = {k: v for k, v in {"name": name, "mofkey": mofkey, "database": database}.items() if v is not None}
+    if not params and max_pages is None:
+        raise ValueError("fetch_mofxdb: give name, mofkey or database, or max_pages; the whole database is "
+                         "over 100,000 MOFs with CIFs")
+    results, page, pages = [], 1, 1
+    with tqdm(desc="MOFX-DB pages", disable=not progress) as bar:
+        while page <= min(pages, max_pages or pages):
+            doc = fetch_json(f"{base_url}/mofs.json", {**params, "page": page}, cache_dir=cache_dir, **http)
+            results += doc["results"]
+            pages = doc["pages"]
+            bar.total = min(pages, max_pages or pages)
+            bar.update(1)
+            page += 1
+    return mofxdb_table(results)
+
+
+def mofxdb_structures(table, failures=None):
+    """{name: ase.Atoms} from the CIFs of a `mofxdb_table` (one per MOF), read with `read_structure`.
+
+    A CIF that does not parse is skipped and `(name, reason)` appended to `failures` if a list is given.
+    """
+    structures = {}
+    for name, cif in table.drop_duplicates("name")[["name", "cif"]].itertuples(index=False):
+        try:
+            structures[name] = read_structure(cif, name=name)
+        except ValueError as e:  # StructureError is a ValueError
+            if failures is not None:
+                failures.append((name, str(e)))
+    return structures
 
 
 
@@ -280,48 +680,66 @@ def periodic_images(atoms, lo_A, hi_A, reach_A):
     return np.concatenate(pos), np.concatenate(idx)
 
 
-def _lj_blocks(blocks_A, atoms, probe, cutoff_A, device, dtype, pairs_per_batch):
-    """Lennard-Jones energies (K) at points grouped in spatially compact blocks: (nb, P, 3) -> (nb, P).
+def _lj_blocks(jobs, probe, cutoff_A, device, dtype, pairs_per_batch):
+    """Lennard-Jones energies (K) at points grouped in spatially compact blocks, for several structures at once.
 
+    jobs: list of (blocks_A (nb, P, 3), atoms) -> list of (nb, P) energy tensors.
     Each block only sees the atom images within cutoff + its own radius of its centre, so the work is
-    ~ points x atoms-in-cutoff rather than points x all images. Blocks are batched with padding (a far-away
-    dummy atom) so a GPU gets large kernels; pairs beyond the cutoff are masked (truncated, not shifted).
+    ~ points x atoms-in-cutoff rather than points x all images. Blocks of all structures are sorted by
+    neighbour count and batched with padding (a far-away dummy atom with zero coefficients), so a GPU gets
+    a few large kernels; pairs beyond the cutoff are masked (truncated, not shifted). Coordinates are taken
+    relative to each block's centre, so float32 keeps ~1e-6 relative precision.
     """
-    blocks = torch.as_tensor(blocks_A, dtype=torch.float64)
-    nb, P, _ = blocks.shape
-    centres = blocks.mean(1)
-    radius = float((blocks - centres[:, None]).norm(dim=-1).max())
-    flat = blocks.reshape(-1, 3)
-    pos, idx = periodic_images(atoms, flat.min(0).values.numpy(), flat.max(0).values.numpy(), cutoff_A)
-    A, B = pair_coefficients(np.array(atoms.get_chemical_symbols())[idx], probe)
-    # index M is the dummy atom: far away, zero coefficients
-    pos = torch.cat([torch.as_tensor(pos), torch.full((1, 3), 1e6, dtype=torch.float64)])
-    A = torch.as_tensor(np.append(A, 0.0), dtype=dtype, device=device)
-    B = torch.as_tensor(np.append(B, 0.0), dtype=dtype, device=device)
-    M = len(pos) - 1
-    # neighbour lists per block (float64 on the host: exact membership, cheap next to the energies)
-    reach2 = (cutoff_A + radius) ** 2
-    members = []
-    for c in torch.split(centres, max(1, 2_000_000 // max(M, 1))):
-        near = torch.cdist(c, pos[:M]) ** 2 < reach2
-        members.extend(torch.nonzero(row).squeeze(1) for row in near)
-    counts = torch.tensor([len(m) for m in members])
-    order = torch.argsort(counts)                       # similar counts together: little padding
+    centres, blocks, pos, A, B, nbr_block, nbr_atom = [], [], [], [], [], [], []
+    n_blocks = n_atoms = 0
+    for blocks_A, atoms in jobs:
+        b = torch.as_tensor(blocks_A, dtype=torch.float64)
+        c = b.mean(1)
+        radius = float((b - c[:, None]).norm(dim=-1).max())
+        flat = b.reshape(-1, 3)
+        p, idx = periodic_images(atoms, flat.min(0).values.numpy(), flat.max(0).values.numpy(), cutoff_A)
+        a, bb = pair_coefficients(atoms.get_chemical_symbols(), probe)
+        p = torch.as_tensor(p, device=device)
+        # neighbour lists: every image within reach of the block centre (1e-3 A of slack covers float32 rounding)
+        c_dev = c.to(device)
+        for part, c_part in zip(torch.split(torch.arange(len(c), device=device), max(1, 4_000_000 // max(len(p), 1))),
+                                torch.split(c_dev, max(1, 4_000_000 // max(len(p), 1)))):
+            rows, cols = (torch.cdist(c_part.float(), p.float()) < cutoff_A + radius + 1e-3).nonzero(as_tuple=True)
+            nbr_block.append(part[rows] + n_blocks)
+            nbr_atom.append(cols + n_atoms)
+        centres.append(c_dev)
+        blocks.append(b.to(device))
+        pos.append(p)
+        A.append(torch.as_tensor(a[idx], dtype=dtype, device=device))
+        B.append(torch.as_tensor(bb[idx], dtype=dtype, device=device))
+        n_blocks, n_atoms = n_blocks + len(b), n_atoms + len(p)
+    # index n_atoms is the dummy atom: far away, zero coefficients
+    pos = torch.cat(pos + [torch.full((1, 3), 1e6, dtype=torch.float64, device=device)])
+    A = torch.cat(A + [torch.zeros(1, dtype=dtype, device=device)])
+    B = torch.cat(B + [torch.zeros(1, dtype=dtype, device=device)])
+    centres, blocks = torch.cat(centres), torch.cat(blocks)
+    nbr_block, nbr_atom = torch.cat(nbr_block), torch.cat(nbr_atom)      # CSR: sorted by block
+    counts = torch.bincount(nbr_block, minlength=n_blocks)
+    ptr = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(counts)                                        # similar counts together: little padding
+    counts_sorted = counts[order].cpu()
+    P = blocks.shape[1]
     rc_inv2 = 1.0 / cutoff_A ** 2
-    out = torch.empty(nb, P, dtype=dtype, device=device)
+    out = torch.empty(n_blocks, P, dtype=dtype, device=device)
     start = 0
-    while start < nb:
-        kmax = max(int(counts[order[start]]), 1)
-        g = max(1, pairs_per_batch // (P * max(kmax, 1)))
+    while start < n_blocks:
+        g = max(1, pairs_per_batch // (P * max(int(counts_sorted[start]), 1)))
         sel = order[start:start + g]
-        kmax = max(int(counts[sel].max()), 1)
-        nbr = torch.full((len(sel), kmax), M, dtype=torch.long)
-        for row, b in enumerate(sel.tolist()):
-            nbr[row, :counts[b]] = members[b]
+        kmax = max(int(counts_sorted[start:start + g].max()), 1)
+        # padded neighbour matrix (g, kmax), gathered from the CSR lists without a Python loop
+        n_sel = counts[sel]
+        row = torch.repeat_interleave(torch.arange(len(sel), device=device), n_sel)
+        col = torch.arange(len(row), device=device) - torch.repeat_interleave(torch.cumsum(n_sel, 0) - n_sel, n_sel)
+        nbr = torch.full((len(sel), kmax), n_atoms, dtype=torch.long, device=device)
+        nbr[row, col] = nbr_atom[torch.repeat_interleave(ptr[sel], n_sel) + col]
         c = centres[sel]
-        pts = (blocks[sel] - c[:, None]).to(device=device, dtype=dtype)          # (g, P, 3), relative: small numbers
-        nb_pos = (pos[nbr] - c[:, None]).to(device=device, dtype=dtype)          # (g, K, 3)
-        nbr = nbr.to(device)
+        pts = (blocks[sel] - c[:, None]).to(dtype)                               # (g, P, 3)
+        nb_pos = (pos[nbr] - c[:, None]).to(dtype)                               # (g, K, 3)
         r2 = torch.baddbmm((pts * pts).sum(-1)[:, :, None] + (nb_pos * nb_pos).sum(-1)[:, None, :],
                            pts, nb_pos.transpose(1, 2), alpha=-2.0)
         inv = r2.clamp_(min=1e-6).reciprocal_()                                  # 1/r^2
@@ -329,9 +747,9 @@ def _lj_blocks(blocks_A, atoms, probe, cutoff_A, device, dtype, pairs_per_batch)
         inv3 = inv.pow_(3)                                                       # 1/r^6
         e = inv3 * A[nbr][:, None, :]
         e.sub_(B[nbr][:, None, :]).mul_(inv3).masked_fill_(far, 0.0)
-        out[sel.to(device)] = e.sum(-1)
+        out[sel] = e.sum(-1)
         start += len(sel)
-    return out
+    return list(torch.split(out, [len(b) for b, _ in jobs]))
 
 
 def grid_points(atoms, size=64, frame="cube", spacing_A=0.5):
@@ -364,13 +782,38 @@ def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=
     # sort points into 4 A cells so each block of 256 is spatially compact
     key = np.floor((flat - flat.min(0)) / 4.0).astype(np.int64)
     order = np.lexsort(key.T[::-1])
-    P = 256
-    n = len(flat)
+    P, n = 256, len(flat)
     padded = np.concatenate([flat[order], np.repeat(flat[order[-1:]], (-n) % P, 0)])
-    e = _lj_blocks(padded.reshape(-1, P, 3), atoms, probe, cutoff_A, _default_device(device), dtype, 4_000_000)
+    (e,) = _lj_blocks([(padded.reshape(-1, P, 3), atoms)], probe, cutoff_A, _default_device(device), dtype, 4_000_000)
     out = np.empty(n)
     out[order] = e.reshape(-1)[:n].double().cpu().numpy()
     return out.reshape(pts.shape[:-1])
+
+
+def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0,
+                  device=None, block=8, pairs_per_batch=None):
+    """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays."""
+    device = _default_device(device)
+    nblk = -(-size // block)
+    n = nblk * block
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64)] * 3, indexing="ij"), -1)
+    jobs = []
+    for atoms in structures:
+        # the grid is padded up to whole blocks and cropped afterwards
+        pts = ijk * spacing_A if frame == "cube" else (ijk / size) @ atoms.cell.array if frame == "cell" else None
+        if pts is None:
+            raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
+        # (X, Y, Z, 3) -> (nblk^3 blocks, block^3 points, 3)
+        jobs.append((pts.reshape(nblk, block, nblk, block, nblk, block, 3).transpose(0, 2, 4, 1, 3, 5, 6)
+                     .reshape(-1, block ** 3, 3), atoms))
+    if pairs_per_batch is None:
+        pairs_per_batch = 64_000_000 if device.type == "cuda" else 1_000_000
+    grids = []
+    for e in _lj_blocks(jobs, probe, cutoff_A, device, torch.float32, pairs_per_batch):
+        e = e.clamp_(max=cap_K).nan_to_num_(nan=cap_K).cpu().numpy()
+        e = e.reshape(nblk, nblk, nblk, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape(n, n, n)
+        grids.append(np.ascontiguousarray(e[:size, :size, :size]))
+    return grids
 
 
 def voxelize(atoms, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0, device=None,
@@ -378,20 +821,9 @@ def voxelize(atoms, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=1
     """Energy grid (size, size, size) of float32 kelvin: probe-framework LJ 12-6, periodic, capped at cap_K.
 
     Grid points as in grid_points(). Points are processed in block^3 cubes of neighbouring voxels so each
-    block only visits the atoms within its reach (see _lj_blocks).
+    block only visits the atoms within its reach (see _lj_blocks). CPU or CUDA (device=None picks CUDA if any).
     """
-    device = _default_device(device)
-    nblk = -(-size // block)
-    pts = grid_points(atoms, nblk * block, frame, spacing_A) if frame == "cube" else \
-        (np.stack(np.meshgrid(*[np.arange(nblk * block)] * 3, indexing="ij"), -1) / size) @ atoms.cell.array
-    # (X, Y, Z, 3) -> (nblk^3 blocks, block^3 points, 3)
-    blocks = pts.reshape(nblk, block, nblk, block, nblk, block, 3).transpose(0, 2, 4, 1, 3, 5, 6).reshape(-1, block ** 3, 3)
-    if pairs_per_batch is None:
-        pairs_per_batch = 64_000_000 if device.type == "cuda" else 1_000_000
-    e = _lj_blocks(blocks, atoms, probe, cutoff_A, device, torch.float32, pairs_per_batch)
-    e = e.clamp_(max=cap_K).nan_to_num_(nan=cap_K).cpu().numpy()
-    e = e.reshape(nblk, nblk, nblk, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape((nblk * block,) * 3)
-    return np.ascontiguousarray(e[:size, :size, :size])
+    return voxelize_many([atoms], size, frame, spacing_A, probe, cutoff_A, cap_K, device, block, pairs_per_batch)[0]
 
 
 def framework_density(atoms):
