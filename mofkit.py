@@ -866,20 +866,13 @@ def heat_of_adsorption(grid_K, temperature_K=77.0):
 
 CM3_STP_PER_MMOL = 22.414  # ideal-gas molar volume at 273.15 K and 1 atm
 
-# Probe liquids: molar mass (g/mol) and saturated-liquid density (kg/m^3) at the normal boiling point
-# (CO2: at its triple point, 216.59 K; it has no liquid at 1 atm). Densities from the reference
-# equations of state as implemented in NIST REFPROP / CoolProp 8.0: H2 Leachman et al. 2009 (normal
-# hydrogen), N2 Span et al. 2000, Ar Tegeler et al. 1999, CH4 Setzmann & Wagner 1991, Kr and Xe
-# Lemmon & Span 2006, CO2 Span & Wagner 1996. Molar masses: IUPAC standard atomic weights.
-PROBE_LIQUIDS = {
-    "H2": (2.01588, 70.85),
-    "N2": (28.0134, 806.08),
-    "Ar": (39.948, 1395.40),
-    "CH4": (16.0428, 422.36),
-    "Kr": (83.798, 2416.6),
-    "Xe": (131.293, 2942.0),
-    "CO2": (44.0095, 1178.5),
-}
+# Saturated-liquid density of each probe (kg/m^3) at its normal boiling point (CO2: at its triple point,
+# 216.59 K; it has no liquid at 1 atm), from the reference equations of state as implemented in NIST
+# REFPROP / CoolProp 8.0: H2 Leachman et al. 2009 (normal hydrogen), N2 Span et al. 2000, Ar Tegeler et
+# al. 1999, CH4 Setzmann & Wagner 1991, Kr and Xe Lemmon & Span 2006, CO2 Span & Wagner 1996.
+# Molar masses come from GASES (section 1).
+LIQUID_DENSITY_KG_M3 = {"H2": 70.85, "N2": 806.08, "Ar": 1395.40, "CH4": 422.36, "Kr": 2416.6, "Xe": 2942.0,
+                        "CO2": 1178.5}
 
 # BET needs the saturation pressure P0. Known here near the normal boiling point Tb (P0 = 1 atm) as
 # ln P0 = ln(1 atm) - (L/R)(1/T - 1/Tb), with L = R dln P0/d(1/T) at Tb taken from the reference
@@ -894,20 +887,17 @@ _BOILING_POINTS = {  # name -> (Tb in K, L in kJ/mol)
     "Xe": (165.051, 13.0016),
     "CO2": (194.686, 25.23),
 }
-_ADSORBATE_ALIASES = {"hydrogen": "H2", "nitrogen": "N2", "argon": "Ar", "methane": "CH4",
-                      "krypton": "Kr", "xenon": "Xe", "carbon dioxide": "CO2"}
 
 
-def _adsorbate_key(adsorbate):
-    """'Nitrogen', 'n2', 'N2' -> 'N2' (ISODB spells adsorbates out in words)."""
-    name = str(adsorbate).strip()
-    by_lower = {k.lower(): k for k in PROBE_LIQUIDS}
-    return _ADSORBATE_ALIASES.get(name.lower()) or by_lower.get(name.lower()) or name
+def _formula(adsorbate):
+    """'Nitrogen', 'n2', 'N2' -> 'N2' via GASES (ISODB spells adsorbates out in words)."""
+    gas = _gas(str(adsorbate).strip())
+    return gas[0] if gas else str(adsorbate)
 
 
 def saturation_pressure_bar(adsorbate, temperature_K, window_K=5.0) -> float:
     """Saturation (vapour) pressure P0 of `adsorbate` near its normal boiling point, in bar."""
-    key = _adsorbate_key(adsorbate)
+    key = _formula(adsorbate)
     if key not in _BOILING_POINTS:
         raise ValueError(f"no saturation pressure known for adsorbate {adsorbate!r}; pass p0 explicitly")
     tb_K, dh_kJ_mol = _BOILING_POINTS[key]
@@ -1288,12 +1278,13 @@ def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_k
     from scipy.special import expit
     E = np.asarray(grid_K, dtype=np.float64).ravel()
     P_bar = np.atleast_1d(np.asarray(pressures_bar, dtype=np.float64))
-    key = _adsorbate_key(probe)
-    if (liquid_density_kg_m3 is None or molar_mass_g_mol is None) and key not in PROBE_LIQUIDS:
-        raise ValueError(f"no liquid density known for probe {probe!r}; pass liquid_density_kg_m3 "
-                         f"and molar_mass_g_mol (known: {sorted(PROBE_LIQUIDS)})")
-    molar_mass_g_mol = molar_mass_g_mol or PROBE_LIQUIDS[key][0]
-    liquid_density_kg_m3 = liquid_density_kg_m3 or PROBE_LIQUIDS[key][1]
+    key = _formula(probe)
+    if (liquid_density_kg_m3 is None and key not in LIQUID_DENSITY_KG_M3) or (molar_mass_g_mol is None
+                                                                             and key not in GASES):
+        raise ValueError(f"no liquid density or molar mass known for probe {probe!r}; pass "
+                         f"liquid_density_kg_m3 and molar_mass_g_mol (known: {sorted(LIQUID_DENSITY_KG_M3)})")
+    molar_mass_g_mol = molar_mass_g_mol or GASES[key][1]
+    liquid_density_kg_m3 = liquid_density_kg_m3 or LIQUID_DENSITY_KG_M3[key]
     if E.size == 0 or not (E > -np.inf).all():
         raise ValueError(f"grid_K must be a non-empty grid without NaN or -inf (size {E.size})")
     if not (density_kg_m3 > 0 and temperature_K > 0) or not np.isfinite(P_bar).all() or (P_bar < 0).any():

@@ -714,27 +714,12 @@ def test_bet_p0_lookup_validity_range_and_rouquerol():
         mofkit.fit_bet(P[x > 0.5], q_bet[x > 0.5], p0=p0)
 
 
-def _isodb_row(path):
-    """A row of the ISODB tidy table (COMMON.md contract), built here from a raw record."""
-    r = json.loads(Path(path).read_text())
-    pressure = [p["pressure"] for p in r["isotherm_data"]]
-    adsorption = [p.get("total_adsorption") for p in r["isotherm_data"]]
-    per_mmol = {"mmol/g": 1.0, "cm3(STP)/g": 1 / 22.4}.get(r["adsorptionUnits"])
-    note = (f"mixture of {len(r['adsorbates'])} adsorbates" if len(r["adsorbates"]) > 1 else
-            "" if per_mmol else f"unit '{r['adsorptionUnits']}' not convertible to mmol/g")
-    return {"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"],
-            "adsorbate": r["adsorbates"][0]["name"], "temperature_K": r["temperature"],
-            "pressure_units": r["pressureUnits"], "adsorption_units": r["adsorptionUnits"],
-            "pressure": pressure, "adsorption": adsorption,
-            "pressure_bar": pressure if not note else None,
-            "adsorption_mmol_g": [a * per_mmol for a in adsorption] if not note else None, "note": note}
-
-
 def test_fit_isotherm_table_fits_good_rows_and_keeps_bad_ones_with_the_reason():
     import pandas as pd
-    rows = [_isodb_row(FIXTURES / "isodb" / f"{name}.json") for name in
-            ("10.1002adem.200500223.isotherm1", "10.1002adem.200500223.isotherm3",
-             "10.1007s1045001193373.Isotherm11")]
+    records = [json.loads((FIXTURES / "isodb" / f"{name}.json").read_text()) for name in
+               ("10.1002adem.200500223.isotherm1", "10.1002adem.200500223.isotherm3",
+                "10.1007s1045001193373.Isotherm11")]
+    rows = mofkit.isodb_table(records).to_dict("records")
     bad = dict(rows[0], filename="bad", adsorption_mmol_g=[np.nan] + rows[0]["adsorption_mmol_g"][1:])
     table = mofkit.fit_isotherm_table(pd.DataFrame(rows + [bad]), "sips", progress=False, fix_K=2.5)
     assert list(table.filename) == [r["filename"] for r in rows] + ["bad"]
@@ -777,7 +762,7 @@ def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
     plt.close(fig)
 
 
-H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3
+H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3  # liquid H2 at 20.4 K, mol/m^3
 
 
 def test_grid_isotherm_of_uniform_grid_is_exactly_langmuir():
@@ -831,7 +816,7 @@ def test_grid_isotherm_saturates_at_accessible_pore_volume_times_liquid_density(
     gan = np.minimum(grid, 0.0)
     iso_gan = mofkit.grid_isotherm(gan, T, [1e60], density_kg_m3=rho, cap_K=0.0)
     assert iso_gan.accessible_fraction == np.mean(grid < 0)
-    with pytest.raises(ValueError, match="liquid density"):
+    with pytest.raises(ValueError, match="no liquid density"):
         mofkit.grid_isotherm(grid, T, [1.0], probe="He", density_kg_m3=rho)
     with pytest.raises(ValueError, match="density_kg_m3 > 0"):
         mofkit.grid_isotherm(grid, T, [1.0], density_kg_m3=0.0)
