@@ -1,6 +1,6 @@
 """Isotherm fitting and grid-isotherm estimate throughput (CPU, numpy/scipy).
 
-    python benchmarks/isotherms.py [--grids 5] [--isotherms 200]
+    python benchmarks/bench_isotherms.py [--grids 5] [--isotherms 200]
 
 Prints a markdown table with the machine and date. The fits are compared, in the same run, with the
 study's way of fitting (scipy curve_fit, default tolerances, Sips with K fixed at 2.5) on the same data.
