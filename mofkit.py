@@ -960,13 +960,8 @@ def _source_structures(label, names, failures):
     """Yield (name, atoms) for `names`, appending (name, reason) to `failures` for those that cannot be read."""
     kind, where = label.split(":", 1)
     if kind == "coremof":
-        yield from iter_coremof(where, names=names, failures=failures)
-        return
-    for name in names:
-        try:
-            yield name, read_structure(Path(where) / f"{name}.cif", name=name)
-        except (StructureError, OSError) as e:
-            failures.append((name, f"{type(e).__name__}: {e}"))
+        return iter_coremof(where, names=names, failures=failures)
+    return iter_cifs([Path(where) / f"{name}.cif" for name in names], failures=failures)
 
 
 def _source_table(label):
@@ -1162,8 +1157,8 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
                 _merge_csv(local_csv, MANIFEST_COLUMNS,
                            [_manifest_row(shard, members, row["source"], params, path=path, url=row["url"])], {shard})
             except DownloadError as e:
-                warnings.warn(f"shard {shard}: download failed ({e}). Google Drive serves a popular file only so many "
-                              f"times a day; {'building it locally instead' if build_missing else 'retry later'}.")
+                warnings.warn(f"shard {shard}: download failed: {e}" + (" Building it locally instead."
+                                                                        if build_missing else ""))
         if not path.exists():
             if not build_missing:
                 raise ShardError(f"shard {shard} is not in {dest_dir} and could not be downloaded: rerun "
