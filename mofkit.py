@@ -821,8 +821,8 @@ def heat_of_adsorption(grid_K, temperature_K=77.0):
 # np.load(path, mmap_mode="r") reads it as a plain array in any numpy (np.load never looks past the
 # data), so a grid is read without loading its shard. The .npy header and the footer length fix the file
 # size exactly, so a truncated file is always detected. float16 stores a 64^3 grid in 524,288 B = 0.5 MiB
-# (the study: ~6.9 MB of text) with relative precision 2^-11 ~ 5e-4 (~2.4 K at the 5000 K cap, ~0.5 K at
-# -1000 K); its largest value is 65504, hence cap_K <= 60000. The footer holds the requested members, the
+# (the study: ~6.9 MB of text), rounded to relative precision 2^-11 ~ 5e-4 (at most 2 K at the 5000 K cap,
+# 0.25 K near -1000 K); its largest value is 65504, hence cap_K <= 60000. The footer holds the requested members, the
 # names of the stored grids in order, the failures, the voxelizer parameters and per-structure properties
 # (computed from the float32 grid before rounding).
 
@@ -850,9 +850,8 @@ class ShardParams:
     temperature_K: float = 77.0  # of the Henry coefficient and heat of adsorption stored per structure
 
     def __post_init__(self):
-        # 5000 and 5000.0 must give the same parameters hash
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, {"int": int, "float": float, "str": str}[f.type](getattr(self, f.name)))
+        for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
+            object.__setattr__(self, f.name, type(f.default)(getattr(self, f.name)))
         if not 0 < self.cap_K <= 60000:
             raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
 
@@ -1153,7 +1152,7 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
             path.unlink()
         if not path.exists() and row["url"]:
             try:
-                download(row["url"], path, sha256=row["sha256"] or None)
+                download(row["url"], path, sha256=row["sha256"] or None, progress=progress)
                 _merge_csv(local_csv, MANIFEST_COLUMNS,
                            [_manifest_row(shard, members, row["source"], params, path=path, url=row["url"])], {shard})
             except DownloadError as e:
@@ -1280,12 +1279,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         plan = [(s, take) for s, take in self._plan() if take]
-        pos = 0  # position in this rank's sequence for the epoch
+        begin = 0  # position of this shard's first sample in the rank's sequence for the epoch
         for i, (s, take) in enumerate(plan):
-            first, pos = max(self.start - pos, 0), pos + take
-            # position p goes to worker ((p - start) // batch_size) % workers
-            mine = [j for j in range(first, take)
-                    if ((pos - take + j - self.start) // self.batch_size) % workers == worker]
+            # position p >= start goes to worker ((p - start) // batch_size) % workers
+            mine = [p - begin for p in range(max(self.start, begin), begin + take)
+                    if (p - self.start) // self.batch_size % workers == worker]
+            begin += take
             if not mine:
                 continue  # skipped without opening the file
             order = self._rng(s).permutation(self.counts[s])[:take] if self.shuffle else np.arange(take)
