@@ -2,6 +2,7 @@
 import os
 import sys
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -838,6 +839,313 @@ def test_grid_freundlich_is_henry_law_for_a_weak_uniform_grid_and_sublinear_for_
 # =============================================================================
 # 5. Shards
 # =============================================================================
+
+def _synthetic_shards(folder, counts, channels=1, size=4):
+    """Shards whose grids are filled with their global id (exact in float16), named s<id>."""
+    paths, start = [], 0
+    for k, n in enumerate(counts):
+        ids = np.arange(start, start + n)
+        grids = np.broadcast_to(ids[:, None, None, None, None], (n, channels, size, size, size)).copy()
+        grids[:, 1:] *= -1  # further channels differ from channel 0
+        names = [f"s{i}" for i in ids]
+        meta = {"source": "synthetic", "params": {}, "members": names, "names": names, "failures": [],
+                "properties": {"columns": ["id"], "rows": [[int(i)] for i in ids]}}
+        paths.append(folder / f"shard_{k:05d}.npy")
+        mofkit.write_shard(paths[-1], grids, meta)
+        start += n
+    return paths
+
+
+def _ids(dataset):
+    return [int(x[0, 0, 0, 0]) for x in dataset]
+
+
+def test_shard_round_trip_is_float16_npy_with_footer(tmp_path):
+    rng = np.random.default_rng(0)
+    grids = rng.uniform(-2000, 5000, (3, 2, 8, 8, 8)).astype(np.float32)
+    meta = {"source": "x", "params": {"size": 8}, "members": ["a", "b", "c", "d"], "names": ["a", "b", "c"],
+            "failures": [["d", "ValueError: bad"]], "properties": {"columns": ["p"], "rows": [[1.5], [None], [3]]}}
+    path = tmp_path / "shard_00000.npy"
+    mofkit.write_shard(path, grids, meta)
+    back = mofkit.read_shard_meta(path)
+    assert {k: back[k] for k in meta} == meta and back["shape"] == [3, 2, 8, 8, 8]
+    plain = np.load(path, mmap_mode="r")  # any numpy reads the grids as a plain .npy
+    assert plain.dtype == np.float16 and plain.shape == grids.shape
+    np.testing.assert_allclose(plain.astype(np.float32), grids, rtol=2 ** -11)
+    assert path.stat().st_size - grids.size * 2 < 400  # header + footer only
+    mapped, _ = mofkit.open_shard(path)
+    assert isinstance(mapped, np.memmap)
+    assert np.array_equal(mapped[1], plain[1])
+    with pytest.raises(ValueError, match="finite"):
+        mofkit.write_shard(tmp_path / "big.npy", np.full((1, 1, 2, 2, 2), 70000.0), meta)
+    assert not (tmp_path / "big.npy").exists()
+
+
+@pytest.mark.parametrize("cut", ["footer", "data", "header", "empty"])
+def test_truncated_shard_gives_error_naming_file(tmp_path, cut):
+    path = _synthetic_shards(tmp_path, [3])[0]
+    data = path.read_bytes()
+    keep = {"footer": len(data) - 5, "data": 300, "header": 20, "empty": 0}[cut]
+    path.write_bytes(data[:keep])
+    with pytest.raises(mofkit.ShardError, match=r"shard_00000\.npy.*(truncated|header).*delete it"):
+        mofkit.read_shard_meta(path)
+    with pytest.raises(mofkit.ShardError, match="shard_00000"):
+        mofkit.ShardDataset([path])
+
+
+def test_shard_dataset_yields_every_grid_once_per_epoch_in_seeded_order(tmp_path):
+    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    data = mofkit.ShardDataset(paths, seed=1)
+    assert data.num_grids == len(data) == 18
+    x = next(iter(data))
+    assert x.dtype == torch.float32 and x.shape == (1, 4, 4, 4)
+    epoch0 = _ids(data)
+    data.set_epoch(1)
+    epoch1 = _ids(data)
+    assert sorted(epoch0) == sorted(epoch1) == list(range(18))
+    assert epoch0 != epoch1
+    assert _ids(mofkit.ShardDataset(paths, seed=1)) == epoch0  # same seed, same order
+    assert _ids(mofkit.ShardDataset(paths, seed=2)) != epoch0
+    assert _ids(mofkit.ShardDataset(tmp_path, shuffle=False)) == list(range(18))  # a folder works too
+    # in-shard shuffling, not only shard order: some shard's ids come out of order
+    assert any(np.diff([i for i in epoch0 if lo <= i < hi]).min() < 0 for lo, hi in [(0, 5), (8, 12), (12, 18)])
+
+
+def test_shard_dataset_ranks_get_disjoint_shards_and_equal_counts(tmp_path):
+    paths = _synthetic_shards(tmp_path, [4, 4, 4, 4])
+    ranks = [mofkit.ShardDataset(paths, seed=3, rank=r, world_size=2) for r in range(2)]
+    seen = [_ids(d) for d in ranks]
+    assert len(seen[0]) == len(seen[1]) == len(ranks[0]) == 8
+    assert sorted(seen[0] + seen[1]) == list(range(16))
+    assert {i // 4 for i in seen[0]}.isdisjoint({i // 4 for i in seen[1]})  # whole shards per rank
+    uneven = _synthetic_shards(tmp_path / "uneven", [5, 2, 4])  # DDP needs equal step counts
+    ranks = [_ids(mofkit.ShardDataset(uneven, seed=0, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) and not set(ranks[0]) & set(ranks[1])
+    with pytest.raises(ValueError, match="3 shards cannot feed 4 ranks"):
+        list(mofkit.ShardDataset(uneven, world_size=4, rank=0))
+
+
+def test_shard_dataset_workers_split_batches_and_keep_the_order(tmp_path):
+    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    data = mofkit.ShardDataset(paths, seed=4, batch_size=3)
+    data.set_epoch(2)
+    single = _ids(data)
+    loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=2)
+    batches = [b[:, 0, 0, 0, 0].int().tolist() for b in loader]
+    assert sum(batches, []) == single  # same order as num_workers=0: exact resume does not depend on workers
+    # each worker's grids are disjoint: a worker sees every other batch
+    assert len(batches) == 6 and all(len(b) == 3 for b in batches)
+    data.set_epoch(2, start=7)
+    assert sum((b[:, 0, 0, 0, 0].int().tolist() for b in loader), []) == single[7:]
+
+
+def test_shard_dataset_start_skips_exactly_without_reading(tmp_path, monkeypatch):
+    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    data = mofkit.ShardDataset(paths, seed=5)
+    data.set_epoch(3)
+    full = _ids(data)
+    opened = []
+    real_open = mofkit.open_shard
+    monkeypatch.setattr(mofkit, "open_shard", lambda p: opened.append(Path(p).name) or real_open(p))
+    for k in [0, 1, 5, 9, 17, 18, 30]:
+        data.set_epoch(3, start=k)
+        assert _ids(data) == full[k:] and len(data) == len(full[k:])
+    opened.clear()
+    data.set_epoch(3, start=17)
+    assert _ids(data) == full[17:] and len(opened) == 1  # skipped shards are never opened
+    data.set_epoch(4)
+    assert len(data) == 18  # start applies to one epoch only
+
+
+def test_shard_dataset_maps_at_most_two_shards_and_collects_only_between_shards(tmp_path, monkeypatch):
+    import weakref
+    paths = _synthetic_shards(tmp_path, [3, 2, 4, 1])
+    maps, events = [], []
+    real_open = mofkit.open_shard
+
+    def tracked_open(path):
+        grids, meta = real_open(path)
+        maps.append(weakref.ref(grids))
+        return grids, meta
+
+    monkeypatch.setattr(mofkit, "open_shard", tracked_open)
+    monkeypatch.setattr(mofkit.gc, "collect", lambda *a: events.append("gc"))
+    for x in mofkit.ShardDataset(paths, seed=6):
+        events.append(sum(m() is not None for m in maps))
+    assert max(e for e in events if e != "gc") <= 2
+    assert len(maps) == 4 and all(m() is None for m in maps)  # every map released
+    runs = "".join("g" if e == "gc" else "s" for e in events)
+    # one collection after each shard, none between the samples of a shard
+    assert runs.endswith("g") and sorted(len(r) for r in runs.split("g")[:-1]) == [1, 2, 3, 4]
+
+
+def test_shard_dataset_channels_transform_index_and_metadata(tmp_path):
+    paths = _synthetic_shards(tmp_path, [3, 2], channels=2)
+    data = mofkit.ShardDataset(paths, channels=[1], transform=lambda x: x * 2, with_index=True, seed=7)
+    meta = data.metadata()
+    assert list(meta.columns) == ["shard", "index", "name", "id"] and len(meta) == 5
+    for x, i in data:
+        assert x.shape == (1, 4, 4, 4)
+        assert float(x[0, 0, 0, 0]) == -2 * meta["id"][i] and meta["name"][i] == f"s{meta['id'][i]}"
+
+
+
+TINY = mofkit.ShardParams(size=8, spacing_A=1.0, cutoff_A=6.0)  # 8^3 grids and a short cutoff keep builds fast
+
+
+def _cif_folder(folder):
+    """Five small porous cells mof0..mof4; mof2 is broken."""
+    folder.mkdir()
+    for i in range(5):
+        text = make_cif([("Zn", 0.1, 0.1, 0.1), ("O", 0.1 + 0.02 * i, 0.3, 0.1)], a=8.0 + i)
+        (folder / f"mof{i}.cif").write_text("garbage\n" if i == 2 else text)
+    return folder
+
+
+def _counting_voxelize(monkeypatch, interrupt_at=None):
+    calls, real = [], mofkit.voxelize
+
+    def voxelize(atoms, **kwargs):
+        calls.append(atoms.info["name"])
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt  # a Colab session stopped mid-shard
+        return real(atoms, **kwargs)
+
+    monkeypatch.setattr(mofkit, "voxelize", voxelize)
+    return calls
+
+
+def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_path):
+    cifs = _cif_folder(tmp_path / "cifs")
+    out = tmp_path / "out"
+    rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
+    assert [r["shard"] for r in rows] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    assert [r["names"] for r in rows] == ["mof0;mof1", "mof2;mof3", "mof4"]  # membership from the names
+    assert [r["n_grids"] for r in rows] == [2, 1, 1]
+    assert all(r["sha256"] == mofkit.sha256_file(out / r["shard"]) and r["source"] == f"cifs:{cifs}" for r in rows)
+    assert [{k: str(v) for k, v in r.items()} for r in rows] == mofkit.read_manifest(out / "data_manifest.csv")
+    failures = (out / "failures.csv").read_text().splitlines()
+    assert len(failures) == 2 and failures[1].startswith("shard_00001.npy,mof2,") and "malformed CIF" in failures[1]
+
+    grids, meta = mofkit.open_shard(out / "shard_00001.npy")
+    assert meta["names"] == ["mof3"] and meta["failures"][0][0] == "mof2" and meta["params"] == asdict(TINY)
+    atoms = mofkit.read_structure(cifs / "mof3.cif")
+    grid_K = mofkit.voxelize(atoms, **TINY.voxelize_kwargs())
+    assert grids.shape == (1, 1, 8, 8, 8) and grid_K.min() < -50  # a porous cell: attractive sites
+    np.testing.assert_allclose(grids[0, 0].astype(np.float32), grid_K, rtol=2 ** -11, atol=1e-3)
+    props = dict(zip(meta["properties"]["columns"], meta["properties"]["rows"][0]))
+    density = mofkit.framework_density(atoms)
+    assert props == pytest.approx({"density_kg_m3": density,
+                                   "henry_mol_kg_Pa": mofkit.henry_coefficient(grid_K, density, 77.0),
+                                   "heat_of_adsorption_kJ_mol": mofkit.heat_of_adsorption(grid_K, 77.0)}, rel=1e-12)
+    assert len(mofkit.ShardDataset(out)) == 4
+
+
+def test_build_shards_resumes_and_never_leaves_a_partial_shard(tmp_path, monkeypatch):
+    cifs = _cif_folder(tmp_path / "cifs")
+    out = tmp_path / "out"
+    calls = _counting_voxelize(monkeypatch, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
+    assert calls == ["mof0", "mof1", "mof3"]
+    assert sorted(os.listdir(out)) == ["data_manifest.csv", "failures.csv", "shard_00000.npy"]  # no partial file
+    calls = _counting_voxelize(monkeypatch)
+    rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
+    assert calls == ["mof3", "mof4"]  # finished shard 0 was kept
+    assert mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False) == rows and calls == ["mof3", "mof4"]
+    with pytest.raises(mofkit.ShardError, match="shard_00000.npy holds other structures"):
+        mofkit.build_shards(out, cifs, params=mofkit.ShardParams(size=8, cutoff_A=5.0), shard_size=2, progress=False)
+
+
+def _published(tmp_path, http_server):
+    """Shards built into pub/ and served over HTTP; returns the manifest path and the files' bytes."""
+    rows = mofkit.build_shards(tmp_path / "pub", _cif_folder(tmp_path / "cifs"), params=TINY, shard_size=2,
+                               progress=False)
+    files = {r["shard"]: (tmp_path / "pub" / r["shard"]).read_bytes() for r in rows}
+    for r in rows:
+        http_server.route(f"/{r['shard']}", ranged(files[r["shard"]]))
+        r["url"] = f"{http_server.url}/{r['shard']}"
+    manifest = tmp_path / "data_manifest.csv"
+    mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
+    return manifest, files
+
+
+def test_ensure_shards_downloads_verifies_and_replaces_bad_files(tmp_path, http_server, monkeypatch):
+    manifest, files = _published(tmp_path, http_server)
+    calls = _counting_voxelize(monkeypatch)
+    dest = tmp_path / "dest"
+    paths = mofkit.ensure_shards(manifest, dest, progress=False)
+    assert [p.read_bytes() for p in paths] == list(files.values()) and calls == []
+    assert mofkit.ensure_shards(manifest, dest, progress=False) == paths  # verified present files are used
+    assert [http_server.hits(f"/{s}") for s in files] == [1, 1, 1]
+    corrupt = bytearray(paths[0].read_bytes())
+    corrupt[200] ^= 1
+    paths[0].write_bytes(bytes(corrupt))  # one flipped bit in the grids
+    paths[1].write_bytes(files["shard_00001.npy"][:-100])  # truncated
+    with pytest.warns(UserWarning, match="does not match its manifest row .* deleted it") as warned:
+        mofkit.ensure_shards(manifest, dest, progress=False)
+    assert [str(w.message).split(":")[0] for w in warned] == ["shard shard_00000.npy", "shard shard_00001.npy"]
+    assert [p.read_bytes() for p in paths] == list(files.values())  # fetched again
+    assert [http_server.hits(f"/{s}") for s in files] == [2, 2, 1] and calls == []
+    assert sorted(os.listdir(dest)) == sorted([*files, "data_manifest.csv"])
+
+
+def test_ensure_shards_rejects_a_corrupted_download_and_builds_instead(tmp_path, http_server, monkeypatch):
+    manifest, files = _published(tmp_path, http_server)
+    bad = bytearray(files["shard_00000.npy"])
+    bad[300] ^= 1
+    http_server.route("/shard_00000.npy", bytes(bad))
+    calls = _counting_voxelize(monkeypatch)
+    dest = tmp_path / "dest"
+    with pytest.warns(UserWarning, match=r"shard_00000.npy: download failed: .*sha256.* Building it locally"):
+        paths = mofkit.ensure_shards(manifest, dest, progress=False)
+    assert calls == ["mof0", "mof1"]  # built, not downloaded
+    assert mofkit.read_shard_meta(paths[0])["names"] == ["mof0", "mof1"]
+    assert not any(p.name.startswith(".") for p in dest.iterdir())  # the bad download left nothing
+    local = {r["shard"]: r for r in mofkit.read_manifest(dest / "data_manifest.csv")}
+    assert local["shard_00000.npy"]["sha256"] == mofkit.sha256_file(paths[0])
+    mofkit.ensure_shards(manifest, dest, progress=False)
+    assert calls == ["mof0", "mof1"]  # the local build is verified by its recorded sha256 and kept
+
+
+def test_ensure_shards_falls_back_to_building_on_google_drive_quota(tmp_path, http_server, monkeypatch):
+    manifest, _ = _published(tmp_path, http_server)
+    rows = mofkit.read_manifest(manifest)
+    rows[2]["url"] = f"https://drive.google.com/file/d/{DRIVE_ID}/view?usp=sharing"
+    mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
+    http_server.intercept(monkeypatch, "drive.google.com")
+    page = ('<html><body><p class="uc-error-subcaption">Too many users have viewed or downloaded this file '
+            'recently. Please try accessing the file again later.</p></body></html>')
+    http_server.route("/drive.google.com/uc", Reply(body=page.encode(), headers={"Content-Type": "text/html"}))
+    calls = _counting_voxelize(monkeypatch)
+    with pytest.warns(UserWarning, match="shard_00002.npy: download failed: .*quota.* Building it locally"):
+        paths = mofkit.ensure_shards(manifest, tmp_path / "dest", progress=False)
+    assert calls == ["mof4"] and mofkit.read_shard_meta(paths[2])["names"] == ["mof4"]
+    with pytest.raises(mofkit.ShardError, match="shard_00002.npy is not in .* build_missing=True"), \
+            pytest.warns(UserWarning, match="quota"):
+        mofkit.ensure_shards(manifest, tmp_path / "elsewhere", build_missing=False, progress=False)
+
+
+def test_ensure_shards_builds_coremof_rows_with_the_package_properties(tmp_path):
+    names = ["ACECIV_ion_b", "ACOCOM_clean", "NOT_A_MOF"]
+    row = mofkit._manifest_row("shard_00000.npy", names, mofkit.COREMOF_SOURCE, TINY)
+    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [row])
+    [path] = mofkit.ensure_shards(tmp_path / "m.csv", tmp_path / "dest", progress=False)
+    data = mofkit.ShardDataset([path], with_index=True)
+    meta = data.metadata()
+    assert list(meta["name"]) == names[:2] and "NOT_A_MOF" in (tmp_path / "dest" / "failures.csv").read_text()
+    table = mofkit.coremof_properties()
+    assert meta["LCD"].tolist() == table.loc[names[:2], "LCD"].tolist() and (meta["henry_mol_kg_Pa"] > 0).all()
+
+
+def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed_one(tmp_path):
+    rows = mofkit.coremof_manifest(tmp_path / "m.csv")
+    assert len(rows) == 121 and [r["n_names"] for r in rows[-2:]] == [100, 20]
+    assert sum((r["names"].split(";") for r in rows), []) == mofkit.coremof_names()
+    assert {r["params_hash"] for r in rows} == {mofkit.ShardParams().hash} and not any(r["sha256"] for r in rows)
+    assert (tmp_path / "m.csv").stat().st_size < 1_000_000
+    committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"
+    assert committed.read_text() == (tmp_path / "m.csv").read_text()
 
 
 
