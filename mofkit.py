@@ -342,8 +342,9 @@ class _Run:
     memory_format: torch.memory_format
 
     def autocast(self, device_type):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
 
 
 def _resolve_precision(precision, device):
@@ -417,33 +418,41 @@ def _epoch_batches(dataset, config, epoch, skip_samples, rank, world, pin):
     """This process's batches for `epoch`, starting after `skip_samples` samples (exact mid-epoch resume).
 
     Map-style datasets (lists, torch Datasets) are shuffled per (seed, epoch) and split across processes by a
-    DistributedSampler; streaming datasets (ShardDataset) order and split themselves and get `set_epoch`,
-    and `set_start(n)` when they can skip n samples without reading them; otherwise skipped batches are read.
+    DistributedSampler. Streaming datasets (ShardDataset) order and split themselves: they get
+    `set_epoch(epoch, start=n)` (skip n samples without reading them) and `batch_size` set to the trainer's
+    (so DataLoader workers keep the order); a stream whose set_epoch takes no `start` has skipped batches read.
     """
+    import inspect
+    import itertools
     from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
     seed = int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0])
     kw = dict(batch_size=config.batch_size, drop_last=True, num_workers=config.num_workers, pin_memory=pin,
               generator=torch.Generator().manual_seed(seed))  # own generator: the global RNG stays untouched
     skip_batches = skip_samples // config.batch_size
     if isinstance(dataset, IterableDataset):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        if hasattr(dataset, "set_start"):
-            dataset.set_start(skip_batches * config.batch_size)
+        if hasattr(dataset, "batch_size"):
+            dataset.batch_size = config.batch_size
+        set_epoch = getattr(dataset, "set_epoch", None)
+        if set_epoch is not None and "start" in inspect.signature(set_epoch).parameters:
+            set_epoch(epoch, start=skip_batches * config.batch_size)
             skip_batches = 0
+        elif set_epoch is not None:
+            set_epoch(epoch)
         loader = DataLoader(dataset, **kw)
     else:
         sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=config.seed, drop_last=True)
         sampler.set_epoch(epoch)
         loader = DataLoader(dataset, sampler=sampler, **kw)
-    import itertools
-    return itertools.islice(loader, skip_batches, None)
+    batches = itertools.islice(loader, skip_batches, None)
+    if world > 1 and not hasattr(dataset, "__len__"):
+        return _while_all_ranks_have(batches, pin)
+    return batches  # a length means equal counts per process (DistributedSampler, ShardDataset): no per-step sync
 
 
 def _steps_per_epoch(dataset, config, world):
-    """Batches per process per epoch for map-style datasets (DistributedSampler drop_last); None for streams."""
+    """Batches per process per epoch (for the progress bar); None for a stream of unknown length."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        return None
+        return len(dataset) // config.batch_size if hasattr(dataset, "__len__") else None
     return len(dataset) // world // config.batch_size
 
 
@@ -456,18 +465,17 @@ def _as_dataset(dataset):
     return _Reiterable(dataset)
 
 
-def _all_ranks_have(batches, device, world):
-    """Yield batches while every process still has one (streaming shards may give ranks unequal counts)."""
+def _while_all_ranks_have(batches, cuda):
+    """Yield batches while every process still has one: DDP steps in lockstep, a stream may run out unevenly."""
     import torch.distributed as dist
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     for batch in batches:
-        if world > 1:
-            flag = torch.ones(1, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if not flag.item():
-                return
+        flag = torch.ones(1, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not flag.item():
+            return
         yield batch
-    if world > 1:
-        dist.all_reduce(torch.zeros(1, device=device), op=dist.ReduceOp.MIN)
+    dist.all_reduce(torch.zeros(1, device=device), op=dist.ReduceOp.MIN)
 
 
 # --- the loop ----------------------------------------------------------------
@@ -648,7 +656,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     while epoch < config.epochs and step < stop_at:
         epoch_start = step
         batches = _epoch_batches(dataset, config, epoch, samples_in_epoch, rank, world, pin)
-        for real in _all_ranks_have(batches, device, world):
+        for real in batches:
             real = to_gan_input(real.to(device, non_blocking=True), e_scale)
             acc += _gan_step(run, real.contiguous(memory_format=run.memory_format))
             acc_steps += 1

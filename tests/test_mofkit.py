@@ -249,28 +249,30 @@ def test_train_rejects_unusable_datasets(tmp_path):
 
 
 def test_train_streaming_dataset_and_picked_e_scale(tmp_path):
-    class Stream(torch.utils.data.IterableDataset):  # ShardDataset's protocol: set_epoch, set_start
+    class Stream(torch.utils.data.IterableDataset):  # ShardDataset's protocol: set_epoch(epoch, start=n)
         def __init__(self, grids):
-            self.grids, self.epochs, self.starts = grids, [], []
+            self.grids, self.calls, self.start, self.batch_size = grids, [], 0, 1
 
-        def set_epoch(self, epoch):
-            self.epochs.append(epoch)
-
-        def set_start(self, n):
-            self.starts.append(n)
-            self.skip = n
+        def set_epoch(self, epoch, start=0):
+            self.calls.append((epoch, start))
+            self.start = start
 
         def __iter__(self):
-            return iter(self.grids[self.skip:])
+            return iter(self.grids[self.start:])
 
     grids = _grids(6, channels=2)
     stream = Stream(grids)
-    stream.skip = 0
-    res = mofkit.train(_tiny(grid_channels=2, e_scale_K=None), stream, tmp_path, max_steps=2, progress=False)
-    ckpt = mofkit.load_checkpoint(res.checkpoint)
-    assert ckpt["e_scale_K"] == pytest.approx(mofkit.pick_e_scale(grids))
-    mofkit.train(_tiny(grid_channels=2, e_scale_K=None), stream, tmp_path, max_steps=5, progress=False)
-    assert stream.epochs == [0, 0, 1] and stream.starts == [0, 4, 0]  # resumed mid-epoch without re-reading
+    cfg = _tiny(grid_channels=2, e_scale_K=None)
+    res = mofkit.train(cfg, stream, tmp_path / "a", max_steps=2, progress=False)
+    assert stream.batch_size == 2  # set to the trainer's, so DataLoader workers keep the stream's order
+    assert mofkit.load_checkpoint(res.checkpoint)["e_scale_K"] == pytest.approx(mofkit.pick_e_scale(grids))
+    resumed = mofkit.train(cfg, stream, tmp_path / "a", max_steps=5, progress=False)
+    assert stream.calls == [(0, 0), (0, 4), (1, 0)]  # resumed mid-epoch without re-reading
+    # a stream without `start`: the skipped batches are read and dropped, same result
+    plain = mofkit.train(cfg, mofkit._Reiterable(grids), tmp_path / "b", max_steps=2, progress=False)
+    plain = mofkit.train(cfg, mofkit._Reiterable(grids), tmp_path / "b", max_steps=5, progress=False)
+    for x, y in zip(resumed.generator.parameters(), plain.generator.parameters()):
+        assert torch.equal(x, y)
 
 
 def test_sample_from_checkpoint_in_kelvin(tmp_path):
@@ -286,17 +288,20 @@ def test_sample_from_checkpoint_in_kelvin(tmp_path):
 
 
 _DDP_CHILD = """
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {root!r})
 import mofkit
 torch.set_num_threads(1)
+torch.distributed.init_process_group("gloo")  # as a user script under torchrun may; train() then reuses it
+rank = int(os.environ["RANK"])
 g = torch.Generator().manual_seed(0)
 data = [torch.rand(1, 16, 16, 16, generator=g) * 1500 - 1000 for _ in range(8)]
-cfg = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=2, e_scale_K=800.0, log_every=1, device="cpu")
-res = mofkit.train(cfg, data, {out!r}, max_steps=2, progress=False)
-rank = int(__import__("os").environ["RANK"])
-torch.save([p.detach() for m in (res.generator, res.discriminator) for p in m.parameters()],
-           {out!r} + f"/params{{rank}}.pt")
+cfg = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=2, e_scale_K=800.0, log_every=1, device="cpu",
+                         epochs=1)
+for run, dataset, steps in [("list", data, 2), ("stream", mofkit._Reiterable(data[:8 - 2 * rank]), None)]:
+    res = mofkit.train(cfg, dataset, {out!r} + "/" + run, max_steps=steps, progress=False)
+    torch.save([p.detach() for m in (res.generator, res.discriminator) for p in m.parameters()],
+               {out!r} + f"/{{run}}/params{{rank}}.pt")
 """
 
 
@@ -313,15 +318,16 @@ def test_train_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
     for p in procs:
-        _, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
-    p0, p1 = (torch.load(tmp_path / f"params{r}.pt", weights_only=True) for r in range(2))
-    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
-    ckpt = mofkit.load_checkpoint(tmp_path / "last.pt")
-    assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
-    # the ranks saw different data: each process drew its own latent vectors and batches
+    # "list": DistributedSampler splits 8 grids; "stream": rank 0 has 4 batches, rank 1 only 3 -> both stop at 3
+    for run, steps in [("list", 2), ("stream", 3)]:
+        p0, p1 = (torch.load(tmp_path / run / f"params{r}.pt", weights_only=True) for r in range(2))
+        assert all(torch.equal(a, b) for a, b in zip(p0, p1)), run
+        ckpt = mofkit.load_checkpoint(tmp_path / run / "last.pt")
+        assert ckpt["step"] == steps and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    # each process drew its own latent vectors
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
-
 
 
 # =============================================================================
