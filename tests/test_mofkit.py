@@ -2,6 +2,7 @@
 import os
 import sys
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +33,520 @@ def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
     assert mofkit.sha256_file(target) == hashlib.sha256(b"first").hexdigest()
 
 
+# --- download(): local HTTP server on 127.0.0.1 (tests/conftest.py) ---------------------------------------
+
+from conftest import Reply, ranged  # noqa: E402
+
+FAST = dict(timeout_s=0.5, retries=2, backoff_s=0.01, progress=False)  # tiny timeouts and backoff keep tests fast
+PAYLOAD = np.random.default_rng(0).bytes(300_000)  # several chunks; random, so a wrong offset shows
+
+
+def _sha(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_download_success_verified_and_atomic(http_server, tmp_path):
+    http_server.route("/shard.bin", PAYLOAD)
+    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "d" / "shard.bin", _sha(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert os.listdir(dest.parent) == ["shard.bin"]
+    # A present file with the right sha256 is kept without asking the server again.
+    mofkit.download(f"{http_server.url}/shard.bin", dest, _sha(PAYLOAD), **FAST)
+    assert http_server.hits("/shard.bin") == 1
+
+
+def test_download_retries_a_500_then_succeeds(http_server, tmp_path):
+    http_server.route("/shard.bin", Reply(500), Reply(503), PAYLOAD)
+    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", _sha(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD and http_server.hits("/shard.bin") == 3
+
+
+def test_download_gives_up_on_a_hanging_server_with_a_clear_error(http_server, tmp_path):
+    http_server.route("/slow.bin", Reply(body=PAYLOAD, delay_s=1.0))
+    with pytest.raises(mofkit.DownloadError, match=r"slow\.bin.*failed after 2 attempts.*timed out"):
+        mofkit.download(f"{http_server.url}/slow.bin", tmp_path / "slow.bin", **{**FAST, "timeout_s": 0.1,
+                                                                                  "retries": 1})
+    assert http_server.hits("/slow.bin") == 2
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_rejects_a_truncated_body_and_leaves_nothing(http_server, tmp_path):
+    http_server.route("/cut.bin", Reply(body=PAYLOAD[:1000], content_length=len(PAYLOAD)))
+    with pytest.raises(mofkit.DownloadError) as err:
+        mofkit.download(f"{http_server.url}/cut.bin", tmp_path / "cut.bin", **FAST)
+    assert f"of the {len(PAYLOAD)} bytes announced by Content-Length arrived" in str(err.value)
+    assert "cut.bin" in str(err.value)
+    assert http_server.hits("/cut.bin") == 3  # retried (retries=2) before giving up
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_rejects_a_corrupted_file_and_keeps_the_old_one(http_server, tmp_path):
+    corrupted = bytearray(PAYLOAD)
+    corrupted[100] ^= 1
+    http_server.route("/shard.bin", bytes(corrupted))
+    dest = tmp_path / "shard.bin"
+    dest.write_bytes(b"old")
+    with pytest.raises(mofkit.DownloadError) as err:
+        mofkit.download(f"{http_server.url}/shard.bin", dest, _sha(PAYLOAD), **FAST)
+    message = str(err.value)
+    assert _sha(PAYLOAD) in message and _sha(bytes(corrupted)) in message and str(dest) in message
+    assert dest.read_bytes() == b"old" and os.listdir(tmp_path) == ["shard.bin"]
+
+
+def test_download_resumes_with_range_after_a_dropped_connection(http_server, tmp_path):
+    half = len(PAYLOAD) // 2
+    cut = Reply(body=PAYLOAD[:half], content_length=len(PAYLOAD), headers={"Accept-Ranges": "bytes"})
+    http_server.route("/shard.bin", cut, ranged(PAYLOAD))
+    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", _sha(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    first, second = http_server.requests
+    resumed_at = int(second.headers["Range"].removeprefix("bytes=").removesuffix("-"))
+    assert "Range" not in first.headers and 0 < resumed_at <= half
+
+
+def test_download_restarts_when_the_server_ignores_range(http_server, tmp_path):
+    cut = Reply(body=PAYLOAD[:5000], content_length=len(PAYLOAD))
+    http_server.route("/shard.bin", cut, PAYLOAD)  # answers the Range request with the whole file (200)
+    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", _sha(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_download_does_not_retry_a_404(http_server, tmp_path):
+    with pytest.raises(mofkit.DownloadError, match="HTTP 404"):
+        mofkit.download(f"{http_server.url}/missing.bin", tmp_path / "missing.bin", **FAST)
+    assert http_server.hits("/missing.bin") == 1 and os.listdir(tmp_path) == []
+
+
+DRIVE_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+
+
+@pytest.mark.parametrize("url", [f"https://drive.google.com/file/d/{DRIVE_ID}/view?usp=sharing",
+                                 f"https://drive.google.com/open?id={DRIVE_ID}",
+                                 f"https://drive.google.com/uc?export=download&id={DRIVE_ID}"])
+def test_download_google_drive_link_via_gdown(http_server, monkeypatch, tmp_path, url):
+    # Drive answers a large file with a "can't scan for viruses" page whose form leads to the real download.
+    http_server.intercept(monkeypatch, "drive.google.com", "drive.usercontent.google.com")
+    form = ('<html><body><form id="download-form" action="https://drive.usercontent.google.com/download" '
+            f'method="get"><input type="hidden" name="id" value="{DRIVE_ID}"><input type="hidden" '
+            'name="export" value="download"><input type="hidden" name="confirm" value="t"></form></body></html>')
+    http_server.route("/drive.google.com/uc", Reply(body=form.encode(), headers={"Content-Type": "text/html"}))
+    http_server.route("/drive.usercontent.google.com/download", Reply(body=PAYLOAD, headers={
+        "Content-Type": "application/octet-stream", "Content-Disposition": 'attachment; filename="shard.bin"'}))
+    dest = mofkit.download(url, tmp_path / "shard.bin", _sha(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD and os.listdir(tmp_path) == ["shard.bin"]
+    assert http_server.requests[0].query["id"] == DRIVE_ID
+    assert http_server.requests[1].query == {"id": DRIVE_ID, "export": "download", "confirm": "t"}
+
+
+def test_download_google_drive_quota_error_is_clear(http_server, monkeypatch, tmp_path):
+    http_server.intercept(monkeypatch, "drive.google.com")
+    page = ('<html><body><p class="uc-error-subcaption">Too many users have viewed or downloaded this file '
+            'recently. Please try accessing the file again later.</p></body></html>')
+    http_server.route("/drive.google.com/uc", Reply(body=page.encode(), headers={"Content-Type": "text/html"}))
+    with pytest.raises(mofkit.DownloadError) as err:
+        mofkit.download(f"https://drive.google.com/file/d/{DRIVE_ID}/view", tmp_path / "s.bin", **FAST)
+    message = str(err.value)
+    assert "Too many users" in message and "quota" in message and "building the file locally" in message
+    assert http_server.hits("/drive.google.com/uc") == 1  # a refusal is not retried
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_old_gdown_returning_none_is_a_refusal(monkeypatch, tmp_path):
+    import gdown
+    monkeypatch.setattr(gdown, "download", lambda **kwargs: None)  # gdown < 5 on a refused file
+    with pytest.raises(mofkit.DownloadError, match="would not serve"):
+        mofkit.download(f"https://drive.google.com/open?id={DRIVE_ID}", tmp_path / "s.bin", **FAST)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_drive_folder_link_is_rejected(tmp_path):
+    with pytest.raises(mofkit.DownloadError, match="without a file id"):
+        mofkit.download("https://drive.google.com/drive/folders/abc", tmp_path / "x", **FAST)
+
+
+# --- ISODB and MOFX-DB clients -----------------------------------------------------------------------------
+
+ISODB = FIXTURES / "isodb"
+MOFXDB = FIXTURES / "mofxdb"
+ISODB_FILES = sorted(p.stem for p in ISODB.glob("10.*.json"))
+
+
+def _isodb_records():
+    return [json.loads((ISODB / f"{name}.json").read_text()) for name in ISODB_FILES]
+
+
+def _serve_isodb(server):
+    """The five real isotherm records, plus list endpoints in the API's shape derived from them.
+
+    The list endpoints carry the fields fetch_isodb relies on (isotherms.json: filename, DOI, adsorbent
+    hashkey, adsorbate InChIKeys, temperature; materials.json / gases.json: name, synonyms and the key).
+    """
+    records = _isodb_records()
+    for record in records:
+        server.route(f"/isodb/api/isotherm/{record['filename']}.json", record)
+    server.route("/isodb/api/isotherms.json", [
+        {k: r[k] for k in ("filename", "DOI", "adsorbent", "temperature")}
+        | {"adsorbates": [{"InChIKey": a["InChIKey"]} for a in r["adsorbates"]]} for r in records])
+    materials = {r["adsorbent"]["hashkey"]: r["adsorbent"]["name"] for r in records}
+    server.route("/matdb/api/materials.json", [
+        {"hashkey": k, "name": n, "synonyms": ["HKUST-1"] if n == "CuBTC" else []} for k, n in materials.items()])
+    gases = {a["InChIKey"]: a["name"] for r in records for a in r["adsorbates"]}
+    server.route("/isodb/api/gases.json", [{"InChIKey": k, "name": n, "synonyms": []} for k, n in gases.items()])
+    server.route("/isodb/api/biblio/10.1002adem.200500223.json",
+                 json.loads((ISODB / "biblio.10.1002adem.200500223.json").read_text()))
+
+
+def test_isodb_table_parses_every_sample():
+    table = mofkit.isodb_table(_isodb_records()).set_index("filename")
+    assert len(table) == 5
+    cubtc = table.loc["10.1002adem.200500223.isotherm1"]
+    assert (cubtc.doi, cubtc.adsorbent, cubtc.adsorbate, cubtc.temperature_K) == (
+        "10.1002/adem.200500223", "CuBTC", "Hydrogen", 77.0)
+    assert cubtc.adsorption[0] == 20.6782 and cubtc.note == ""
+    assert cubtc.adsorption_mmol_g[0] == pytest.approx(0.923134, abs=5e-7)  # the study's row, 22.4 cm3(STP)/mmol
+    assert cubtc.pressure_bar == cubtc.pressure
+    volume = table.loc["10.1002adem.200500223.isotherm3"]
+    assert volume.adsorption_mmol_g is None and volume.pressure_bar is not None
+    assert volume.note == "unit '% Volume Adsorbed' not convertible to mmol/g"
+    mixture = table.loc["10.1007s1045001193373.Isotherm11"]
+    assert mixture.adsorbate == "Oxygen + Argon" and mixture.note == "mixture of 2 adsorbates"
+    assert mixture.adsorption_mmol_g is None and mixture.adsorption[0] == 0.315
+    wt = table.loc["10.1021Ja2021944.isotherm6"]
+    assert wt.adsorption_units == "wt%" and wt.note == ""
+    # 0.0902018 g H2 per 100 g = 0.902018 mg/g, over 2.01588 g/mol.
+    np.testing.assert_allclose(wt.adsorption_mmol_g, np.array(wt.adsorption) * 10 / 2.01588, rtol=1e-12)
+    assert wt.adsorption_mmol_g[0] == pytest.approx(0.447456, abs=1e-6)
+
+
+def test_isodb_table_converts_pressure_units_and_flags_the_rest():
+    base = _isodb_records()[0]
+    cases = {"Pa": 1e-5, "kPa": 1e-2, "MPa": 10.0, "atm": 1.01325, "torr": 101325 / 760 / 1e5,
+             "mbar": 1e-3, "psi": 6894.757293168 / 1e5}
+    for unit, bar_per_unit in cases.items():
+        row = mofkit.isodb_table([{**base, "pressureUnits": unit}]).iloc[0]
+        np.testing.assert_allclose(row.pressure_bar, np.array(row.pressure) * bar_per_unit, rtol=1e-9)
+    relative = mofkit.isodb_table([{**base, "pressureUnits": "RELATIVE"}]).iloc[0]
+    assert relative.pressure_bar is None and relative.note == "pressure unit 'RELATIVE' not convertible to bar"
+    gap = json.loads(json.dumps(base))
+    gap["isotherm_data"][2]["total_adsorption"] = None
+    row = mofkit.isodb_table([gap]).iloc[0]
+    assert row.note == "null total_adsorption" and row.adsorption_mmol_g is None
+    water = {**base, "adsorbates": [{"InChIKey": "XLYOFNOQVPJJNP-UHFFFAOYSA-N", "name": "Water"}],
+             "adsorptionUnits": "mg/g"}
+    assert "molar mass of 'Water'" in mofkit.isodb_table([water]).iloc[0].note
+    mg = mofkit.isodb_table([{**base, "adsorptionUnits": "mg/g"}]).iloc[0]
+    assert mg.adsorption_mmol_g[0] == pytest.approx(20.6782 / 2.01588)
+
+
+def test_fetch_isodb_filters_the_index_and_caches(http_server, tmp_path):
+    _serve_isodb(http_server)
+    kw = dict(base_url=http_server.url, cache_dir=tmp_path / "cache", progress=False, timeout_s=1, retries=0)
+    table = mofkit.fetch_isodb(adsorbent="hkust-1", adsorbate="H2", temperature_K=77, **kw)
+    assert list(table.filename) == ["10.1002adem.200500223.isotherm1"]
+    assert list(mofkit.fetch_isodb(adsorbate="Hydrogen", **kw).filename) == [
+        "10.1002adem.200500223.isotherm1", "10.1002adem.200500223.isotherm2", "10.1021Ja2021944.isotherm6"]
+    assert len(mofkit.fetch_isodb(doi="10.1002/ADEM.200500223", **kw)) == 3
+    served = len(http_server.requests)
+    again = mofkit.fetch_isodb(adsorbent="CuBTC", adsorbate="h2", temperature_K=77.2, **kw)
+    assert list(again.filename) == list(table.filename)
+    assert len(http_server.requests) == served  # all from the on-disk cache
+    with pytest.raises(ValueError, match="'MOF-9999' is not a material"):
+        mofkit.fetch_isodb(adsorbent="MOF-9999", **kw)
+    with pytest.raises(ValueError, match="give filenames or at least one filter"):
+        mofkit.fetch_isodb(**kw)
+
+
+def test_fetch_isodb_by_filename_retries_a_500(http_server, tmp_path):
+    _serve_isodb(http_server)
+    name = "10.1002adem.200500223.isotherm1"
+    record = json.loads((ISODB / f"{name}.json").read_text())
+    http_server.route(f"/isodb/api/isotherm/{name}.json", Reply(500), record)
+    table = mofkit.fetch_isodb(filenames=[name], base_url=http_server.url, cache_dir=None, progress=False,
+                               backoff_s=0.01)
+    assert table.iloc[0].adsorption_mmol_g[0] == pytest.approx(0.923134, abs=5e-7)
+    assert http_server.hits(f"/isodb/api/isotherm/{name}.json") == 2
+
+
+def test_fetch_json_malformed_is_a_clear_error_and_not_cached(http_server, tmp_path):
+    http_server.route("/isodb/api/isotherm/broken.json", b'{"filename": "broken", "isotherm_data": [')
+    url = f"{http_server.url}/isodb/api/isotherm/broken.json"
+    with pytest.raises(mofkit.DownloadError, match=r"broken\.json: malformed JSON"):
+        mofkit.fetch_json(url, cache_dir=tmp_path, retries=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_json_timeout_then_clear_error(http_server):
+    http_server.route("/isodb/api/isotherms.json", Reply(body=b"[]", delay_s=1.0))
+    with pytest.raises(mofkit.DownloadError, match=r"isotherms\.json: failed after 2 attempts.*timed out"):
+        mofkit.fetch_json(f"{http_server.url}/isodb/api/isotherms.json", timeout_s=0.1, retries=1, backoff_s=0.01)
+
+
+def test_isodb_biblio_uses_the_doi_stub(http_server):
+    _serve_isodb(http_server)
+    assert mofkit.isodb_doi_stub("10.1007/s10450-011-9337-3") == "10.1007s1045001193373"
+    biblio = mofkit.isodb_biblio("10.1002/adem.200500223", base_url=http_server.url, cache_dir=None)
+    assert [i["filename"] for i in biblio["isotherms"]][0] == "10.1002adem.200500223.isotherm1"
+
+
+def _mofxdb_pages():
+    """The real 3-MOF page cut into pages of one MOF each, to exercise paging ('pages' says 3)."""
+    results = json.loads((MOFXDB / "mofs.page1.sample.json").read_text())["results"]
+
+    def answer(request):
+        page = int(request.query.get("page", 1))
+        return {"results": [results[page - 1]], "page": page, "pages": len(results)}
+    return results, answer
+
+
+def test_fetch_mofxdb_follows_pages_and_parses_isotherms(http_server, tmp_path):
+    results, answer = _mofxdb_pages()
+    http_server.route("/mofs.json", answer)
+    kw = dict(base_url=http_server.url, cache_dir=tmp_path, progress=False, retries=0)
+    table = mofkit.fetch_mofxdb(database="Tobacco", **kw)
+    assert [r.query for r in http_server.requests] == [{"database": "Tobacco", "page": str(p)} for p in (1, 2, 3)]
+    assert list(table.name.unique()) == ["tobmof-345", "tobmof-344", "tobmof-351"]
+    assert len(table) == sum(len(r["isotherms"]) for r in results)
+    h2 = table[(table.name == "tobmof-345") & (table.adsorbate == "Hydrogen") & (table.temperature_K == 77)].iloc[0]
+    assert h2.pressure_bar == [100.0, 6.0] and h2.adsorption_units == "cm3(STP)/g" and h2.note == ""
+    assert h2.adsorption_mmol_g[1] == pytest.approx(690.2356409948538 / 22.4)
+    assert h2.cif == results[0]["cif"]
+    xekr = table[table.adsorbate == "Xenon + Krypton"]
+    assert len(xekr) == 3 and set(xekr.note) == {"mixture of 2 adsorbates"}
+    assert len(mofkit.fetch_mofxdb(database="Tobacco", max_pages=1, **kw).name.unique()) == 1
+    assert len(http_server.requests) == 3  # page 1 again came from the cache
+
+
+def test_fetch_mofxdb_converts_pascal(http_server, tmp_path):
+    doc = json.loads((MOFXDB / "mofs.mofkey.QAHDUA_clean.json").read_text())
+    http_server.route("/mofs.json", doc)
+    table = mofkit.fetch_mofxdb(name="QAHDUA_clean", base_url=http_server.url, cache_dir=None, progress=False)
+    n2 = table[table.adsorbate == "Nitrogen"].iloc[0]
+    assert (n2.database, n2.temperature_K, n2.pressure_units, n2.note) == ("CoREMOF 2019", 77.0, "Pa", "")
+    assert n2.pressure[:2] == [75.0, 100000.0]
+    np.testing.assert_allclose(n2.pressure_bar[:2], [75e-5, 1.0])
+    assert table[table.adsorbate == "Argon"].iloc[0].pressure_bar[0] == pytest.approx(0.6)
+    assert n2.cif.startswith("data_image0")
+    with pytest.raises(ValueError, match="give name, mofkey or database"):
+        mofkit.fetch_mofxdb(base_url=http_server.url, cache_dir=None)
+
+
+def test_mofxdb_table_keeps_a_mof_without_isotherms():
+    mof = json.loads((MOFXDB / "mofs.mofkey.QAHDUA_clean.json").read_text())["results"][0]
+    table = mofkit.mofxdb_table([{**mof, "isotherms": []}])
+    assert len(table) == 1 and table.iloc[0].note == "no isotherms" and table.iloc[0].cif == mof["cif"]
+
+
+def test_mofxdb_structures_reads_the_cifs(monkeypatch):
+    if not hasattr(mofkit, "read_structure"):  # section 2 lands on main later; ase stands in until then
+        import io
+        import ase.io
+
+        def read_structure(cif, name=None):  # the contract: malformed CIFs raise StructureError(ValueError)
+            try:
+                atoms = ase.io.read(io.StringIO(cif), format="cif")
+            except Exception as e:
+                raise ValueError(f"{name}: malformed CIF ({e!r})") from None
+            atoms.info["name"] = name
+            return atoms
+        monkeypatch.setattr(mofkit, "read_structure", read_structure, raising=False)
+    doc = json.loads((MOFXDB / "mofs.mofkey.QAHDUA_clean.json").read_text())
+    broken = {**doc["results"][0], "name": "broken", "cif": "data_x\n_cell_length_a oops\n"}
+    failures = []
+    atoms = mofkit.mofxdb_structures(mofkit.mofxdb_table(doc["results"] + [broken]), failures)
+    assert list(atoms) == ["QAHDUA_clean"] and [name for name, _ in failures] == ["broken"]
+    qahdua = atoms["QAHDUA_clean"]
+    assert len(qahdua) == 420 and qahdua.get_chemical_formula() == "C318O78Zn24"
+    np.testing.assert_allclose(qahdua.cell.cellpar(), [41.288, 41.288, 17.5402, 90, 90, 120], atol=1e-4)
+
+
 
 # =============================================================================
 # 2. Structures
 # =============================================================================
+
+CIF_TEMPLATE = """data_{name}
+_cell_length_a {a}
+_cell_length_b {b}
+_cell_length_c {c}
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+{sites}
+"""
+
+
+def make_cif(sites, a=30.0, b=None, c=None, name="test"):
+    """A P1 CIF text with (symbol, fx, fy, fz) sites."""
+    lines = "\n".join(f"{s}{i} {s} {x} {y} {z}" for i, (s, x, y, z) in enumerate(sites))
+    return CIF_TEMPLATE.format(name=name, a=a, b=b or a, c=c or a, sites=lines)
+
+
+def test_read_structure_from_text_and_file(tmp_path):
+    text = make_cif([("Zn", 0.1, 0.2, 0.3), ("O", 0.15, 0.2, 0.3)], a=12.0)
+    atoms = mofkit.read_structure(text, name="toy")
+    assert atoms.info["name"] == "toy" and atoms.get_chemical_symbols() == ["Zn", "O"]
+    np.testing.assert_allclose(atoms.get_scaled_positions()[1], [0.15, 0.2, 0.3])
+    path = tmp_path / "toy2.cif"
+    path.write_text(text)
+    assert mofkit.read_structure(path).info["name"] == "toy2"
+
+
+def test_read_structure_applies_symmetry_for_non_p1_cifs():
+    text = make_cif([("Cu", 0.1, 0.1, 0.1)], a=10.0).replace("'P 1'", "'P -1'")
+    text += "loop_\n_symmetry_equiv_pos_as_xyz\n'x, y, z'\n'-x, -y, -z'\n"
+    atoms = mofkit.read_structure(text, name="inv")
+    assert len(atoms) == 2
+    np.testing.assert_allclose(sorted(atoms.get_scaled_positions()[:, 0]), [0.1, 0.9])
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("this is not a CIF\nat all", "malformed CIF"),
+    (make_cif([("Zn", 0.1, 0.1, 0.1)]).replace("_cell_length_c 30.0", "_cell_length_c 0"), "zero volume"),
+    (make_cif([("Zn", 0.1, 0.1, 0.1), ("Rf", 0.5, 0.5, 0.5)]), "no force-field parameters for element(s) Rf"),
+    (make_cif([("C", 0.1, 0.1, 0.1), ("C", 0.105, 0.1, 0.1)]), "overlapping atoms"),
+])
+def test_bad_structures_raise_clear_errors(text, reason):
+    with pytest.raises(mofkit.StructureError, match="broken-one") as err:
+        mofkit.read_structure(text, name="broken-one")
+    assert reason in str(err.value)
+
+
+def test_missing_file_is_named():
+    with pytest.raises(mofkit.StructureError, match="nowhere.cif"):
+        mofkit.read_structure("nowhere.cif")
+
+
+def test_batch_with_broken_file_returns_the_rest(tmp_path):
+    (tmp_path / "a_good.cif").write_text(make_cif([("Zn", 0.1, 0.1, 0.1)], a=10.0))
+    (tmp_path / "b_broken.cif").write_text("data_x\n_cell_length_a 10\n garbage")
+    (tmp_path / "c_good.cif").write_text(make_cif([("O", 0.3, 0.1, 0.1)], a=10.0))
+    failures = []
+    names = [n for n, _ in mofkit.iter_cifs(tmp_path, failures)]
+    assert names == ["a_good", "c_good"]
+    assert [f[0] for f in failures] == ["b_broken"] and "b_broken" in failures[0][1]
+
+
+def test_coremof_reads_package_members_and_records_failures():
+    names = mofkit.coremof_names()
+    assert len(names) == 12020 and "ABAVIJ_clean" in names
+    props = mofkit.coremof_properties()
+    assert {"LCD", "PLD", "AV_VF"} <= set(props.columns) and props.loc["ABAVIJ_clean", "LCD"] > 0
+    failures = []
+    wanted = ["ABAVIJ_clean", "1499489-acs.cgd.6b01265_1499490_clean", "NOT_A_MOF"]
+    got = dict(mofkit.iter_coremof(names=wanted, failures=failures))
+    assert list(got) == ["ABAVIJ_clean"] and len(got["ABAVIJ_clean"]) == 108
+    reasons = dict(failures)
+    assert "overlapping atoms" in reasons["1499489-acs.cgd.6b01265_1499490_clean"]
+    assert "not in CoRE MOF" in reasons["NOT_A_MOF"]
+    assert len(mofkit.load_coremof("ABAVIJ_clean")) == 108
 
 
 
 # =============================================================================
 # 3. Voxelizer
 # =============================================================================
+
+def brute_force_energy(atoms, points, probe="H2", cutoff_A=12.8):
+    """Independent float64 reference: explicit loop over every image within the cutoff, no neighbour lists."""
+    import itertools
+    eps_p, sig_p = mofkit.PROBES[probe]
+    eps = np.array([np.sqrt(mofkit.UFF[s][0] * eps_p) for s in atoms.get_chemical_symbols()])
+    sig = np.array([(mofkit.UFF[s][1] + sig_p) / 2 for s in atoms.get_chemical_symbols()])
+    cell, pos = atoms.cell.array, atoms.get_positions()
+    widths = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(np.roll(cell, -1, 0), np.roll(cell, -2, 0)), axis=1)
+    frac_pts, frac_atoms = points @ np.linalg.inv(cell), pos @ np.linalg.inv(cell)
+    lo = np.floor(frac_pts.min(0) - frac_atoms.max(0) - cutoff_A / widths) - 1
+    hi = np.ceil(frac_pts.max(0) - frac_atoms.min(0) + cutoff_A / widths) + 1
+    total = np.zeros(len(points))
+    for shift in itertools.product(*[range(int(l), int(h) + 1) for l, h in zip(lo, hi)]):
+        r = np.linalg.norm(points[:, None, :] - (pos + np.array(shift) @ cell)[None], axis=-1)
+        sr6 = (sig / r) ** 6
+        total += np.where(r < cutoff_A, 4 * eps * (sr6 ** 2 - sr6), 0.0).sum(1)
+    return total
+
+
+def test_uff_and_probe_tables():
+    eps, sig = mofkit.UFF["C"]
+    assert eps == pytest.approx(0.105 * 503.22) and sig == pytest.approx(3.851 / 2 ** (1 / 6))
+    assert mofkit.PROBES["H2"] == (34.2, 2.96) and mofkit.PROBES["CH4"] == (148.0, 3.73)
+    # every element that occurs in CoRE MOF 2019 has parameters (UFF covers H..Lr)
+    assert len(mofkit.UFF) == 103
+
+
+def test_single_atom_reproduces_analytic_lennard_jones():
+    atoms = mofkit.read_structure(make_cif([("C", 0.5, 0.5, 0.5)], a=32.0))   # atom at (16,16,16) A
+    eps = np.sqrt(mofkit.UFF["C"][0] * 34.2)
+    sig = (mofkit.UFF["C"][1] + 2.96) / 2
+    r = np.array([2.5, 3.0, 3.5, 4.0, 6.0, 10.0, 12.5, 13.0])
+    exact = np.where(r < 12.8, 4 * eps * ((sig / r) ** 12 - (sig / r) ** 6), 0.0)
+    pts = np.stack([16 + r, np.full_like(r, 16.0), np.full_like(r, 16.0)], 1)
+    np.testing.assert_allclose(mofkit.probe_energy(atoms, pts), exact, rtol=1e-12, atol=1e-12)
+    grid = mofkit.voxelize(atoms, size=64, frame="cube", spacing_A=0.5, cap_K=1e9)
+    assert grid.dtype == np.float32 and grid.shape == (64, 64, 64)
+    np.testing.assert_allclose(grid[(32 + 2 * r).astype(int), 32, 32], exact, rtol=2e-5, atol=1e-4)
+    assert grid.min() == pytest.approx(-eps, rel=1e-3)   # the well depth, on the sphere r = 2^(1/6) sigma
+
+
+@pytest.mark.parametrize("name", ["ABAVIJ_clean", "ABIXOZ_clean", "ACUBAB_clean"])  # triclinic; 8.9 A thin hexagonal
+def test_energies_match_float64_brute_force_on_coremof_cells(name):
+    atoms = mofkit.load_coremof(name)
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-3.0, 20.0, size=(150, 3))
+    ref = brute_force_energy(atoms, pts)
+    np.testing.assert_allclose(mofkit.probe_energy(atoms, pts), ref, rtol=1e-9, atol=1e-9)
+    for frame in ("cube", "cell"):
+        grid = mofkit.voxelize(atoms, size=32, frame=frame, spacing_A=0.7)
+        gp = mofkit.grid_points(atoms, 32, frame, 0.7).reshape(-1, 3)
+        # mostly points in the pores (where the physics is), some anywhere (capped cores)
+        idx = np.concatenate([rng.choice(np.flatnonzero(grid.reshape(-1) < 0), 100, replace=False),
+                              rng.choice(len(gp), 50, replace=False)])
+        ref = brute_force_energy(atoms, gp[idx])
+        below = ref < 5000
+        assert below.sum() >= 100
+        rel = np.abs(grid.reshape(-1)[idx][below] - ref[below]) / np.maximum(np.abs(ref[below]), 1.0)
+        assert rel.max() < 1e-3, (frame, rel.max())
+        assert np.all(grid.reshape(-1)[idx][~below] == 5000.0)
+
+
+def test_lattice_translation_and_supercell_give_the_same_grid():
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    base = mofkit.voxelize(atoms, size=16, frame="cube", spacing_A=1.0)
+    shifted = atoms.copy()
+    shifted.positions += atoms.cell[0] - 2 * atoms.cell[2]
+    np.testing.assert_allclose(mofkit.voxelize(shifted, size=16, frame="cube", spacing_A=1.0), base, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(mofkit.voxelize(atoms.repeat((2, 1, 3)), size=16, frame="cube", spacing_A=1.0),
+                               base, rtol=1e-4, atol=1e-3)
+
+
+def test_gpu_style_batching_matches_small_batches():
+    """The large padded batches a GPU gets are exercised here on the CPU and must agree with the default."""
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    small = mofkit.voxelize(atoms, size=24, frame="cell", block=4)
+    big = mofkit.voxelize(atoms, size=24, frame="cell", block=8, pairs_per_batch=50_000_000)
+    np.testing.assert_allclose(big, small, rtol=1e-4, atol=1e-3)
+
+
+def test_henry_coefficient_and_heat_on_analytic_grids():
+    T, rho = 77.0, 1000.0
+    uniform = np.full((8, 8, 8), -300.0, dtype=np.float32)
+    assert mofkit.widom_factor(uniform, T) == pytest.approx(np.exp(300 / T))
+    assert mofkit.henry_coefficient(uniform, rho, T) == pytest.approx(np.exp(300 / T) / (8.314462618 * T * rho))
+    assert mofkit.heat_of_adsorption(uniform, T) == pytest.approx(8.314462618 * (T + 300) / 1000)
+    two = np.zeros((2, 4, 4), dtype=np.float32)
+    two[0] = -500.0                       # half the sites at -500 K, half at 0 K
+    w0, w1 = np.exp(500 / T), 1.0
+    assert mofkit.widom_factor(two, T) == pytest.approx((w0 + w1) / 2)
+    assert mofkit.heat_of_adsorption(two, T) == pytest.approx(8.314462618 * (T + 500 * w0 / (w0 + w1)) / 1000)
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    assert mofkit.framework_density(atoms) == pytest.approx(atoms.get_masses().sum() * 1.66053906660e-27 / (atoms.cell.volume * 1e-30))
 
 
 
@@ -54,6 +559,313 @@ def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
 # =============================================================================
 # 5. Shards
 # =============================================================================
+
+def _synthetic_shards(folder, counts, channels=1, size=4):
+    """Shards whose grids are filled with their global id (exact in float16), named s<id>."""
+    paths, start = [], 0
+    for k, n in enumerate(counts):
+        ids = np.arange(start, start + n)
+        grids = np.broadcast_to(ids[:, None, None, None, None], (n, channels, size, size, size)).copy()
+        grids[:, 1:] *= -1  # further channels differ from channel 0
+        names = [f"s{i}" for i in ids]
+        meta = {"source": "synthetic", "params": {}, "members": names, "names": names, "failures": [],
+                "properties": {"columns": ["id"], "rows": [[int(i)] for i in ids]}}
+        paths.append(folder / f"shard_{k:05d}.npy")
+        mofkit.write_shard(paths[-1], grids, meta)
+        start += n
+    return paths
+
+
+def _ids(dataset):
+    return [int(x[0, 0, 0, 0]) for x in dataset]
+
+
+def test_shard_round_trip_is_float16_npy_with_footer(tmp_path):
+    rng = np.random.default_rng(0)
+    grids = rng.uniform(-2000, 5000, (3, 2, 8, 8, 8)).astype(np.float32)
+    meta = {"source": "x", "params": {"size": 8}, "members": ["a", "b", "c", "d"], "names": ["a", "b", "c"],
+            "failures": [["d", "ValueError: bad"]], "properties": {"columns": ["p"], "rows": [[1.5], [None], [3]]}}
+    path = tmp_path / "shard_00000.npy"
+    mofkit.write_shard(path, grids, meta)
+    back = mofkit.read_shard_meta(path)
+    assert {k: back[k] for k in meta} == meta and back["shape"] == [3, 2, 8, 8, 8]
+    plain = np.load(path, mmap_mode="r")  # any numpy reads the grids as a plain .npy
+    assert plain.dtype == np.float16 and plain.shape == grids.shape
+    np.testing.assert_allclose(plain.astype(np.float32), grids, rtol=2 ** -11)
+    assert path.stat().st_size - grids.size * 2 < 400  # header + footer only
+    mapped, _ = mofkit.open_shard(path)
+    assert isinstance(mapped, np.memmap)
+    assert np.array_equal(mapped[1], plain[1])
+    with pytest.raises(ValueError, match="finite"):
+        mofkit.write_shard(tmp_path / "big.npy", np.full((1, 1, 2, 2, 2), 70000.0), meta)
+    assert not (tmp_path / "big.npy").exists()
+
+
+@pytest.mark.parametrize("cut", ["footer", "data", "header", "empty"])
+def test_truncated_shard_gives_error_naming_file(tmp_path, cut):
+    path = _synthetic_shards(tmp_path, [3])[0]
+    data = path.read_bytes()
+    keep = {"footer": len(data) - 5, "data": 300, "header": 20, "empty": 0}[cut]
+    path.write_bytes(data[:keep])
+    with pytest.raises(mofkit.ShardError, match=r"shard_00000\.npy.*(truncated|header).*delete it"):
+        mofkit.read_shard_meta(path)
+    with pytest.raises(mofkit.ShardError, match="shard_00000"):
+        mofkit.ShardDataset([path])
+
+
+def test_shard_dataset_yields_every_grid_once_per_epoch_in_seeded_order(tmp_path):
+    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    data = mofkit.ShardDataset(paths, seed=1)
+    assert data.num_grids == len(data) == 18
+    x = next(iter(data))
+    assert x.dtype == torch.float32 and x.shape == (1, 4, 4, 4)
+    epoch0 = _ids(data)
+    data.set_epoch(1)
+    epoch1 = _ids(data)
+    assert sorted(epoch0) == sorted(epoch1) == list(range(18))
+    assert epoch0 != epoch1
+    assert _ids(mofkit.ShardDataset(paths, seed=1)) == epoch0  # same seed, same order
+    assert _ids(mofkit.ShardDataset(paths, seed=2)) != epoch0
+    assert _ids(mofkit.ShardDataset(tmp_path, shuffle=False)) == list(range(18))  # a folder works too
+    # in-shard shuffling, not only shard order: some shard's ids come out of order
+    assert any(np.diff([i for i in epoch0 if lo <= i < hi]).min() < 0 for lo, hi in [(0, 5), (8, 12), (12, 18)])
+
+
+def test_shard_dataset_ranks_get_disjoint_shards_and_equal_counts(tmp_path):
+    paths = _synthetic_shards(tmp_path, [4, 4, 4, 4])
+    ranks = [mofkit.ShardDataset(paths, seed=3, rank=r, world_size=2) for r in range(2)]
+    seen = [_ids(d) for d in ranks]
+    assert len(seen[0]) == len(seen[1]) == len(ranks[0]) == 8
+    assert sorted(seen[0] + seen[1]) == list(range(16))
+    assert {i // 4 for i in seen[0]}.isdisjoint({i // 4 for i in seen[1]})  # whole shards per rank
+    uneven = _synthetic_shards(tmp_path / "uneven", [5, 2, 4])  # DDP needs equal step counts
+    ranks = [_ids(mofkit.ShardDataset(uneven, seed=0, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) and not set(ranks[0]) & set(ranks[1])
+    with pytest.raises(ValueError, match="3 shards cannot feed 4 ranks"):
+        list(mofkit.ShardDataset(uneven, world_size=4, rank=0))
+
+
+def test_shard_dataset_workers_split_batches_and_keep_the_order(tmp_path):
+    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    data = mofkit.ShardDataset(paths, seed=4, batch_size=3)
+    data.set_epoch(2)
+    single = _ids(data)
+    loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=2)
+    batches = [b[:, 0, 0, 0, 0].int().tolist() for b in loader]
+    assert sum(batches, []) == single  # same order as num_workers=0: exact resume does not depend on workers
+    # each worker's grids are disjoint: a worker sees every other batch
+    assert len(batches) == 6 and all(len(b) == 3 for b in batches)
+    data.set_epoch(2, start=7)
+    assert sum((b[:, 0, 0, 0, 0].int().tolist() for b in loader), []) == single[7:]
+
+
+def test_shard_dataset_start_skips_exactly_without_reading(tmp_path, monkeypatch):
+    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    data = mofkit.ShardDataset(paths, seed=5)
+    data.set_epoch(3)
+    full = _ids(data)
+    opened = []
+    real_open = mofkit.open_shard
+    monkeypatch.setattr(mofkit, "open_shard", lambda p: opened.append(Path(p).name) or real_open(p))
+    for k in [0, 1, 5, 9, 17, 18, 30]:
+        data.set_epoch(3, start=k)
+        assert _ids(data) == full[k:] and len(data) == len(full[k:])
+    opened.clear()
+    data.set_epoch(3, start=17)
+    assert _ids(data) == full[17:] and len(opened) == 1  # skipped shards are never opened
+    data.set_epoch(4)
+    assert len(data) == 18  # start applies to one epoch only
+
+
+def test_shard_dataset_maps_at_most_two_shards_and_collects_only_between_shards(tmp_path, monkeypatch):
+    import weakref
+    paths = _synthetic_shards(tmp_path, [3, 2, 4, 1])
+    maps, events = [], []
+    real_open = mofkit.open_shard
+
+    def tracked_open(path):
+        grids, meta = real_open(path)
+        maps.append(weakref.ref(grids))
+        return grids, meta
+
+    monkeypatch.setattr(mofkit, "open_shard", tracked_open)
+    monkeypatch.setattr(mofkit.gc, "collect", lambda *a: events.append("gc"))
+    for x in mofkit.ShardDataset(paths, seed=6):
+        events.append(sum(m() is not None for m in maps))
+    assert max(e for e in events if e != "gc") <= 2
+    assert len(maps) == 4 and all(m() is None for m in maps)  # every map released
+    runs = "".join("g" if e == "gc" else "s" for e in events)
+    # one collection after each shard, none between the samples of a shard
+    assert runs.endswith("g") and sorted(len(r) for r in runs.split("g")[:-1]) == [1, 2, 3, 4]
+
+
+def test_shard_dataset_channels_transform_index_and_metadata(tmp_path):
+    paths = _synthetic_shards(tmp_path, [3, 2], channels=2)
+    data = mofkit.ShardDataset(paths, channels=[1], transform=lambda x: x * 2, with_index=True, seed=7)
+    meta = data.metadata()
+    assert list(meta.columns) == ["shard", "index", "name", "id"] and len(meta) == 5
+    for x, i in data:
+        assert x.shape == (1, 4, 4, 4)
+        assert float(x[0, 0, 0, 0]) == -2 * meta["id"][i] and meta["name"][i] == f"s{meta['id'][i]}"
+
+
+
+TINY = mofkit.ShardParams(size=8, spacing_A=1.0, cutoff_A=6.0)  # 8^3 grids and a short cutoff keep builds fast
+
+
+def _cif_folder(folder):
+    """Five small porous cells mof0..mof4; mof2 is broken."""
+    folder.mkdir()
+    for i in range(5):
+        text = make_cif([("Zn", 0.1, 0.1, 0.1), ("O", 0.1 + 0.02 * i, 0.3, 0.1)], a=8.0 + i)
+        (folder / f"mof{i}.cif").write_text("garbage\n" if i == 2 else text)
+    return folder
+
+
+def _counting_voxelize(monkeypatch, interrupt_at=None):
+    calls, real = [], mofkit.voxelize
+
+    def voxelize(atoms, **kwargs):
+        calls.append(atoms.info["name"])
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt  # a Colab session stopped mid-shard
+        return real(atoms, **kwargs)
+
+    monkeypatch.setattr(mofkit, "voxelize", voxelize)
+    return calls
+
+
+def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_path):
+    cifs = _cif_folder(tmp_path / "cifs")
+    out = tmp_path / "out"
+    rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
+    assert [r["shard"] for r in rows] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    assert [r["names"] for r in rows] == ["mof0;mof1", "mof2;mof3", "mof4"]  # membership from the names
+    assert [r["n_grids"] for r in rows] == [2, 1, 1]
+    assert all(r["sha256"] == mofkit.sha256_file(out / r["shard"]) and r["source"] == f"cifs:{cifs}" for r in rows)
+    assert [{k: str(v) for k, v in r.items()} for r in rows] == mofkit.read_manifest(out / "data_manifest.csv")
+    failures = (out / "failures.csv").read_text().splitlines()
+    assert len(failures) == 2 and failures[1].startswith("shard_00001.npy,mof2,") and "malformed CIF" in failures[1]
+
+    grids, meta = mofkit.open_shard(out / "shard_00001.npy")
+    assert meta["names"] == ["mof3"] and meta["failures"][0][0] == "mof2" and meta["params"] == asdict(TINY)
+    atoms = mofkit.read_structure(cifs / "mof3.cif")
+    grid_K = mofkit.voxelize(atoms, **TINY.voxelize_kwargs())
+    assert grids.shape == (1, 1, 8, 8, 8) and grid_K.min() < -50  # a porous cell: attractive sites
+    np.testing.assert_allclose(grids[0, 0].astype(np.float32), grid_K, rtol=2 ** -11, atol=1e-3)
+    props = dict(zip(meta["properties"]["columns"], meta["properties"]["rows"][0]))
+    density = mofkit.framework_density(atoms)
+    assert props == pytest.approx({"density_kg_m3": density,
+                                   "henry_mol_kg_Pa": mofkit.henry_coefficient(grid_K, density, 77.0),
+                                   "heat_of_adsorption_kJ_mol": mofkit.heat_of_adsorption(grid_K, 77.0)}, rel=1e-12)
+    assert len(mofkit.ShardDataset(out)) == 4
+
+
+def test_build_shards_resumes_and_never_leaves_a_partial_shard(tmp_path, monkeypatch):
+    cifs = _cif_folder(tmp_path / "cifs")
+    out = tmp_path / "out"
+    calls = _counting_voxelize(monkeypatch, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
+    assert calls == ["mof0", "mof1", "mof3"]
+    assert sorted(os.listdir(out)) == ["data_manifest.csv", "failures.csv", "shard_00000.npy"]  # no partial file
+    calls = _counting_voxelize(monkeypatch)
+    rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
+    assert calls == ["mof3", "mof4"]  # finished shard 0 was kept
+    assert mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False) == rows and calls == ["mof3", "mof4"]
+    with pytest.raises(mofkit.ShardError, match="shard_00000.npy holds other structures"):
+        mofkit.build_shards(out, cifs, params=mofkit.ShardParams(size=8, cutoff_A=5.0), shard_size=2, progress=False)
+
+
+def _published(tmp_path, http_server):
+    """Shards built into pub/ and served over HTTP; returns the manifest path and the files' bytes."""
+    rows = mofkit.build_shards(tmp_path / "pub", _cif_folder(tmp_path / "cifs"), params=TINY, shard_size=2,
+                               progress=False)
+    files = {r["shard"]: (tmp_path / "pub" / r["shard"]).read_bytes() for r in rows}
+    for r in rows:
+        http_server.route(f"/{r['shard']}", ranged(files[r["shard"]]))
+        r["url"] = f"{http_server.url}/{r['shard']}"
+    manifest = tmp_path / "data_manifest.csv"
+    mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
+    return manifest, files
+
+
+def test_ensure_shards_downloads_verifies_and_replaces_bad_files(tmp_path, http_server, monkeypatch):
+    manifest, files = _published(tmp_path, http_server)
+    calls = _counting_voxelize(monkeypatch)
+    dest = tmp_path / "dest"
+    paths = mofkit.ensure_shards(manifest, dest, progress=False)
+    assert [p.read_bytes() for p in paths] == list(files.values()) and calls == []
+    assert mofkit.ensure_shards(manifest, dest, progress=False) == paths  # verified present files are used
+    assert [http_server.hits(f"/{s}") for s in files] == [1, 1, 1]
+    corrupt = bytearray(paths[0].read_bytes())
+    corrupt[200] ^= 1
+    paths[0].write_bytes(bytes(corrupt))  # one flipped bit in the grids
+    paths[1].write_bytes(files["shard_00001.npy"][:-100])  # truncated
+    with pytest.warns(UserWarning, match="does not match its manifest row .* deleted it") as warned:
+        mofkit.ensure_shards(manifest, dest, progress=False)
+    assert [str(w.message).split(":")[0] for w in warned] == ["shard shard_00000.npy", "shard shard_00001.npy"]
+    assert [p.read_bytes() for p in paths] == list(files.values())  # fetched again
+    assert [http_server.hits(f"/{s}") for s in files] == [2, 2, 1] and calls == []
+    assert sorted(os.listdir(dest)) == sorted([*files, "data_manifest.csv"])
+
+
+def test_ensure_shards_rejects_a_corrupted_download_and_builds_instead(tmp_path, http_server, monkeypatch):
+    manifest, files = _published(tmp_path, http_server)
+    bad = bytearray(files["shard_00000.npy"])
+    bad[300] ^= 1
+    http_server.route("/shard_00000.npy", bytes(bad))
+    calls = _counting_voxelize(monkeypatch)
+    dest = tmp_path / "dest"
+    with pytest.warns(UserWarning, match=r"shard_00000.npy: download failed: .*sha256.* Building it locally"):
+        paths = mofkit.ensure_shards(manifest, dest, progress=False)
+    assert calls == ["mof0", "mof1"]  # built, not downloaded
+    assert mofkit.read_shard_meta(paths[0])["names"] == ["mof0", "mof1"]
+    assert not any(p.name.startswith(".") for p in dest.iterdir())  # the bad download left nothing
+    local = {r["shard"]: r for r in mofkit.read_manifest(dest / "data_manifest.csv")}
+    assert local["shard_00000.npy"]["sha256"] == mofkit.sha256_file(paths[0])
+    mofkit.ensure_shards(manifest, dest, progress=False)
+    assert calls == ["mof0", "mof1"]  # the local build is verified by its recorded sha256 and kept
+
+
+def test_ensure_shards_falls_back_to_building_on_google_drive_quota(tmp_path, http_server, monkeypatch):
+    manifest, _ = _published(tmp_path, http_server)
+    rows = mofkit.read_manifest(manifest)
+    rows[2]["url"] = f"https://drive.google.com/file/d/{DRIVE_ID}/view?usp=sharing"
+    mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
+    http_server.intercept(monkeypatch, "drive.google.com")
+    page = ('<html><body><p class="uc-error-subcaption">Too many users have viewed or downloaded this file '
+            'recently. Please try accessing the file again later.</p></body></html>')
+    http_server.route("/drive.google.com/uc", Reply(body=page.encode(), headers={"Content-Type": "text/html"}))
+    calls = _counting_voxelize(monkeypatch)
+    with pytest.warns(UserWarning, match="shard_00002.npy: download failed: .*quota.* Building it locally"):
+        paths = mofkit.ensure_shards(manifest, tmp_path / "dest", progress=False)
+    assert calls == ["mof4"] and mofkit.read_shard_meta(paths[2])["names"] == ["mof4"]
+    with pytest.raises(mofkit.ShardError, match="shard_00002.npy is not in .* build_missing=True"), \
+            pytest.warns(UserWarning, match="quota"):
+        mofkit.ensure_shards(manifest, tmp_path / "elsewhere", build_missing=False, progress=False)
+
+
+def test_ensure_shards_builds_coremof_rows_with_the_package_properties(tmp_path):
+    names = ["ACECIV_ion_b", "ACOCOM_clean", "NOT_A_MOF"]
+    row = mofkit._manifest_row("shard_00000.npy", names, mofkit.COREMOF_SOURCE, TINY)
+    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [row])
+    [path] = mofkit.ensure_shards(tmp_path / "m.csv", tmp_path / "dest", progress=False)
+    data = mofkit.ShardDataset([path], with_index=True)
+    meta = data.metadata()
+    assert list(meta["name"]) == names[:2] and "NOT_A_MOF" in (tmp_path / "dest" / "failures.csv").read_text()
+    table = mofkit.coremof_properties()
+    assert meta["LCD"].tolist() == table.loc[names[:2], "LCD"].tolist() and (meta["henry_mol_kg_Pa"] > 0).all()
+
+
+def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed_one(tmp_path):
+    rows = mofkit.coremof_manifest(tmp_path / "m.csv")
+    assert len(rows) == 121 and [r["n_names"] for r in rows[-2:]] == [100, 20]
+    assert sum((r["names"].split(";") for r in rows), []) == mofkit.coremof_names()
+    assert {r["params_hash"] for r in rows} == {mofkit.ShardParams().hash} and not any(r["sha256"] for r in rows)
+    assert (tmp_path / "m.csv").stat().st_size < 1_000_000
+    committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"
+    assert committed.read_text() == (tmp_path / "m.csv").read_text()
 
 
 
