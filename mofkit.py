@@ -1892,6 +1892,34 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     return TrainResult(run.G, run.D, last, history)
 
 
+def main_train(argv=None):
+    """`python mofkit.py train SHARDS_DIR --out RUN_DIR [--fast-gpu] [--epochs 48 ...]` (every TrainConfig field
+    is a flag); under `torchrun --nproc_per_node=N` each process runs it and ShardDataset splits by rank.
+    The grid size and channel count come from the shards."""
+    import argparse
+    import dataclasses
+    p = argparse.ArgumentParser(prog="mofkit.py train", description="Train the 3D GAN on a folder of shards.")
+    p.add_argument("shards", help="folder of shard_*.npy files (from build_shards / ensure_shards)")
+    p.add_argument("--out", default="mofkit_run", help="run folder: last.pt, history.csv (resumed if present)")
+    p.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() instead of the study's")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
+    for f in fields:
+        kind = type(f.default) if f.default is not None else float
+        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
+    args = p.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    config = TrainConfig.fast_gpu(**overrides) if args.fast_gpu else TrainConfig(**overrides)
+    dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
+    _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
+    config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
+    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress)
+    print(f"checkpoint: {result.checkpoint}")
+    return result
+
+
 def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_scale_K=None):
     """n generated grids in kelvin, np.float32 (n, C, D, D, D); channel 0 energy, others densities in [0, 1].
 
