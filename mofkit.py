@@ -1470,7 +1470,8 @@ class TrainConfig:
     @classmethod
     def fast_gpu(cls, **overrides):
         """The kit's default GPU preset; any field can still be overridden."""
-        preset = dict(batch_size=64, precision="auto", channels_last=True, compile=True, num_workers=4)
+        preset = dict(batch_size=64, precision="auto", channels_last=True, compile=True,
+                      num_workers=min(4, os.cpu_count() or 1))  # Colab: 2 vCPUs
         return cls(**{**preset, **overrides})
 
 

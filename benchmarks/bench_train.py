@@ -12,6 +12,7 @@ divided by the device's dense bf16/fp16 tensor-core peak: no implementation can 
 """
 import argparse
 import datetime
+import os
 import platform
 import sys
 import time
@@ -73,11 +74,13 @@ def step_throughput(config, device, steps, warmup):
 
 
 def end_to_end_throughput(config, steps, tmp):
-    """samples/s through mofkit.train() on an in-memory dataset, first logged interval (warm-up) excluded."""
+    """samples/s through mofkit.train() (DataLoader in the main process, host->device copies, logging) on an
+    in-memory dataset of one epoch; the first `steps` steps (warm-up, compilation) are not counted."""
     g = torch.Generator().manual_seed(0)
-    data = [torch.rand(config.grid_channels, config.dim, config.dim, config.dim, generator=g) * 1500 - 1000
-            for _ in range(4 * config.batch_size)]
-    cfg = mofkit.TrainConfig(**{**vars(config), "e_scale_K": 800.0, "log_every": steps,
+    distinct = [torch.rand(config.grid_channels, config.dim, config.dim, config.dim, generator=g) * 1500 - 1000
+                for _ in range(16)]
+    data = [distinct[i % 16] for i in range(2 * steps * config.batch_size)]  # references: little memory
+    cfg = mofkit.TrainConfig(**{**vars(config), "e_scale_K": 800.0, "log_every": steps, "num_workers": 0,
                                 "checkpoint_every_steps": 10 ** 9, "checkpoint_every_min": 1e9})
     res = mofkit.train(cfg, data, tmp, resume=False, max_steps=2 * steps, progress=False)
     return res.history[-1]["samples_per_s"]
@@ -114,6 +117,7 @@ def main(argv=None):
         name = models[0] if models else platform.processor() or platform.machine()
         peak = args.peak_tflops
     flops = flops_per_sample(study)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     rows = []
     for label, cfg in [("study: fp32, eager, batch 2", study),
@@ -129,11 +133,13 @@ def main(argv=None):
 
     print(f"\n### GAN training throughput, dim {args.dim}, {args.channels} channels\n")
     print(f"Machine: {name} ({device}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
-          f"{datetime.date.today().isoformat()}; {steps} timed steps after {warmup} warm-up per row.\n")
+          f"{datetime.date.today().isoformat()}; {steps} timed steps after {warmup} warm-up per row; "
+          f"load average {load:.1f} at start (other jobs sharing the machine slow CPU figures).\n")
     print("| regime | samples/s | speed-up | peak GPU memory (GiB) |")
     print("|---|---:|---:|---:|")
     for label, rate, mem in rows:
-        print(f"| {label} | {rate:,.1f} | {rate / rows[0][1]:.1f}x | {'-' if mem != mem else f'{mem:.1f}'} |")
+        shown = f"{rate:,.1f}" if rate >= 10 else f"{rate:.3f}"
+        print(f"| {label} | {shown} | {rate / rows[0][1]:.1f}x | {'-' if mem != mem else f'{mem:.1f}'} |")
     floor = f"{peak * 1e12 / flops:,.0f} samples/s at {peak} TFLOP/s" if peak else "n/a (pass --peak-tflops)"
     print(f"\nFLOPs per sample per training step: {flops / 1e9:.1f} GFLOP; FLOP floor (ceiling on samples/s): "
           f"{floor}.")
