@@ -1312,8 +1312,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # each time; the discriminator mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm
 # follows them); both nets end in a Sigmoid. At dim 64, latent 200, 512 channels this is exactly the
 # study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer
-# layout is the one those counts pin down: the projection has a bias and no BatchNorm, the last
-# transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
+# layout is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it),
+# the last transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
 
 def _widths(dim, channels):
     """Feature channels from the 4^3 bottleneck outwards: channels, channels/2, ... (one per resolution step)."""
@@ -1527,7 +1527,7 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def _config_from_checkpoint(ckpt):
-    names = {f for f in TrainConfig.__dataclass_fields__}
+    names = TrainConfig.__dataclass_fields__.keys()
     return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
 
 
@@ -1575,8 +1575,8 @@ def _build_run(config, device, ddp=False):
     G, D = (m.to(device) for m in _models(config))
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
-    opt_g = torch.optim.Adam(G.parameters(), lr=config.lr, betas=tuple(config.betas))
-    opt_d = torch.optim.Adam(D.parameters(), lr=config.lr, betas=tuple(config.betas))
+    adam = dict(lr=config.lr, betas=tuple(config.betas))
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     precision = _resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     g, d, d_for_g = G, D, D
