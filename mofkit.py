@@ -1336,7 +1336,8 @@ class Generator(torch.nn.Module):
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+            layers += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out),
+                       nn.ReLU(inplace=True)]
         layers += [nn.ConvTranspose3d(widths[-1], out_channels, 4, 2, 1, bias=False), nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
 
@@ -1459,7 +1460,8 @@ class TrainConfig:
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
     seed: int = 0
     device: str = "auto"            # "auto": cuda:LOCAL_RANK when available, else cpu
-    precision: str = "fp32"         # "fp32" | "bf16" | "fp16" (with GradScaler) | "auto" (bf16 >= Ampere, else fp16; cpu fp32)
+    precision: str = "fp32"         # "fp32" | "bf16" | "fp16" (+ GradScaler) | "auto": bf16 from Ampere on,
+                                    # fp16 on older GPUs (T4), fp32 on CPU
     channels_last: bool = False     # channels_last_3d memory format (faster cuDNN kernels with bf16/fp16)
     compile: bool = False           # torch.compile the models
     num_workers: int = 0            # DataLoader worker processes
