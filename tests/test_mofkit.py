@@ -37,11 +37,188 @@ def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
 # 2. Structures
 # =============================================================================
 
+CIF_TEMPLATE = """data_{name}
+_cell_length_a {a}
+_cell_length_b {b}
+_cell_length_c {c}
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+{sites}
+"""
+
+
+def make_cif(sites, a=30.0, b=None, c=None, name="test"):
+    """A P1 CIF text with (symbol, fx, fy, fz) sites."""
+    lines = "\n".join(f"{s}{i} {s} {x} {y} {z}" for i, (s, x, y, z) in enumerate(sites))
+    return CIF_TEMPLATE.format(name=name, a=a, b=b or a, c=c or a, sites=lines)
+
+
+def test_read_structure_from_text_and_file(tmp_path):
+    text = make_cif([("Zn", 0.1, 0.2, 0.3), ("O", 0.15, 0.2, 0.3)], a=12.0)
+    atoms = mofkit.read_structure(text, name="toy")
+    assert atoms.info["name"] == "toy" and atoms.get_chemical_symbols() == ["Zn", "O"]
+    np.testing.assert_allclose(atoms.get_scaled_positions()[1], [0.15, 0.2, 0.3])
+    path = tmp_path / "toy2.cif"
+    path.write_text(text)
+    assert mofkit.read_structure(path).info["name"] == "toy2"
+
+
+def test_read_structure_applies_symmetry_for_non_p1_cifs():
+    text = make_cif([("Cu", 0.1, 0.1, 0.1)], a=10.0).replace("'P 1'", "'P -1'")
+    text += "loop_\n_symmetry_equiv_pos_as_xyz\n'x, y, z'\n'-x, -y, -z'\n"
+    atoms = mofkit.read_structure(text, name="inv")
+    assert len(atoms) == 2
+    np.testing.assert_allclose(sorted(atoms.get_scaled_positions()[:, 0]), [0.1, 0.9])
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("this is not a CIF\nat all", "malformed CIF"),
+    (make_cif([("Zn", 0.1, 0.1, 0.1)]).replace("_cell_length_c 30.0", "_cell_length_c 0"), "zero volume"),
+    (make_cif([("Zn", 0.1, 0.1, 0.1), ("Rf", 0.5, 0.5, 0.5)]), "no force-field parameters for element(s) Rf"),
+    (make_cif([("C", 0.1, 0.1, 0.1), ("C", 0.105, 0.1, 0.1)]), "overlapping atoms"),
+])
+def test_bad_structures_raise_clear_errors(text, reason):
+    with pytest.raises(mofkit.StructureError, match="broken-one") as err:
+        mofkit.read_structure(text, name="broken-one")
+    assert reason in str(err.value)
+
+
+def test_missing_file_is_named():
+    with pytest.raises(mofkit.StructureError, match="nowhere.cif"):
+        mofkit.read_structure("nowhere.cif")
+
+
+def test_batch_with_broken_file_returns_the_rest(tmp_path):
+    (tmp_path / "a_good.cif").write_text(make_cif([("Zn", 0.1, 0.1, 0.1)], a=10.0))
+    (tmp_path / "b_broken.cif").write_text("data_x\n_cell_length_a 10\n garbage")
+    (tmp_path / "c_good.cif").write_text(make_cif([("O", 0.3, 0.1, 0.1)], a=10.0))
+    failures = []
+    names = [n for n, _ in mofkit.iter_cifs(tmp_path, failures)]
+    assert names == ["a_good", "c_good"]
+    assert [f[0] for f in failures] == ["b_broken"] and "b_broken" in failures[0][1]
+
+
+def test_coremof_reads_package_members_and_records_failures():
+    names = mofkit.coremof_names()
+    assert len(names) == 12020 and "ABAVIJ_clean" in names
+    props = mofkit.coremof_properties()
+    assert {"LCD", "PLD", "AV_VF"} <= set(props.columns) and props.loc["ABAVIJ_clean", "LCD"] > 0
+    failures = []
+    wanted = ["ABAVIJ_clean", "1499489-acs.cgd.6b01265_1499490_clean", "NOT_A_MOF"]
+    got = dict(mofkit.iter_coremof(names=wanted, failures=failures))
+    assert list(got) == ["ABAVIJ_clean"] and len(got["ABAVIJ_clean"]) == 108
+    reasons = dict(failures)
+    assert "overlapping atoms" in reasons["1499489-acs.cgd.6b01265_1499490_clean"]
+    assert "not in CoRE MOF" in reasons["NOT_A_MOF"]
+    assert len(mofkit.load_coremof("ABAVIJ_clean")) == 108
+
 
 
 # =============================================================================
 # 3. Voxelizer
 # =============================================================================
+
+def brute_force_energy(atoms, points, probe="H2", cutoff_A=12.8):
+    """Independent float64 reference: explicit loop over every image within the cutoff, no neighbour lists."""
+    import itertools
+    eps_p, sig_p = mofkit.PROBES[probe]
+    eps = np.array([np.sqrt(mofkit.UFF[s][0] * eps_p) for s in atoms.get_chemical_symbols()])
+    sig = np.array([(mofkit.UFF[s][1] + sig_p) / 2 for s in atoms.get_chemical_symbols()])
+    cell, pos = atoms.cell.array, atoms.get_positions()
+    widths = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(np.roll(cell, -1, 0), np.roll(cell, -2, 0)), axis=1)
+    frac_pts, frac_atoms = points @ np.linalg.inv(cell), pos @ np.linalg.inv(cell)
+    lo = np.floor(frac_pts.min(0) - frac_atoms.max(0) - cutoff_A / widths) - 1
+    hi = np.ceil(frac_pts.max(0) - frac_atoms.min(0) + cutoff_A / widths) + 1
+    total = np.zeros(len(points))
+    for shift in itertools.product(*[range(int(l), int(h) + 1) for l, h in zip(lo, hi)]):
+        r = np.linalg.norm(points[:, None, :] - (pos + np.array(shift) @ cell)[None], axis=-1)
+        sr6 = (sig / r) ** 6
+        total += np.where(r < cutoff_A, 4 * eps * (sr6 ** 2 - sr6), 0.0).sum(1)
+    return total
+
+
+def test_uff_and_probe_tables():
+    eps, sig = mofkit.UFF["C"]
+    assert eps == pytest.approx(0.105 * 503.22) and sig == pytest.approx(3.851 / 2 ** (1 / 6))
+    assert mofkit.PROBES["H2"] == (34.2, 2.96) and mofkit.PROBES["CH4"] == (148.0, 3.73)
+    # every element that occurs in CoRE MOF 2019 has parameters (UFF covers H..Lr)
+    assert len(mofkit.UFF) == 103
+
+
+def test_single_atom_reproduces_analytic_lennard_jones():
+    atoms = mofkit.read_structure(make_cif([("C", 0.5, 0.5, 0.5)], a=32.0))   # atom at (16,16,16) A
+    eps = np.sqrt(mofkit.UFF["C"][0] * 34.2)
+    sig = (mofkit.UFF["C"][1] + 2.96) / 2
+    r = np.array([2.5, 3.0, 3.5, 4.0, 6.0, 10.0, 12.5, 13.0])
+    exact = np.where(r < 12.8, 4 * eps * ((sig / r) ** 12 - (sig / r) ** 6), 0.0)
+    pts = np.stack([16 + r, np.full_like(r, 16.0), np.full_like(r, 16.0)], 1)
+    np.testing.assert_allclose(mofkit.probe_energy(atoms, pts), exact, rtol=1e-12, atol=1e-12)
+    grid = mofkit.voxelize(atoms, size=64, frame="cube", spacing_A=0.5, cap_K=1e9)
+    assert grid.dtype == np.float32 and grid.shape == (64, 64, 64)
+    np.testing.assert_allclose(grid[(32 + 2 * r).astype(int), 32, 32], exact, rtol=2e-5, atol=1e-4)
+    assert grid.min() == pytest.approx(-eps, rel=1e-3)   # the well depth, on the sphere r = 2^(1/6) sigma
+
+
+@pytest.mark.parametrize("name", ["ABAVIJ_clean", "ABIXOZ_clean", "ACUBAB_clean"])  # triclinic; 8.9 A thin hexagonal
+def test_energies_match_float64_brute_force_on_coremof_cells(name):
+    atoms = mofkit.load_coremof(name)
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-3.0, 20.0, size=(150, 3))
+    ref = brute_force_energy(atoms, pts)
+    np.testing.assert_allclose(mofkit.probe_energy(atoms, pts), ref, rtol=1e-9, atol=1e-9)
+    for frame in ("cube", "cell"):
+        grid = mofkit.voxelize(atoms, size=32, frame=frame, spacing_A=0.7)
+        gp = mofkit.grid_points(atoms, 32, frame, 0.7).reshape(-1, 3)
+        # mostly points in the pores (where the physics is), some anywhere (capped cores)
+        idx = np.concatenate([rng.choice(np.flatnonzero(grid.reshape(-1) < 0), 100, replace=False),
+                              rng.choice(len(gp), 50, replace=False)])
+        ref = brute_force_energy(atoms, gp[idx])
+        below = ref < 5000
+        assert below.sum() >= 100
+        rel = np.abs(grid.reshape(-1)[idx][below] - ref[below]) / np.maximum(np.abs(ref[below]), 1.0)
+        assert rel.max() < 1e-3, (frame, rel.max())
+        assert np.all(grid.reshape(-1)[idx][~below] == 5000.0)
+
+
+def test_lattice_translation_and_supercell_give_the_same_grid():
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    base = mofkit.voxelize(atoms, size=16, frame="cube", spacing_A=1.0)
+    shifted = atoms.copy()
+    shifted.positions += atoms.cell[0] - 2 * atoms.cell[2]
+    np.testing.assert_allclose(mofkit.voxelize(shifted, size=16, frame="cube", spacing_A=1.0), base, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(mofkit.voxelize(atoms.repeat((2, 1, 3)), size=16, frame="cube", spacing_A=1.0),
+                               base, rtol=1e-4, atol=1e-3)
+
+
+def test_gpu_style_batching_matches_small_batches():
+    """The large padded batches a GPU gets are exercised here on the CPU and must agree with the default."""
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    small = mofkit.voxelize(atoms, size=24, frame="cell", block=4)
+    big = mofkit.voxelize(atoms, size=24, frame="cell", block=8, pairs_per_batch=50_000_000)
+    np.testing.assert_allclose(big, small, rtol=1e-4, atol=1e-3)
+
+
+def test_henry_coefficient_and_heat_on_analytic_grids():
+    T, rho = 77.0, 1000.0
+    uniform = np.full((8, 8, 8), -300.0, dtype=np.float32)
+    assert mofkit.widom_factor(uniform, T) == pytest.approx(np.exp(300 / T))
+    assert mofkit.henry_coefficient(uniform, rho, T) == pytest.approx(np.exp(300 / T) / (8.314462618 * T * rho))
+    assert mofkit.heat_of_adsorption(uniform, T) == pytest.approx(8.314462618 * (T + 300) / 1000)
+    two = np.zeros((2, 4, 4), dtype=np.float32)
+    two[0] = -500.0                       # half the sites at -500 K, half at 0 K
+    w0, w1 = np.exp(500 / T), 1.0
+    assert mofkit.widom_factor(two, T) == pytest.approx((w0 + w1) / 2)
+    assert mofkit.heat_of_adsorption(two, T) == pytest.approx(8.314462618 * (T + 500 * w0 / (w0 + w1)) / 1000)
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    assert mofkit.framework_density(atoms) == pytest.approx(atoms.get_masses().sum() * 1.66053906660e-27 / (atoms.cell.volume * 1e-30))
 
 
 
