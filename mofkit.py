@@ -784,23 +784,10 @@ def element_class(symbol, classes=DENSITY_CLASSES) -> str:
 
 
 def _cube_images(atoms, size, spacing_A, margin_A):
-    """(symbols, positions) of every periodic image of `atoms` inside the cube frame grown by margin_A.
-
-    The cube frame is the one of grid_points(atoms, size, "cube", spacing_A): point [i,j,k] at
-    (i,j,k)*spacing_A from the Cartesian origin, so the sampled region is [0, (size-1)*spacing_A]^3.
-    """
-    lo, hi = -margin_A, (size - 1) * spacing_A + margin_A
-    corners = np.array([[x, y, z] for x in (lo, hi) for y in (lo, hi) for z in (lo, hi)])
-    inverse = np.linalg.inv(atoms.cell.array)
-    corner_frac = corners @ inverse
-    frac = atoms.get_scaled_positions(wrap=True)
-    shifts = np.stack(np.meshgrid(*[np.arange(math.floor(corner_frac[:, d].min()) - 1,
-                                              math.ceil(corner_frac[:, d].max()) + 1) for d in range(3)],
-                                  indexing="ij"), -1).reshape(-1, 3)
-    positions = ((frac[None, :, :] + shifts[:, None, :]) @ atoms.cell.array).reshape(-1, 3)
-    symbols = np.tile(np.array(atoms.get_chemical_symbols()), len(shifts))
-    inside = np.all((positions >= lo) & (positions <= hi), axis=1)
-    return symbols[inside], positions[inside]
+    """(symbols, positions) of the periodic images within margin_A (> 0) of the sampled cube
+    [0, (size-1)*spacing_A]^3: the frame of grid_points(atoms, size, "cube", spacing_A)."""
+    positions, index = periodic_images(atoms, [0.0] * 3, [(size - 1) * spacing_A] * 3, margin_A)
+    return np.array(atoms.get_chemical_symbols())[index], positions
 
 
 def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=0.5, classes=DENSITY_CLASSES) -> np.ndarray:
@@ -833,30 +820,36 @@ def _density_peaks(channels, threshold, spacing_A, min_separation_A):
     """(positions_A, class index, height) of atoms found as peaks in per-class density channels.
 
     A peak is a voxel above `threshold` and >= its 6 face neighbours (strictly > the lower-index one,
-    so a flat top of two equal voxels gives one peak), refined to sub-voxel by a parabola through the
-    log values along each axis (exact for a Gaussian). Peaks of different channels closer than
-    min_separation_A are one atom whose class is the strongest channel's.
+    so a flat top of two equal voxels gives one peak; cube faces may peak). It is refined to sub-voxel
+    by a parabola through the log values of 3 voxels along each axis (exact for a Gaussian), centred on
+    the peak or, on a face, the 3 innermost, and kept within the peak voxel's own cell; peaks that
+    refine to outside the cube are images beyond it and dropped. Peaks of different channels closer than min_separation_A are one atom whose class is
+    the strongest channel's.
     """
     from scipy.spatial import cKDTree
-    v = np.pad(channels.astype(np.float64), [(0, 0)] + [(1, 1)] * 3, constant_values=-1.0)  # faces can peak
-    core = (slice(None),) + (slice(1, -1),) * 3
-    peak = v[core] > threshold
+    size = channels.shape[-1]
+    v = channels.astype(np.float64)
+    padded = np.pad(v, [(0, 0)] + [(1, 1)] * 3, constant_values=-1.0)
+    inner = (slice(None),) + (slice(1, -1),) * 3
+    peak = v > threshold
     for axis in (1, 2, 3):
-        peak &= v[core] > np.roll(v, 1, axis)[core]
-        peak &= v[core] >= np.roll(v, -1, axis)[core]
-    c, i, j, k = np.nonzero(peak)
-    centre = np.stack([i, j, k], 1).astype(np.float64)
-    height = v[c, i + 1, j + 1, k + 1]
-    log = lambda x: np.log(np.maximum(x, 1e-12))
+        peak &= v > np.roll(padded, 1, axis)[inner]
+        peak &= v >= np.roll(padded, -1, axis)[inner]
+    c, *ijk = np.nonzero(peak)
+    ijk = np.stack(ijk, 1)
+    height = v[c, ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+    centre = ijk.astype(np.float64)
     for axis in range(3):
-        step = np.eye(3, dtype=int)[axis]
-        minus = v[c, i + 1 - step[0], j + 1 - step[1], k + 1 - step[2]]
-        plus = v[c, i + 1 + step[0], j + 1 + step[1], k + 1 + step[2]]
-        lm, l0, lp = log(minus), log(height), log(plus)
+        m = np.clip(ijk[:, axis], 1, size - 2)  # stencil m-1, m, m+1
+        at = lambda shift: np.log(np.maximum(v[(c,) + tuple(m + shift if a == axis else ijk[:, a]
+                                                           for a in range(3))], 1e-12))
+        lm, l0, lp = at(-1), at(0), at(1)
         curvature = lm - 2 * l0 + lp
-        ok = (minus >= 0) & (plus >= 0) & (curvature < 0)  # padding (-1) means no neighbour: stay on the voxel
-        centre[ok, axis] += np.clip(0.5 * (lm - lp)[ok] / curvature[ok], -0.5, 0.5)
-    positions = centre * spacing_A
+        concave = curvature < 0  # otherwise the stencil straddles another atom: stay on the voxel
+        vertex = np.where(concave, m + 0.5 * (lm - lp) / np.where(concave, curvature, -1), ijk[:, axis])
+        centre[:, axis] += np.clip(vertex - ijk[:, axis], -0.5, 0.5)  # an atom lies in its peak voxel's cell
+    inside = np.all((centre >= 0) & (centre <= size - 1), axis=1)
+    positions, c, height = centre[inside] * spacing_A, c[inside], height[inside]
     order = np.argsort(-height, kind="stable")
     keep = np.ones(len(order), bool)
     tree = cKDTree(positions)
@@ -869,10 +862,9 @@ def _density_peaks(channels, threshold, spacing_A, min_separation_A):
 
 
 def _core_radius_A(element, probe, threshold_K):
-    """Distance at which the element-probe LJ pair energy (Lorentz-Berthelot) falls to threshold_K >= 0."""
-    (e1, s1), (e2, s2) = UFF[element], PROBES[probe]
-    eps, sigma = math.sqrt(e1 * e2), (s1 + s2) / 2
-    return sigma * ((1 + math.sqrt(1 + threshold_K / eps)) / 2) ** (-1 / 6)
+    """Distance (A) at which the element-probe pair energy A/r^12 - B/r^6 falls to threshold_K >= 0."""
+    (a,), (b,) = pair_coefficients([element], probe)
+    return ((b + math.sqrt(b * b + 4 * a * threshold_K)) / (2 * a)) ** (-1 / 6)
 
 
 def _cluster_atoms(energy_K, spacing_A, threshold_K, probe, elements, seed):

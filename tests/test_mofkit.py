@@ -408,7 +408,7 @@ def test_density_round_trip_recovers_every_atom(tmp_path):
     assert scores["class_recall"] == 1.0 and scores["class_precision"] == 1.0
     assert scores["contacts"] == 0
     from scipy.spatial.distance import cdist
-    symbols, truth = mofkit._cube_images(atoms, size, spacing, 0.0)
+    symbols, truth = mofkit._cube_images(atoms, size, spacing, 1e-9)
     d = cdist(decoded.positions, truth)
     assert np.all(d.min(0) < 0.1)  # every true atom in the cube, found within 0.1 A
     interior = np.all((decoded.positions > 0.5) & (decoded.positions < (size - 2) * spacing), axis=1)
@@ -426,7 +426,7 @@ def test_round_trip_scores_count_misses_and_wrong_classes():
     from ase import Atoms
     from scipy.spatial.distance import cdist
     atoms = _small_framework()
-    symbols, positions = mofkit._cube_images(atoms, 24, 0.5, 0.0)
+    symbols, positions = mofkit._cube_images(atoms, 24, 0.5, 1e-9)
     heavy = symbols != "H"
     symbols, positions = list(symbols[heavy]), positions[heavy]
     n = len(symbols)
