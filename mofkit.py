@@ -2471,17 +2471,542 @@ def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_sca
 # 8. Scoring: 1-NN two-sample accuracy, memorisation, property distances
 # =============================================================================
 
+def _resolve_device(device) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _as_samples(x, name) -> torch.Tensor:
+    """(n, ...) samples (numpy array, torch tensor or list of grids) as a float tensor, shared not copied."""
+    t = torch.stack([torch.as_tensor(g) for g in x]) if isinstance(x, (list, tuple)) else torch.as_tensor(x)
+    if t.ndim < 2 or len(t) == 0:
+        raise ValueError(f"{name}: expected (n, ...) samples with n >= 1, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.float()
+    for start in range(0, len(t), 256):  # in blocks: a 2,000-grid batch never gets a full-size mask
+        if not torch.isfinite(t[start:start + 256]).all():
+            raise ValueError(f"{name}: contains NaN or Inf (sample block starting at {start})")
+    return t
+
+
+def _features(parts, mode, device, chunk, downsample=4, bins=64) -> list[torch.Tensor]:
+    """(n, d) feature rows for each part: raw values, grids average-pooled by `downsample`, or value histograms.
+
+    Histograms share `bins` equal bins over the min..max of all parts together, normalised to fractions,
+    so they compare the distribution of energies and ignore where in the grid they sit.
+    """
+    if mode == "raw":
+        return [p.reshape(len(p), -1) for p in parts]
+    if mode == "downsampled":
+        for p in parts:
+            if p.ndim not in (4, 5):
+                raise ValueError(f"features='downsampled' needs (n, D, D, D) or (n, C, D, D, D) grids, "
+                                 f"got shape {tuple(p.shape)}")
+        pool = lambda x: torch.nn.functional.avg_pool3d(x if x.ndim == 5 else x[:, None], downsample,
+                                                        ceil_mode=True).flatten(1)
+        return [torch.cat([pool(p[s:s + chunk].to(device, torch.float32)) for s in range(0, len(p), chunk)])
+                for p in parts]
+    if mode == "histogram":
+        lo = min(float(p.min()) for p in parts)
+        hi = max(float(p.max()) for p in parts)
+        inner_edges = torch.linspace(lo, hi, bins + 1, device=device)[1:-1]
+
+        def histogram(x):
+            x = x.to(device, torch.float32).flatten(1)
+            counts = torch.zeros(len(x), bins, device=device)
+            counts.scatter_add_(1, torch.bucketize(x, inner_edges), torch.ones_like(x))
+            return counts / x.shape[1]
+
+        return [torch.cat([histogram(p[s:s + chunk]) for s in range(0, len(p), chunk)]) for p in parts]
+    raise ValueError(f"features={mode!r}: expected 'raw', 'downsampled' or 'histogram'")
+
+
+def _nearest(queries, refs, same, device, dtype=torch.float32, chunk=512):
+    """Index of, and float64-exact squared Euclidean distance to, the nearest ref row of every query row.
+
+    `queries` and `refs` are lists of (n, d) tensors (read as one concatenated set each, never copied whole).
+    Candidates come from chunked |a|^2 + |b|^2 - 2 a.b in `dtype` (the fast part: one matmul per block
+    pair, on GPU if asked), with rows centred on the refs' mean so the cancellation stays small. Every
+    candidate within the rounding bound of a query's best in a block is then re-measured as sum((a-b)^2)
+    in float64: near-ties are decided exactly, exact ties go to the lowest ref index, and with `same`
+    (queries are refs: leave-one-out) a row never picks itself.
+    """
+    def blocks(parts):
+        offset = 0
+        for p in parts:
+            for s in range(0, len(p), chunk):
+                yield offset + s, p[s:s + chunk]
+            offset += len(p)
+
+    nq, nr, d = sum(len(p) for p in queries), sum(len(p) for p in refs), refs[0].shape[1]
+    if same and nr < 2:
+        raise ValueError(f"leave-one-out needs at least 2 samples, got {nr}")
+    mean = sum(r.to(device, torch.float64).sum(0) for _, r in blocks(refs)) / nr
+    mean = mean.to(dtype)
+    # rounding of the matmul form, relative to |a|^2 + |b|^2: measured <= 2 eps (blocked BLAS sums) for
+    # d = 4096..262144; 64 eps leaves a wide margin and still rechecks only genuine near-ties
+    rel_tol = 64 * torch.finfo(dtype).eps
+    best_d = torch.full((nq,), math.inf, dtype=torch.float64, device=device)
+    best_i = torch.full((nq,), -1, dtype=torch.long, device=device)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # TF32's 10-bit mantissa would make the bound meaningless
+    try:
+        for q0, q in blocks(queries):
+            q = q.to(device)
+            a = q.to(dtype) - mean
+            a2 = (a * a).sum(1)
+            for r0, r in blocks(refs):
+                r = r.to(device)
+                b = r.to(dtype) - mean
+                b2 = (b * b).sum(1)
+                dist = a2[:, None] + b2[None, :] - 2 * (a @ b.T)
+                if same:
+                    qi = torch.arange(q0, q0 + len(q), device=device)[:, None]
+                    dist[qi == torch.arange(r0, r0 + len(r), device=device)[None, :]] = math.inf
+                tol = rel_tol * (a2 + b2.max())
+                local = dist.min(1).values
+                candidate = (dist <= (local + tol)[:, None]) & (dist < math.inf)
+                iq, ir = torch.nonzero(candidate, as_tuple=True)  # row-major: ir ascending within a row
+                if len(iq) == 0:  # a block holding only the query itself
+                    continue
+                exact = torch.cat([((q[iq[s:s + 64]].double() - r[ir[s:s + 64]].double()) ** 2).sum(1)
+                                   for s in range(0, len(iq), 64)])
+                block_best = torch.full((len(q),), math.inf, dtype=torch.float64, device=device)
+                block_best.scatter_reduce_(0, iq, exact, "amin")
+                wins = exact == block_best[iq]
+                block_arg = torch.full((len(q),), nr, dtype=torch.long, device=device)
+                block_arg.scatter_reduce_(0, iq[wins], ir[wins] + r0, "amin")
+                better = block_best < best_d[q0:q0 + len(q)]  # strict: earlier (lower-index) blocks win ties
+                best_d[q0:q0 + len(q)][better] = block_best[better]
+                best_i[q0:q0 + len(q)][better] = block_arg[better]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return best_i.cpu(), best_d.cpu()
+
+
+def one_nn_accuracy(real, generated, features="raw", device=None, return_details=False,
+                    dtype=torch.float32, chunk=512, downsample=4, bins=64):
+    """Leave-one-out 1-nearest-neighbour accuracy of telling real from generated samples.
+
+    Every sample of the union (n real + n generated) is labelled by its nearest other sample (squared
+    Euclidean distance on `features`: "raw" voxels, "downsampled" (avg-pooled by `downsample`) or
+    "histogram" (value distribution, `bins` bins)). 0.5 means indistinguishable (with equal n), 1.0 means
+    perfectly separated; well below 0.5 means generated samples sit on top of real ones (copies).
+    Equals scikit-learn's KNeighborsClassifier(n_neighbors=1) under LeaveOneOut. Distances are computed
+    in blocks of `chunk` rows, so 2,000 + 2,000 64^3 grids never need more than a few blocks in memory;
+    pass CUDA tensors (or device="cuda") to run on a GPU.
+    Returns the accuracy, or with `return_details` a dict that adds the per-class accuracies
+    ("real_accuracy", "generated_accuracy"), the counts and each sample's nearest neighbour index.
+    """
+    device = _resolve_device(device)
+    real, generated = _as_samples(real, "real"), _as_samples(generated, "generated")
+    if real.shape[1:] != generated.shape[1:]:
+        raise ValueError(f"real samples have shape {tuple(real.shape[1:])} but generated ones "
+                         f"{tuple(generated.shape[1:])}")
+    parts = _features([real, generated], features, device, chunk, downsample, bins)
+    nearest, _ = _nearest(parts, parts, same=True, device=device, dtype=dtype, chunk=chunk)
+    labels = torch.cat([torch.zeros(len(real), dtype=torch.bool), torch.ones(len(generated), dtype=torch.bool)])
+    correct = (labels[nearest] == labels).double()
+    accuracy = correct.mean().item()
+    if not return_details:
+        return accuracy
+    return {"accuracy": accuracy, "real_accuracy": correct[:len(real)].mean().item(),
+            "generated_accuracy": correct[len(real):].mean().item(), "n_real": len(real),
+            "n_generated": len(generated), "nearest": nearest.numpy()}
+
+
+def memorisation(generated, train, heldout, features="raw", device=None, dtype=torch.float32, chunk=512,
+                 downsample=4, bins=64) -> dict:
+    """Do generated samples sit closer to the training set than unseen real samples do?
+
+    d_gen[i] is the Euclidean distance (on `features`, as in one_nn_accuracy) from generated sample i to
+    its nearest training sample; d_held[j] the same for held-out real sample j, which the GAN never saw.
+    "fraction_closer" is the fraction of generated samples with d_gen < min_j d_held: closer to the
+    training data than any held-out sample is. Copies of training samples score 1.0; a generator that
+    draws fresh samples from the training distribution scores about 1/(n_heldout + 1).
+    Also returned: "threshold" (min d_held), both distance arrays and each generated sample's nearest
+    training index.
+    """
+    device = _resolve_device(device)
+    sets = {"generated": generated, "train": train, "heldout": heldout}
+    sets = {name: _as_samples(x, name) for name, x in sets.items()}
+    shapes = {name: tuple(x.shape[1:]) for name, x in sets.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"sample shapes differ: {shapes}")
+    gen, tr, held = _features(list(sets.values()), features, device, chunk, downsample, bins)
+    nearest, gen_d2 = _nearest([gen], [tr], same=False, device=device, dtype=dtype, chunk=chunk)
+    _, held_d2 = _nearest([held], [tr], same=False, device=device, dtype=dtype, chunk=chunk)
+    gen_d, held_d = gen_d2.sqrt().numpy(), held_d2.sqrt().numpy()
+    threshold = float(held_d.min())
+    return {"fraction_closer": float((gen_d < threshold).mean()), "threshold": threshold,
+            "generated_to_train": gen_d, "heldout_to_train": held_d, "nearest_train": nearest.numpy()}
+
+
+def grid_properties(grids_K, temperature_K=77.0, density_kg_m3=None):
+    """Widom factor, log10 of it (or of K_H when a density is given) and isosteric heat for each grid.
+
+    Grids are (n, D, D, D) kelvin, or (n, C, D, D, D) with energy in channel 0. Returns a pandas
+    DataFrame with one row per grid.
+    """
+    import pandas as pd
+    grids = _as_samples(grids_K, "grids_K")
+    if grids.ndim == 5:
+        grids = grids[:, 0]
+    rows = []
+    for g in grids.numpy():
+        widom = widom_factor(g, temperature_K)
+        row = {"widom": widom, "log10_widom": math.log10(widom),
+               "heat_kJ_mol": heat_of_adsorption(g, temperature_K)}
+        if density_kg_m3 is not None:
+            row["log10_henry"] = math.log10(henry_coefficient(g, density_kg_m3, temperature_K))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def property_comparison(real_grids_K, generated_grids_K, temperature_K=77.0, density_kg_m3=None, seed=0):
+    """Adsorption properties of real vs generated kelvin grids: medians and Wasserstein distances.
+
+    Generated grids have no framework, hence no density: with `density_kg_m3=None` the comparison uses
+    log10 of the dimensionless Widom factor <exp(-E/kT)>; with a nominal density it reports log10 K_H
+    (mol kg^-1 Pa^-1). One shared density shifts every log10 K_H by the same amount, so the Wasserstein
+    distance is the same either way; only the medians change. The noise floor is the same distance
+    between two random halves of the real grids ("wasserstein_real_halves"; halves are smaller than the
+    full sets, so it slightly overstates the floor). Returns a DataFrame indexed by property.
+    """
+    import pandas as pd
+    from scipy.stats import wasserstein_distance
+    real = grid_properties(real_grids_K, temperature_K, density_kg_m3)
+    gen = grid_properties(generated_grids_K, temperature_K, density_kg_m3)
+    if len(real) < 2:
+        raise ValueError(f"real_grids_K: need at least 2 grids to split into halves, got {len(real)}")
+    half = np.random.default_rng(seed).permutation(len(real))
+    first, second = half[:len(real) // 2], half[len(real) // 2:]
+    columns = ["log10_widom" if density_kg_m3 is None else "log10_henry", "heat_kJ_mol"]
+    return pd.DataFrame({c: {"median_real": real[c].median(), "median_generated": gen[c].median(),
+                             "wasserstein": wasserstein_distance(real[c], gen[c]),
+                             "wasserstein_real_halves": wasserstein_distance(real[c].iloc[first],
+                                                                             real[c].iloc[second])}
+                         for c in columns}).T
+
 
 
 # =============================================================================
 # 9. Pictures: CT-style slice montages, loss curves, histograms
 # =============================================================================
 
+def _save_figure(fig, path):
+    """Write `fig` atomically when a path is given (format from the suffix, PNG by default); return it."""
+    if path is not None:
+        with atomic_write(path) as f:
+            fig.savefig(f, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=fig.dpi)
+    return fig
+
+
+def _energy_volume(grid, channel) -> np.ndarray:
+    g = np.asarray(grid.detach().cpu() if torch.is_tensor(grid) else grid, dtype=np.float32)
+    g = g[channel] if g.ndim == 4 else g
+    if g.ndim != 3:
+        raise ValueError(f"grid: expected (D, D, D) or (C, D, D, D), got shape {np.shape(grid)}")
+    return g
+
+
+def plot_slices(grid, titles=None, axis=0, channel=0, linthresh_K=10.0, cmap="RdBu_r", panel_in=0.9, path=None):
+    """CT-style montage of every slice of a kelvin grid (64 slices -> an 8 x 8 panel); a list of grids
+    (e.g. [real, generated]) gives montages side by side with one shared colour scale.
+
+    Colours use a symmetric-log scale (linear within +-linthresh_K, logarithmic beyond) centred on 0 K:
+    adsorption wells (E < 0, a few hundred K deep) show blue and repulsive cores (up to the +5000 K cap)
+    red, both legible at once, which a linear scale (dominated by the cap) cannot do.
+    Returns the matplotlib Figure (shown inline in a notebook); saves it when `path` is given.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.colors import SymLogNorm
+    volumes = [_energy_volume(g, channel) for g in (grid if isinstance(grid, (list, tuple)) else [grid])]
+    titles = list(titles) if titles is not None else [None] * len(volumes)
+    if len(titles) != len(volumes):
+        raise ValueError(f"titles: {len(titles)} given for {len(volumes)} grids")
+    n = volumes[0].shape[axis]
+    ncols = math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    vmax = max(linthresh_K, max(float(np.abs(v).max()) for v in volumes))
+    norm = SymLogNorm(linthresh=linthresh_K, vmin=-vmax, vmax=vmax, base=10)
+    fig = Figure(figsize=(len(volumes) * ncols * panel_in + 1.2, nrows * panel_in + 0.5))
+    outer = fig.add_gridspec(1, len(volumes) + 1, width_ratios=[ncols] * len(volumes) + [0.25],
+                             left=0.02, right=0.93, bottom=0.02, top=0.93, wspace=0.08)
+    for m, (volume, title) in enumerate(zip(volumes, titles)):
+        if volume.shape[axis] != n:
+            raise ValueError(f"grid {m} has {volume.shape[axis]} slices along axis {axis}, grid 0 has {n}")
+        panels = outer[0, m].subgridspec(nrows, ncols, wspace=0.04, hspace=0.04).subplots(squeeze=False)
+        for k, ax in enumerate(panels.flat):
+            ax.set_axis_off()
+            if k < n:
+                image = ax.imshow(np.take(volume, k, axis=axis).T, origin="lower", cmap=cmap, norm=norm,
+                                  interpolation="nearest")
+        if title:
+            panels[0, 0].set_title(title, loc="left", fontsize=11)
+    fig.colorbar(image, cax=fig.add_subplot(outer[0, -1]), label="E / k$_B$ (K)")
+    return _save_figure(fig, path)
+
+
+def plot_history(history, path=None):
+    """Training curves from the GAN history (DataFrame, list of dicts or CSV path): loss_* columns on
+    the left, discriminator scores (columns naming D(real) / D(fake)) on the right, against `step`."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+    df = pd.read_csv(history) if isinstance(history, (str, Path)) else pd.DataFrame(history)
+    losses = [c for c in df.columns if c.lower().startswith("loss")]
+    scores = [c for c in df.columns if c.lower().startswith(("d_", "d(")) and ("real" in c or "fake" in c)]
+    if not losses and not scores:
+        raise ValueError(f"history: no loss_* or D(real)/D(fake) columns among {list(df.columns)}")
+    x = df["step"] if "step" in df.columns else df.index
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    for ax, columns, ylabel in zip(fig.subplots(1, 2), (losses, scores), ("loss", "discriminator output")):
+        for c in columns:
+            ax.plot(x, df[c], label=c, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if columns:
+            ax.legend()
+    return _save_figure(fig, path)
+
+
+def plot_property_histograms(real_vals, gen_vals, label="value", bins=30, path=None):
+    """Overlaid histograms of a property for real and generated samples. Arrays give one panel;
+    dicts or DataFrames give one panel per shared key (e.g. property_comparison's grid_properties)."""
+    from matplotlib.figure import Figure
+    if isinstance(real_vals, dict) or hasattr(real_vals, "columns"):
+        keys = [k for k in real_vals.keys() if k in gen_vals.keys()]
+        pairs = [(k, np.asarray(real_vals[k], float), np.asarray(gen_vals[k], float)) for k in keys]
+    else:
+        pairs = [(label, np.asarray(real_vals, float).ravel(), np.asarray(gen_vals, float).ravel())]
+    if not pairs:
+        raise ValueError("real_vals and gen_vals share no property")
+    fig = Figure(figsize=(4.2 * len(pairs), 3.4), layout="constrained")
+    for ax, (name, real, gen) in zip(np.atleast_1d(fig.subplots(1, len(pairs))), pairs):
+        edges = np.histogram_bin_edges(np.concatenate([real, gen]), bins=bins)
+        ax.hist(real, edges, alpha=0.55, density=True, label=f"real (n={len(real)})")
+        ax.hist(gen, edges, alpha=0.55, density=True, label=f"generated (n={len(gen)})")
+        ax.set_xlabel(name)
+        ax.legend()
+    return _save_figure(fig, path)
+
 
 
 # =============================================================================
 # 10. Inverse: grid -> atoms -> XYZ
 # =============================================================================
+
+DENSITY_CLASSES = ("metal", "C", "N", "O", "H", "other")
+# Element written for a decoded atom of each class: the density channels do not say which metal it is
+# ("Zn" is a placeholder) and "other" becomes ASE's dummy atom X.
+CLASS_SYMBOLS = {"metal": "Zn", "other": "X"}
+_NON_METALS = {"X", "H", "He", "B", "C", "N", "O", "F", "Ne", "Si", "P", "S", "Cl", "Ar", "Ge", "As", "Se",
+               "Br", "Kr", "Sb", "Te", "I", "Xe", "At", "Rn"}
+
+
+def element_class(symbol, classes=DENSITY_CLASSES) -> str:
+    """Density class of an element: itself if it is a class, else "metal" for metals, else "other"."""
+    if symbol in classes:
+        return symbol
+    return "metal" if "metal" in classes and symbol not in _NON_METALS else "other"
+
+
+def _cube_images(atoms, size, spacing_A, margin_A):
+    """(symbols, positions) of the periodic images within margin_A (> 0) of the sampled cube
+    [0, (size-1)*spacing_A]^3: the frame of grid_points(atoms, size, "cube", spacing_A)."""
+    positions, index = periodic_images(atoms, [0.0] * 3, [(size - 1) * spacing_A] * 3, margin_A)
+    return np.array(atoms.get_chemical_symbols())[index], positions
+
+
+def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=0.5, classes=DENSITY_CLASSES) -> np.ndarray:
+    """Gaussian-smeared atom densities per element class on the cube-frame grid, float32 (C, D, D, D).
+
+    Same frame as voxelize(atoms, size, "cube", spacing_A), so these stack onto the energy grid as extra
+    GAN channels. Each voxel holds the max (not the sum) over atoms of exp(-r^2 / 2 sigma^2): values
+    stay in [0, 1], peak exactly 1 at an atom centre, and every atom's nearest voxel stays a local
+    maximum however close its neighbours are, which is what grid_to_atoms(method="density") relies on.
+    """
+    if sigma_A <= 0 or spacing_A <= 0:
+        raise ValueError(f"sigma_A and spacing_A must be positive, got {sigma_A}, {spacing_A}")
+    reach = math.ceil(3 * sigma_A / spacing_A)  # exp(-4.5) = 0.011 at the window edge
+    symbols, positions = _cube_images(atoms, size, spacing_A, (reach + 1) * spacing_A)
+    channel = torch.tensor([classes.index(element_class(s, classes)) for s in symbols], dtype=torch.long)
+    pos = torch.as_tensor(positions / spacing_A)  # in voxels
+    window = torch.arange(-reach, reach + 1)
+    window = torch.stack(torch.meshgrid(window, window, window, indexing="ij"), -1).reshape(-1, 3)
+    out = torch.zeros(len(classes) * size ** 3, dtype=torch.float32)
+    for s in range(0, len(pos), 4096):  # bounded memory for big cells
+        voxel = pos[s:s + 4096].round().long()[:, None, :] + window[None]
+        r2 = ((voxel - pos[s:s + 4096, None, :]) ** 2).sum(-1) * spacing_A ** 2
+        keep = ((voxel >= 0) & (voxel < size)).all(-1)
+        flat = ((channel[s:s + 4096, None] * size + voxel[..., 0]) * size + voxel[..., 1]) * size + voxel[..., 2]
+        out.scatter_reduce_(0, flat[keep], torch.exp(-r2 / (2 * sigma_A ** 2))[keep].float(), "amax")
+    return out.reshape(len(classes), size, size, size).numpy()
+
+
+def _density_peaks(channels, threshold, spacing_A, min_separation_A):
+    """(positions_A, class index, height) of atoms found as peaks in per-class density channels.
+
+    A peak is a voxel above `threshold` and >= its 6 face neighbours (strictly > the lower-index one,
+    so a flat top of two equal voxels gives one peak; cube faces may peak). It is refined to sub-voxel
+    by a parabola through the log values of 3 voxels along each axis (exact for a Gaussian), centred on
+    the peak or, on a face, the 3 innermost, and kept within the peak voxel's own cell; peaks that
+    refine to outside the cube are images beyond it and dropped. Peaks of different channels closer than min_separation_A are one atom whose class is
+    the strongest channel's.
+    """
+    from scipy.spatial import cKDTree
+    size = channels.shape[-1]
+    v = channels.astype(np.float64)
+    padded = np.pad(v, [(0, 0)] + [(1, 1)] * 3, constant_values=-1.0)
+    inner = (slice(None),) + (slice(1, -1),) * 3
+    peak = v > threshold
+    for axis in (1, 2, 3):
+        peak &= v > np.roll(padded, 1, axis)[inner]
+        peak &= v >= np.roll(padded, -1, axis)[inner]
+    c, *ijk = np.nonzero(peak)
+    ijk = np.stack(ijk, 1)
+    height = v[c, ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+    centre = ijk.astype(np.float64)
+    for axis in range(3):
+        m = np.clip(ijk[:, axis], 1, size - 2)  # stencil m-1, m, m+1
+        at = lambda shift: np.log(np.maximum(v[(c,) + tuple(m + shift if a == axis else ijk[:, a]
+                                                           for a in range(3))], 1e-12))
+        lm, l0, lp = at(-1), at(0), at(1)
+        curvature = lm - 2 * l0 + lp
+        concave = curvature < 0  # otherwise the stencil straddles another atom: stay on the voxel
+        vertex = np.where(concave, m + 0.5 * (lm - lp) / np.where(concave, curvature, -1), ijk[:, axis])
+        centre[:, axis] += np.clip(vertex - ijk[:, axis], -0.5, 0.5)  # an atom lies in its peak voxel's cell
+    inside = np.all((centre >= 0) & (centre <= size - 1), axis=1)
+    positions, c, height = centre[inside] * spacing_A, c[inside], height[inside]
+    order = np.argsort(-height, kind="stable")
+    keep = np.ones(len(order), bool)
+    tree = cKDTree(positions)
+    for p in order:  # strongest first: weaker peaks of other channels near it are the same atom
+        if keep[p]:
+            near = tree.query_ball_point(positions[p], min_separation_A)
+            keep[[q for q in near if q != p]] = False
+    kept = order[keep[order]]
+    return positions[kept], c[kept], height[kept]
+
+
+def _core_radius_A(element, probe, threshold_K):
+    """Distance (A) at which the element-probe pair energy A/r^12 - B/r^6 falls to threshold_K >= 0."""
+    (a,), (b,) = pair_coefficients([element], probe)
+    return ((b + math.sqrt(b * b + 4 * a * threshold_K)) / (2 * a)) ** (-1 / 6)
+
+
+def _cluster_atoms(energy_K, spacing_A, threshold_K, probe, elements, seed):
+    """The study's route: cluster the repulsive-core voxels (E >= threshold_K) into atoms.
+
+    Connected cores are split by k-means into k = core volume / (one carbon core's volume) atoms; each
+    cluster's element is the one (among `elements`) whose single-atom core radius is nearest the
+    cluster's equivalent-sphere radius.
+    """
+    from scipy import ndimage
+    from sklearn.cluster import KMeans
+    voxel_A3 = spacing_A ** 3
+    radii = {e: _core_radius_A(e, probe, threshold_K) for e in elements}
+    atom_A3 = 4 / 3 * math.pi * _core_radius_A("C", probe, threshold_K) ** 3
+    labels, _ = ndimage.label(energy_K >= threshold_K)
+    symbols, positions = [], []
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        corner = np.array([s.start for s in box])
+        points = (np.argwhere(labels[box] == index) + corner).astype(np.float64) * spacing_A
+        k = min(len(points), max(1, round(len(points) * voxel_A3 / atom_A3)))
+        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(points)
+        for c in range(k):
+            r = (3 * np.count_nonzero(km.labels_ == c) * voxel_A3 / (4 * math.pi)) ** (1 / 3)
+            symbols.append(min(elements, key=lambda e: abs(radii[e] - r)))
+            positions.append(km.cluster_centers_[c])
+    return symbols, np.array(positions).reshape(-1, 3)
+
+
+def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes=DENSITY_CLASSES,
+                  min_separation_A=0.7, probe="H2", elements=("H", "C", "N", "O", "Zn"), seed=0):
+    """Decode a cube-frame grid into atoms: ase.Atoms with positions in angstrom inside the cube.
+
+    method="density": `grid` holds density_channels (C, D, D, D), optionally after an energy channel 0
+    (C + 1 channels, as stacked for training); atoms are peaks above `threshold` (default 0.6: a clean
+    atom's nearest voxel is >= 0.69 at the default sigma 0.5 A, spacing 0.5 A, while an image more
+    than 0.5 A beyond a cube face stays below 0.6 there) with the class from the strongest channel. Symbols: the class element, CLASS_SYMBOLS for "metal" (placeholder) and "other".
+    method="cluster": the study's route for energy-only grids (kelvin, channel 0 if several): k-means
+    clusters of repulsive-core voxels (E >= threshold, default 0 K: the study's clip(-E, 0, E_scale)
+    scaling keeps nothing above 0 K) with elements guessed from the core size. It cannot see hydrogen as
+    separate from its neighbour's core, cannot tell C/N/O apart (their cores differ by ~0.1 A, less than
+    a voxel), and merged cores of bonded atoms (core radius ~3 A vs bonds of ~1.4 A) make the atom count
+    a volume estimate: expect low recall and positions off by about a bond length.
+    Cell = the cube (size * spacing_A), pbc False (the cube is not periodic).
+    """
+    from ase import Atoms
+    g = np.asarray(grid.detach().cpu() if torch.is_tensor(grid) else grid, dtype=np.float32)
+    if g.ndim not in (3, 4) or len(set(g.shape[-3:])) != 1:
+        raise ValueError(f"grid: expected a cube (D, D, D) or (C, D, D, D), got shape {g.shape}")
+    if method == "density":
+        if g.ndim != 4 or g.shape[0] not in (len(classes), len(classes) + 1):
+            raise ValueError(f"grid: method='density' needs {len(classes)} density channels {classes} "
+                             f"(or energy + those), got shape {g.shape}")
+        positions, cls, _ = _density_peaks(g[-len(classes):], 0.6 if threshold is None else threshold,
+                                           spacing_A, min_separation_A)
+        symbols = [CLASS_SYMBOLS.get(classes[c], classes[c]) for c in cls]
+    elif method == "cluster":
+        symbols, positions = _cluster_atoms(g[0] if g.ndim == 4 else g, spacing_A,
+                                            0.0 if threshold is None else threshold, probe, elements, seed)
+    else:
+        raise ValueError(f"method={method!r}: expected 'density' or 'cluster'")
+    return Atoms(symbols=symbols, positions=positions, cell=[g.shape[-1] * spacing_A] * 3, pbc=False)
+
+
+def _write_atoms(atoms, path, fmt, mode):
+    import ase.io
+    with atomic_write(path, mode) as f:
+        ase.io.write(f, atoms, format=fmt)
+    return Path(path)
+
+
+def write_xyz(atoms, path) -> Path:
+    """Atomically write extended XYZ (plain XYZ plus the cell on the comment line; any XYZ reader works)."""
+    return _write_atoms(atoms, path, "extxyz", "w")
+
+
+def write_cif(atoms, path) -> Path:
+    """Atomically write a P1 CIF of the atoms in their cell (for decoded atoms: the cube)."""
+    return _write_atoms(atoms, path, "cif", "wb")
+
+
+def contact_count(atoms, min_A=0.7) -> int:
+    """Number of atom pairs closer than min_A (physically impossible contacts), periodic if atoms.pbc."""
+    from ase.neighborlist import neighbor_list
+    return len(neighbor_list("i", atoms, min_A)) // 2
+
+
+def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes=DENSITY_CLASSES) -> dict:
+    """Compare decoded atoms with the true non-hydrogen atoms of `atoms` in the cube frame.
+
+    Decoded and true atoms are paired one-to-one (Hungarian, maximising the number of pairs within
+    tol_A). recall = paired true atoms / true non-H atoms inside the sampled cube [0, (size-1)*spacing]^3;
+    precision = paired decoded / decoded non-H atoms (true images just outside the cube may pair, so
+    a correct peak on a face is not a false positive). The class_* figures pair only atoms of the same
+    element class. Also: counts and impossible contacts (< 0.7 A) among the decoded atoms.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+    true_symbols, true_pos = _cube_images(atoms, size, spacing_A, tol_A)
+    heavy = true_symbols != "H"
+    true_cls, true_pos = np.array([element_class(s, classes) for s in true_symbols[heavy]]), true_pos[heavy]
+    inside = np.all((true_pos >= 0) & (true_pos <= (size - 1) * spacing_A), axis=1)
+    dec_cls = np.array([element_class(s, classes) for s in decoded.get_chemical_symbols()], dtype=object)
+    dec_pos = decoded.positions[dec_cls != "H"]
+    dec_cls = dec_cls[dec_cls != "H"]
+    scores = {"n_true": int(inside.sum()), "n_decoded": len(dec_pos), "contacts": contact_count(decoded)}
+    for prefix, same_class in (("", False), ("class_", True)):
+        cost = cdist(dec_pos, true_pos)
+        if same_class:
+            cost[dec_cls[:, None] != true_cls[None, :]] = np.inf
+        within = cost <= tol_A
+        rows, cols = linear_sum_assignment(np.where(within, cost, tol_A * (len(cost) + 1) + 1))
+        hit = within[rows, cols]
+        scores[prefix + "recall"] = float(inside[cols[hit]].sum() / max(1, inside.sum()))
+        scores[prefix + "precision"] = float(hit.sum() / max(1, len(dec_pos)))
+    return scores
 
 
 

@@ -1436,23 +1436,223 @@ def test_train_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
     # each process drew its own latent vectors
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
 
-
 # =============================================================================
 # 8. Scoring
 # =============================================================================
 
+def _sklearn_loo_1nn(features):
+    from sklearn.model_selection import LeaveOneOut, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+    X = np.concatenate([f.reshape(len(f), -1) for f in features]).astype(np.float64)
+    y = np.repeat([0, 1], [len(f) for f in features])
+    return (cross_val_predict(KNeighborsClassifier(n_neighbors=1), X, y, cv=LeaveOneOut()) == y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_nn_accuracy_equals_sklearn_leave_one_out(dtype):
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(23, 6, 6, 6)).astype(np.float32)
+    generated = rng.normal(0.2, 1.1, size=(19, 6, 6, 6)).astype(np.float32)
+    correct = _sklearn_loo_1nn([real, generated])
+    # chunk=5 splits both sets across blocks, so block edges and the self-exclusion are exercised
+    details = mofkit.one_nn_accuracy(real, generated, return_details=True, dtype=dtype, chunk=5)
+    assert details["accuracy"] == pytest.approx(correct.mean(), abs=1e-12)
+    assert details["real_accuracy"] == pytest.approx(correct[:23].mean(), abs=1e-12)
+    assert details["generated_accuracy"] == pytest.approx(correct[23:].mean(), abs=1e-12)
+    assert mofkit.one_nn_accuracy(real, generated, dtype=dtype, chunk=5) == details["accuracy"]
+    assert 0.2 < details["accuracy"] < 0.9  # not a degenerate case where any classifier agrees
+
+
+def test_one_nn_accuracy_downsampled_equals_sklearn_on_pooled_grids():
+    rng = np.random.default_rng(1)
+    real, generated = rng.normal(size=(20, 8, 8, 8)), rng.normal(0.1, 1.0, size=(20, 8, 8, 8))
+    pool = lambda g: g.reshape(len(g), 4, 2, 4, 2, 4, 2).mean(axis=(2, 4, 6))
+    expected = _sklearn_loo_1nn([pool(real), pool(generated)]).mean()
+    assert mofkit.one_nn_accuracy(real, generated, "downsampled", downsample=2, chunk=6) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("features", ["raw", "downsampled", "histogram"])
+def test_one_nn_accuracy_is_half_for_one_distribution_and_one_for_separated(features):
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(60, 8, 8, 8)), rng.normal(size=(60, 8, 8, 8))
+    assert 0.3 < mofkit.one_nn_accuracy(a, b, features, downsample=2, bins=16) < 0.7
+    far = rng.normal(3.0, 2.0, size=(60, 8, 8, 8))  # shifted mean and wider: separable by every feature
+    assert mofkit.one_nn_accuracy(a, far, features, downsample=2, bins=16) == 1.0
+
+
+def test_one_nn_accuracy_copies_score_zero_and_ties_never_pick_self():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(10, 4, 4, 4))
+    details = mofkit.one_nn_accuracy(real, real.copy(), return_details=True, chunk=3)
+    assert details["accuracy"] == 0.0  # each sample's nearest other sample is its copy
+    np.testing.assert_array_equal(details["nearest"], np.r_[np.arange(10, 20), np.arange(10)])
+
+
+def test_one_nn_accuracy_rejects_bad_input():
+    with pytest.raises(ValueError, match="generated"):
+        mofkit.one_nn_accuracy(np.zeros((3, 4, 4, 4)), np.full((3, 4, 4, 4), np.nan))
+    with pytest.raises(ValueError, match="shape"):
+        mofkit.one_nn_accuracy(np.zeros((3, 4, 4, 4)), np.zeros((3, 5, 5, 5)))
+    with pytest.raises(ValueError, match="features"):
+        mofkit.one_nn_accuracy(np.zeros((3, 4)), np.ones((3, 4)), features="pca")
+
+
+def test_memorisation_flags_copies_and_not_fresh_samples():
+    rng = np.random.default_rng(4)
+    train, heldout = rng.normal(size=(80, 5, 5, 5)), rng.normal(size=(40, 5, 5, 5))
+    copies = mofkit.memorisation(train[:20] + 1e-3, train, heldout, chunk=16)
+    assert copies["fraction_closer"] == 1.0
+    np.testing.assert_array_equal(copies["nearest_train"], np.arange(20))
+    expected = np.sqrt(((heldout[:, None] - train[None]) ** 2).sum(axis=(2, 3, 4))).min(1)
+    np.testing.assert_allclose(copies["heldout_to_train"], expected, rtol=1e-12)
+    assert copies["threshold"] == pytest.approx(expected.min())
+    fresh = mofkit.memorisation(rng.normal(size=(40, 5, 5, 5)), train, heldout, chunk=16)
+    assert fresh["fraction_closer"] <= 0.1  # about 1 / (40 + 1) expected
+
+
+def test_property_comparison_on_synthetic_grids():
+    rng = np.random.default_rng(5)
+    wells = lambda depth_K, n: np.where(rng.random((n, 8, 8, 8)) < 0.3, -depth_K[:, None, None, None], 5000.0)
+    real = wells(rng.uniform(400, 600, 40), 40).astype(np.float32)
+    same = wells(rng.uniform(400, 600, 40), 40).astype(np.float32)
+    shallow = wells(rng.uniform(100, 200, 40), 40).astype(np.float32)
+    near, far = mofkit.property_comparison(real, same), mofkit.property_comparison(real, shallow)
+    assert list(far.index) == ["log10_widom", "heat_kJ_mol"]
+    assert far.loc["log10_widom", "wasserstein"] > 5 * far.loc["log10_widom", "wasserstein_real_halves"]
+    assert near.loc["log10_widom", "wasserstein"] < far.loc["log10_widom", "wasserstein"] / 5
+    assert far.loc["heat_kJ_mol", "median_real"] > far.loc["heat_kJ_mol", "median_generated"] > 0
+    widom = np.array([mofkit.widom_factor(g, 77.0) for g in real])
+    assert far.loc["log10_widom", "median_real"] == pytest.approx(np.median(np.log10(widom)))
+    with_density = mofkit.property_comparison(real, shallow, density_kg_m3=1000.0)
+    assert with_density.loc["log10_henry", "wasserstein"] == pytest.approx(far.loc["log10_widom", "wasserstein"])
 
 
 # =============================================================================
 # 9. Pictures
 # =============================================================================
 
+def _image_axes(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_plot_slices_montage_panels_and_png(tmp_path):
+    grid = np.linspace(-800, 5000, 16 ** 3, dtype=np.float32).reshape(16, 16, 16)
+    fig = mofkit.plot_slices(grid, path=tmp_path / "slices.png")
+    assert len(_image_axes(fig)) == 16 and len(fig.axes) == 16 + 1  # 4 x 4 panels + colour bar
+    assert (tmp_path / "slices.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pair = mofkit.plot_slices([grid, grid[None]], titles=["real", "generated"], path=tmp_path / "pair.png")
+    assert len(_image_axes(pair)) == 32
+    odd = mofkit.plot_slices(grid[:10], axis=0)  # 10 slices -> 4 x 3 panel, 2 blank
+    assert len(_image_axes(odd)) == 10 and len(odd.axes) == 12 + 1
+    with pytest.raises(ValueError, match="grid"):
+        mofkit.plot_slices(np.zeros((4, 4)))
+
+
+def test_plot_history_and_property_histograms(tmp_path):
+    import pandas as pd
+    history = pd.DataFrame({"step": range(5), "loss_d": np.linspace(1, 0.2, 5), "loss_g": np.linspace(0.5, 1, 5),
+                            "d_real": np.linspace(0.5, 0.9, 5), "d_fake": np.linspace(0.5, 0.1, 5)})
+    history.to_csv(tmp_path / "history.csv", index=False)
+    fig = mofkit.plot_history(tmp_path / "history.csv", path=tmp_path / "history.png")
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2]
+    assert (tmp_path / "history.png").stat().st_size > 1000
+    rng = np.random.default_rng(6)
+    fig = mofkit.plot_property_histograms({"a": rng.normal(size=50), "b": rng.normal(size=50)},
+                                          {"a": rng.normal(size=40), "b": rng.normal(size=40)},
+                                          path=tmp_path / "hist.png")
+    assert len(fig.axes) == 2 and (tmp_path / "hist.png").exists()
+    assert len(mofkit.plot_property_histograms(rng.normal(size=9), rng.normal(size=9)).axes) == 1
 
 
 # =============================================================================
 # 10. Inverse
 # =============================================================================
 
+def _small_framework():
+    from ase import Atoms
+    # a cubic cell with one of each class, off-grid positions, two C atoms 1.4 A apart on a diagonal
+    return Atoms(["Zn", "C", "C", "N", "O", "H", "S"],
+                 positions=[[1.13, 2.07, 3.31], [4.21, 4.77, 1.62], [5.02, 5.58, 2.43], [2.38, 6.11, 5.29],
+                            [6.74, 1.41, 6.02], [3.5, 3.2, 7.1], [7.3, 7.45, 4.4]],
+                 cell=[8.3, 8.3, 8.3], pbc=True)
+
+
+def test_density_channels_frame_and_values():
+    atoms = _small_framework()
+    channels = mofkit.density_channels(atoms, size=24, spacing_A=0.5)
+    assert channels.shape == (6, 24, 24, 24) and channels.dtype == np.float32
+    assert channels.min() >= 0 and channels.max() <= 1
+    # the C atom at (4.21, 4.77, 1.62) A: voxel (8, 10, 3) at (4.0, 5.0, 1.5) A holds exp(-r^2 / 2 sigma^2)
+    r2 = (4.21 - 4.0) ** 2 + (4.77 - 5.0) ** 2 + (1.62 - 1.5) ** 2
+    assert channels[1, 8, 10, 3] == pytest.approx(np.exp(-r2 / (2 * 0.5 ** 2)), rel=1e-6)
+    # periodic image: Zn + one cell edge along x = (9.43, 2.07, 3.31) A is inside the 11.5 A cube too
+    assert channels[0, 19, 4, 7] > 0.6
+    assert channels[4].max() > 0.6 and channels[5].max() > 0.6  # H and "other" (S) have their own channels
+
+
+def test_density_round_trip_recovers_every_atom(tmp_path):
+    atoms = _small_framework()
+    size, spacing = 24, 0.5
+    decoded = mofkit.grid_to_atoms(mofkit.density_channels(atoms, size, spacing), spacing, method="density")
+    scores = mofkit.round_trip_scores(decoded, atoms, size, spacing)
+    assert scores["recall"] == 1.0 and scores["precision"] == 1.0
+    assert scores["class_recall"] == 1.0 and scores["class_precision"] == 1.0
+    assert scores["contacts"] == 0
+    from scipy.spatial.distance import cdist
+    symbols, truth = mofkit._cube_images(atoms, size, spacing, 1e-9)
+    d = cdist(decoded.positions, truth)
+    assert np.all(d.min(0) < 0.1)  # every true atom in the cube, found within 0.1 A
+    interior = np.all((decoded.positions > 0.5) & (decoded.positions < (size - 2) * spacing), axis=1)
+    assert interior.sum() >= 10 and np.all(d[interior].min(1) < 0.1)  # (face peaks may be images just outside)
+    nearest = d[interior].argmin(1)
+    expected = [mofkit.CLASS_SYMBOLS.get(mofkit.element_class(s), s) for s in symbols[nearest]]
+    assert list(np.array(decoded.get_chemical_symbols())[interior]) == expected
+    # an energy channel in front (as stacked for training) is skipped
+    stacked = np.concatenate([np.zeros((1, size, size, size), np.float32),
+                              mofkit.density_channels(atoms, size, spacing)])
+    assert len(mofkit.grid_to_atoms(stacked, spacing)) == len(decoded)
+
+
+def test_round_trip_scores_count_misses_and_wrong_classes():
+    from ase import Atoms
+    from scipy.spatial.distance import cdist
+    atoms = _small_framework()
+    symbols, positions = mofkit._cube_images(atoms, 24, 0.5, 1e-9)
+    heavy = symbols != "H"
+    symbols, positions = list(symbols[heavy]), positions[heavy]
+    n = len(symbols)
+    probe = np.stack(np.meshgrid(*[np.arange(0, 11.5, 0.5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    empty = probe[cdist(probe, mofkit._cube_images(atoms, 24, 0.5, 1.0)[1]).min(1).argmax()]
+    wrong = "N" if symbols[1] != "N" else "C"
+    decoded = Atoms(symbols[2:] + [wrong, "C", "H"], positions=np.vstack([positions[2:], positions[1], empty, empty]))
+    scores = mofkit.round_trip_scores(decoded, atoms, 24, 0.5)
+    assert (scores["n_true"], scores["n_decoded"]) == (n, n)  # the decoded H is not scored
+    assert scores["recall"] == pytest.approx((n - 1) / n) and scores["precision"] == pytest.approx((n - 1) / n)
+    assert scores["class_recall"] == pytest.approx((n - 2) / n)
+    assert scores["class_precision"] == pytest.approx((n - 2) / n)
+    assert scores["contacts"] == 1  # the C and H placed on one spot
+
+
+def test_write_xyz_cif_and_contact_count(tmp_path):
+    import ase.io
+    from ase import Atoms
+    atoms = Atoms(["C", "O", "X"], positions=[[0, 0, 0], [0.5, 0, 0], [3, 3, 3]], cell=[10] * 3, pbc=False)
+    assert mofkit.contact_count(atoms) == 1 and mofkit.contact_count(atoms, min_A=0.4) == 0
+    back = ase.io.read(mofkit.write_xyz(atoms, tmp_path / "out.xyz"))
+    assert back.get_chemical_symbols() == ["C", "O", "X"]
+    np.testing.assert_allclose(back.positions, atoms.positions, atol=1e-6)
+    cif = ase.io.read(mofkit.write_cif(atoms[:2], tmp_path / "out.cif"))
+    assert cif.get_chemical_formula() == "CO"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.cif", "out.xyz"]
+
+
+def test_grid_to_atoms_rejects_bad_grids():
+    with pytest.raises(ValueError, match="density channels"):
+        mofkit.grid_to_atoms(np.zeros((3, 8, 8, 8)))
+    with pytest.raises(ValueError, match="method"):
+        mofkit.grid_to_atoms(np.zeros((8, 8, 8)), method="magic")
+    with pytest.raises(ValueError, match="cube"):
+        mofkit.grid_to_atoms(np.zeros((8, 8, 9)), method="cluster")
 
 
 # =============================================================================
