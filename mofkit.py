@@ -3014,4 +3014,94 @@ def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes
 # 11. Command line
 # =============================================================================
 
+def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", timeout_s=1800):
+    """Execute the tutorial notebook headless (nbclient); the executed copy and its files land in out_dir.
+
+    mode: "quick" (a few dozen CoRE MOF structures, a few training steps: minutes on a CPU), "full" (the whole
+    CoRE MOF 2019 set, the fast GPU preset) or "auto" (full when a GPU is present). The notebook reads
+    MOFKIT_MODE and MOFKIT_OUT from the environment, so Colab's "Run all" and this function run the same cells.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    path, out_dir = Path(path).resolve(), Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.read(path, as_version=4)
+    saved = {k: os.environ.get(k) for k in ("MOFKIT_MODE", "MOFKIT_OUT", "MPLBACKEND")}
+    os.environ.update(MOFKIT_MODE=mode, MOFKIT_OUT=str(out_dir), MPLBACKEND="Agg")  # the kernel inherits these
+    try:
+        NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        with atomic_write(out_dir / path.name, "w") as f:   # also when a cell failed: the traceback is in it
+            nbformat.write(nb, f)
+    return out_dir / path.name
+
+
+def main(argv=None):
+    """python mofkit.py {notebook, voxelize, shards, train, sample} ... (each with --help)."""
+    import argparse
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:                   # its flags mirror TrainConfig; torchrun-friendly
+        return main_train(argv[1:])
+    p = argparse.ArgumentParser(prog="mofkit.py", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    nb = sub.add_parser("notebook", help="run MOF_3DGAN.ipynb headless (the main job)")
+    nb.add_argument("--mode", choices=["auto", "quick", "full"], default="auto")
+    nb.add_argument("--out", default="mofkit_outputs")
+    vx = sub.add_parser("voxelize", help="energy grids of CIF files or CoRE MOF names -> .npy (kelvin)")
+    vx.add_argument("structures", nargs="+", help="CIF paths or CoRE MOF 2019-ASR names")
+    sh = sub.add_parser("shards", help="voxelize CoRE MOF 2019-ASR (or a CIF folder) into shards")
+    sh.add_argument("out_dir")
+    sh.add_argument("--source", default=None, help="CIF folder (default: CoRE MOF 2019-ASR)")
+    sh.add_argument("--limit", type=int, default=None)
+    sh.add_argument("--shard-size", type=int, default=100)
+    sub.add_parser("train", help="train the GAN on a shard folder (see: mofkit.py train --help)")
+    sm = sub.add_parser("sample", help="generate grids from a checkpoint -> .npy + slice PNGs")
+    sm.add_argument("checkpoint")
+    sm.add_argument("--n", type=int, default=4)
+    sm.add_argument("--seed", type=int, default=0)
+    for q in (vx, sm):
+        q.add_argument("--out", default="mofkit_outputs")
+    for q in (vx, sh, sm):
+        q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    for q in (vx, sh):
+        q.add_argument("--size", type=int, default=64)
+        q.add_argument("--frame", choices=["cube", "cell"], default="cube")
+        q.add_argument("--spacing", type=float, default=0.5, help="cube frame voxel size, A")
+        q.add_argument("--probe", choices=sorted(PROBES), default="H2")
+    args = p.parse_args(argv)
+
+    if args.command == "notebook":
+        print(run_notebook(out_dir=args.out, mode=args.mode))
+    elif args.command == "voxelize":
+        out = Path(args.out)
+        for src in args.structures:
+            atoms = read_structure(src) if src.endswith(".cif") else load_coremof(src)
+            grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=args.device)
+            name = atoms.info["name"]
+            with atomic_write(out / f"{name}.npy") as f:
+                np.save(f, grid)
+            print(f"{name}: {out / (name + '.npy')}  K_H(77 K) = "
+                  f"{henry_coefficient(grid, framework_density(atoms)):.3e} mol/kg/Pa, "
+                  f"Q_st = {heat_of_adsorption(grid):.2f} kJ/mol")
+    elif args.command == "shards":
+        params = ShardParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe)
+        rows = build_shards(args.out_dir, args.source, params=params, shard_size=args.shard_size,
+                            limit=args.limit, device=args.device)
+        print(f"{len(rows)} shards in {args.out_dir} (manifest: {Path(args.out_dir) / 'data_manifest.csv'})")
+    elif args.command == "sample":
+        out = Path(args.out)
+        grids = sample(args.checkpoint, args.n, seed=args.seed, device=args.device)
+        with atomic_write(out / "generated.npy") as f:
+            np.save(f, grids)
+        for i, g in enumerate(grids):
+            plot_slices(g, path=out / f"generated_{i}.png")
+        print(f"{len(grids)} grids: {out / 'generated.npy'} and generated_*.png")
+
+
+if __name__ == "__main__":
+    main()
+
 
