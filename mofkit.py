@@ -32,6 +32,7 @@ import warnings
 import hashlib
 import inspect
 import tempfile
+import warnings
 import contextlib
 import dataclasses
 import urllib.parse
@@ -121,9 +122,12 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
     Google Drive links go through gdown; other http(s) URLs are streamed with requests, retried with backoff on
     connection errors, timeouts and 5xx, and resumed with HTTP Range (206) after a dropped connection. The body
     must match its Content-Length and, when given, `sha256`. A `dest` that already has that sha256 is kept as is.
-    Partial bytes live in a temp folder beside `dest` that is removed on success and failure alike.
+    Partial bytes live in a temp folder beside `dest` that is removed on success and failure alike. `timeout_s`
+    is how long the server may stay silent (connecting, or between bytes) before a try counts as failed.
     """
     dest = Path(dest)
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise DownloadError(f"{url}: only http(s) URLs (Google Drive links included) can be downloaded")
     if sha256 is not None and dest.is_file() and sha256_file(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +135,13 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
     work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     try:
         tmp = work / dest.name
+        retry = dict(what=f"downloading {url} to {dest}", retries=retries, backoff_s=backoff_s,
+                     hint=f"Nothing was kept in {dest.parent}; check the connection or the server and rerun.")
         file_id = _drive_file_id(url)
-        fetch = _drive_to_file if file_id is not None else _http_to_file
-        fetch(url, tmp, dest, file_id=file_id, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-              progress=progress)
+        if file_id is None:
+            _http_to_file(url, tmp, dest, timeout_s, progress, retry)
+        else:
+            _drive_to_file(url, file_id, tmp, dest, timeout_s, progress, retry)
         if sha256 is not None and (actual := sha256_file(tmp)) != sha256:
             raise DownloadError(
                 f"{url}: the downloaded file for {dest} has sha256 {actual}, expected {sha256}; it was discarded. "
@@ -146,11 +153,12 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
     return dest
 
 
-def _http_to_file(url, path, dest, *, file_id, timeout_s, retries, backoff_s, progress):
+def _http_to_file(url, path, dest, timeout_s, progress, retry):
     """Stream an http(s) URL into `path`, resuming from the bytes already there when the server allows (206)."""
     import requests
     from tqdm.auto import tqdm
     path.touch()
+    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, disable=not progress)
 
     def attempt():
         have = path.stat().st_size
@@ -176,20 +184,19 @@ def _http_to_file(url, path, dest, *, file_id, timeout_s, retries, backoff_s, pr
                         f.write(chunk)
                         bar.update(len(chunk))
                 except requests.exceptions.ChunkedEncodingError:
-                    if total is None:
+                    if total is None:  # no Content-Length to say how much is missing: report it as it is
                         raise
                 size = f.tell()
         if total is not None and size != total:
             raise _Transient(f"truncated body: {size} of the {total} bytes announced by Content-Length arrived")
 
-    with tqdm(desc=dest.name, unit="B", unit_scale=True, disable=not progress) as bar:
-        _with_retries(attempt, f"downloading {url} to {dest}",
-                      f"Nothing was kept in {dest.parent}; check the connection or the server and rerun.",
-                      retries, backoff_s)
+    with bar:
+        _with_retries(attempt, **retry)
 
 
-def _drive_to_file(url, path, dest, *, file_id, timeout_s, retries, backoff_s, progress):
-    """Fetch a Google Drive file with gdown, which knows Drive's confirmation pages; turn refusals into DownloadError."""
+def _drive_to_file(url, file_id, path, dest, timeout_s, progress, retry):
+    """Fetch a Google Drive file with gdown, which knows Drive's confirmation pages; Drive's refusals (quota,
+    permissions) become a DownloadError that says what to do, and are not retried."""
     import gdown
     from gdown.exceptions import FileURLRetrievalError
     # Only gdown >= 6 takes a timeout; older versions wait on a stalled connection as long as the OS lets them.
@@ -204,11 +211,10 @@ def _drive_to_file(url, path, dest, *, file_id, timeout_s, retries, backoff_s, p
             gdown.download(id=file_id, output=str(path), quiet=not progress, use_cookies=False, **timeout)
         except FileURLRetrievalError as e:
             raise DownloadError(f"{refused} gdown said: {' '.join(str(e).split())}") from e
-        if not path.is_file():  # gdown < 5 prints the refusal and returns None instead of raising
-            raise DownloadError(refused)
+        if not path.is_file():  # gdown 5 prints some failures (e.g. a proxy error) and returns None
+            raise DownloadError(f"gdown returned without a file (its message is above). {refused}")
 
-    _with_retries(attempt, f"downloading {url} to {dest}",
-                  f"Nothing was kept in {dest.parent}; check the connection and rerun.", retries, backoff_s)
+    _with_retries(attempt, **retry)
 
 
 # --- JSON APIs: NIST/ARPA-E ISODB and MOFX-DB ---------------------------------------------------------------
@@ -282,6 +288,15 @@ def _parse_json(body, source):
                             "have answered with an error page: retry later, or delete a cached copy.") from e
 
 
+def _parse_record(parse, record, kind):
+    """parse(record), or a ValueError that shows the record when it is not in the expected schema."""
+    try:
+        return parse(record)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"{kind} record not in the expected schema ({type(e).__name__}: {e}): "
+                         f"{str(record)[:200]}") from None
+
+
 def _isotherm_fields(record):
     """Tidy fields of one isotherm in the ISODB schema (MOFX-DB shares it), in bar and mmol/g where possible.
 
@@ -295,16 +310,17 @@ def _isotherm_fields(record):
     p_factor = PRESSURE_TO_BAR.get(p_units.casefold())
     if p_factor is None:
         notes.append(f"pressure unit {p_units!r} not convertible to bar")
-    q_factor = None
-    gas = _gas(adsorbates[0]) if len(adsorbates) == 1 else None
+    q_factor, unit = None, q_units.casefold()
     if len(adsorbates) != 1:
         notes.append(f"mixture of {len(adsorbates)} adsorbates")
-    elif q_units.casefold() in AMOUNT_TO_MMOL_G:
-        q_factor = AMOUNT_TO_MMOL_G[q_units.casefold()]
-    elif q_units.casefold() in MASS_TO_MG_G and gas is not None:
-        q_factor = MASS_TO_MG_G[q_units.casefold()] / gas[2]
-    elif q_units.casefold() in MASS_TO_MG_G:
-        notes.append(f"unit {q_units!r} needs the molar mass of {adsorbates[0]!r}, which is not in mofkit.GASES")
+    elif unit in AMOUNT_TO_MMOL_G:
+        q_factor = AMOUNT_TO_MMOL_G[unit]
+    elif unit in MASS_TO_MG_G:
+        gas = _gas(adsorbates[0])
+        if gas is None:
+            notes.append(f"unit {q_units!r} needs the molar mass of {adsorbates[0]!r}, which is not in mofkit.GASES")
+        else:
+            q_factor = MASS_TO_MG_G[unit] / gas[2]
     else:
         notes.append(f"unit {q_units!r} not convertible to mmol/g")
     if any(q is None for q in adsorption):
@@ -331,8 +347,11 @@ def isodb_table(records):
     where the units do not allow it), note ('' when converted, else why not).
     """
     import pandas as pd
-    rows = [{"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"], **_isotherm_fields(r)}
-            for r in records]
+
+    def parse(r):
+        return {"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"], **_isotherm_fields(r)}
+
+    rows = [_parse_record(parse, record, "ISODB isotherm") for record in records]
     return pd.DataFrame(rows, columns=["filename", "doi", "adsorbent", "adsorbate", "temperature_K",
                                        "pressure_units", "adsorption_units", "pressure", "adsorption",
                                        "pressure_bar", "adsorption_mmol_g", "note"])
@@ -369,7 +388,8 @@ def fetch_isodb(adsorbent=None, adsorbate=None, temperature_K=None, *, doi=None,
                 raise ValueError(f"fetch_isodb: adsorbent {adsorbent!r} is not a material name or synonym in ISODB")
             index = [e for e in index if e["adsorbent"]["hashkey"] in hashkeys]
         if adsorbate is not None:
-            queries = {adsorbate} | ({_gas(adsorbate)[1]} if _gas(adsorbate) else set())
+            gas = _gas(adsorbate)  # a formula such as "H2" matches the gas's name ("Hydrogen") too
+            queries = {adsorbate, gas[1]} if gas else {adsorbate}
             inchikeys = {g["InChIKey"] for g in get("/isodb/api/gases.json") if any(_named(g, q) for q in queries)}
             if not inchikeys:
                 raise ValueError(f"fetch_isodb: adsorbate {adsorbate!r} is not a gas name or synonym in ISODB")
@@ -403,11 +423,13 @@ def mofxdb_table(results):
     not lost.
     """
     import pandas as pd
-    rows = []
-    for mof in results:
+
+    def parse(mof):
         head = {"name": mof["name"], "mofkey": mof["mofkey"], "database": mof["database"]}
         isotherms = [_isotherm_fields(iso) for iso in mof["isotherms"]] or [{"note": "no isotherms"}]
-        rows += [{**head, **iso, "cif": mof["cif"]} for iso in isotherms]
+        return [{**head, **iso, "cif": mof["cif"]} for iso in isotherms]
+
+    rows = [row for mof in results for row in _parse_record(parse, mof, "MOFX-DB MOF")]
     return pd.DataFrame(rows, columns=["name", "mofkey", "database", "adsorbate", "temperature_K",
                                        "pressure_units", "adsorption_units", "pressure", "adsorption",
                                        "pressure_bar", "adsorption_mmol_g", "note", "cif"])
@@ -664,48 +686,66 @@ def periodic_images(atoms, lo_A, hi_A, reach_A):
     return np.concatenate(pos), np.concatenate(idx)
 
 
-def _lj_blocks(blocks_A, atoms, probe, cutoff_A, device, dtype, pairs_per_batch):
-    """Lennard-Jones energies (K) at points grouped in spatially compact blocks: (nb, P, 3) -> (nb, P).
+def _lj_blocks(jobs, probe, cutoff_A, device, dtype, pairs_per_batch):
+    """Lennard-Jones energies (K) at points grouped in spatially compact blocks, for several structures at once.
 
+    jobs: list of (blocks_A (nb, P, 3), atoms) -> list of (nb, P) energy tensors.
     Each block only sees the atom images within cutoff + its own radius of its centre, so the work is
-    ~ points x atoms-in-cutoff rather than points x all images. Blocks are batched with padding (a far-away
-    dummy atom) so a GPU gets large kernels; pairs beyond the cutoff are masked (truncated, not shifted).
+    ~ points x atoms-in-cutoff rather than points x all images. Blocks of all structures are sorted by
+    neighbour count and batched with padding (a far-away dummy atom with zero coefficients), so a GPU gets
+    a few large kernels; pairs beyond the cutoff are masked (truncated, not shifted). Coordinates are taken
+    relative to each block's centre, so float32 keeps ~1e-6 relative precision.
     """
-    blocks = torch.as_tensor(blocks_A, dtype=torch.float64)
-    nb, P, _ = blocks.shape
-    centres = blocks.mean(1)
-    radius = float((blocks - centres[:, None]).norm(dim=-1).max())
-    flat = blocks.reshape(-1, 3)
-    pos, idx = periodic_images(atoms, flat.min(0).values.numpy(), flat.max(0).values.numpy(), cutoff_A)
-    A, B = pair_coefficients(np.array(atoms.get_chemical_symbols())[idx], probe)
-    # index M is the dummy atom: far away, zero coefficients
-    pos = torch.cat([torch.as_tensor(pos), torch.full((1, 3), 1e6, dtype=torch.float64)])
-    A = torch.as_tensor(np.append(A, 0.0), dtype=dtype, device=device)
-    B = torch.as_tensor(np.append(B, 0.0), dtype=dtype, device=device)
-    M = len(pos) - 1
-    # neighbour lists per block (float64 on the host: exact membership, cheap next to the energies)
-    reach2 = (cutoff_A + radius) ** 2
-    members = []
-    for c in torch.split(centres, max(1, 2_000_000 // max(M, 1))):
-        near = torch.cdist(c, pos[:M]) ** 2 < reach2
-        members.extend(torch.nonzero(row).squeeze(1) for row in near)
-    counts = torch.tensor([len(m) for m in members])
-    order = torch.argsort(counts)                       # similar counts together: little padding
+    centres, blocks, pos, A, B, nbr_block, nbr_atom = [], [], [], [], [], [], []
+    n_blocks = n_atoms = 0
+    for blocks_A, atoms in jobs:
+        b = torch.as_tensor(blocks_A, dtype=torch.float64)
+        c = b.mean(1)
+        radius = float((b - c[:, None]).norm(dim=-1).max())
+        flat = b.reshape(-1, 3)
+        p, idx = periodic_images(atoms, flat.min(0).values.numpy(), flat.max(0).values.numpy(), cutoff_A)
+        a, bb = pair_coefficients(atoms.get_chemical_symbols(), probe)
+        p = torch.as_tensor(p, device=device)
+        # neighbour lists: every image within reach of the block centre (1e-3 A of slack covers float32 rounding)
+        c_dev = c.to(device)
+        for part, c_part in zip(torch.split(torch.arange(len(c), device=device), max(1, 4_000_000 // max(len(p), 1))),
+                                torch.split(c_dev, max(1, 4_000_000 // max(len(p), 1)))):
+            rows, cols = (torch.cdist(c_part.float(), p.float()) < cutoff_A + radius + 1e-3).nonzero(as_tuple=True)
+            nbr_block.append(part[rows] + n_blocks)
+            nbr_atom.append(cols + n_atoms)
+        centres.append(c_dev)
+        blocks.append(b.to(device))
+        pos.append(p)
+        A.append(torch.as_tensor(a[idx], dtype=dtype, device=device))
+        B.append(torch.as_tensor(bb[idx], dtype=dtype, device=device))
+        n_blocks, n_atoms = n_blocks + len(b), n_atoms + len(p)
+    # index n_atoms is the dummy atom: far away, zero coefficients
+    pos = torch.cat(pos + [torch.full((1, 3), 1e6, dtype=torch.float64, device=device)])
+    A = torch.cat(A + [torch.zeros(1, dtype=dtype, device=device)])
+    B = torch.cat(B + [torch.zeros(1, dtype=dtype, device=device)])
+    centres, blocks = torch.cat(centres), torch.cat(blocks)
+    nbr_block, nbr_atom = torch.cat(nbr_block), torch.cat(nbr_atom)      # CSR: sorted by block
+    counts = torch.bincount(nbr_block, minlength=n_blocks)
+    ptr = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(counts)                                        # similar counts together: little padding
+    counts_sorted = counts[order].cpu()
+    P = blocks.shape[1]
     rc_inv2 = 1.0 / cutoff_A ** 2
-    out = torch.empty(nb, P, dtype=dtype, device=device)
+    out = torch.empty(n_blocks, P, dtype=dtype, device=device)
     start = 0
-    while start < nb:
-        kmax = max(int(counts[order[start]]), 1)
-        g = max(1, pairs_per_batch // (P * max(kmax, 1)))
+    while start < n_blocks:
+        g = max(1, pairs_per_batch // (P * max(int(counts_sorted[start]), 1)))
         sel = order[start:start + g]
-        kmax = max(int(counts[sel].max()), 1)
-        nbr = torch.full((len(sel), kmax), M, dtype=torch.long)
-        for row, b in enumerate(sel.tolist()):
-            nbr[row, :counts[b]] = members[b]
+        kmax = max(int(counts_sorted[start:start + g].max()), 1)
+        # padded neighbour matrix (g, kmax), gathered from the CSR lists without a Python loop
+        n_sel = counts[sel]
+        row = torch.repeat_interleave(torch.arange(len(sel), device=device), n_sel)
+        col = torch.arange(len(row), device=device) - torch.repeat_interleave(torch.cumsum(n_sel, 0) - n_sel, n_sel)
+        nbr = torch.full((len(sel), kmax), n_atoms, dtype=torch.long, device=device)
+        nbr[row, col] = nbr_atom[torch.repeat_interleave(ptr[sel], n_sel) + col]
         c = centres[sel]
-        pts = (blocks[sel] - c[:, None]).to(device=device, dtype=dtype)          # (g, P, 3), relative: small numbers
-        nb_pos = (pos[nbr] - c[:, None]).to(device=device, dtype=dtype)          # (g, K, 3)
-        nbr = nbr.to(device)
+        pts = (blocks[sel] - c[:, None]).to(dtype)                               # (g, P, 3)
+        nb_pos = (pos[nbr] - c[:, None]).to(dtype)                               # (g, K, 3)
         r2 = torch.baddbmm((pts * pts).sum(-1)[:, :, None] + (nb_pos * nb_pos).sum(-1)[:, None, :],
                            pts, nb_pos.transpose(1, 2), alpha=-2.0)
         inv = r2.clamp_(min=1e-6).reciprocal_()                                  # 1/r^2
@@ -713,9 +753,9 @@ def _lj_blocks(blocks_A, atoms, probe, cutoff_A, device, dtype, pairs_per_batch)
         inv3 = inv.pow_(3)                                                       # 1/r^6
         e = inv3 * A[nbr][:, None, :]
         e.sub_(B[nbr][:, None, :]).mul_(inv3).masked_fill_(far, 0.0)
-        out[sel.to(device)] = e.sum(-1)
+        out[sel] = e.sum(-1)
         start += len(sel)
-    return out
+    return list(torch.split(out, [len(b) for b, _ in jobs]))
 
 
 def grid_points(atoms, size=64, frame="cube", spacing_A=0.5):
@@ -748,13 +788,38 @@ def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=
     # sort points into 4 A cells so each block of 256 is spatially compact
     key = np.floor((flat - flat.min(0)) / 4.0).astype(np.int64)
     order = np.lexsort(key.T[::-1])
-    P = 256
-    n = len(flat)
+    P, n = 256, len(flat)
     padded = np.concatenate([flat[order], np.repeat(flat[order[-1:]], (-n) % P, 0)])
-    e = _lj_blocks(padded.reshape(-1, P, 3), atoms, probe, cutoff_A, _default_device(device), dtype, 4_000_000)
+    (e,) = _lj_blocks([(padded.reshape(-1, P, 3), atoms)], probe, cutoff_A, _default_device(device), dtype, 4_000_000)
     out = np.empty(n)
     out[order] = e.reshape(-1)[:n].double().cpu().numpy()
     return out.reshape(pts.shape[:-1])
+
+
+def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0,
+                  device=None, block=8, pairs_per_batch=None):
+    """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays."""
+    device = _default_device(device)
+    nblk = -(-size // block)
+    n = nblk * block
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64)] * 3, indexing="ij"), -1)
+    jobs = []
+    for atoms in structures:
+        # the grid is padded up to whole blocks and cropped afterwards
+        pts = ijk * spacing_A if frame == "cube" else (ijk / size) @ atoms.cell.array if frame == "cell" else None
+        if pts is None:
+            raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
+        # (X, Y, Z, 3) -> (nblk^3 blocks, block^3 points, 3)
+        jobs.append((pts.reshape(nblk, block, nblk, block, nblk, block, 3).transpose(0, 2, 4, 1, 3, 5, 6)
+                     .reshape(-1, block ** 3, 3), atoms))
+    if pairs_per_batch is None:
+        pairs_per_batch = 64_000_000 if device.type == "cuda" else 1_000_000
+    grids = []
+    for e in _lj_blocks(jobs, probe, cutoff_A, device, torch.float32, pairs_per_batch):
+        e = e.clamp_(max=cap_K).nan_to_num_(nan=cap_K).cpu().numpy()
+        e = e.reshape(nblk, nblk, nblk, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape(n, n, n)
+        grids.append(np.ascontiguousarray(e[:size, :size, :size]))
+    return grids
 
 
 def voxelize(atoms, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0, device=None,
@@ -762,20 +827,9 @@ def voxelize(atoms, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=1
     """Energy grid (size, size, size) of float32 kelvin: probe-framework LJ 12-6, periodic, capped at cap_K.
 
     Grid points as in grid_points(). Points are processed in block^3 cubes of neighbouring voxels so each
-    block only visits the atoms within its reach (see _lj_blocks).
+    block only visits the atoms within its reach (see _lj_blocks). CPU or CUDA (device=None picks CUDA if any).
     """
-    device = _default_device(device)
-    nblk = -(-size // block)
-    pts = grid_points(atoms, nblk * block, frame, spacing_A) if frame == "cube" else \
-        (np.stack(np.meshgrid(*[np.arange(nblk * block)] * 3, indexing="ij"), -1) / size) @ atoms.cell.array
-    # (X, Y, Z, 3) -> (nblk^3 blocks, block^3 points, 3)
-    blocks = pts.reshape(nblk, block, nblk, block, nblk, block, 3).transpose(0, 2, 4, 1, 3, 5, 6).reshape(-1, block ** 3, 3)
-    if pairs_per_batch is None:
-        pairs_per_batch = 64_000_000 if device.type == "cuda" else 1_000_000
-    e = _lj_blocks(blocks, atoms, probe, cutoff_A, device, torch.float32, pairs_per_batch)
-    e = e.clamp_(max=cap_K).nan_to_num_(nan=cap_K).cpu().numpy()
-    e = e.reshape(nblk, nblk, nblk, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape((nblk * block,) * 3)
-    return np.ascontiguousarray(e[:size, :size, :size])
+    return voxelize_many([atoms], size, frame, spacing_A, probe, cutoff_A, cap_K, device, block, pairs_per_batch)[0]
 
 
 def framework_density(atoms):
@@ -806,6 +860,467 @@ def heat_of_adsorption(grid_K, temperature_K=77.0):
 # =============================================================================
 # 4. Isotherms: Freundlich, Sips, Langmuir and BET fits; grid isotherm estimate
 # =============================================================================
+
+# Every model is fitted by one least-squares core (`_fit_model`). Parameters are all positive, so the
+# core fits their logarithms: K > 0, n > 0 ... hold by construction and Levenberg-Marquardt runs
+# unconstrained. Standard errors come from the Jacobian at the optimum, s^2 (J^T J)^-1, mapped back
+# by the delta method (exact for this change of variables: se(K) = K se(ln K)). R^2, RMSE and AIC
+# are always computed in linear adsorption units so different models (and log-space fits) compare.
+# The study summarised isotherms as "Freundlich K, n" but its one published row (H2 on Cu3(BTC)2,
+# 77 K: g_inf 16.466949, K 2.5, n 1.328632, R^2 0.996919) is a Sips fit with K held at 2.5:
+# `fit_sips(P, q, fix_K=2.5)` reproduces it; `fit_freundlich` is the true Freundlich fit.
+
+CM3_STP_PER_MMOL = 22.414  # ideal-gas molar volume at 273.15 K and 1 atm
+
+# Saturated-liquid density of each probe (kg/m^3) at its normal boiling point (CO2: at its triple point,
+# 216.59 K; it has no liquid at 1 atm), from the reference equations of state as implemented in NIST
+# REFPROP / CoolProp 8.0: H2 Leachman et al. 2009 (normal hydrogen), N2 Span et al. 2000, Ar Tegeler et
+# al. 1999, CH4 Setzmann & Wagner 1991, Kr and Xe Lemmon & Span 2006, CO2 Span & Wagner 1996.
+# Molar masses come from GASES (section 1).
+LIQUID_DENSITY_KG_M3 = {"H2": 70.85, "N2": 806.08, "Ar": 1395.40, "CH4": 422.36, "Kr": 2416.6, "Xe": 2942.0,
+                        "CO2": 1178.5}
+
+# BET needs the saturation pressure P0. Known here near the normal boiling point Tb (P0 = 1 atm) as
+# ln P0 = ln(1 atm) - (L/R)(1/T - 1/Tb), with L = R dln P0/d(1/T) at Tb taken from the reference
+# equations of state above (an effective enthalpy of vaporisation, kJ/mol): within 0.4% of those
+# equations for |T - Tb| <= 5 K. CO2 sublimes at 1 atm: 194.686 K with the enthalpy of sublimation
+# 25.23 kJ/mol (Giauque & Egan 1937), not checked against an equation of state. Else pass p0.
+_BOILING_POINTS = {  # name -> (Tb in K, L in kJ/mol)
+    "N2": (77.355, 5.8646),
+    "Ar": (87.302, 6.6925),
+    "CH4": (111.667, 8.539),
+    "Kr": (119.735, 9.3092),
+    "Xe": (165.051, 13.0016),
+    "CO2": (194.686, 25.23),
+}
+
+
+def _formula(adsorbate):
+    """'Nitrogen', 'n2', 'N2' -> 'N2' via GASES (ISODB spells adsorbates out in words)."""
+    gas = _gas(str(adsorbate).strip())
+    return gas[0] if gas else str(adsorbate)
+
+
+def saturation_pressure_bar(adsorbate, temperature_K, window_K=5.0) -> float:
+    """Saturation (vapour) pressure P0 of `adsorbate` near its normal boiling point, in bar."""
+    key = _formula(adsorbate)
+    if key not in _BOILING_POINTS:
+        raise ValueError(f"no saturation pressure known for adsorbate {adsorbate!r}; pass p0 explicitly")
+    tb_K, dh_kJ_mol = _BOILING_POINTS[key]
+    if abs(temperature_K - tb_K) > window_K:
+        raise ValueError(f"P0 of {key} is known here only within {window_K} K of {tb_K} K, "
+                         f"not at {temperature_K} K; pass p0 explicitly")
+    return 1.01325 * math.exp(-dh_kJ_mol * 1e3 / R_J_PER_MOL_K * (1 / temperature_K - 1 / tb_K))
+
+
+def _freundlich(P, K, n):
+    return K * P ** (1.0 / n)
+
+
+def _sips(P, g_inf, K, n):
+    x = (K * P) ** (1.0 / n)
+    return g_inf * x / (1.0 + x)
+
+
+def _langmuir(P, Q_max, b):
+    return Q_max * b * P / (1.0 + b * P)
+
+
+def _bet(P, q_m, C, P0):
+    x = P / P0
+    return q_m * C * x / ((1.0 - x) * (1.0 - x + C * x))
+
+
+def _line(x, y):
+    """Least-squares line y = a + s x -> (a, s) through the finite points (zero uptakes give inf)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2:
+        return math.nan, math.nan
+    s, a = np.polyfit(x[ok], y[ok], 1)
+    return a, s
+
+
+def _start_freundlich(P, q, fixed):
+    with np.errstate(divide="ignore"):
+        a, s = _line(np.log(P), np.log(q))  # ln q = ln K + (1/n) ln P
+    return {"K": math.exp(a) if math.isfinite(a) else q.max(), "n": 1.0 / s if s > 0 else 1.0}
+
+
+def _start_langmuir(P, q, fixed):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, s = _line(P, P / q)  # P/q = 1/(Q b) + P/Q
+    if a > 0 and s > 0:
+        return {"Q_max": 1.0 / s, "b": s / a}
+    return {"Q_max": 1.5 * q.max(), "b": 1.0 / np.median(P)}  # linearisation useless: a rough guess
+
+
+def _start_sips(P, q, fixed):
+    start = _start_langmuir(P, q, fixed)  # Sips with n = 1 is Langmuir
+    return {"g_inf": start["Q_max"], "K": start["b"], "n": 1.0}
+
+
+def _start_bet(P, q, fixed):
+    x = P / fixed["P0"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, s = _line(x, x / (q * (1.0 - x)))  # x/(q(1-x)) = 1/(q_m C) + (C-1)/(q_m C) x
+    if a > 0 and s > -a:
+        return {"q_m": 1.0 / (a + s), "C": max(s / a + 1.0, 1e-3)}
+    return {"q_m": float(np.median(q)), "C": 10.0}
+
+
+@dataclass(frozen=True)
+class _Model:
+    params: tuple  # parameter names, all positive, in the order `func` takes them
+    func: object  # q = func(P, *params)
+    start: object  # (P, q, fixed) -> starting values from a linearised fit
+    power_law: bool  # P^(1/n): zero pressure carries no information and is dropped
+
+
+_MODELS = {
+    "freundlich": _Model(("K", "n"), _freundlich, _start_freundlich, True),
+    "sips": _Model(("g_inf", "K", "n"), _sips, _start_sips, True),
+    "langmuir": _Model(("Q_max", "b"), _langmuir, _start_langmuir, False),
+    "bet": _Model(("q_m", "C", "P0"), _bet, _start_bet, False),
+}
+
+
+@dataclass(frozen=True)
+class IsothermFit:
+    """A fitted isotherm model: q = model(P; params).
+
+    Parameters read as attributes (`fit.K`, `fit.n`, `fit.g_inf`, ...) and their standard errors as
+    `fit.K_se` (NaN for parameters held fixed). r2 = 1 - SS_res/SS_tot, rmse and aic = m ln(SS_res/m)
+    + 2 k (k free parameters) are in linear adsorption units over the n_points used; AIC compares
+    models only when fitted to the same points. pressure_range is (min, max) of the pressures used.
+    """
+    model: str
+    params: dict
+    se: dict
+    r2: float
+    rmse: float
+    aic: float
+    n_points: int
+    pressure_range: tuple
+    fixed: tuple = ()
+    log_space: bool = False
+
+    def __getattr__(self, name):
+        params, se = self.__dict__.get("params", {}), self.__dict__.get("se", {})
+        if name in params:
+            return params[name]
+        if name.endswith("_se") and name[:-3] in se:
+            return se[name[:-3]]
+        raise AttributeError(name)
+
+    def predict(self, pressure):
+        """Model adsorption at `pressure` (same units as the fitted data)."""
+        return _MODELS[self.model].func(np.asarray(pressure, dtype=np.float64), **self.params)
+
+
+def _isotherm_points(pressure, adsorption, drop_zero_pressure=False, drop_zero_adsorption=False,
+                     why=""):
+    """Validated float64 (P, q); ValueError naming the bad input, a warning for each dropped point."""
+    P = np.asarray(pressure, dtype=np.float64)
+    q = np.asarray(adsorption, dtype=np.float64)
+    if P.ndim != 1 or q.ndim != 1:
+        raise ValueError(f"pressure and adsorption must be 1-D, got shapes {P.shape} and {q.shape}")
+    if P.size != q.size:
+        raise ValueError(f"pressure has {P.size} points but adsorption has {q.size}")
+    for name, a in (("pressure", P), ("adsorption", q)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} has NaN/inf at index {np.flatnonzero(~np.isfinite(a)).tolist()}")
+        if (a < 0).any():
+            raise ValueError(f"{name} has negative values at index {np.flatnonzero(a < 0).tolist()}")
+    if P.size and not q.any():
+        raise ValueError("adsorption is zero at every point: nothing to fit")
+    keep = np.ones(P.size, dtype=bool)
+    for name, a, drop in (("pressure", P, drop_zero_pressure), ("adsorption", q, drop_zero_adsorption)):
+        zero = drop & (a == 0) & keep
+        if zero.any():
+            warnings.warn(f"dropped {int(zero.sum())} zero-{name} point(s) at index "
+                          f"{np.flatnonzero(zero).tolist()}: {why}", stacklevel=3)
+            keep &= ~zero
+    if keep.sum() < 3:
+        raise ValueError(f"only {int(keep.sum())} usable points; at least 3 are needed")
+    return P[keep], q[keep]
+
+
+def _fit_model(model, P, q, fixed=None, log_space=False) -> IsothermFit:
+    """The one fitting core: least squares over ln(free parameters), from linearised starting values."""
+    from scipy.optimize import leastsq  # MINPACK Levenberg-Marquardt; 5x less overhead than least_squares
+    spec = _MODELS[model]
+    fixed = {k: float(v) for k, v in (fixed or {}).items() if v is not None}
+    for k, v in fixed.items():
+        if k not in spec.params or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"fixed {model} parameter {k}={v} must be one of {spec.params} and > 0")
+    free = [p for p in spec.params if p not in fixed]
+    if not free or len(q) < len(free):
+        raise ValueError(f"{len(q)} points cannot determine {model} parameters {free}")
+    start = {**spec.start(P, q, fixed), **fixed}
+    target = np.log(q) if log_space else q
+
+    def predict(theta):
+        return spec.func(P, **fixed, **dict(zip(free, np.exp(theta))))
+
+    def residual(theta):
+        m = predict(theta)
+        return (np.log(m) if log_space else m) - target
+
+    with np.errstate(all="ignore"):  # trial steps may overflow; LM rejects them
+        theta, cov_theta, info, message, status = leastsq(
+            residual, np.log([start[p] for p in free]), full_output=True, xtol=1e-15, ftol=1e-15, gtol=1e-15,
+            maxfev=20000)
+    if status not in (1, 2, 3, 4) or not np.isfinite(theta).all() or not np.isfinite(info["fvec"]).all():
+        raise RuntimeError(f"{model} fit did not converge: {message}")
+    values = np.exp(theta)
+    m, k = len(q), len(free)
+    s2 = np.sum(info["fvec"] ** 2) / (m - k) if m > k else np.nan
+    var = s2 * np.diag(cov_theta) if cov_theta is not None else np.full(k, np.nan)  # None: singular J
+    se = dict(zip(free, values * np.sqrt(var)))
+    q_hat = predict(theta)
+    ss_res = float(np.sum((q - q_hat) ** 2))
+    with np.errstate(divide="ignore", invalid="ignore"):  # exact data: ss_res = 0, aic = -inf
+        r2 = 1.0 - ss_res / float(np.sum((q - q.mean()) ** 2))
+        aic = m * math.log(ss_res / m) + 2 * k if ss_res > 0 else -math.inf
+    params = {p: (fixed[p] if p in fixed else float(values[free.index(p)])) for p in spec.params}
+    return IsothermFit(model, params, {p: float(se.get(p, np.nan)) for p in spec.params},
+                       float(r2), math.sqrt(ss_res / m), aic, m, (float(P.min()), float(P.max())),
+                       tuple(fixed), log_space)
+
+
+def fit_freundlich(pressure, adsorption, log_space=False) -> IsothermFit:
+    """Freundlich q = K P^(1/n) by nonlinear least squares, started from the log-log line.
+
+    log_space=True fits ln q instead (right for relative, i.e. multiplicative, errors). Zero-pressure
+    points (and zero adsorption in log space) are dropped with a warning. K is in adsorption units
+    per (pressure unit)^(1/n).
+    """
+    P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=True, drop_zero_adsorption=log_space,
+                            why="Freundlich is a power law in P")
+    return _fit_model("freundlich", P, q, log_space=log_space)
+
+
+def fit_sips(pressure, adsorption, fix_K=None, fix_n=None, fix_g_inf=None, log_space=False) -> IsothermFit:
+    """Sips (Langmuir-Freundlich) q = g_inf (K P)^(1/n) / (1 + (K P)^(1/n)), any parameter fixable.
+
+    The study's published "Freundlich" numbers are this model with K fixed at 2.5 (1/bar), g_inf and n
+    fitted in linear space: `fit_sips(P_bar, q_mmol_g, fix_K=2.5)`. Zero-pressure points are dropped
+    with a warning. K is in 1/(pressure unit), g_inf in adsorption units.
+    """
+    P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=True, drop_zero_adsorption=log_space,
+                            why="Sips is a power law in P")
+    return _fit_model("sips", P, q, {"g_inf": fix_g_inf, "K": fix_K, "n": fix_n}, log_space)
+
+
+def fit_langmuir(pressure, adsorption, log_space=False) -> IsothermFit:
+    """Langmuir q = Q_max b P / (1 + b P); b in 1/(pressure unit), Q_max in adsorption units."""
+    P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=log_space,
+                            drop_zero_adsorption=log_space, why="log-space fit")
+    return _fit_model("langmuir", P, q, log_space=log_space)
+
+
+def fit_bet(pressure, adsorption, p0=None, adsorbate=None, temperature_K=None,
+            p_range=(0.05, 0.30)) -> IsothermFit:
+    """Multilayer BET q = q_m C x / ((1 - x)(1 - x + C x)), x = P/P0, fitted over its validity range.
+
+    P0 is `p0` (same units as pressure) or, if None, `saturation_pressure_bar(adsorbate,
+    temperature_K)` with pressure in bar; it appears as a fixed parameter of the result. p_range is
+    the relative-pressure window (default 0.05-0.30, the classical BET range) or "rouquerol": from the
+    lowest point up to the maximum of q (1 - x) (Rouquerol criterion 1), with a warning when the
+    monolayer point x_m = 1/(sqrt(C) + 1) falls outside the points used (criterion 3). q_m is the
+    monolayer capacity in adsorption units; C > 0 is enforced.
+    """
+    if p0 is None:
+        if adsorbate is None or temperature_K is None:
+            raise ValueError("BET needs p0, or adsorbate and temperature_K to look it up")
+        p0 = saturation_pressure_bar(adsorbate, temperature_K)
+    if not (math.isfinite(p0) and p0 > 0):
+        raise ValueError(f"p0={p0} must be a positive finite pressure")
+    P, q = _isotherm_points(pressure, adsorption)
+    x = P / p0
+    if p_range == "rouquerol":
+        inside = (x > 0) & (x < 1)
+        order = np.argsort(x[inside])
+        qi, xi = q[inside][order], x[inside][order]
+        last = int(np.argmax(qi * (1.0 - xi)))
+        use = np.zeros(P.size, dtype=bool)
+        use[np.flatnonzero(inside)[order[:last + 1]]] = True
+    else:
+        lo, hi = p_range
+        if not 0 <= lo < hi < 1:
+            raise ValueError(f"p_range={p_range} must be a relative-pressure window inside (0, 1) or 'rouquerol'")
+        use = (x >= lo) & (x <= hi) & (x > 0)
+    if use.sum() < 3 or not q[use].any():
+        raise ValueError(f"only {int(use.sum())} nonzero points with P/P0 in BET range {p_range}; "
+                         "at least 3 are needed")
+    fit = _fit_model("bet", P[use], q[use], {"P0": p0})
+    x_m = 1.0 / (math.sqrt(fit.C) + 1.0)
+    if p_range == "rouquerol" and not x[use].min() <= x_m <= x[use].max():
+        warnings.warn(f"BET monolayer point P/P0 = {x_m:.3g} lies outside the fitted range "
+                      f"{x[use].min():.3g}-{x[use].max():.3g} (Rouquerol criterion 3)", stacklevel=2)
+    return fit
+
+
+FITTERS = {"freundlich": fit_freundlich, "sips": fit_sips, "langmuir": fit_langmuir, "bet": fit_bet}
+
+
+def _cell_points(cell):
+    """A table cell holding an isotherm's points: list/array, or JSON text as a CSV reads it back."""
+    if isinstance(cell, str):
+        cell = json.loads(cell)
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        raise ValueError("no points (cell is empty)")
+    return cell
+
+
+def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
+    """Fit `model` to every isotherm in a table; rows that cannot be fitted stay, with the reason.
+
+    Accepted layouts (pressure in bar and adsorption in mmol/g if the columns say so, else the user's):
+      * the ISODB tidy table of `isodb_table`: one row per isotherm, lists in pressure_bar and
+        adsorption_mmol_g; a non-empty `note` (unit not convertible, mixture, null totals) is the
+        reason a row is not fitted;
+      * one row per isotherm with `pressure`/`adsorption` cells holding lists, or JSON text such as
+        "[0.1, 0.5]" as a CSV reads back;
+      * one row per point with scalar `pressure`/`adsorption` (or `pressure_bar`/`adsorption_mmol_g`)
+        columns, grouped into isotherms by `filename` (or `isotherm`), else one isotherm.
+    Returns a new table, one row per isotherm, with columns <param> and <param>_se for the model's
+    parameters, r2, rmse, aic, n_points and fit_error ('' when fitted). fit_kwargs go to the fitter,
+    e.g. `fit_isotherm_table(df, "sips", fix_K=2.5)` for the study's own table.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+    if model not in FITTERS:
+        raise ValueError(f"model {model!r} is not one of {sorted(FITTERS)}")
+    columns = next((c for c in (("pressure_bar", "adsorption_mmol_g"), ("pressure", "adsorption"))
+                    if set(c) <= set(df.columns)), None)
+    if columns is None:
+        raise ValueError(f"table needs pressure_bar/adsorption_mmol_g or pressure/adsorption columns, "
+                         f"has {list(df.columns)}")
+    p_col, q_col = columns
+    if pd.api.types.is_numeric_dtype(df[p_col]):  # one row per point: gather each isotherm's points
+        key = next((c for c in ("filename", "isotherm") if c in df.columns), None)
+        groups = df.groupby(key, sort=False) if key else [(None, df)]
+        df = pd.DataFrame([{**g.iloc[0].to_dict(), p_col: g[p_col].tolist(), q_col: g[q_col].tolist()}
+                           for _, g in groups])
+    names = _MODELS[model].params
+    rows = []
+    for _, row in tqdm(df.iterrows(), total=len(df), disable=not progress, desc=f"fit {model}"):
+        out = dict.fromkeys([c for p in names for c in (p, f"{p}_se")] + ["r2", "rmse", "aic"], np.nan)
+        note = row.get("note")
+        out.update(n_points=0, fit_error="" if note is None or pd.isna(note) else str(note))
+        if not out["fit_error"]:
+            try:
+                fit = FITTERS[model](_cell_points(row[p_col]), _cell_points(row[q_col]), **fit_kwargs)
+                out.update({**fit.params, **{f"{p}_se": s for p, s in fit.se.items()}},
+                           r2=fit.r2, rmse=fit.rmse, aic=fit.aic, n_points=fit.n_points)
+            except (ValueError, TypeError, RuntimeError) as e:
+                out["fit_error"] = f"{type(e).__name__}: {e}"
+        rows.append(out)
+    result = df.reset_index(drop=True).copy()
+    for col, values in pd.DataFrame(rows).items():
+        result[col] = values
+    return result
+
+
+def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
+    """Measured points with each fitted curve beside a parameter table -> (figure, table DataFrame).
+
+    fits: {label: IsothermFit}, e.g. the study's Sips (K fixed), free Sips and Freundlich.
+    The figure is written atomically to `path` (format from its suffix) when given.
+    """
+    import pandas as pd
+    import matplotlib.pyplot as plt
+    P, q = np.asarray(pressure_bar, dtype=np.float64), np.asarray(q_mmol_g, dtype=np.float64)
+    table = pd.DataFrame({label: {"model": f.model, **{p: f"{v:.6g}" + ("" if p in f.fixed else
+                                  f" ± {f.se[p]:.2g}") for p, v in f.params.items()},
+                                  "R²": f"{f.r2:.6f}", "AIC": f"{f.aic:.2f}"}
+                          for label, f in fits.items()}).T.fillna("")
+    fig, (ax, ax_table) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
+    ax.plot(P, q, "ko", label="measured")
+    P_fine = np.linspace(P.min(), P.max(), 200)
+    for label, f in fits.items():
+        ax.plot(P_fine, f.predict(P_fine), label=f"{label} (R² {f.r2:.4f})")
+    ax.set(xlabel="pressure (bar)", ylabel="adsorption (mmol/g)", title=title or "")
+    ax.legend(fontsize=8)
+    ax_table.axis("off")
+    cell_table = ax_table.table(cellText=table.values, rowLabels=table.index, colLabels=table.columns,
+                                loc="center")
+    cell_table.auto_set_font_size(False)
+    cell_table.set_fontsize(7)
+    fig.tight_layout()
+    if path is not None:
+        with atomic_write(path) as f:
+            fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=150)
+    return fig, table
+
+
+@dataclass(frozen=True)
+class GridIsotherm:
+    """ESTIMATE of an isotherm from an energy grid (ideal lattice gas), never a measurement."""
+    probe: str
+    temperature_K: float
+    pressure_bar: np.ndarray
+    q_mmol_g: np.ndarray
+    q_cm3_stp_g: np.ndarray
+    henry_mmol_g_bar: float  # low-pressure slope: Widom <exp(-E/kT)> / (R T rho) over accessible voxels
+    saturation_mmol_g: float  # P -> infinity: accessible pore volume x liquid density / framework density
+    accessible_fraction: float  # voxels with E < cap_K
+
+
+def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_kg_m3, cap_K=5000.0,
+                  liquid_density_kg_m3=None, molar_mass_g_mol=None) -> GridIsotherm:
+    """ESTIMATE of an adsorption isotherm from a probe energy grid (kelvin): ideal lattice gas.
+
+    Each voxel is an independent Langmuir site holding at most the probe's liquid density times its
+    volume, with occupancy b P / (1 + b P), b = exp(-E/kT) / (R T c_liq) (c_liq: liquid molar density).
+    At low pressure this is exactly the Widom Henry law q/P = <exp(-E/kT)> / (R T rho); at high pressure
+    it saturates at accessible pore volume x liquid density. "Accessible" voxels are those below cap_K
+    (the voxelizer's cap: voxels at the cap are inside atoms and hold nothing); their Henry weight
+    exp(-cap_K/T) is dropped, < 1e-28 relative at 77 K with the 5000 K cap. For GAN output, whose
+    repulsive voxels were clipped to 0 K, pass cap_K=0.0. Voxels are equal-volume, so the grid
+    spacing cancels. No adsorbate-adsorbate attraction, no packing beyond the liquid: an estimate.
+    """
+    from scipy.special import expit
+    E = np.asarray(grid_K, dtype=np.float64).ravel()
+    P_bar = np.atleast_1d(np.asarray(pressures_bar, dtype=np.float64))
+    key = _formula(probe)
+    if (liquid_density_kg_m3 is None and key not in LIQUID_DENSITY_KG_M3) or (molar_mass_g_mol is None
+                                                                             and key not in GASES):
+        raise ValueError(f"no liquid density or molar mass known for probe {probe!r}; pass "
+                         f"liquid_density_kg_m3 and molar_mass_g_mol (known: {sorted(LIQUID_DENSITY_KG_M3)})")
+    molar_mass_g_mol = molar_mass_g_mol or GASES[key][1]
+    liquid_density_kg_m3 = liquid_density_kg_m3 or LIQUID_DENSITY_KG_M3[key]
+    if E.size == 0 or not (E > -np.inf).all():
+        raise ValueError(f"grid_K must be a non-empty grid without NaN or -inf (size {E.size})")
+    if not (density_kg_m3 > 0 and temperature_K > 0) or not np.isfinite(P_bar).all() or (P_bar < 0).any():
+        raise ValueError(f"need density_kg_m3 > 0 (got {density_kg_m3}), temperature_K > 0 "
+                         f"(got {temperature_K}) and finite pressures >= 0")
+    c_liq_mol_m3 = liquid_density_kg_m3 / (molar_mass_g_mol * 1e-3)
+    rtc_Pa = R_J_PER_MOL_K * temperature_K * c_liq_mol_m3
+    E_acc = E[E < cap_K]
+    q_sat_mol_kg = c_liq_mol_m3 / density_kg_m3 * E_acc.size / E.size
+    # occupancy b P/(1 + b P) = expit(ln(P/RTc) - E/T): no overflow for deep sites or huge P
+    with np.errstate(divide="ignore"):
+        log_p = np.log(P_bar * 1e5 / rtc_Pa)
+    e_over_T = E_acc / temperature_K
+    theta = np.array([expit(lp - e_over_T).sum() / E_acc.size if E_acc.size else 0.0 for lp in log_p])
+    q = q_sat_mol_kg * theta  # mol/kg = mmol/g
+    henry = np.exp(-e_over_T).sum() / E.size / (R_J_PER_MOL_K * temperature_K * density_kg_m3) * 1e5
+    return GridIsotherm(key, float(temperature_K), P_bar, q, q * CM3_STP_PER_MMOL, float(henry),
+                        float(q_sat_mol_kg), E_acc.size / E.size)
+
+
+def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", *, density_kg_m3,
+                    cap_K=5000.0) -> IsothermFit:
+    """Freundlich (K in mmol/g/bar^(1/n), n) of a grid's ESTIMATED isotherm (`grid_isotherm`).
+
+    Lets real and generated grids be compared in the study's own terms. Default pressures: 12 points
+    from 0.01 to 1 bar, log-spaced, like the study's 77 K H2 measurements (0.017-1 bar).
+    """
+    pressures_bar = np.geomspace(0.01, 1.0, 12) if pressures_bar is None else pressures_bar
+    iso = grid_isotherm(grid_K, temperature_K, pressures_bar, probe, density_kg_m3=density_kg_m3, cap_K=cap_K)
+    return fit_freundlich(iso.pressure_bar, iso.q_mmol_g)
 
 
 
@@ -1311,11 +1826,648 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # 6. Models: the study's 3D GAN (after Wu et al. 2016)
 # =============================================================================
 
+# The study's network (after Wu et al. 2016): a latent vector is projected by a Linear layer to a
+# 4^3 x `channels` volume and doubled in size by k4 s2 p1 transposed convolutions, halving the channels
+# each time; the discriminator mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm
+# follows them); both nets end in a Sigmoid. At dim 64, latent 200, 512 channels this is exactly the
+# study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer
+# layout is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it),
+# the last transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
+
+def _widths(dim, channels):
+    """Feature channels from the 4^3 bottleneck outwards: channels, channels/2, ... (one per resolution step)."""
+    steps = round(math.log2(dim / 4)) if dim >= 8 else 0
+    if steps < 1 or 4 * 2 ** steps != dim:
+        raise ValueError(f"dim={dim}: grid size must be 4 * 2^n with n >= 1 (8, 16, 32, 64, 128, ...)")
+    if channels % 2 ** (steps - 1):
+        raise ValueError(f"channels={channels}: must be divisible by {2 ** (steps - 1)} for dim={dim}")
+    return [channels >> i for i in range(steps)]
+
+
+class Generator(torch.nn.Module):
+    """z (N, latent) -> grids (N, out_channels, dim, dim, dim) in [0, 1] (GAN space, see `to_gan_input`)."""
+
+    def __init__(self, dim=64, latent=200, channels=512, out_channels=1):
+        super().__init__()
+        nn = torch.nn
+        widths = _widths(dim, channels)
+        self.dim, self.latent, self.channels, self.out_channels = dim, latent, channels, out_channels
+        self.project = nn.Linear(latent, channels * 4 ** 3)
+        layers = []
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out),
+                       nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose3d(widths[-1], out_channels, 4, 2, 1, bias=False), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        x = self.project(z).view(-1, self.channels, 4, 4, 4)
+        return self.net(torch.relu(x))
+
+
+class Discriminator(torch.nn.Module):
+    """grids (N, in_channels, dim, dim, dim) in GAN space -> D(x) in (0, 1), shape (N,)."""
+
+    def __init__(self, dim=64, channels=512, in_channels=1):
+        super().__init__()
+        nn = torch.nn
+        widths = _widths(dim, channels)[::-1]
+        self.dim, self.channels, self.in_channels = dim, channels, in_channels
+        layers = []
+        for c_in, c_out in zip([in_channels] + widths, widths):
+            layers += [nn.Conv3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels * 4 ** 3, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.head(self.features(x).flatten(1))).squeeze(1)
+
+
+# The study's input transform: attractive wells (E < 0) become positive values in (0, 1], everything
+# repulsive becomes 0, wells deeper than E_scale saturate at 1. Extra channels (atom densities already in
+# [0, 1]) pass through unchanged; the channel axis is -4 for inputs with 4 or more dimensions.
+
+def _map_energy_channel(x, fn):
+    if x.ndim < 4 or x.shape[-4] == 1:
+        return fn(x)
+    cat = torch.cat if torch.is_tensor(x) else np.concatenate
+    return cat([fn(x[..., :1, :, :, :]), x[..., 1:, :, :, :]], -4)
+
+
+def _check_e_scale(e_scale_K):
+    if not (math.isfinite(e_scale_K) and e_scale_K > 0):
+        raise ValueError(f"e_scale_K={e_scale_K}: must be a positive finite energy in kelvin")
+
+
+def _float32(x):
+    return x.float() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
+
+
+def to_gan_input(grid_K, e_scale_K):
+    """Kelvin grid(s) -> GAN space: clip(-E, 0, E_scale) / E_scale on channel 0 (numpy or torch, float32)."""
+    _check_e_scale(e_scale_K)
+    return _map_energy_channel(_float32(grid_K), lambda e: (-e).clip(0, e_scale_K) / e_scale_K)
+
+
+def from_gan_output(x, e_scale_K):
+    """GAN space -> kelvin: E = -x * E_scale on channel 0 (repulsive regions come back as 0 K)."""
+    _check_e_scale(e_scale_K)
+    return _map_energy_channel(_float32(x), lambda v: -v * e_scale_K)
+
+
+def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
+    """E_scale (K) from data: the `percentile` of -E over attractive voxels (E < 0) of channel 0.
+
+    A high percentile keeps almost every well below saturation while one freak voxel cannot set the scale.
+    Each grid contributes at most `values_per_grid` random attractive voxels, so memory stays small.
+    """
+    rng = np.random.default_rng(seed)
+    wells = []
+    for grid in grids_K:
+        e = np.asarray(grid, dtype=np.float32)
+        e = e[0] if e.ndim == 4 else e
+        depth = -e[e < 0]
+        if depth.size > values_per_grid:
+            depth = rng.choice(depth, values_per_grid, replace=False)
+        wells.append(depth)
+    wells = np.concatenate(wells) if wells else np.empty(0, np.float32)
+    if wells.size == 0:
+        raise ValueError("pick_e_scale: no attractive voxel (E < 0) in the grids given")
+    return float(np.percentile(wells, percentile))
+
 
 
 # =============================================================================
 # 7. Training: LSGAN with exact-resume checkpoints, mixed precision, DDP
 # =============================================================================
+
+# Training runs one LSGAN update of D and then of G on EVERY batch (the study's script ran D over all
+# shards and then G over all shards; that is not copied). Everything a run needs to continue bit-for-bit
+# lives in one checkpoint, written atomically (temp + rename) so a Colab disconnect mid-write leaves the
+# previous one intact. Multi-GPU: launch with torchrun; each process reads RANK / WORLD_SIZE / LOCAL_RANK.
+# BatchNorm stays per-process (plain BatchNorm3d, DDP broadcast_buffers=True re-syncs running stats from
+# rank 0 at every D/G forward): per-GPU batch statistics match the single-GPU recipe, and SyncBatchNorm
+# would add a collective to each of the ~8 BN layers in each of the 3 forwards per step.
+
+ARCH_FIELDS = ("dim", "channels", "latent", "grid_channels")
+HISTORY_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "samples_per_s", "time_s")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not match the run; the file is left untouched."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss became NaN/Inf; the last good checkpoint was kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the study's best run (48 epochs, batch 2, latent 200, Adam 2e-4 (0.5, 0.999), fp32 eager).
+
+    `TrainConfig.fast_gpu()` is the kit's GPU preset (bf16/fp16 autocast, channels_last_3d, torch.compile,
+    batch 64 with the same lr: DCGAN's own recipe). A bigger batch means fewer updates per epoch.
+    """
+    dim: int = 64                   # grid edge in voxels (8, 16, 32, 64, 128, ...)
+    channels: int = 512             # feature channels at the 4^3 bottleneck
+    latent: int = 200
+    grid_channels: int = 1          # channel 0 = energy (K); more channels = atom densities in [0, 1]
+    epochs: int = 48
+    batch_size: int = 2             # per process
+    lr: float = 2e-4
+    betas: tuple = (0.5, 0.999)
+    e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
+    seed: int = 0
+    device: str = "auto"            # "auto": cuda:LOCAL_RANK when available, else cpu
+    precision: str = "fp32"         # "fp32" | "bf16" | "fp16" (+ GradScaler) | "auto": bf16 from Ampere on,
+                                    # fp16 on older GPUs (T4), fp32 on CPU
+    channels_last: bool = False     # channels_last_3d memory format (faster cuDNN kernels with bf16/fp16)
+    compile: bool = False           # torch.compile the models
+    num_workers: int = 0            # DataLoader worker processes
+    log_every: int = 10             # steps per history row (and per NaN check)
+    checkpoint_every_steps: int = 1000
+    checkpoint_every_min: float = 10.0
+
+    @classmethod
+    def fast_gpu(cls, **overrides):
+        """The kit's default GPU preset; any field can still be overridden."""
+        preset = dict(batch_size=64, precision="auto", channels_last=True, compile=True,
+                      num_workers=min(4, os.cpu_count() or 1))  # Colab: 2 vCPUs
+        return cls(**{**preset, **overrides})
+
+
+@dataclass
+class TrainResult:
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module
+    checkpoint: Path
+    history: list                   # dicts with HISTORY_COLUMNS
+
+
+# --- checkpoints -------------------------------------------------------------
+
+def _rng_state():
+    """This process's python / numpy / torch / CUDA RNG states as tensors and plain containers (weights_only-safe)."""
+    import random
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, key.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state):
+    import random
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed):
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a training checkpoint with torch.load(weights_only=True); CheckpointError names the file and why."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable mofkit checkpoint ({type(e).__name__}: {e})") from e
+    required = {"config", "e_scale_K", "generator", "discriminator", "opt_g", "opt_d", "scaler", "rng",
+                "step", "epoch", "samples_in_epoch", "time_s", "history"}
+    missing = required - set(ckpt) if isinstance(ckpt, dict) else required
+    if missing:
+        raise CheckpointError(f"{path}: not a mofkit GAN checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def _config_from_checkpoint(ckpt):
+    names = TrainConfig.__dataclass_fields__.keys()
+    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+
+
+def _models(config):
+    return (Generator(config.dim, config.latent, config.channels, config.grid_channels),
+            Discriminator(config.dim, config.channels, config.grid_channels))
+
+
+# --- one step ----------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """The live training objects: raw modules (for state_dicts), the callables to run them, optimizers."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    g: object                        # G, maybe DDP- and/or compile-wrapped
+    d: object                        # D for the D step (DDP-wrapped under torchrun)
+    d_for_g: object                  # D for the G step: no DDP, its weight grads are never needed
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: object
+    precision: str
+    memory_format: torch.memory_format
+
+    def autocast(self, device_type):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
+
+
+def _resolve_precision(precision, device):
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision={precision!r}: use 'auto', 'fp32', 'bf16' or 'fp16'")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"  # T4/V100: fp16 + GradScaler
+
+
+def _build_run(config, device, ddp=False):
+    """Models, optimizers and wrappers for `config` on `device` (DDP when running under torchrun)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    G, D = (m.to(device) for m in _models(config))
+    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
+    adam = dict(lr=config.lr, betas=tuple(config.betas))
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
+    precision = _resolve_precision(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    g, d, d_for_g = G, D, D
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == "cuda" else None
+        g, d = DDP(G, device_ids=ids, broadcast_buffers=True), DDP(D, device_ids=ids, broadcast_buffers=True)
+    if config.compile:
+        g, d = torch.compile(g), torch.compile(d)
+        d_for_g = torch.compile(D) if ddp else d
+    return _Run(G, D, g, d, d_for_g, opt_g, opt_d, scaler, precision, memory_format)
+
+
+def _gan_step(run, real):
+    """One LSGAN update of D, then of G, on a batch of GAN-space grids; returns [loss_d, loss_g, D(real), D(fake)]."""
+    mse = torch.nn.functional.mse_loss
+    device_type = real.device.type
+    z = torch.randn(real.shape[0], run.G.latent, device=real.device)
+    with run.autocast(device_type):
+        fake = run.g(z)
+        d_real, d_fake = run.d(real).float(), run.d(fake.detach()).float()
+        loss_d = 0.5 * (mse(d_real, torch.ones_like(d_real)) + mse(d_fake, torch.zeros_like(d_fake)))
+    run.opt_d.zero_grad(set_to_none=True)
+    run.scaler.scale(loss_d).backward()
+    run.scaler.step(run.opt_d)
+
+    run.D.requires_grad_(False)  # the G step needs D's input gradients only
+    with run.autocast(device_type):
+        d_gen = run.d_for_g(fake).float()
+        loss_g = mse(d_gen, torch.ones_like(d_gen))
+    run.opt_g.zero_grad(set_to_none=True)
+    run.scaler.scale(loss_g).backward()
+    run.scaler.step(run.opt_g)
+    run.scaler.update()
+    run.D.requires_grad_(True)
+    return torch.stack([loss_d, loss_g, d_real.mean(), d_fake.mean()]).detach()
+
+
+# --- data --------------------------------------------------------------------
+
+class _Reiterable(torch.utils.data.IterableDataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def _epoch_batches(dataset, config, epoch, skip_samples, rank, world, pin):
+    """This process's batches for `epoch`, starting after `skip_samples` samples (exact mid-epoch resume).
+
+    Map-style datasets (lists, torch Datasets) are shuffled per (seed, epoch) and split across processes by a
+    DistributedSampler. Streaming datasets (ShardDataset) order and split themselves: they get
+    `set_epoch(epoch, start=n)` (skip n samples without reading them) and `batch_size` set to the trainer's
+    (so DataLoader workers keep the order); a stream whose set_epoch takes no `start` has skipped batches read.
+    """
+    import inspect
+    import itertools
+    from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+    seed = int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0])
+    kw = dict(batch_size=config.batch_size, drop_last=True, num_workers=config.num_workers, pin_memory=pin,
+              generator=torch.Generator().manual_seed(seed))  # own generator: the global RNG stays untouched
+    skip_batches = skip_samples // config.batch_size
+    if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "batch_size"):
+            dataset.batch_size = config.batch_size
+        set_epoch = getattr(dataset, "set_epoch", None)
+        if set_epoch is not None and "start" in inspect.signature(set_epoch).parameters:
+            set_epoch(epoch, start=skip_batches * config.batch_size)
+            skip_batches = 0
+        elif set_epoch is not None:
+            set_epoch(epoch)
+        loader = DataLoader(dataset, **kw)
+    else:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=config.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, sampler=sampler, **kw)
+    batches = itertools.islice(loader, skip_batches, None)
+    if world > 1 and not hasattr(dataset, "__len__"):
+        return _while_all_ranks_have(batches, pin)
+    return batches  # a length means equal counts per process (DistributedSampler, ShardDataset): no per-step sync
+
+
+def _steps_per_epoch(dataset, config, world):
+    """Batches per process per epoch (for the progress bar); None for a stream of unknown length."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return len(dataset) // config.batch_size if hasattr(dataset, "__len__") else None
+    return len(dataset) // world // config.batch_size
+
+
+def _as_dataset(dataset):
+    from torch.utils.data import IterableDataset
+    if isinstance(dataset, IterableDataset) or hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        return dataset
+    if iter(dataset) is dataset:
+        raise TypeError("dataset is a one-shot iterator; pass a list, a torch Dataset or a ShardDataset")
+    return _Reiterable(dataset)
+
+
+def _while_all_ranks_have(batches, cuda):
+    """Yield batches while every process still has one: DDP steps in lockstep, a stream may run out unevenly."""
+    import torch.distributed as dist
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    for batch in batches:
+        flag = torch.ones(1, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not flag.item():
+            return
+        yield batch
+    dist.all_reduce(torch.zeros(1, device=device), op=dist.ReduceOp.MIN)
+
+
+# --- the loop ----------------------------------------------------------------
+
+def _distributed(config):
+    """(rank, world, device, created_group) from torchrun's environment variables."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:
+        return 0, 1, device, False
+    import torch.distributed as dist
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device, created
+
+
+def _write_history_csv(path, rows):
+    with atomic_write(path, "w") as f:
+        f.write(",".join(HISTORY_COLUMNS) + "\n")
+        f.writelines(",".join(repr(r[c]) for c in HISTORY_COLUMNS) + "\n" for r in rows)
+
+
+def load_history(path):
+    """A run's history.csv (or the run folder holding it) as a pandas DataFrame, one row per logged step."""
+    import pandas as pd
+    path = Path(path)
+    return pd.read_csv(path / "history.csv" if path.is_dir() else path)
+
+
+def _resume_from(resume, last, config):
+    """The checkpoint to continue from (or None), checked against `config`; never silently starts over."""
+    if resume is False or resume is None:
+        if last.exists():
+            raise CheckpointError(f"{last}: a checkpoint is already there; pass resume=True to continue it "
+                                  "or choose another out_dir (it is never overwritten by a fresh run)")
+        return None
+    path = last if resume is True else Path(resume)
+    if resume is True and not path.exists():
+        return None
+    ckpt = load_checkpoint(path)
+    for name in ARCH_FIELDS:
+        theirs, ours = ckpt["config"].get(name), getattr(config, name)
+        if theirs != ours:
+            raise CheckpointError(f"{path}: checkpoint has {name}={theirs} but the config asks for {ours}; "
+                                  "use a matching config or another out_dir")
+    if config.e_scale_K is not None and config.e_scale_K != ckpt["e_scale_K"]:
+        raise CheckpointError(f"{path}: checkpoint has e_scale_K={ckpt['e_scale_K']} but the config asks "
+                              f"for {config.e_scale_K}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def _e_scale(config, dataset, world, device):
+    """E_scale (K): the config's, else the dataset's, else picked from its first 64 grids (rank 0's, shared)."""
+    e_scale = config.e_scale_K or getattr(dataset, "e_scale_K", None)
+    if e_scale is None:
+        import itertools
+        e_scale = pick_e_scale(itertools.islice(iter(dataset), 64))
+    if world > 1:
+        import torch.distributed as dist
+        shared = torch.tensor([float(e_scale)], dtype=torch.float64, device=device)
+        dist.broadcast(shared, 0)
+        e_scale = shared.item()
+    _check_e_scale(float(e_scale))
+    return float(e_scale)
+
+
+def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True):
+    """Train the GAN on `dataset` (kelvin grids (C, D, D, D): a list, torch Dataset or ShardDataset).
+
+    Writes `out_dir/last.pt` (every `checkpoint_every_steps` steps or `checkpoint_every_min` minutes and at the
+    end) and `out_dir/history.csv`. `resume=True` continues `out_dir/last.pt` exactly when it exists,
+    `resume="path.pt"` continues that file, `resume=False` refuses to touch an existing checkpoint.
+    `max_steps` stops after that many optimizer steps in total (counting resumed ones). Under torchrun
+    every process calls this and rank 0 writes the files.
+    """
+    out_dir = Path(out_dir)
+    last, history_csv = out_dir / "last.pt", out_dir / "history.csv"
+    ckpt = _resume_from(resume, last, config)
+    rank, world, device, created_group = _distributed(config)
+    try:
+        return _train(config, _as_dataset(dataset), ckpt, last, history_csv, rank, world, device,
+                      max_steps, progress)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress):
+    import time
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+    _seed_all(config.seed + rank)
+    run = _build_run(config, device, ddp=world > 1)
+    step, epoch, samples_in_epoch, time_s, history = 0, 0, 0, 0.0, []
+    if ckpt is None:
+        e_scale = _e_scale(config, dataset, world, device)
+    else:
+        try:
+            run.G.load_state_dict(ckpt["generator"])
+            run.D.load_state_dict(ckpt["discriminator"])
+            run.opt_g.load_state_dict(ckpt["opt_g"])
+            run.opt_d.load_state_dict(ckpt["opt_d"])
+            run.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt['path']}: does not fit this model/optimizer ({e})") from e
+        rng = ckpt["rng"]
+        if rank < len(rng):
+            _set_rng_state(rng[rank])
+        else:  # more processes than when saved: exact continuation is impossible anyway
+            _seed_all(config.seed + rank + 7919 * ckpt["step"])
+        step, epoch, samples_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["samples_in_epoch"]
+        time_s, history, e_scale = ckpt["time_s"], list(ckpt["history"]), ckpt["e_scale_K"]
+    if rank == 0:
+        _write_history_csv(history_csv, history)  # drops rows logged after the checkpoint we resume from
+    stop_at = max_steps if max_steps is not None else float("inf")
+    saved_config = {**asdict(config), "e_scale_K": e_scale}
+
+    def save():
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, _rng_state())
+        else:
+            states = [_rng_state()]
+        if rank == 0:
+            state = {"config": saved_config, "e_scale_K": e_scale, "generator": run.G.state_dict(),
+                     "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(),
+                     "opt_d": run.opt_d.state_dict(), "scaler": run.scaler.state_dict(), "rng": states,
+                     "step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
+                     "time_s": time_s + time.perf_counter() - t_start, "history": history, "world_size": world}
+            with atomic_write(last) as f:
+                torch.save(state, f)
+
+    acc, acc_steps = torch.zeros(4, device=device), 0
+    t_start = t_log = time.perf_counter()
+    t_saved = time.monotonic()
+
+    def log():
+        """Average the metrics since the last log over steps and processes; stop on NaN/Inf; return 'save now'."""
+        nonlocal acc, acc_steps, t_log
+        now = time.perf_counter()
+        time_due = rank == 0 and time.monotonic() - t_saved >= 60 * config.checkpoint_every_min
+        stats = torch.cat([acc / acc_steps, torch.tensor([float(time_due)], device=device)])
+        if world > 1:
+            dist.all_reduce(stats)
+            stats[:4] /= world
+        loss_d, loss_g, d_real, d_fake, time_due = stats.tolist()
+        if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
+            raise TrainingDiverged(f"non-finite loss at step {step} (loss_d={loss_d}, loss_g={loss_g}); "
+                                   f"stopped without saving, the last good checkpoint {last} is kept")
+        row = dict(step=step, epoch=epoch, loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake,
+                   samples_per_s=acc_steps * config.batch_size * world / (now - t_log),
+                   time_s=time_s + now - t_start)
+        history.append(row)
+        if rank == 0:
+            with open(history_csv, "a") as f:
+                f.write(",".join(repr(row[c]) for c in HISTORY_COLUMNS) + "\n")
+        bar.set_postfix(loss_d=f"{loss_d:.4f}", loss_g=f"{loss_g:.4f}", refresh=False)
+        acc, acc_steps, t_log = torch.zeros(4, device=device), 0, now
+        return bool(time_due)
+
+    pin = device.type == "cuda"
+    per_epoch = _steps_per_epoch(dataset, config, world)
+    total = min(stop_at, config.epochs * per_epoch) if per_epoch is not None else stop_at
+    bar = tqdm(total=None if total == float("inf") else total, initial=step,
+               disable=not progress or rank != 0, desc="train", unit="step")
+    first_step = step
+    while epoch < config.epochs and step < stop_at:
+        epoch_start = step
+        batches = _epoch_batches(dataset, config, epoch, samples_in_epoch, rank, world, pin)
+        for real in batches:
+            real = to_gan_input(real.to(device, non_blocking=True), e_scale)
+            acc += _gan_step(run, real.contiguous(memory_format=run.memory_format))
+            acc_steps += 1
+            step += 1
+            samples_in_epoch += config.batch_size
+            bar.update()
+            ckpt_due = step % config.checkpoint_every_steps == 0
+            if ckpt_due or step % config.log_every == 0:
+                if log() or ckpt_due:
+                    save()
+                    t_saved = time.monotonic()
+            if step >= stop_at:
+                break
+        else:
+            if step == epoch_start and samples_in_epoch == 0:
+                raise ValueError(f"dataset gives no full batch of {config.batch_size} grids per process")
+            epoch, samples_in_epoch = epoch + 1, 0
+    if acc_steps:
+        log()
+    if step > first_step:
+        save()
+    bar.close()
+    return TrainResult(run.G, run.D, last, history)
+
+
+def main_train(argv=None):
+    """`python mofkit.py train SHARDS_DIR --out RUN_DIR [--fast-gpu] [--epochs 48 ...]` (every TrainConfig field
+    is a flag); under `torchrun --nproc_per_node=N` each process runs it and ShardDataset splits by rank.
+    The grid size and channel count come from the shards."""
+    import argparse
+    import dataclasses
+    p = argparse.ArgumentParser(prog="mofkit.py train", description="Train the 3D GAN on a folder of shards.")
+    p.add_argument("shards", help="folder of shard_*.npy files (from build_shards / ensure_shards)")
+    p.add_argument("--out", default="mofkit_run", help="run folder: last.pt, history.csv (resumed if present)")
+    p.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() instead of the study's")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
+    for f in fields:
+        kind = type(f.default) if f.default is not None else float
+        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
+    args = p.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    config = TrainConfig.fast_gpu(**overrides) if args.fast_gpu else TrainConfig(**overrides)
+    dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
+    _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
+    config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
+    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress)
+    print(f"checkpoint: {result.checkpoint}")
+    return result
+
+
+def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_scale_K=None):
+    """n generated grids in kelvin, np.float32 (n, C, D, D, D); channel 0 energy, others densities in [0, 1].
+
+    Pass a checkpoint path (E_scale is read from it) or a Generator plus `e_scale_K`. The generator runs in
+    eval mode (BatchNorm running statistics), so a grid depends only on its latent vector.
+    """
+    if isinstance(generator_or_checkpoint, torch.nn.Module):
+        G = generator_or_checkpoint
+        if e_scale_K is None:
+            raise ValueError("sample: pass e_scale_K (kelvin) with a Generator, or give a checkpoint path")
+    else:
+        ckpt = load_checkpoint(generator_or_checkpoint)
+        G = _models(_config_from_checkpoint(ckpt))[0]
+        G.load_state_dict(ckpt["generator"])
+        e_scale_K = ckpt["e_scale_K"] if e_scale_K is None else e_scale_K
+    device = torch.device(device) if device else next(G.parameters()).device
+    G = G.to(device)
+    was_training = G.training
+    G.eval()
+    z = torch.randn(n, G.latent, generator=torch.Generator().manual_seed(seed))  # same grids for any batch_size
+    out = []
+    with torch.no_grad():
+        for batch in z.split(batch_size):
+            out.append(from_gan_output(G(batch.to(device)).float(), e_scale_K).cpu().numpy())
+    G.train(was_training)
+    return np.concatenate(out) if out else np.empty((0, G.out_channels) + (G.dim,) * 3, np.float32)
 
 
 
@@ -1323,11 +2475,323 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # 8. Scoring: 1-NN two-sample accuracy, memorisation, property distances
 # =============================================================================
 
+def _resolve_device(device) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _as_samples(x, name) -> torch.Tensor:
+    """(n, ...) samples (numpy array, torch tensor or list of grids) as a float tensor, shared not copied."""
+    t = torch.stack([torch.as_tensor(g) for g in x]) if isinstance(x, (list, tuple)) else torch.as_tensor(x)
+    if t.ndim < 2 or len(t) == 0:
+        raise ValueError(f"{name}: expected (n, ...) samples with n >= 1, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.float()
+    for start in range(0, len(t), 256):  # in blocks: a 2,000-grid batch never gets a full-size mask
+        if not torch.isfinite(t[start:start + 256]).all():
+            raise ValueError(f"{name}: contains NaN or Inf (sample block starting at {start})")
+    return t
+
+
+def _features(parts, mode, device, chunk, downsample=4, bins=64) -> list[torch.Tensor]:
+    """(n, d) feature rows for each part: raw values, grids average-pooled by `downsample`, or value histograms.
+
+    Histograms share `bins` equal bins over the min..max of all parts together, normalised to fractions,
+    so they compare the distribution of energies and ignore where in the grid they sit.
+    """
+    if mode == "raw":
+        return [p.reshape(len(p), -1) for p in parts]
+    if mode == "downsampled":
+        for p in parts:
+            if p.ndim not in (4, 5):
+                raise ValueError(f"features='downsampled' needs (n, D, D, D) or (n, C, D, D, D) grids, "
+                                 f"got shape {tuple(p.shape)}")
+        pool = lambda x: torch.nn.functional.avg_pool3d(x if x.ndim == 5 else x[:, None], downsample,
+                                                        ceil_mode=True).flatten(1)
+        return [torch.cat([pool(p[s:s + chunk].to(device, torch.float32)) for s in range(0, len(p), chunk)])
+                for p in parts]
+    if mode == "histogram":
+        lo = min(float(p.min()) for p in parts)
+        hi = max(float(p.max()) for p in parts)
+        inner_edges = torch.linspace(lo, hi, bins + 1, device=device)[1:-1]
+
+        def histogram(x):
+            x = x.to(device, torch.float32).flatten(1)
+            counts = torch.zeros(len(x), bins, device=device)
+            counts.scatter_add_(1, torch.bucketize(x, inner_edges), torch.ones_like(x))
+            return counts / x.shape[1]
+
+        return [torch.cat([histogram(p[s:s + chunk]) for s in range(0, len(p), chunk)]) for p in parts]
+    raise ValueError(f"features={mode!r}: expected 'raw', 'downsampled' or 'histogram'")
+
+
+def _nearest(queries, refs, same, device, dtype=torch.float32, chunk=512):
+    """Index of, and float64-exact squared Euclidean distance to, the nearest ref row of every query row.
+
+    `queries` and `refs` are lists of (n, d) tensors (read as one concatenated set each, never copied whole).
+    Candidates come from chunked |a|^2 + |b|^2 - 2 a.b in `dtype` (the fast part: one matmul per block
+    pair, on GPU if asked), with rows centred on the refs' mean so the cancellation stays small. Every
+    candidate within the rounding bound of a query's best in a block is then re-measured as sum((a-b)^2)
+    in float64: near-ties are decided exactly, exact ties go to the lowest ref index, and with `same`
+    (queries are refs: leave-one-out) a row never picks itself.
+    """
+    def blocks(parts):
+        offset = 0
+        for p in parts:
+            for s in range(0, len(p), chunk):
+                yield offset + s, p[s:s + chunk]
+            offset += len(p)
+
+    nq, nr, d = sum(len(p) for p in queries), sum(len(p) for p in refs), refs[0].shape[1]
+    if same and nr < 2:
+        raise ValueError(f"leave-one-out needs at least 2 samples, got {nr}")
+    mean = sum(r.to(device, torch.float64).sum(0) for _, r in blocks(refs)) / nr
+    mean = mean.to(dtype)
+    # rounding of the matmul form, relative to |a|^2 + |b|^2: measured <= 2 eps (blocked BLAS sums) for
+    # d = 4096..262144; 64 eps leaves a wide margin and still rechecks only genuine near-ties
+    rel_tol = 64 * torch.finfo(dtype).eps
+    best_d = torch.full((nq,), math.inf, dtype=torch.float64, device=device)
+    best_i = torch.full((nq,), -1, dtype=torch.long, device=device)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # TF32's 10-bit mantissa would make the bound meaningless
+    try:
+        for q0, q in blocks(queries):
+            q = q.to(device)
+            a = q.to(dtype) - mean
+            a2 = (a * a).sum(1)
+            for r0, r in blocks(refs):
+                r = r.to(device)
+                b = r.to(dtype) - mean
+                b2 = (b * b).sum(1)
+                dist = a2[:, None] + b2[None, :] - 2 * (a @ b.T)
+                if same:
+                    qi = torch.arange(q0, q0 + len(q), device=device)[:, None]
+                    dist[qi == torch.arange(r0, r0 + len(r), device=device)[None, :]] = math.inf
+                tol = rel_tol * (a2 + b2.max())
+                local = dist.min(1).values
+                candidate = (dist <= (local + tol)[:, None]) & (dist < math.inf)
+                iq, ir = torch.nonzero(candidate, as_tuple=True)  # row-major: ir ascending within a row
+                if len(iq) == 0:  # a block holding only the query itself
+                    continue
+                exact = torch.cat([((q[iq[s:s + 64]].double() - r[ir[s:s + 64]].double()) ** 2).sum(1)
+                                   for s in range(0, len(iq), 64)])
+                block_best = torch.full((len(q),), math.inf, dtype=torch.float64, device=device)
+                block_best.scatter_reduce_(0, iq, exact, "amin")
+                wins = exact == block_best[iq]
+                block_arg = torch.full((len(q),), nr, dtype=torch.long, device=device)
+                block_arg.scatter_reduce_(0, iq[wins], ir[wins] + r0, "amin")
+                better = block_best < best_d[q0:q0 + len(q)]  # strict: earlier (lower-index) blocks win ties
+                best_d[q0:q0 + len(q)][better] = block_best[better]
+                best_i[q0:q0 + len(q)][better] = block_arg[better]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return best_i.cpu(), best_d.cpu()
+
+
+def one_nn_accuracy(real, generated, features="raw", device=None, return_details=False,
+                    dtype=torch.float32, chunk=512, downsample=4, bins=64):
+    """Leave-one-out 1-nearest-neighbour accuracy of telling real from generated samples.
+
+    Every sample of the union (n real + n generated) is labelled by its nearest other sample (squared
+    Euclidean distance on `features`: "raw" voxels, "downsampled" (avg-pooled by `downsample`) or
+    "histogram" (value distribution, `bins` bins)). 0.5 means indistinguishable (with equal n), 1.0 means
+    perfectly separated; well below 0.5 means generated samples sit on top of real ones (copies).
+    Equals scikit-learn's KNeighborsClassifier(n_neighbors=1) under LeaveOneOut. Distances are computed
+    in blocks of `chunk` rows, so 2,000 + 2,000 64^3 grids never need more than a few blocks in memory;
+    pass CUDA tensors (or device="cuda") to run on a GPU.
+    Returns the accuracy, or with `return_details` a dict that adds the per-class accuracies
+    ("real_accuracy", "generated_accuracy"), the counts and each sample's nearest neighbour index.
+    """
+    device = _resolve_device(device)
+    real, generated = _as_samples(real, "real"), _as_samples(generated, "generated")
+    if real.shape[1:] != generated.shape[1:]:
+        raise ValueError(f"real samples have shape {tuple(real.shape[1:])} but generated ones "
+                         f"{tuple(generated.shape[1:])}")
+    parts = _features([real, generated], features, device, chunk, downsample, bins)
+    nearest, _ = _nearest(parts, parts, same=True, device=device, dtype=dtype, chunk=chunk)
+    labels = torch.cat([torch.zeros(len(real), dtype=torch.bool), torch.ones(len(generated), dtype=torch.bool)])
+    correct = (labels[nearest] == labels).double()
+    accuracy = correct.mean().item()
+    if not return_details:
+        return accuracy
+    return {"accuracy": accuracy, "real_accuracy": correct[:len(real)].mean().item(),
+            "generated_accuracy": correct[len(real):].mean().item(), "n_real": len(real),
+            "n_generated": len(generated), "nearest": nearest.numpy()}
+
+
+def memorisation(generated, train, heldout, features="raw", device=None, dtype=torch.float32, chunk=512,
+                 downsample=4, bins=64) -> dict:
+    """Do generated samples sit closer to the training set than unseen real samples do?
+
+    d_gen[i] is the Euclidean distance (on `features`, as in one_nn_accuracy) from generated sample i to
+    its nearest training sample; d_held[j] the same for held-out real sample j, which the GAN never saw.
+    "fraction_closer" is the fraction of generated samples with d_gen < min_j d_held: closer to the
+    training data than any held-out sample is. Copies of training samples score 1.0; a generator that
+    draws fresh samples from the training distribution scores about 1/(n_heldout + 1).
+    Also returned: "threshold" (min d_held), both distance arrays and each generated sample's nearest
+    training index.
+    """
+    device = _resolve_device(device)
+    sets = {"generated": generated, "train": train, "heldout": heldout}
+    sets = {name: _as_samples(x, name) for name, x in sets.items()}
+    shapes = {name: tuple(x.shape[1:]) for name, x in sets.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"sample shapes differ: {shapes}")
+    gen, tr, held = _features(list(sets.values()), features, device, chunk, downsample, bins)
+    nearest, gen_d2 = _nearest([gen], [tr], same=False, device=device, dtype=dtype, chunk=chunk)
+    _, held_d2 = _nearest([held], [tr], same=False, device=device, dtype=dtype, chunk=chunk)
+    gen_d, held_d = gen_d2.sqrt().numpy(), held_d2.sqrt().numpy()
+    threshold = float(held_d.min())
+    return {"fraction_closer": float((gen_d < threshold).mean()), "threshold": threshold,
+            "generated_to_train": gen_d, "heldout_to_train": held_d, "nearest_train": nearest.numpy()}
+
+
+def grid_properties(grids_K, temperature_K=77.0, density_kg_m3=None):
+    """Widom factor, log10 of it (or of K_H when a density is given) and isosteric heat for each grid.
+
+    Grids are (n, D, D, D) kelvin, or (n, C, D, D, D) with energy in channel 0. Returns a pandas
+    DataFrame with one row per grid.
+    """
+    import pandas as pd
+    grids = _as_samples(grids_K, "grids_K")
+    if grids.ndim == 5:
+        grids = grids[:, 0]
+    rows = []
+    for g in grids.numpy():
+        widom = widom_factor(g, temperature_K)
+        row = {"widom": widom, "log10_widom": math.log10(widom),
+               "heat_kJ_mol": heat_of_adsorption(g, temperature_K)}
+        if density_kg_m3 is not None:
+            row["log10_henry"] = math.log10(henry_coefficient(g, density_kg_m3, temperature_K))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def property_comparison(real_grids_K, generated_grids_K, temperature_K=77.0, density_kg_m3=None, seed=0):
+    """Adsorption properties of real vs generated kelvin grids: medians and Wasserstein distances.
+
+    Generated grids have no framework, hence no density: with `density_kg_m3=None` the comparison uses
+    log10 of the dimensionless Widom factor <exp(-E/kT)>; with a nominal density it reports log10 K_H
+    (mol kg^-1 Pa^-1). One shared density shifts every log10 K_H by the same amount, so the Wasserstein
+    distance is the same either way; only the medians change. The noise floor is the same distance
+    between two random halves of the real grids ("wasserstein_real_halves"; halves are smaller than the
+    full sets, so it slightly overstates the floor). Returns a DataFrame indexed by property.
+    """
+    import pandas as pd
+    from scipy.stats import wasserstein_distance
+    real = grid_properties(real_grids_K, temperature_K, density_kg_m3)
+    gen = grid_properties(generated_grids_K, temperature_K, density_kg_m3)
+    if len(real) < 2:
+        raise ValueError(f"real_grids_K: need at least 2 grids to split into halves, got {len(real)}")
+    half = np.random.default_rng(seed).permutation(len(real))
+    first, second = half[:len(real) // 2], half[len(real) // 2:]
+    columns = ["log10_widom" if density_kg_m3 is None else "log10_henry", "heat_kJ_mol"]
+    return pd.DataFrame({c: {"median_real": real[c].median(), "median_generated": gen[c].median(),
+                             "wasserstein": wasserstein_distance(real[c], gen[c]),
+                             "wasserstein_real_halves": wasserstein_distance(real[c].iloc[first],
+                                                                             real[c].iloc[second])}
+                         for c in columns}).T
+
 
 
 # =============================================================================
 # 9. Pictures: CT-style slice montages, loss curves, histograms
 # =============================================================================
+
+def _save_figure(fig, path):
+    """Write `fig` atomically when a path is given (format from the suffix, PNG by default); return it."""
+    if path is not None:
+        with atomic_write(path) as f:
+            fig.savefig(f, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=fig.dpi)
+    return fig
+
+
+def _energy_volume(grid, channel) -> np.ndarray:
+    g = np.asarray(grid.detach().cpu() if torch.is_tensor(grid) else grid, dtype=np.float32)
+    g = g[channel] if g.ndim == 4 else g
+    if g.ndim != 3:
+        raise ValueError(f"grid: expected (D, D, D) or (C, D, D, D), got shape {np.shape(grid)}")
+    return g
+
+
+def plot_slices(grid, titles=None, axis=0, channel=0, linthresh_K=10.0, cmap="RdBu_r", panel_in=0.9, path=None):
+    """CT-style montage of every slice of a kelvin grid (64 slices -> an 8 x 8 panel); a list of grids
+    (e.g. [real, generated]) gives montages side by side with one shared colour scale.
+
+    Colours use a symmetric-log scale (linear within +-linthresh_K, logarithmic beyond) centred on 0 K:
+    adsorption wells (E < 0, a few hundred K deep) show blue and repulsive cores (up to the +5000 K cap)
+    red, both legible at once, which a linear scale (dominated by the cap) cannot do.
+    Returns the matplotlib Figure (shown inline in a notebook); saves it when `path` is given.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.colors import SymLogNorm
+    volumes = [_energy_volume(g, channel) for g in (grid if isinstance(grid, (list, tuple)) else [grid])]
+    titles = list(titles) if titles is not None else [None] * len(volumes)
+    if len(titles) != len(volumes):
+        raise ValueError(f"titles: {len(titles)} given for {len(volumes)} grids")
+    n = volumes[0].shape[axis]
+    ncols = math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    vmax = max(linthresh_K, max(float(np.abs(v).max()) for v in volumes))
+    norm = SymLogNorm(linthresh=linthresh_K, vmin=-vmax, vmax=vmax, base=10)
+    fig = Figure(figsize=(len(volumes) * ncols * panel_in + 1.2, nrows * panel_in + 0.5))
+    outer = fig.add_gridspec(1, len(volumes) + 1, width_ratios=[ncols] * len(volumes) + [0.25],
+                             left=0.02, right=0.93, bottom=0.02, top=0.93, wspace=0.08)
+    for m, (volume, title) in enumerate(zip(volumes, titles)):
+        if volume.shape[axis] != n:
+            raise ValueError(f"grid {m} has {volume.shape[axis]} slices along axis {axis}, grid 0 has {n}")
+        panels = outer[0, m].subgridspec(nrows, ncols, wspace=0.04, hspace=0.04).subplots(squeeze=False)
+        for k, ax in enumerate(panels.flat):
+            ax.set_axis_off()
+            if k < n:
+                image = ax.imshow(np.take(volume, k, axis=axis).T, origin="lower", cmap=cmap, norm=norm,
+                                  interpolation="nearest")
+        if title:
+            panels[0, 0].set_title(title, loc="left", fontsize=11)
+    fig.colorbar(image, cax=fig.add_subplot(outer[0, -1]), label="E / k$_B$ (K)")
+    return _save_figure(fig, path)
+
+
+def plot_history(history, path=None):
+    """Training curves from the GAN history (DataFrame, list of dicts or CSV path): loss_* columns on
+    the left, discriminator scores (columns naming D(real) / D(fake)) on the right, against `step`."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+    df = pd.read_csv(history) if isinstance(history, (str, Path)) else pd.DataFrame(history)
+    losses = [c for c in df.columns if c.lower().startswith("loss")]
+    scores = [c for c in df.columns if c.lower().startswith(("d_", "d(")) and ("real" in c or "fake" in c)]
+    if not losses and not scores:
+        raise ValueError(f"history: no loss_* or D(real)/D(fake) columns among {list(df.columns)}")
+    x = df["step"] if "step" in df.columns else df.index
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    for ax, columns, ylabel in zip(fig.subplots(1, 2), (losses, scores), ("loss", "discriminator output")):
+        for c in columns:
+            ax.plot(x, df[c], label=c, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if columns:
+            ax.legend()
+    return _save_figure(fig, path)
+
+
+def plot_property_histograms(real_vals, gen_vals, label="value", bins=30, path=None):
+    """Overlaid histograms of a property for real and generated samples. Arrays give one panel;
+    dicts or DataFrames give one panel per shared key (e.g. property_comparison's grid_properties)."""
+    from matplotlib.figure import Figure
+    if isinstance(real_vals, dict) or hasattr(real_vals, "columns"):
+        keys = [k for k in real_vals.keys() if k in gen_vals.keys()]
+        pairs = [(k, np.asarray(real_vals[k], float), np.asarray(gen_vals[k], float)) for k in keys]
+    else:
+        pairs = [(label, np.asarray(real_vals, float).ravel(), np.asarray(gen_vals, float).ravel())]
+    if not pairs:
+        raise ValueError("real_vals and gen_vals share no property")
+    fig = Figure(figsize=(4.2 * len(pairs), 3.4), layout="constrained")
+    for ax, (name, real, gen) in zip(np.atleast_1d(fig.subplots(1, len(pairs))), pairs):
+        edges = np.histogram_bin_edges(np.concatenate([real, gen]), bins=bins)
+        ax.hist(real, edges, alpha=0.55, density=True, label=f"real (n={len(real)})")
+        ax.hist(gen, edges, alpha=0.55, density=True, label=f"generated (n={len(gen)})")
+        ax.set_xlabel(name)
+        ax.legend()
+    return _save_figure(fig, path)
 
 
 
@@ -1335,10 +2799,313 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # 10. Inverse: grid -> atoms -> XYZ
 # =============================================================================
 
+DENSITY_CLASSES = ("metal", "C", "N", "O", "H", "other")
+# Element written for a decoded atom of each class: the density channels do not say which metal it is
+# ("Zn" is a placeholder) and "other" becomes ASE's dummy atom X.
+CLASS_SYMBOLS = {"metal": "Zn", "other": "X"}
+_NON_METALS = {"X", "H", "He", "B", "C", "N", "O", "F", "Ne", "Si", "P", "S", "Cl", "Ar", "Ge", "As", "Se",
+               "Br", "Kr", "Sb", "Te", "I", "Xe", "At", "Rn"}
+
+
+def element_class(symbol, classes=DENSITY_CLASSES) -> str:
+    """Density class of an element: itself if it is a class, else "metal" for metals, else "other"."""
+    if symbol in classes:
+        return symbol
+    return "metal" if "metal" in classes and symbol not in _NON_METALS else "other"
+
+
+def _cube_images(atoms, size, spacing_A, margin_A):
+    """(symbols, positions) of the periodic images within margin_A (> 0) of the sampled cube
+    [0, (size-1)*spacing_A]^3: the frame of grid_points(atoms, size, "cube", spacing_A)."""
+    positions, index = periodic_images(atoms, [0.0] * 3, [(size - 1) * spacing_A] * 3, margin_A)
+    return np.array(atoms.get_chemical_symbols())[index], positions
+
+
+def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=0.5, classes=DENSITY_CLASSES) -> np.ndarray:
+    """Gaussian-smeared atom densities per element class on the cube-frame grid, float32 (C, D, D, D).
+
+    Same frame as voxelize(atoms, size, "cube", spacing_A), so these stack onto the energy grid as extra
+    GAN channels. Each voxel holds the max (not the sum) over atoms of exp(-r^2 / 2 sigma^2): values
+    stay in [0, 1], peak exactly 1 at an atom centre, and every atom's nearest voxel stays a local
+    maximum however close its neighbours are, which is what grid_to_atoms(method="density") relies on.
+    """
+    if sigma_A <= 0 or spacing_A <= 0:
+        raise ValueError(f"sigma_A and spacing_A must be positive, got {sigma_A}, {spacing_A}")
+    reach = math.ceil(3 * sigma_A / spacing_A)  # exp(-4.5) = 0.011 at the window edge
+    symbols, positions = _cube_images(atoms, size, spacing_A, (reach + 1) * spacing_A)
+    channel = torch.tensor([classes.index(element_class(s, classes)) for s in symbols], dtype=torch.long)
+    pos = torch.as_tensor(positions / spacing_A)  # in voxels
+    window = torch.arange(-reach, reach + 1)
+    window = torch.stack(torch.meshgrid(window, window, window, indexing="ij"), -1).reshape(-1, 3)
+    out = torch.zeros(len(classes) * size ** 3, dtype=torch.float32)
+    for s in range(0, len(pos), 4096):  # bounded memory for big cells
+        voxel = pos[s:s + 4096].round().long()[:, None, :] + window[None]
+        r2 = ((voxel - pos[s:s + 4096, None, :]) ** 2).sum(-1) * spacing_A ** 2
+        keep = ((voxel >= 0) & (voxel < size)).all(-1)
+        flat = ((channel[s:s + 4096, None] * size + voxel[..., 0]) * size + voxel[..., 1]) * size + voxel[..., 2]
+        out.scatter_reduce_(0, flat[keep], torch.exp(-r2 / (2 * sigma_A ** 2))[keep].float(), "amax")
+    return out.reshape(len(classes), size, size, size).numpy()
+
+
+def _density_peaks(channels, threshold, spacing_A, min_separation_A):
+    """(positions_A, class index, height) of atoms found as peaks in per-class density channels.
+
+    A peak is a voxel above `threshold` and >= its 6 face neighbours (strictly > the lower-index one,
+    so a flat top of two equal voxels gives one peak; cube faces may peak). It is refined to sub-voxel
+    by a parabola through the log values of 3 voxels along each axis (exact for a Gaussian), centred on
+    the peak or, on a face, the 3 innermost, and kept within the peak voxel's own cell; peaks that
+    refine to outside the cube are images beyond it and dropped. Peaks of different channels closer than min_separation_A are one atom whose class is
+    the strongest channel's.
+    """
+    from scipy.spatial import cKDTree
+    size = channels.shape[-1]
+    v = channels.astype(np.float64)
+    padded = np.pad(v, [(0, 0)] + [(1, 1)] * 3, constant_values=-1.0)
+    inner = (slice(None),) + (slice(1, -1),) * 3
+    peak = v > threshold
+    for axis in (1, 2, 3):
+        peak &= v > np.roll(padded, 1, axis)[inner]
+        peak &= v >= np.roll(padded, -1, axis)[inner]
+    c, *ijk = np.nonzero(peak)
+    ijk = np.stack(ijk, 1)
+    height = v[c, ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+    centre = ijk.astype(np.float64)
+    for axis in range(3):
+        m = np.clip(ijk[:, axis], 1, size - 2)  # stencil m-1, m, m+1
+        at = lambda shift: np.log(np.maximum(v[(c,) + tuple(m + shift if a == axis else ijk[:, a]
+                                                           for a in range(3))], 1e-12))
+        lm, l0, lp = at(-1), at(0), at(1)
+        curvature = lm - 2 * l0 + lp
+        concave = curvature < 0  # otherwise the stencil straddles another atom: stay on the voxel
+        vertex = np.where(concave, m + 0.5 * (lm - lp) / np.where(concave, curvature, -1), ijk[:, axis])
+        centre[:, axis] += np.clip(vertex - ijk[:, axis], -0.5, 0.5)  # an atom lies in its peak voxel's cell
+    inside = np.all((centre >= 0) & (centre <= size - 1), axis=1)
+    positions, c, height = centre[inside] * spacing_A, c[inside], height[inside]
+    order = np.argsort(-height, kind="stable")
+    keep = np.ones(len(order), bool)
+    tree = cKDTree(positions)
+    for p in order:  # strongest first: weaker peaks of other channels near it are the same atom
+        if keep[p]:
+            near = tree.query_ball_point(positions[p], min_separation_A)
+            keep[[q for q in near if q != p]] = False
+    kept = order[keep[order]]
+    return positions[kept], c[kept], height[kept]
+
+
+def _core_radius_A(element, probe, threshold_K):
+    """Distance (A) at which the element-probe pair energy A/r^12 - B/r^6 falls to threshold_K >= 0."""
+    (a,), (b,) = pair_coefficients([element], probe)
+    return ((b + math.sqrt(b * b + 4 * a * threshold_K)) / (2 * a)) ** (-1 / 6)
+
+
+def _cluster_atoms(energy_K, spacing_A, threshold_K, probe, elements, seed):
+    """The study's route: cluster the repulsive-core voxels (E >= threshold_K) into atoms.
+
+    Connected cores are split by k-means into k = core volume / (one carbon core's volume) atoms; each
+    cluster's element is the one (among `elements`) whose single-atom core radius is nearest the
+    cluster's equivalent-sphere radius.
+    """
+    from scipy import ndimage
+    from sklearn.cluster import KMeans
+    voxel_A3 = spacing_A ** 3
+    radii = {e: _core_radius_A(e, probe, threshold_K) for e in elements}
+    atom_A3 = 4 / 3 * math.pi * _core_radius_A("C", probe, threshold_K) ** 3
+    labels, _ = ndimage.label(energy_K >= threshold_K)
+    symbols, positions = [], []
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        corner = np.array([s.start for s in box])
+        points = (np.argwhere(labels[box] == index) + corner).astype(np.float64) * spacing_A
+        k = min(len(points), max(1, round(len(points) * voxel_A3 / atom_A3)))
+        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(points)
+        for c in range(k):
+            r = (3 * np.count_nonzero(km.labels_ == c) * voxel_A3 / (4 * math.pi)) ** (1 / 3)
+            symbols.append(min(elements, key=lambda e: abs(radii[e] - r)))
+            positions.append(km.cluster_centers_[c])
+    return symbols, np.array(positions).reshape(-1, 3)
+
+
+def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes=DENSITY_CLASSES,
+                  min_separation_A=0.7, probe="H2", elements=("H", "C", "N", "O", "Zn"), seed=0):
+    """Decode a cube-frame grid into atoms: ase.Atoms with positions in angstrom inside the cube.
+
+    method="density": `grid` holds density_channels (C, D, D, D), optionally after an energy channel 0
+    (C + 1 channels, as stacked for training); atoms are peaks above `threshold` (default 0.6: a clean
+    atom's nearest voxel is >= 0.69 at the default sigma 0.5 A, spacing 0.5 A, while an image more
+    than 0.5 A beyond a cube face stays below 0.6 there) with the class from the strongest channel. Symbols: the class element, CLASS_SYMBOLS for "metal" (placeholder) and "other".
+    method="cluster": the study's route for energy-only grids (kelvin, channel 0 if several): k-means
+    clusters of repulsive-core voxels (E >= threshold, default 0 K: the study's clip(-E, 0, E_scale)
+    scaling keeps nothing above 0 K) with elements guessed from the core size. It cannot see hydrogen as
+    separate from its neighbour's core, cannot tell C/N/O apart (their cores differ by ~0.1 A, less than
+    a voxel), and merged cores of bonded atoms (core radius ~3 A vs bonds of ~1.4 A) make the atom count
+    a volume estimate: expect low recall and positions off by about a bond length.
+    Cell = the cube (size * spacing_A), pbc False (the cube is not periodic).
+    """
+    from ase import Atoms
+    g = np.asarray(grid.detach().cpu() if torch.is_tensor(grid) else grid, dtype=np.float32)
+    if g.ndim not in (3, 4) or len(set(g.shape[-3:])) != 1:
+        raise ValueError(f"grid: expected a cube (D, D, D) or (C, D, D, D), got shape {g.shape}")
+    if method == "density":
+        if g.ndim != 4 or g.shape[0] not in (len(classes), len(classes) + 1):
+            raise ValueError(f"grid: method='density' needs {len(classes)} density channels {classes} "
+                             f"(or energy + those), got shape {g.shape}")
+        positions, cls, _ = _density_peaks(g[-len(classes):], 0.6 if threshold is None else threshold,
+                                           spacing_A, min_separation_A)
+        symbols = [CLASS_SYMBOLS.get(classes[c], classes[c]) for c in cls]
+    elif method == "cluster":
+        symbols, positions = _cluster_atoms(g[0] if g.ndim == 4 else g, spacing_A,
+                                            0.0 if threshold is None else threshold, probe, elements, seed)
+    else:
+        raise ValueError(f"method={method!r}: expected 'density' or 'cluster'")
+    return Atoms(symbols=symbols, positions=positions, cell=[g.shape[-1] * spacing_A] * 3, pbc=False)
+
+
+def _write_atoms(atoms, path, fmt, mode):
+    import ase.io
+    with atomic_write(path, mode) as f:
+        ase.io.write(f, atoms, format=fmt)
+    return Path(path)
+
+
+def write_xyz(atoms, path) -> Path:
+    """Atomically write extended XYZ (plain XYZ plus the cell on the comment line; any XYZ reader works)."""
+    return _write_atoms(atoms, path, "extxyz", "w")
+
+
+def write_cif(atoms, path) -> Path:
+    """Atomically write a P1 CIF of the atoms in their cell (for decoded atoms: the cube)."""
+    return _write_atoms(atoms, path, "cif", "wb")
+
+
+def contact_count(atoms, min_A=0.7) -> int:
+    """Number of atom pairs closer than min_A (physically impossible contacts), periodic if atoms.pbc."""
+    from ase.neighborlist import neighbor_list
+    return len(neighbor_list("i", atoms, min_A)) // 2
+
+
+def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes=DENSITY_CLASSES) -> dict:
+    """Compare decoded atoms with the true non-hydrogen atoms of `atoms` in the cube frame.
+
+    Decoded and true atoms are paired one-to-one (Hungarian, maximising the number of pairs within
+    tol_A). recall = paired true atoms / true non-H atoms inside the sampled cube [0, (size-1)*spacing]^3;
+    precision = paired decoded / decoded non-H atoms (true images just outside the cube may pair, so
+    a correct peak on a face is not a false positive). The class_* figures pair only atoms of the same
+    element class. Also: counts and impossible contacts (< 0.7 A) among the decoded atoms.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+    true_symbols, true_pos = _cube_images(atoms, size, spacing_A, tol_A)
+    heavy = true_symbols != "H"
+    true_cls, true_pos = np.array([element_class(s, classes) for s in true_symbols[heavy]]), true_pos[heavy]
+    inside = np.all((true_pos >= 0) & (true_pos <= (size - 1) * spacing_A), axis=1)
+    dec_cls = np.array([element_class(s, classes) for s in decoded.get_chemical_symbols()], dtype=object)
+    dec_pos = decoded.positions[dec_cls != "H"]
+    dec_cls = dec_cls[dec_cls != "H"]
+    scores = {"n_true": int(inside.sum()), "n_decoded": len(dec_pos), "contacts": contact_count(decoded)}
+    for prefix, same_class in (("", False), ("class_", True)):
+        cost = cdist(dec_pos, true_pos)
+        if same_class:
+            cost[dec_cls[:, None] != true_cls[None, :]] = np.inf
+        within = cost <= tol_A
+        rows, cols = linear_sum_assignment(np.where(within, cost, tol_A * (len(cost) + 1) + 1))
+        hit = within[rows, cols]
+        scores[prefix + "recall"] = float(inside[cols[hit]].sum() / max(1, inside.sum()))
+        scores[prefix + "precision"] = float(hit.sum() / max(1, len(dec_pos)))
+    return scores
+
 
 
 # =============================================================================
 # 11. Command line
 # =============================================================================
+
+def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", timeout_s=1800):
+    """Execute the tutorial notebook headless (nbclient); the executed copy and its files land in out_dir.
+
+    mode: "quick" (a few dozen CoRE MOF structures, a few training steps: minutes on a CPU), "full" (the whole
+    CoRE MOF 2019 set, the fast GPU preset) or "auto" (full when a GPU is present). The notebook reads
+    MOFKIT_MODE and MOFKIT_OUT from the environment, so Colab's "Run all" and this function run the same cells.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    path, out_dir = Path(path).resolve(), Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.read(path, as_version=4)
+    saved = {k: os.environ.get(k) for k in ("MOFKIT_MODE", "MOFKIT_OUT", "MPLBACKEND")}
+    os.environ.update(MOFKIT_MODE=mode, MOFKIT_OUT=str(out_dir), MPLBACKEND="Agg")  # the kernel inherits these
+    try:
+        NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        with atomic_write(out_dir / path.name, "w") as f:   # also when a cell failed: the traceback is in it
+            nbformat.write(nb, f)
+    return out_dir / path.name
+
+
+def main(argv=None):
+    """python mofkit.py {notebook, voxelize, shards, train, sample} ... (each with --help)."""
+    import argparse
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:                   # its flags mirror TrainConfig; torchrun-friendly
+        return main_train(argv[1:])
+    p = argparse.ArgumentParser(prog="mofkit.py", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    nb = sub.add_parser("notebook", help="run MOF_3DGAN.ipynb headless (the main job)")
+    nb.add_argument("--mode", choices=["auto", "quick", "full"], default="auto")
+    nb.add_argument("--out", default="mofkit_outputs")
+    vx = sub.add_parser("voxelize", help="energy grids of CIF files or CoRE MOF names -> .npy (kelvin)")
+    vx.add_argument("structures", nargs="+", help="CIF paths or CoRE MOF 2019-ASR names")
+    sh = sub.add_parser("shards", help="voxelize CoRE MOF 2019-ASR (or a CIF folder) into shards")
+    sh.add_argument("out_dir")
+    sh.add_argument("--source", default=None, help="CIF folder (default: CoRE MOF 2019-ASR)")
+    sh.add_argument("--limit", type=int, default=None)
+    sh.add_argument("--shard-size", type=int, default=100)
+    sub.add_parser("train", help="train the GAN on a shard folder (see: mofkit.py train --help)")
+    sm = sub.add_parser("sample", help="generate grids from a checkpoint -> .npy + slice PNGs")
+    sm.add_argument("checkpoint")
+    sm.add_argument("--n", type=int, default=4)
+    sm.add_argument("--seed", type=int, default=0)
+    for q in (vx, sm):
+        q.add_argument("--out", default="mofkit_outputs")
+    for q in (vx, sh, sm):
+        q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    for q in (vx, sh):
+        q.add_argument("--size", type=int, default=64)
+        q.add_argument("--frame", choices=["cube", "cell"], default="cube")
+        q.add_argument("--spacing", type=float, default=0.5, help="cube frame voxel size, A")
+        q.add_argument("--probe", choices=sorted(PROBES), default="H2")
+    args = p.parse_args(argv)
+
+    if args.command == "notebook":
+        print(run_notebook(out_dir=args.out, mode=args.mode))
+    elif args.command == "voxelize":
+        out = Path(args.out)
+        for src in args.structures:
+            atoms = read_structure(src) if src.endswith(".cif") else load_coremof(src)
+            grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=args.device)
+            name = atoms.info["name"]
+            with atomic_write(out / f"{name}.npy") as f:
+                np.save(f, grid)
+            print(f"{name}: {out / (name + '.npy')}  K_H(77 K) = "
+                  f"{henry_coefficient(grid, framework_density(atoms)):.3e} mol/kg/Pa, "
+                  f"Q_st = {heat_of_adsorption(grid):.2f} kJ/mol")
+    elif args.command == "shards":
+        params = ShardParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe)
+        rows = build_shards(args.out_dir, args.source, params=params, shard_size=args.shard_size,
+                            limit=args.limit, device=args.device)
+        print(f"{len(rows)} shards in {args.out_dir} (manifest: {Path(args.out_dir) / 'data_manifest.csv'})")
+    elif args.command == "sample":
+        out = Path(args.out)
+        grids = sample(args.checkpoint, args.n, seed=args.seed, device=args.device)
+        with atomic_write(out / "generated.npy") as f:
+            np.save(f, grids)
+        for i, g in enumerate(grids):
+            plot_slices(g, path=out / f"generated_{i}.png")
+        print(f"{len(grids)} grids: {out / 'generated.npy'} and generated_*.png")
+
+
+if __name__ == "__main__":
+    main()
 
 

@@ -152,17 +152,20 @@ def test_download_google_drive_quota_error_is_clear(http_server, monkeypatch, tm
     assert os.listdir(tmp_path) == []
 
 
-def test_download_old_gdown_returning_none_is_a_refusal(monkeypatch, tmp_path):
+def test_download_gdown_returning_without_a_file_is_an_error(monkeypatch, tmp_path):
     import gdown
-    monkeypatch.setattr(gdown, "download", lambda **kwargs: None)  # gdown < 5 on a refused file
+    monkeypatch.setattr(gdown, "download", lambda **kwargs: None)  # as gdown 5 does after e.g. a proxy error
     with pytest.raises(mofkit.DownloadError, match="would not serve"):
         mofkit.download(f"https://drive.google.com/open?id={DRIVE_ID}", tmp_path / "s.bin", **FAST)
     assert os.listdir(tmp_path) == []
 
 
-def test_download_drive_folder_link_is_rejected(tmp_path):
+def test_download_rejects_folder_links_and_other_schemes(tmp_path):
     with pytest.raises(mofkit.DownloadError, match="without a file id"):
         mofkit.download("https://drive.google.com/drive/folders/abc", tmp_path / "x", **FAST)
+    with pytest.raises(mofkit.DownloadError, match="only http"):
+        mofkit.download("ftp://example.org/x", tmp_path / "x", **FAST)
+    assert os.listdir(tmp_path) == []
 
 
 # --- ISODB and MOFX-DB clients -----------------------------------------------------------------------------
@@ -237,6 +240,8 @@ def test_isodb_table_converts_pressure_units_and_flags_the_rest():
     assert "molar mass of 'Water'" in mofkit.isodb_table([water]).iloc[0].note
     mg = mofkit.isodb_table([{**base, "adsorptionUnits": "mg/g"}]).iloc[0]
     assert mg.adsorption_mmol_g[0] == pytest.approx(20.6782 / 2.01588)
+    with pytest.raises(ValueError, match="ISODB isotherm record not in the expected schema.*'filename'.*Not found"):
+        mofkit.isodb_table([{"detail": "Not found."}])
 
 
 def test_fetch_isodb_filters_the_index_and_caches(http_server, tmp_path):
@@ -337,27 +342,18 @@ def test_mofxdb_table_keeps_a_mof_without_isotherms():
     assert len(table) == 1 and table.iloc[0].note == "no isotherms" and table.iloc[0].cif == mof["cif"]
 
 
-def test_mofxdb_structures_reads_the_cifs(monkeypatch):
-    if not hasattr(mofkit, "read_structure"):  # section 2 lands on main later; ase stands in until then
-        import io
-        import ase.io
-
-        def read_structure(cif, name=None):  # the contract: malformed CIFs raise StructureError(ValueError)
-            try:
-                atoms = ase.io.read(io.StringIO(cif), format="cif")
-            except Exception as e:
-                raise ValueError(f"{name}: malformed CIF ({e!r})") from None
-            atoms.info["name"] = name
-            return atoms
-        monkeypatch.setattr(mofkit, "read_structure", read_structure, raising=False)
-    doc = json.loads((MOFXDB / "mofs.mofkey.QAHDUA_clean.json").read_text())
-    broken = {**doc["results"][0], "name": "broken", "cif": "data_x\n_cell_length_a oops\n"}
+def test_mofxdb_structures_reads_the_cifs():
+    results = json.loads((MOFXDB / "mofs.page1.sample.json").read_text())["results"]
+    broken = {**results[0], "name": "broken", "cif": "data_x\n_cell_length_a oops\n"}
     failures = []
-    atoms = mofkit.mofxdb_structures(mofkit.mofxdb_table(doc["results"] + [broken]), failures)
-    assert list(atoms) == ["QAHDUA_clean"] and [name for name, _ in failures] == ["broken"]
-    qahdua = atoms["QAHDUA_clean"]
-    assert len(qahdua) == 420 and qahdua.get_chemical_formula() == "C318O78Zn24"
-    np.testing.assert_allclose(qahdua.cell.cellpar(), [41.288, 41.288, 17.5402, 90, 90, 120], atol=1e-4)
+    atoms = mofkit.mofxdb_structures(mofkit.mofxdb_table(results + [broken]), failures)
+    assert list(atoms) == ["tobmof-345", "tobmof-344", "tobmof-351"]
+    assert [name for name, _ in failures] == ["broken"]
+    tobmof = atoms["tobmof-345"]
+    assert len(tobmof) == 491 and tobmof.get_chemical_formula() == "C264H176Cu12N36Zn3"
+    assert tobmof.info["name"] == "tobmof-345"
+    np.testing.assert_allclose(tobmof.cell.cellpar(), [47.5795, 47.8407, 47.3675, 89.8089, 90.0725, 89.8585],
+                               atol=1e-4)
 
 
 
@@ -526,12 +522,13 @@ def test_lattice_translation_and_supercell_give_the_same_grid():
                                base, rtol=1e-4, atol=1e-3)
 
 
-def test_gpu_style_batching_matches_small_batches():
-    """The large padded batches a GPU gets are exercised here on the CPU and must agree with the default."""
-    atoms = mofkit.load_coremof("ABAVIJ_clean")
-    small = mofkit.voxelize(atoms, size=24, frame="cell", block=4)
-    big = mofkit.voxelize(atoms, size=24, frame="cell", block=8, pairs_per_batch=50_000_000)
-    np.testing.assert_allclose(big, small, rtol=1e-4, atol=1e-3)
+def test_gpu_style_batching_over_structures_matches_one_by_one():
+    """The large padded multi-structure batches a GPU gets are exercised here on the CPU."""
+    structures = [mofkit.load_coremof("ABAVIJ_clean"), mofkit.load_coremof("ABIXOZ_clean")]
+    one_by_one = [mofkit.voxelize(a, size=24, frame="cell", block=4) for a in structures]
+    batched = mofkit.voxelize_many(structures, size=24, frame="cell", block=8, pairs_per_batch=50_000_000)
+    for b, o in zip(batched, one_by_one):
+        np.testing.assert_allclose(b, o, rtol=1e-4, atol=1e-3)
 
 
 def test_henry_coefficient_and_heat_on_analytic_grids():
@@ -553,6 +550,289 @@ def test_henry_coefficient_and_heat_on_analytic_grids():
 # =============================================================================
 # 4. Isotherms
 # =============================================================================
+
+STUDY_ISOTHERM = FIXTURES / "isodb" / "10.1002adem.200500223.isotherm1.json"
+
+
+def _study_points():
+    """H2 on Cu3(BTC)2 at 77 K as the study used it: bar, cm3(STP)/g / 22.4 -> mmol/g."""
+    record = json.loads(STUDY_ISOTHERM.read_text())
+    assert record["pressureUnits"] == "bar" and record["adsorptionUnits"] == "cm3(STP)/g"
+    P = np.array([p["pressure"] for p in record["isotherm_data"]])
+    q = np.array([p["total_adsorption"] for p in record["isotherm_data"]]) / 22.4
+    return P, q
+
+
+def test_sips_with_K_fixed_reproduces_the_studys_published_row():
+    P, q = _study_points()
+    fit = mofkit.fit_sips(P, q, fix_K=2.5)
+    assert abs(fit.g_inf - 16.466949) < 1e-5
+    assert fit.K == 2.5 and "K" in fit.fixed and np.isnan(fit.K_se)
+    assert abs(fit.n - 1.328632) < 1e-5
+    assert abs(fit.r2 - 0.996919) < 1e-5
+    assert fit.n_points == 12 and fit.model == "sips"
+
+
+def test_free_sips_and_true_freundlich_on_the_study_isotherm():
+    P, q = _study_points()
+    sips, freundlich = mofkit.fit_sips(P, q), mofkit.fit_freundlich(P, q)
+    assert sips.g_inf == pytest.approx(14.07, abs=0.01) and sips.K == pytest.approx(3.89, abs=0.01)
+    assert sips.n == pytest.approx(1.143, abs=1e-3) and sips.r2 == pytest.approx(0.9986, abs=1e-4)
+    assert freundlich.K == pytest.approx(11.42, abs=0.01) and freundlich.n == pytest.approx(2.43, abs=0.01)
+    assert freundlich.r2 == pytest.approx(0.974, abs=1e-3)
+    # the free fit has one more parameter and must not fit worse than K fixed at 2.5
+    assert sips.r2 > mofkit.fit_sips(P, q, fix_K=2.5).r2 > freundlich.r2
+
+
+def test_fit_statistics_match_their_definitions():
+    P, q = _study_points()
+    fit = mofkit.fit_langmuir(P, q)
+    resid = q - fit.predict(P)
+    assert fit.r2 == pytest.approx(1 - np.sum(resid ** 2) / np.sum((q - q.mean()) ** 2), rel=1e-12)
+    assert fit.rmse == pytest.approx(np.sqrt(np.mean(resid ** 2)), rel=1e-12)
+    assert fit.aic == pytest.approx(12 * np.log(np.mean(resid ** 2)) + 2 * 2, rel=1e-12)
+    # least squares optimum: the gradient J^T r vanishes (central differences, parameters as given)
+    for name in ("Q_max", "b"):
+        h = 1e-6 * fit.params[name]
+        up, down = ({**fit.params, name: fit.params[name] + s * h} for s in (1, -1))
+        grad = (np.sum((q - mofkit._langmuir(P, **up)) ** 2) - np.sum((q - mofkit._langmuir(P, **down)) ** 2)) / (2 * h)
+        assert abs(grad) * fit.params[name] < 1e-6
+
+
+NOISELESS = [  # (fitter, true parameters, pressures, fitter kwargs)
+    (mofkit.fit_freundlich, {"K": 11.4, "n": 2.4}, np.linspace(0.05, 1.0, 15), {}),
+    (mofkit.fit_sips, {"g_inf": 14.0, "K": 3.9, "n": 1.15}, np.linspace(0.05, 1.0, 15), {}),
+    (mofkit.fit_sips, {"g_inf": 16.5, "K": 2.5, "n": 1.33}, np.linspace(0.05, 1.0, 15), {"fix_K": 2.5}),
+    (mofkit.fit_langmuir, {"Q_max": 12.8, "b": 4.9}, np.linspace(0.05, 1.0, 15), {}),
+    (mofkit.fit_bet, {"q_m": 8.0, "C": 80.0, "P0": 1.0}, np.linspace(0.05, 0.3, 15), {"p0": 1.0}),
+]
+
+
+def _model_values(fitter, true, P):
+    return mofkit._MODELS[fitter.__name__[4:]].func(P, **true)
+
+
+@pytest.mark.parametrize("fitter,true,P,kwargs", NOISELESS)
+def test_isotherm_fits_recover_noiseless_parameters(fitter, true, P, kwargs):
+    fit = fitter(P, _model_values(fitter, true, P), **kwargs)
+    for name, value in true.items():
+        assert fit.params[name] == pytest.approx(value, rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+
+
+def test_freundlich_log_space_recovers_noiseless_parameters():
+    P = np.geomspace(0.01, 10, 9)
+    fit = mofkit.fit_freundlich(P, 3.0 * P ** (1 / 1.7), log_space=True)
+    assert fit.log_space and fit.K == pytest.approx(3.0, rel=1e-6) and fit.n == pytest.approx(1.7, rel=1e-6)
+
+
+@pytest.mark.parametrize("fitter,true,P,kwargs", NOISELESS)
+def test_isotherm_standard_errors_cover_the_truth_under_2pct_noise(fitter, true, P, kwargs):
+    # 100 seeded data sets, Gaussian noise of 2% of the largest uptake (the least-squares model's own
+    # assumption). With 12-13 degrees of freedom a calibrated se puts the truth within 1 se 66% and
+    # within 2 se 93% of the time; the bounds are >3 binomial sd away from those, yet fail for se off
+    # by 1.5x in either direction (1-se coverage ~0.49 or ~0.86).
+    q_true = _model_values(fitter, true, P)
+    rng = np.random.default_rng(9)
+    z = []
+    for _ in range(100):
+        fit = fitter(P, q_true + 0.02 * q_true.max() * rng.standard_normal(P.size), **kwargs)
+        z.append([(fit.params[p] - v) / fit.se[p] for p, v in true.items() if p not in fit.fixed])
+    z = np.abs(np.array(z))
+    assert ((z < 1).mean(0) >= 0.5).all() and ((z < 1).mean(0) <= 0.85).all(), (z < 1).mean(0)
+    assert ((z < 2).mean(0) >= 0.8).all(), (z < 2).mean(0)
+
+
+def test_freundlich_log_space_errors_cover_the_truth_under_2pct_relative_noise():
+    P, rng, z = np.linspace(0.05, 1.0, 15), np.random.default_rng(3), []
+    for _ in range(100):
+        fit = mofkit.fit_freundlich(P, 11.4 * P ** (1 / 2.4) * (1 + 0.02 * rng.standard_normal(P.size)),
+                                    log_space=True)
+        z.append([(fit.K - 11.4) / fit.K_se, (fit.n - 2.4) / fit.n_se])
+    z = np.abs(np.array(z))
+    assert ((z < 1).mean(0) >= 0.5).all() and ((z < 1).mean(0) <= 0.85).all() and ((z < 2).mean(0) >= 0.8).all()
+
+
+BAD_INPUTS = [
+    (([0.1, np.nan, 0.3], [1, 2, 3]), "pressure has NaN/inf at index \\[1\\]"),
+    (([0.1, 0.2, 0.3], [1, np.inf, 3]), "adsorption has NaN/inf"),
+    (([0.1, -0.2, 0.3], [1, 2, 3]), "pressure has negative"),
+    (([0.1, 0.2, 0.3], [1, -2, 3]), "adsorption has negative"),
+    (([0.1, 0.2], [1, 2]), "only 2 usable points"),
+    (([0.1, 0.2, 0.3], [0, 0, 0]), "zero at every point"),
+    (([0.1, 0.2, 0.3, 0.4], [1, 2, 3]), "4 points but adsorption has 3"),
+]
+
+
+@pytest.mark.parametrize("fitter", [mofkit.fit_freundlich, mofkit.fit_sips, mofkit.fit_langmuir,
+                                    lambda P, q: mofkit.fit_bet(P, q, p0=1.0, p_range=(0.0, 0.9))])
+@pytest.mark.parametrize("data,message", BAD_INPUTS)
+def test_isotherm_fits_reject_bad_input_by_name(fitter, data, message):
+    with pytest.raises(ValueError, match=message):
+        fitter(*data)
+
+
+def test_freundlich_drops_zero_pressure_points_with_a_warning():
+    P = np.array([0.0, 0.1, 0.2, 0.5, 1.0])
+    with pytest.warns(UserWarning, match="dropped 1 zero-pressure point"):
+        fit = mofkit.fit_freundlich(P, np.r_[0.0, 2.0 * P[1:] ** 0.5])
+    assert fit.n_points == 4 and fit.n == pytest.approx(2.0, rel=1e-6)
+    # a zero uptake at P > 0 is data in linear space (it only spoils the log-log start)
+    q = [0.0, 2.0 * 0.2 ** 0.5, 2.0 * 0.5 ** 0.5, 2.0]
+    fit = mofkit.fit_freundlich(P[1:], q)
+    from scipy.optimize import curve_fit
+    reference, _ = curve_fit(lambda P, K, n: K * P ** (1 / n), P[1:], q, p0=(2.0, 2.0),
+                             xtol=1e-14, ftol=1e-14)
+    assert fit.n_points == 4
+    np.testing.assert_allclose([fit.K, fit.n], reference, rtol=1e-6)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="only 2 usable"):
+        mofkit.fit_freundlich([0.0, 0.0, 0.1, 0.2], [0.0, 0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="fixed sips parameter K=-1"):
+        mofkit.fit_sips([0.1, 0.2, 0.3], [1, 2, 3], fix_K=-1)
+
+
+def test_bet_p0_lookup_validity_range_and_rouquerol():
+    assert mofkit.saturation_pressure_bar("Nitrogen", 77.355) == pytest.approx(1.01325, rel=1e-12)
+    # reference equation-of-state values (Span et al. 2000, Tegeler et al. 1999, via CoolProp)
+    assert mofkit.saturation_pressure_bar("N2", 77.0) == pytest.approx(0.971523, rel=1e-3)
+    assert mofkit.saturation_pressure_bar("Argon", 87.0) == pytest.approx(0.981313, rel=1e-3)
+    with pytest.raises(ValueError, match="Hydrogen"):
+        mofkit.saturation_pressure_bar("Hydrogen", 77.0)
+    with pytest.raises(ValueError, match="pass p0"):
+        mofkit.saturation_pressure_bar("N2", 90.0)
+    p0 = mofkit.saturation_pressure_bar("N2", 77.0)
+    P = np.linspace(0.01, 0.95, 60) * p0
+    q_bet = mofkit._bet(P, 10.0, 150.0, p0)
+    fit = mofkit.fit_bet(P, q_bet, adsorbate="Nitrogen", temperature_K=77.0)
+    assert fit.q_m == pytest.approx(10.0, rel=1e-6) and fit.C == pytest.approx(150.0, rel=1e-6)
+    x = P / p0
+    assert fit.n_points == np.sum((x >= 0.05) & (x <= 0.30)) and fit.P0 == p0
+    # a type-I (Langmuir-like) isotherm: Rouquerol keeps points up to the maximum of q (1 - x)
+    q_type1 = mofkit._langmuir(x, 10.0, 200.0)
+    fit = mofkit.fit_bet(P, q_type1, p0=p0, p_range="rouquerol")
+    assert fit.pressure_range[1] / p0 == pytest.approx(x[np.argmax(q_type1 * (1 - x))])
+    with pytest.raises(ValueError, match="BET range"):
+        mofkit.fit_bet(P[x > 0.5], q_bet[x > 0.5], p0=p0)
+
+
+def test_fit_isotherm_table_fits_good_rows_and_keeps_bad_ones_with_the_reason():
+    import pandas as pd
+    records = [json.loads((FIXTURES / "isodb" / f"{name}.json").read_text()) for name in
+               ("10.1002adem.200500223.isotherm1", "10.1002adem.200500223.isotherm3",
+                "10.1007s1045001193373.Isotherm11")]
+    rows = mofkit.isodb_table(records).to_dict("records")
+    bad = dict(rows[0], filename="bad", adsorption_mmol_g=[np.nan] + rows[0]["adsorption_mmol_g"][1:])
+    table = mofkit.fit_isotherm_table(pd.DataFrame(rows + [bad]), "sips", progress=False, fix_K=2.5)
+    assert list(table.filename) == [r["filename"] for r in rows] + ["bad"]
+    assert table.g_inf[0] == pytest.approx(16.466949, abs=1e-5) and table.r2[0] == pytest.approx(0.996919, abs=1e-5)
+    assert table.n[0] == pytest.approx(1.328632, abs=1e-5) and table.K[0] == 2.5 and table.fit_error[0] == ""
+    assert "not convertible" in table.fit_error[1] and "mixture of 2" in table.fit_error[2]
+    assert "NaN/inf" in table.fit_error[3] and table[["g_inf", "n", "r2"]].iloc[1:].isna().all().all()
+    assert {"doi", "adsorbent", "adsorbate", "temperature_K", "g_inf_se", "n_points"} <= set(table.columns)
+
+
+def test_fit_isotherm_table_reads_user_csv_layouts(tmp_path):
+    import pandas as pd
+    P, q = _study_points()
+    wide = tmp_path / "wide.csv"
+    pd.DataFrame({"name": ["cubtc", "empty"], "pressure": [json.dumps(P.tolist()), None],
+                  "adsorption": [json.dumps(q.tolist()), None], "note": ["", ""]}).to_csv(wide, index=False)
+    long = pd.DataFrame({"isotherm": ["a"] * 12 + ["b"] * 12, "pressure": np.r_[P, P],
+                         "adsorption": np.r_[q, 2 * q]})
+    expected = mofkit.fit_freundlich(P, q)
+    by_list = mofkit.fit_isotherm_table(pd.read_csv(wide), progress=False)
+    by_point = mofkit.fit_isotherm_table(long, progress=False)
+    assert by_list.K[0] == pytest.approx(expected.K, rel=1e-9) and by_list["name"][0] == "cubtc"
+    assert by_list.fit_error[0] == "" and "no points" in by_list.fit_error[1]  # empty note reads back NaN
+    assert list(by_point.isotherm) == ["a", "b"] and by_point.K[1] == pytest.approx(2 * expected.K, rel=1e-6)
+    np.testing.assert_allclose(by_point.n, expected.n, rtol=1e-6)
+    assert (by_point.fit_error == "").all()
+    with pytest.raises(ValueError, match="pressure_bar/adsorption_mmol_g or pressure/adsorption"):
+        mofkit.fit_isotherm_table(pd.DataFrame({"p": [1]}))
+
+
+def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
+    P, q = _study_points()
+    fits = {"study: Sips, K = 2.5": mofkit.fit_sips(P, q, fix_K=2.5), "Sips": mofkit.fit_sips(P, q),
+            "Freundlich": mofkit.fit_freundlich(P, q)}
+    fig, table = mofkit.plot_isotherm_fits(P, q, fits, path=tmp_path / "fits.png")
+    assert (tmp_path / "fits.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(table.index) == list(fits) and table.loc["Freundlich", "R²"] == f"{fits['Freundlich'].r2:.6f}"
+    assert table.loc["study: Sips, K = 2.5", "K"] == "2.5"  # fixed: no standard error shown
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3  # liquid H2 at 20.4 K, mol/m^3
+
+
+def test_grid_isotherm_of_uniform_grid_is_exactly_langmuir():
+    E0, T, rho = -400.0, 77.0, 900.0
+    P = np.geomspace(1e-4, 100, 13)
+    iso = mofkit.grid_isotherm(np.full((4, 4, 4), E0), T, P, "H2", density_kg_m3=rho)
+    b_per_bar = np.exp(-E0 / T) / (mofkit.R_J_PER_MOL_K * T * H2_LIQUID_MOL_M3) * 1e5
+    Q = H2_LIQUID_MOL_M3 / rho  # mol/kg = mmol/g
+    np.testing.assert_allclose(iso.q_mmol_g, Q * b_per_bar * P / (1 + b_per_bar * P), rtol=1e-12)
+    np.testing.assert_allclose(iso.q_cm3_stp_g, iso.q_mmol_g * 22.414, rtol=1e-15)
+    fit = mofkit.fit_langmuir(P, iso.q_mmol_g)
+    assert fit.b == pytest.approx(b_per_bar, rel=1e-6) and fit.Q_max == pytest.approx(Q, rel=1e-6)
+
+
+def _random_grid(seed=0, size=12, capped=0.3):
+    rng = np.random.default_rng(seed)
+    grid = rng.uniform(-1200.0, 3000.0, (size, size, size))
+    grid[rng.random(grid.shape) < capped] = 5000.0  # inside atoms, as the voxelizer caps them
+    return grid.astype(np.float32)
+
+
+def test_grid_isotherm_reduces_to_the_widom_henry_law():
+    grid, T, rho = _random_grid(), 77.0, 1200.0
+    widom = np.mean(np.exp(-grid.astype(np.float64) / T))  # over every voxel, capped ones included
+    henry_mmol_g_bar = widom / (mofkit.R_J_PER_MOL_K * T * rho) * 1e5
+    P = np.array([1e-22, 1e-20])  # deepest site: b ~ 1e11/bar, so b P < 1e-10
+    iso = mofkit.grid_isotherm(grid, T, P, density_kg_m3=rho)
+    np.testing.assert_allclose(iso.q_mmol_g / P, henry_mmol_g_bar, rtol=1e-10)
+    assert iso.henry_mmol_g_bar == pytest.approx(henry_mmol_g_bar, rel=1e-10)
+
+
+def test_grid_isotherm_henry_limit_matches_henry_coefficient_on_a_real_grid():
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    grid, rho, T = mofkit.voxelize(atoms, size=16, frame="cell"), mofkit.framework_density(atoms), 77.0
+    iso = mofkit.grid_isotherm(grid, T, [1e-22], density_kg_m3=rho)
+    henry_mmol_g_bar = mofkit.henry_coefficient(grid, rho, T) * 1e5  # mol/kg/Pa -> mmol/g/bar
+    assert iso.q_mmol_g[0] / 1e-22 == pytest.approx(henry_mmol_g_bar, rel=1e-10)
+    assert iso.henry_mmol_g_bar == pytest.approx(henry_mmol_g_bar, rel=1e-10)
+    assert 0 < iso.accessible_fraction < 1
+
+
+def test_grid_isotherm_saturates_at_accessible_pore_volume_times_liquid_density():
+    grid, T, rho = _random_grid(seed=1), 77.0, 1200.0
+    accessible = np.mean(grid < 5000.0)  # voxels below the cap
+    q_sat = accessible / rho * 70.85 / 2.01588e-3  # pore volume per kg x liquid H2 -> mol/kg
+    iso = mofkit.grid_isotherm(grid, T, [1.0, 100.0, 1e60], density_kg_m3=rho)
+    assert iso.accessible_fraction == accessible and iso.saturation_mmol_g == pytest.approx(q_sat, rel=1e-12)
+    assert iso.q_mmol_g[-1] == pytest.approx(q_sat, rel=1e-12)
+    assert 0 < iso.q_mmol_g[0] < iso.q_mmol_g[1] < iso.q_mmol_g[2]
+    # GAN output has repulsion clipped to 0 K: cap_K=0 keeps only attractive voxels
+    gan = np.minimum(grid, 0.0)
+    iso_gan = mofkit.grid_isotherm(gan, T, [1e60], density_kg_m3=rho, cap_K=0.0)
+    assert iso_gan.accessible_fraction == np.mean(grid < 0)
+    with pytest.raises(ValueError, match="no liquid density"):
+        mofkit.grid_isotherm(grid, T, [1.0], probe="He", density_kg_m3=rho)
+    with pytest.raises(ValueError, match="density_kg_m3 > 0"):
+        mofkit.grid_isotherm(grid, T, [1.0], density_kg_m3=0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        mofkit.grid_isotherm(np.full(8, np.nan), T, [1.0], density_kg_m3=rho)
+
+
+def test_grid_freundlich_is_henry_law_for_a_weak_uniform_grid_and_sublinear_for_a_real_one():
+    rho, T = 900.0, 77.0
+    weak = np.full((4, 4, 4), 400.0)  # b P < 3e-5 up to 1 bar: the Henry regime
+    fit = mofkit.grid_freundlich(weak, T, density_kg_m3=rho)
+    henry = mofkit.grid_isotherm(weak, T, [1.0], density_kg_m3=rho).henry_mmol_g_bar
+    assert fit.n == pytest.approx(1.0, rel=1e-4) and fit.K == pytest.approx(henry, rel=1e-4)
+    strong = mofkit.grid_freundlich(_random_grid(), T, density_kg_m3=rho)
+    assert strong.n > 1.5 and strong.K > 0
 
 
 
@@ -873,30 +1153,506 @@ def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed
 # 6. Models
 # =============================================================================
 
+def test_gan_parameter_counts_match_study():
+    with torch.device("meta"):  # shapes only: no 17M-parameter allocation
+        G, D = mofkit.Generator(dim=64, latent=200, channels=512), mofkit.Discriminator(dim=64, channels=512)
+    assert sum(p.numel() for p in G.parameters()) == 17_601_408
+    assert sum(p.numel() for p in D.parameters()) == 11_048_833
+    convs = [m for m in [*G.modules(), *D.modules()] if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    assert len(convs) == 8 and all(m.bias is None and m.kernel_size == (4, 4, 4) and m.stride == (2, 2, 2)
+                                   and m.padding == (1, 1, 1) for m in convs)
+
+
+@pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
+def test_gan_shapes_and_ranges(dim, channels, grid_channels):
+    torch.manual_seed(0)
+    G = mofkit.Generator(dim=dim, latent=8, channels=channels, out_channels=grid_channels)
+    D = mofkit.Discriminator(dim=dim, channels=channels, in_channels=grid_channels)
+    with torch.no_grad():
+        x = G(torch.randn(2, 8))
+        d = D(x)
+    assert x.shape == (2, grid_channels, dim, dim, dim) and d.shape == (2,)
+    assert 0 <= x.min() and x.max() <= 1 and ((0 < d) & (d < 1)).all()
+    # one resolution step per factor of 2 above 4^3
+    n_up = sum(isinstance(m, torch.nn.ConvTranspose3d) for m in G.modules())
+    assert n_up == int(np.log2(dim // 4))
+
+
+def test_gan_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="dim=48"):
+        mofkit.Generator(dim=48)
+    with pytest.raises(ValueError, match="channels=12"):
+        mofkit.Discriminator(dim=64, channels=12)
+
+
+def test_gan_transform_round_trip_numpy_and_torch():
+    e = np.array([-1500.0, -400.0, -100.0, 0.0, 250.0, 5000.0], dtype=np.float32).reshape(1, 1, 6)
+    x = mofkit.to_gan_input(e, 800.0)
+    np.testing.assert_allclose(x.ravel(), [1.0, 0.5, 0.125, 0, 0, 0])  # wells positive, repulsion 0, saturation
+    assert x.dtype == np.float32
+    back = mofkit.from_gan_output(x, 800.0)
+    np.testing.assert_allclose(back, np.clip(e, -800.0, 0.0))  # the inverse up to the clip
+    t = mofkit.to_gan_input(torch.from_numpy(e).double(), 800.0)
+    assert torch.is_tensor(t) and t.dtype == torch.float32
+    np.testing.assert_allclose(t.numpy(), x)
+    # multi-channel (N, C, D, D, D): only channel 0 is energy, densities pass through
+    grid = np.zeros((2, 3, 2, 2, 2), np.float32)
+    grid[:, 0] = -200.0
+    grid[:, 1:] = 0.7
+    out = mofkit.to_gan_input(torch.from_numpy(grid), 400.0)
+    assert out.shape == grid.shape and torch.allclose(out[:, 0], torch.tensor(0.5)) and (out[:, 1:] == 0.7).all()
+    back = mofkit.from_gan_output(out.numpy(), 400.0)
+    np.testing.assert_allclose(back, grid)
+    with pytest.raises(ValueError, match="e_scale_K"):
+        mofkit.to_gan_input(e, 0.0)
+
+
+def test_pick_e_scale_is_percentile_of_attractive_wells():
+    rng = np.random.default_rng(1)
+    grids = [np.concatenate([-rng.uniform(0, 1000, 500), rng.uniform(0, 5000, 500)]).reshape(1, 10, 10, 10)
+             for _ in range(3)]
+    wells = np.concatenate([-g[g < 0] for g in grids])
+    assert mofkit.pick_e_scale(grids, percentile=99.0) == pytest.approx(np.percentile(wells, 99.0))
+    # subsampled per grid: still the same distribution
+    assert mofkit.pick_e_scale(grids, 50.0, values_per_grid=300) == pytest.approx(500, rel=0.1)
+    with pytest.raises(ValueError, match="no attractive"):
+        mofkit.pick_e_scale([np.ones((4, 4, 4))])
+
 
 
 # =============================================================================
 # 7. Training
 # =============================================================================
 
+def _grids(n, dim=16, channels=1, seed=0, fill=None):
+    """Kelvin grids with wells and repulsive walls, like the voxelizer's output."""
+    g = torch.Generator().manual_seed(seed)
+    grids = [torch.rand(channels, dim, dim, dim, generator=g) * 1500 - 1000 for _ in range(n)]
+    if channels > 1:
+        for x in grids:
+            x[1:] = x[1:].abs() / 1000
+    if fill is not None:
+        for x in grids:
+            x.fill_(fill)
+    return grids
 
+
+def _tiny(**kw):
+    base = dict(dim=16, channels=8, latent=8, batch_size=2, e_scale_K=800.0, log_every=1, device="cpu",
+                checkpoint_every_steps=1000)
+    return mofkit.TrainConfig(**{**base, **kw})
+
+
+def test_train_config_defaults_are_the_study_and_fast_gpu_preset():
+    c = mofkit.TrainConfig()
+    assert (c.epochs, c.batch_size, c.latent, c.lr, c.betas, c.dim, c.channels, c.precision) == \
+        (48, 2, 200, 2e-4, (0.5, 0.999), 64, 512, "fp32")
+    f = mofkit.TrainConfig.fast_gpu(epochs=3)
+    assert f.batch_size > 2 and f.precision == "auto" and f.channels_last and f.compile and f.epochs == 3
+
+
+def test_train_one_step_changes_weights_finite_losses(tmp_path):
+    mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=1, progress=False)
+    before = mofkit.load_checkpoint(tmp_path / "last.pt")
+    res = mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=2, progress=False)  # one more step
+    h = res.history[-1]
+    assert h["step"] == 2 and all(np.isfinite(h[k]) for k in ("loss_d", "loss_g", "d_real", "d_fake"))
+    for name, module in [("generator", res.generator), ("discriminator", res.discriminator)]:
+        for k, w in module.named_parameters():
+            assert not torch.equal(before[name][k], w.detach()), (name, k)  # every weight got an update
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_autocast_step_on_cpu(tmp_path, precision):
+    res = mofkit.train(_tiny(precision=precision, channels_last=True), _grids(4), tmp_path, max_steps=2,
+                       progress=False)
+    h = res.history[-1]
+    assert h["step"] == 2 and np.isfinite(h["loss_d"]) and np.isfinite(h["loss_g"]) and 0 < h["d_real"] < 1
+    ckpt = mofkit.load_checkpoint(tmp_path / "last.pt")
+    assert bool(ckpt["scaler"]) == (precision == "fp16")  # GradScaler state only on the fp16 path
+
+
+def test_train_resume_is_bit_identical(tmp_path):
+    data = _grids(6)  # 3 steps per epoch: the 4-step run crosses an epoch, the split falls mid-epoch
+    straight = mofkit.train(_tiny(), data, tmp_path / "a", max_steps=4, progress=False)
+    first = mofkit.train(_tiny(), data, tmp_path / "b", max_steps=2, progress=False)
+    assert first.history[-1]["step"] == 2
+    resumed = mofkit.train(_tiny(), data, tmp_path / "b", resume=True, max_steps=4, progress=False)
+    for a, b in [(straight.generator, resumed.generator), (straight.discriminator, resumed.discriminator)]:
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), k
+    assert [r["loss_g"] for r in straight.history] == [r["loss_g"] for r in resumed.history]
+    ckpt = mofkit.load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["samples_in_epoch"]) == (4, 1, 2)
+
+
+def test_train_history_csv_and_load_history(tmp_path):
+    mofkit.train(_tiny(log_every=2), _grids(4), tmp_path, max_steps=5, progress=False)
+    df = mofkit.load_history(tmp_path)
+    assert list(df.columns) == list(mofkit.HISTORY_COLUMNS)
+    assert df["step"].tolist() == [2, 4, 5] and (df["samples_per_s"] > 0).all()
+    assert df["epoch"].tolist() == [0, 1, 2]  # 2 steps per epoch
+    # rows logged after the checkpoint a run resumes from are dropped
+    with open(tmp_path / "history.csv", "a") as f:
+        f.write("6,3,0,0,0,0,0,0\n")
+    mofkit.train(_tiny(log_every=2), _grids(4), tmp_path, max_steps=6, progress=False)
+    assert mofkit.load_history(tmp_path / "history.csv")["step"].tolist() == [2, 4, 5, 6]
+
+
+def test_train_corrupt_or_mismatched_checkpoint_clear_error_and_kept(tmp_path):
+    mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=1, progress=False)
+    last = tmp_path / "last.pt"
+    good = last.read_bytes()
+    with pytest.raises(mofkit.CheckpointError, match="channels=8 but the config asks for 16"):
+        mofkit.train(_tiny(channels=16), _grids(4), tmp_path, max_steps=2, progress=False)
+    with pytest.raises(mofkit.CheckpointError, match="already there"):
+        mofkit.train(_tiny(), _grids(4), tmp_path, resume=False, max_steps=2, progress=False)
+    assert last.read_bytes() == good
+    bad = tmp_path / "bad" / "last.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(good[: len(good) // 2])  # a checkpoint cut short
+    with pytest.raises(mofkit.CheckpointError, match=r"bad[/\\]last\.pt.*not a readable"):
+        mofkit.train(_tiny(), _grids(4), bad.parent, max_steps=2, progress=False)
+    assert bad.read_bytes() == good[: len(good) // 2]
+    torch.save({"step": 3}, bad)
+    with pytest.raises(mofkit.CheckpointError, match="missing"):
+        mofkit.sample(bad, 1)
+
+
+def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = _tiny(checkpoint_every_steps=1)
+    mofkit.train(cfg, _grids(4), tmp_path, max_steps=2, progress=False)
+    good = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(mofkit.TrainingDiverged, match="non-finite loss at step 3.*last good checkpoint"):
+        mofkit.train(cfg, _grids(4, fill=float("nan")), tmp_path, max_steps=4, progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == good
+    assert mofkit.load_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+def test_train_rejects_unusable_datasets(tmp_path):
+    with pytest.raises(TypeError, match="one-shot"):
+        mofkit.train(_tiny(), (g for g in _grids(4)), tmp_path / "a", max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="no full batch of 2"):
+        mofkit.train(_tiny(), _grids(1), tmp_path / "b", max_steps=1, progress=False)
+
+
+def test_train_streaming_dataset_and_picked_e_scale(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):  # ShardDataset's protocol: set_epoch(epoch, start=n)
+        def __init__(self, grids):
+            self.grids, self.calls, self.start, self.batch_size = grids, [], 0, 1
+
+        def set_epoch(self, epoch, start=0):
+            self.calls.append((epoch, start))
+            self.start = start
+
+        def __iter__(self):
+            return iter(self.grids[self.start:])
+
+    grids = _grids(6, channels=2)
+    stream = Stream(grids)
+    cfg = _tiny(grid_channels=2, e_scale_K=None)
+    res = mofkit.train(cfg, stream, tmp_path / "a", max_steps=2, progress=False)
+    assert stream.batch_size == 2  # set to the trainer's, so DataLoader workers keep the stream's order
+    assert mofkit.load_checkpoint(res.checkpoint)["e_scale_K"] == pytest.approx(mofkit.pick_e_scale(grids))
+    resumed = mofkit.train(cfg, stream, tmp_path / "a", max_steps=5, progress=False)
+    assert stream.calls == [(0, 0), (0, 4), (1, 0)]  # resumed mid-epoch without re-reading
+    # a stream without `start`: the skipped batches are read and dropped, same result
+    plain = mofkit.train(cfg, mofkit._Reiterable(grids), tmp_path / "b", max_steps=2, progress=False)
+    plain = mofkit.train(cfg, mofkit._Reiterable(grids), tmp_path / "b", max_steps=5, progress=False)
+    for x, y in zip(resumed.generator.parameters(), plain.generator.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_sample_from_checkpoint_in_kelvin(tmp_path):
+    res = mofkit.train(_tiny(grid_channels=2), _grids(4, channels=2), tmp_path, max_steps=1, progress=False)
+    grids = mofkit.sample(tmp_path / "last.pt", 5, batch_size=2, seed=3)
+    assert grids.shape == (5, 2, 16, 16, 16) and grids.dtype == np.float32
+    assert grids[:, 0].max() <= 0 and grids[:, 0].min() >= -800.0  # energies in K, within [-E_scale, 0]
+    assert 0 <= grids[:, 1:].min() and grids[:, 1:].max() <= 1      # density channel untouched
+    same = mofkit.sample(res.generator, 5, batch_size=5, seed=3, e_scale_K=800.0)
+    np.testing.assert_allclose(grids, same, rtol=1e-5, atol=1e-3)  # batching changes only float rounding
+    with pytest.raises(ValueError, match="e_scale_K"):
+        mofkit.sample(res.generator, 1)
+
+
+def test_main_train_on_shards_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    for k in range(2):  # two real shard files of 5 tiny kelvin grids each, 2 channels
+        grids = rng.uniform(-1000, 500, (5, 2, 16, 16, 16)).astype(np.float32)
+        names = [f"m{k}{i}" for i in range(5)]
+        meta = {"source": "synthetic", "params": {}, "members": names, "names": names, "failures": [],
+                "properties": {"columns": [], "rows": [[] for _ in names]}}
+        mofkit.write_shard(tmp_path / "shards" / f"shard_{k:05d}.npy", grids, meta)
+    flags = [str(tmp_path / "shards"), "--channels", "8", "--latent", "8", "--e-scale-K", "800", "--device", "cpu",
+             "--log-every", "1", "--no-progress"]
+    straight = mofkit.main_train(flags + ["--out", str(tmp_path / "a"), "--max-steps", "7"])
+    mofkit.main_train(flags + ["--out", str(tmp_path / "b"), "--max-steps", "3"])  # stops mid-epoch 0
+    resumed = mofkit.main_train(flags + ["--out", str(tmp_path / "b"), "--max-steps", "7"])
+    ckpt = mofkit.load_checkpoint(resumed.checkpoint)
+    assert (ckpt["config"]["dim"], ckpt["config"]["grid_channels"], ckpt["step"], ckpt["epoch"]) == (16, 2, 7, 1)
+    for x, y in zip(straight.generator.state_dict().values(), resumed.generator.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+_DDP_CHILD = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import mofkit
+torch.set_num_threads(1)
+torch.distributed.init_process_group("gloo")  # as a user script under torchrun may; train() then reuses it
+rank = int(os.environ["RANK"])
+g = torch.Generator().manual_seed(0)
+data = [torch.rand(1, 16, 16, 16, generator=g) * 1500 - 1000 for _ in range(8)]
+cfg = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=2, e_scale_K=800.0, log_every=1, device="cpu",
+                         epochs=1)
+for run, dataset, steps in [("list", data, 2), ("stream", mofkit._Reiterable(data[:8 - 2 * rank]), None)]:
+    res = mofkit.train(cfg, dataset, {out!r} + "/" + run, max_steps=steps, progress=False)
+    torch.save([p.detach() for m in (res.generator, res.discriminator) for p in m.parameters()],
+               {out!r} + f"/{{run}}/params{{rank}}.pt")
+"""
+
+
+def test_train_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = _DDP_CHILD.format(root=str(Path(mofkit.__file__).parent), out=str(tmp_path))
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    # "list": DistributedSampler splits 8 grids; "stream": rank 0 has 4 batches, rank 1 only 3 -> both stop at 3
+    for run, steps in [("list", 2), ("stream", 3)]:
+        p0, p1 = (torch.load(tmp_path / run / f"params{r}.pt", weights_only=True) for r in range(2))
+        assert all(torch.equal(a, b) for a, b in zip(p0, p1)), run
+        ckpt = mofkit.load_checkpoint(tmp_path / run / "last.pt")
+        assert ckpt["step"] == steps and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    # each process drew its own latent vectors
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
 
 # =============================================================================
 # 8. Scoring
 # =============================================================================
 
+def _sklearn_loo_1nn(features):
+    from sklearn.model_selection import LeaveOneOut, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+    X = np.concatenate([f.reshape(len(f), -1) for f in features]).astype(np.float64)
+    y = np.repeat([0, 1], [len(f) for f in features])
+    return (cross_val_predict(KNeighborsClassifier(n_neighbors=1), X, y, cv=LeaveOneOut()) == y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_nn_accuracy_equals_sklearn_leave_one_out(dtype):
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(23, 6, 6, 6)).astype(np.float32)
+    generated = rng.normal(0.2, 1.1, size=(19, 6, 6, 6)).astype(np.float32)
+    correct = _sklearn_loo_1nn([real, generated])
+    # chunk=5 splits both sets across blocks, so block edges and the self-exclusion are exercised
+    details = mofkit.one_nn_accuracy(real, generated, return_details=True, dtype=dtype, chunk=5)
+    assert details["accuracy"] == pytest.approx(correct.mean(), abs=1e-12)
+    assert details["real_accuracy"] == pytest.approx(correct[:23].mean(), abs=1e-12)
+    assert details["generated_accuracy"] == pytest.approx(correct[23:].mean(), abs=1e-12)
+    assert mofkit.one_nn_accuracy(real, generated, dtype=dtype, chunk=5) == details["accuracy"]
+    assert 0.2 < details["accuracy"] < 0.9  # not a degenerate case where any classifier agrees
+
+
+def test_one_nn_accuracy_downsampled_equals_sklearn_on_pooled_grids():
+    rng = np.random.default_rng(1)
+    real, generated = rng.normal(size=(20, 8, 8, 8)), rng.normal(0.1, 1.0, size=(20, 8, 8, 8))
+    pool = lambda g: g.reshape(len(g), 4, 2, 4, 2, 4, 2).mean(axis=(2, 4, 6))
+    expected = _sklearn_loo_1nn([pool(real), pool(generated)]).mean()
+    assert mofkit.one_nn_accuracy(real, generated, "downsampled", downsample=2, chunk=6) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("features", ["raw", "downsampled", "histogram"])
+def test_one_nn_accuracy_is_half_for_one_distribution_and_one_for_separated(features):
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(60, 8, 8, 8)), rng.normal(size=(60, 8, 8, 8))
+    assert 0.3 < mofkit.one_nn_accuracy(a, b, features, downsample=2, bins=16) < 0.7
+    far = rng.normal(3.0, 2.0, size=(60, 8, 8, 8))  # shifted mean and wider: separable by every feature
+    assert mofkit.one_nn_accuracy(a, far, features, downsample=2, bins=16) == 1.0
+
+
+def test_one_nn_accuracy_copies_score_zero_and_ties_never_pick_self():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(10, 4, 4, 4))
+    details = mofkit.one_nn_accuracy(real, real.copy(), return_details=True, chunk=3)
+    assert details["accuracy"] == 0.0  # each sample's nearest other sample is its copy
+    np.testing.assert_array_equal(details["nearest"], np.r_[np.arange(10, 20), np.arange(10)])
+
+
+def test_one_nn_accuracy_rejects_bad_input():
+    with pytest.raises(ValueError, match="generated"):
+        mofkit.one_nn_accuracy(np.zeros((3, 4, 4, 4)), np.full((3, 4, 4, 4), np.nan))
+    with pytest.raises(ValueError, match="shape"):
+        mofkit.one_nn_accuracy(np.zeros((3, 4, 4, 4)), np.zeros((3, 5, 5, 5)))
+    with pytest.raises(ValueError, match="features"):
+        mofkit.one_nn_accuracy(np.zeros((3, 4)), np.ones((3, 4)), features="pca")
+
+
+def test_memorisation_flags_copies_and_not_fresh_samples():
+    rng = np.random.default_rng(4)
+    train, heldout = rng.normal(size=(80, 5, 5, 5)), rng.normal(size=(40, 5, 5, 5))
+    copies = mofkit.memorisation(train[:20] + 1e-3, train, heldout, chunk=16)
+    assert copies["fraction_closer"] == 1.0
+    np.testing.assert_array_equal(copies["nearest_train"], np.arange(20))
+    expected = np.sqrt(((heldout[:, None] - train[None]) ** 2).sum(axis=(2, 3, 4))).min(1)
+    np.testing.assert_allclose(copies["heldout_to_train"], expected, rtol=1e-12)
+    assert copies["threshold"] == pytest.approx(expected.min())
+    fresh = mofkit.memorisation(rng.normal(size=(40, 5, 5, 5)), train, heldout, chunk=16)
+    assert fresh["fraction_closer"] <= 0.1  # about 1 / (40 + 1) expected
+
+
+def test_property_comparison_on_synthetic_grids():
+    rng = np.random.default_rng(5)
+    wells = lambda depth_K, n: np.where(rng.random((n, 8, 8, 8)) < 0.3, -depth_K[:, None, None, None], 5000.0)
+    real = wells(rng.uniform(400, 600, 40), 40).astype(np.float32)
+    same = wells(rng.uniform(400, 600, 40), 40).astype(np.float32)
+    shallow = wells(rng.uniform(100, 200, 40), 40).astype(np.float32)
+    near, far = mofkit.property_comparison(real, same), mofkit.property_comparison(real, shallow)
+    assert list(far.index) == ["log10_widom", "heat_kJ_mol"]
+    assert far.loc["log10_widom", "wasserstein"] > 5 * far.loc["log10_widom", "wasserstein_real_halves"]
+    assert near.loc["log10_widom", "wasserstein"] < far.loc["log10_widom", "wasserstein"] / 5
+    assert far.loc["heat_kJ_mol", "median_real"] > far.loc["heat_kJ_mol", "median_generated"] > 0
+    widom = np.array([mofkit.widom_factor(g, 77.0) for g in real])
+    assert far.loc["log10_widom", "median_real"] == pytest.approx(np.median(np.log10(widom)))
+    with_density = mofkit.property_comparison(real, shallow, density_kg_m3=1000.0)
+    assert with_density.loc["log10_henry", "wasserstein"] == pytest.approx(far.loc["log10_widom", "wasserstein"])
 
 
 # =============================================================================
 # 9. Pictures
 # =============================================================================
 
+def _image_axes(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_plot_slices_montage_panels_and_png(tmp_path):
+    grid = np.linspace(-800, 5000, 16 ** 3, dtype=np.float32).reshape(16, 16, 16)
+    fig = mofkit.plot_slices(grid, path=tmp_path / "slices.png")
+    assert len(_image_axes(fig)) == 16 and len(fig.axes) == 16 + 1  # 4 x 4 panels + colour bar
+    assert (tmp_path / "slices.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pair = mofkit.plot_slices([grid, grid[None]], titles=["real", "generated"], path=tmp_path / "pair.png")
+    assert len(_image_axes(pair)) == 32
+    odd = mofkit.plot_slices(grid[:10], axis=0)  # 10 slices -> 4 x 3 panel, 2 blank
+    assert len(_image_axes(odd)) == 10 and len(odd.axes) == 12 + 1
+    with pytest.raises(ValueError, match="grid"):
+        mofkit.plot_slices(np.zeros((4, 4)))
+
+
+def test_plot_history_and_property_histograms(tmp_path):
+    import pandas as pd
+    history = pd.DataFrame({"step": range(5), "loss_d": np.linspace(1, 0.2, 5), "loss_g": np.linspace(0.5, 1, 5),
+                            "d_real": np.linspace(0.5, 0.9, 5), "d_fake": np.linspace(0.5, 0.1, 5)})
+    history.to_csv(tmp_path / "history.csv", index=False)
+    fig = mofkit.plot_history(tmp_path / "history.csv", path=tmp_path / "history.png")
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2]
+    assert (tmp_path / "history.png").stat().st_size > 1000
+    rng = np.random.default_rng(6)
+    fig = mofkit.plot_property_histograms({"a": rng.normal(size=50), "b": rng.normal(size=50)},
+                                          {"a": rng.normal(size=40), "b": rng.normal(size=40)},
+                                          path=tmp_path / "hist.png")
+    assert len(fig.axes) == 2 and (tmp_path / "hist.png").exists()
+    assert len(mofkit.plot_property_histograms(rng.normal(size=9), rng.normal(size=9)).axes) == 1
 
 
 # =============================================================================
 # 10. Inverse
 # =============================================================================
 
+def _small_framework():
+    from ase import Atoms
+    # a cubic cell with one of each class, off-grid positions, two C atoms 1.4 A apart on a diagonal
+    return Atoms(["Zn", "C", "C", "N", "O", "H", "S"],
+                 positions=[[1.13, 2.07, 3.31], [4.21, 4.77, 1.62], [5.02, 5.58, 2.43], [2.38, 6.11, 5.29],
+                            [6.74, 1.41, 6.02], [3.5, 3.2, 7.1], [7.3, 7.45, 4.4]],
+                 cell=[8.3, 8.3, 8.3], pbc=True)
+
+
+def test_density_channels_frame_and_values():
+    atoms = _small_framework()
+    channels = mofkit.density_channels(atoms, size=24, spacing_A=0.5)
+    assert channels.shape == (6, 24, 24, 24) and channels.dtype == np.float32
+    assert channels.min() >= 0 and channels.max() <= 1
+    # the C atom at (4.21, 4.77, 1.62) A: voxel (8, 10, 3) at (4.0, 5.0, 1.5) A holds exp(-r^2 / 2 sigma^2)
+    r2 = (4.21 - 4.0) ** 2 + (4.77 - 5.0) ** 2 + (1.62 - 1.5) ** 2
+    assert channels[1, 8, 10, 3] == pytest.approx(np.exp(-r2 / (2 * 0.5 ** 2)), rel=1e-6)
+    # periodic image: Zn + one cell edge along x = (9.43, 2.07, 3.31) A is inside the 11.5 A cube too
+    assert channels[0, 19, 4, 7] > 0.6
+    assert channels[4].max() > 0.6 and channels[5].max() > 0.6  # H and "other" (S) have their own channels
+
+
+def test_density_round_trip_recovers_every_atom(tmp_path):
+    atoms = _small_framework()
+    size, spacing = 24, 0.5
+    decoded = mofkit.grid_to_atoms(mofkit.density_channels(atoms, size, spacing), spacing, method="density")
+    scores = mofkit.round_trip_scores(decoded, atoms, size, spacing)
+    assert scores["recall"] == 1.0 and scores["precision"] == 1.0
+    assert scores["class_recall"] == 1.0 and scores["class_precision"] == 1.0
+    assert scores["contacts"] == 0
+    from scipy.spatial.distance import cdist
+    symbols, truth = mofkit._cube_images(atoms, size, spacing, 1e-9)
+    d = cdist(decoded.positions, truth)
+    assert np.all(d.min(0) < 0.1)  # every true atom in the cube, found within 0.1 A
+    interior = np.all((decoded.positions > 0.5) & (decoded.positions < (size - 2) * spacing), axis=1)
+    assert interior.sum() >= 10 and np.all(d[interior].min(1) < 0.1)  # (face peaks may be images just outside)
+    nearest = d[interior].argmin(1)
+    expected = [mofkit.CLASS_SYMBOLS.get(mofkit.element_class(s), s) for s in symbols[nearest]]
+    assert list(np.array(decoded.get_chemical_symbols())[interior]) == expected
+    # an energy channel in front (as stacked for training) is skipped
+    stacked = np.concatenate([np.zeros((1, size, size, size), np.float32),
+                              mofkit.density_channels(atoms, size, spacing)])
+    assert len(mofkit.grid_to_atoms(stacked, spacing)) == len(decoded)
+
+
+def test_round_trip_scores_count_misses_and_wrong_classes():
+    from ase import Atoms
+    from scipy.spatial.distance import cdist
+    atoms = _small_framework()
+    symbols, positions = mofkit._cube_images(atoms, 24, 0.5, 1e-9)
+    heavy = symbols != "H"
+    symbols, positions = list(symbols[heavy]), positions[heavy]
+    n = len(symbols)
+    probe = np.stack(np.meshgrid(*[np.arange(0, 11.5, 0.5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    empty = probe[cdist(probe, mofkit._cube_images(atoms, 24, 0.5, 1.0)[1]).min(1).argmax()]
+    wrong = "N" if symbols[1] != "N" else "C"
+    decoded = Atoms(symbols[2:] + [wrong, "C", "H"], positions=np.vstack([positions[2:], positions[1], empty, empty]))
+    scores = mofkit.round_trip_scores(decoded, atoms, 24, 0.5)
+    assert (scores["n_true"], scores["n_decoded"]) == (n, n)  # the decoded H is not scored
+    assert scores["recall"] == pytest.approx((n - 1) / n) and scores["precision"] == pytest.approx((n - 1) / n)
+    assert scores["class_recall"] == pytest.approx((n - 2) / n)
+    assert scores["class_precision"] == pytest.approx((n - 2) / n)
+    assert scores["contacts"] == 1  # the C and H placed on one spot
+
+
+def test_write_xyz_cif_and_contact_count(tmp_path):
+    import ase.io
+    from ase import Atoms
+    atoms = Atoms(["C", "O", "X"], positions=[[0, 0, 0], [0.5, 0, 0], [3, 3, 3]], cell=[10] * 3, pbc=False)
+    assert mofkit.contact_count(atoms) == 1 and mofkit.contact_count(atoms, min_A=0.4) == 0
+    back = ase.io.read(mofkit.write_xyz(atoms, tmp_path / "out.xyz"))
+    assert back.get_chemical_symbols() == ["C", "O", "X"]
+    np.testing.assert_allclose(back.positions, atoms.positions, atol=1e-6)
+    cif = ase.io.read(mofkit.write_cif(atoms[:2], tmp_path / "out.cif"))
+    assert cif.get_chemical_formula() == "CO"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.cif", "out.xyz"]
+
+
+def test_grid_to_atoms_rejects_bad_grids():
+    with pytest.raises(ValueError, match="density channels"):
+        mofkit.grid_to_atoms(np.zeros((3, 8, 8, 8)))
+    with pytest.raises(ValueError, match="method"):
+        mofkit.grid_to_atoms(np.zeros((8, 8, 8)), method="magic")
+    with pytest.raises(ValueError, match="cube"):
+        mofkit.grid_to_atoms(np.zeros((8, 8, 9)), method="cluster")
 
 
 # =============================================================================
