@@ -706,7 +706,7 @@ def plot_slices(grid, titles=None, axis=0, channel=0, linthresh_K=10.0, cmap="Rd
     norm = SymLogNorm(linthresh=linthresh_K, vmin=-vmax, vmax=vmax, base=10)
     fig = Figure(figsize=(len(volumes) * ncols * panel_in + 1.2, nrows * panel_in + 0.5))
     outer = fig.add_gridspec(1, len(volumes) + 1, width_ratios=[ncols] * len(volumes) + [0.25],
-                             left=0.02, right=0.93, bottom=0.02, top=0.93, wspace=0.08)
+                             left=0.02, right=0.9, bottom=0.02, top=0.93, wspace=0.08)
     for m, (volume, title) in enumerate(zip(volumes, titles)):
         if volume.shape[axis] != n:
             raise ValueError(f"grid {m} has {volume.shape[axis]} slices along axis {axis}, grid 0 has {n}")
@@ -911,7 +911,8 @@ def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes
     scaling keeps nothing above 0 K) with elements guessed from the core size. It cannot see hydrogen as
     separate from its neighbour's core, cannot tell C/N/O apart (their cores differ by ~0.1 A, less than
     a voxel), and merged cores of bonded atoms (core radius ~3 A vs bonds of ~1.4 A) make the atom count
-    a volume estimate: expect low recall and positions off by about a bond length.
+    a volume estimate: on CoRE MOFs it recovers ~1-2% of non-H atoms within 0.5 A, against 100% for the
+    density route (benchmarks/bench_eval.py).
     Cell = the cube (size * spacing_A), pbc False (the cube is not periodic).
     """
     from ase import Atoms
