@@ -1476,6 +1476,9 @@ def test_one_nn_accuracy_is_half_for_one_distribution_and_one_for_separated(feat
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(60, 8, 8, 8)), rng.normal(size=(60, 8, 8, 8))
     assert 0.3 < mofkit.one_nn_accuracy(a, b, features, downsample=2, bins=16) < 0.7
+    shapes = {"raw": 512, "downsampled": 64, "histogram": 16}
+    rows = mofkit._features([torch.as_tensor(a)], features, torch.device("cpu"), 16, downsample=2, bins=16)[0]
+    assert rows.shape == (60, shapes[features])
     far = rng.normal(3.0, 2.0, size=(60, 8, 8, 8))  # shifted mean and wider: separable by every feature
     assert mofkit.one_nn_accuracy(a, far, features, downsample=2, bins=16) == 1.0
 
@@ -1542,6 +1545,8 @@ def test_plot_slices_montage_panels_and_png(tmp_path):
     assert (tmp_path / "slices.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pair = mofkit.plot_slices([grid, grid[None]], titles=["real", "generated"], path=tmp_path / "pair.png")
     assert len(_image_axes(pair)) == 32
+    ct = mofkit.plot_slices(np.zeros((64, 4, 4), np.float32) - 100.0)  # the study's 64 slices -> 8 x 8
+    assert len(_image_axes(ct)) == 64 and len(ct.axes) == 64 + 1
     odd = mofkit.plot_slices(grid[:10], axis=0)  # 10 slices -> 4 x 3 panel, 2 blank
     assert len(_image_axes(odd)) == 10 and len(odd.axes) == 12 + 1
     with pytest.raises(ValueError, match="grid"):
@@ -1631,6 +1636,22 @@ def test_round_trip_scores_count_misses_and_wrong_classes():
     assert scores["class_recall"] == pytest.approx((n - 2) / n)
     assert scores["class_precision"] == pytest.approx((n - 2) / n)
     assert scores["contacts"] == 1  # the C and H placed on one spot
+
+
+def test_cluster_route_finds_isolated_atoms_in_an_energy_grid():
+    from ase import Atoms
+    atoms = Atoms(["C", "O"], positions=[[1.3, 1.7, 2.1], [5.6, 5.2, 6.0]], cell=[8.6] * 3, pbc=True)
+    energy = mofkit.voxelize(atoms, 32, "cube", 0.5)
+    decoded = mofkit.grid_to_atoms(energy, 0.5, method="cluster", threshold=4999.0)  # cores at the cap
+    scores = mofkit.round_trip_scores(decoded, atoms, 32, 0.5)
+    assert scores["recall"] == 1.0 and scores["precision"] == 1.0
+    symbols, truth = mofkit._cube_images(atoms, 32, 0.5, 0.5)
+    from scipy.spatial.distance import cdist
+    interior = np.all((decoded.positions > 2.5) & (decoded.positions < 13.0), axis=1)  # cores not cut by a face
+    assert interior.sum() >= 2 and np.all(cdist(decoded.positions[interior], truth).min(1) < 0.3)
+    assert set(decoded.get_chemical_symbols()) <= {"H", "C", "N", "O", "Zn"}
+    # at 0 K (all the study's scaling keeps) the cores of these 6.8 A-apart atoms already touch
+    assert len(mofkit.grid_to_atoms(energy, 0.5, method="cluster")) >= 1
 
 
 def test_write_xyz_cif_and_contact_count(tmp_path):
