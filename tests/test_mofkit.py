@@ -29,6 +29,9 @@ def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_bytes() == b"first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]  # no temp left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     import hashlib
     assert mofkit.sha256_file(target) == hashlib.sha256(b"first").hexdigest()
 
