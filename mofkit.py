@@ -32,11 +32,10 @@ import warnings
 import hashlib
 import inspect
 import tempfile
-import warnings
 import contextlib
 import dataclasses
 import urllib.parse
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
@@ -519,7 +518,6 @@ def read_structure(source, name=None, min_distance_A=0.5):
     ase applies the CIF's symmetry operations, so the result always holds every atom of the cell.
     """
     import io
-    import warnings
     from ase.io.cif import parse_cif
     if isinstance(source, bytes):
         text = source.decode("utf-8", errors="replace")
@@ -2544,7 +2542,7 @@ def _nearest(queries, refs, same, device, dtype=torch.float32, chunk=512):
                 yield offset + s, p[s:s + chunk]
             offset += len(p)
 
-    nq, nr, d = sum(len(p) for p in queries), sum(len(p) for p in refs), refs[0].shape[1]
+    nq, nr = sum(len(p) for p in queries), sum(len(p) for p in refs)
     if same and nr < 2:
         raise ValueError(f"leave-one-out needs at least 2 samples, got {nr}")
     mean = sum(r.to(device, torch.float64).sum(0) for _, r in blocks(refs)) / nr
