@@ -1006,15 +1006,16 @@ def _cif_folder(folder):
 
 
 def _counting_voxelize(monkeypatch, interrupt_at=None):
-    calls, real = [], mofkit.voxelize
+    calls, real = [], mofkit.voxelize_many
 
-    def voxelize(atoms, **kwargs):
-        calls.append(atoms.info["name"])
-        if len(calls) == interrupt_at:
-            raise KeyboardInterrupt  # a Colab session stopped mid-shard
-        return real(atoms, **kwargs)
+    def voxelize_many(structures, **kwargs):
+        for atoms in structures:
+            calls.append(atoms.info["name"])
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt  # a Colab session stopped mid-shard
+        return real(structures, **kwargs)
 
-    monkeypatch.setattr(mofkit, "voxelize", voxelize)
+    monkeypatch.setattr(mofkit, "voxelize_many", voxelize_many)
     return calls
 
 
@@ -1150,6 +1151,19 @@ def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed
     committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"
     assert committed.read_text() == (tmp_path / "m.csv").read_text()
 
+
+
+def test_batched_voxelization_for_shards_loses_only_the_bad_structure():
+    """On a GPU build_shards voxelizes 16 structures per batch; a failing batch is redone one by one."""
+    good = mofkit.read_structure(make_cif([("Zn", 0.1, 0.2, 0.3)], a=10.0), name="good")
+    bad = good.copy()
+    bad.symbols[0] = "Rf"                      # no force-field parameters: fails inside voxelize
+    failures = []
+    params = mofkit.ShardParams(size=8, spacing_A=1.0)
+    grids = mofkit._voxelize_chunk([("good", good), ("bad", bad), ("good2", good)], params, "cpu", failures)
+    assert list(grids) == ["good", "good2"] and grids["good"].shape == (8, 8, 8)
+    np.testing.assert_array_equal(grids["good"], mofkit.voxelize(good, **params.voxelize_kwargs()))
+    assert [f[0] for f in failures] == ["bad"] and "Rf" in failures[0][1]
 
 
 # =============================================================================
