@@ -2911,9 +2911,12 @@ def _density_peaks(channels, threshold, spacing_A, sigma_A, min_separation_A):
 
 
 def _core_radius_A(element, probe, threshold_K):
-    """Distance (A) at which the element-probe pair energy A/r^12 - B/r^6 falls to threshold_K >= 0."""
+    """Inner distance (A) at which the element-probe pair energy A/r^12 - B/r^6 falls to threshold_K.
+
+    A negative threshold (GAN output never reaches exactly 0 K) below the pair's well depth has no such
+    distance; the core then ends at the well's minimum."""
     (a,), (b,) = pair_coefficients([element], probe)
-    return ((b + math.sqrt(b * b + 4 * a * threshold_K)) / (2 * a)) ** (-1 / 6)
+    return ((b + math.sqrt(max(b * b + 4 * a * threshold_K, 0.0))) / (2 * a)) ** (-1 / 6)
 
 
 def _cluster_atoms(energy_K, spacing_A, threshold_K, probe, elements, seed):
