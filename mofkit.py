@@ -2280,13 +2280,15 @@ def _e_scale(config, dataset, world, device):
     return float(e_scale)
 
 
-def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True):
+def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True,
+          max_minutes=None):
     """Train the GAN on `dataset` (kelvin grids (C, D, D, D): a list, torch Dataset or ShardDataset).
 
     Writes `out_dir/last.pt` (every `checkpoint_every_steps` steps or `checkpoint_every_min` minutes and at the
     end) and `out_dir/history.csv`. `resume=True` continues `out_dir/last.pt` exactly when it exists,
     `resume="path.pt"` continues that file, `resume=False` refuses to touch an existing checkpoint.
-    `max_steps` stops after that many optimizer steps in total (counting resumed ones). Under torchrun
+    `max_steps` stops after that many optimizer steps in total (counting resumed ones); `max_minutes` stops
+    (and checkpoints) after that much wall-clock time in this call, for fixed-length sessions. Under torchrun
     every process calls this and rank 0 writes the files.
     """
     out_dir = Path(out_dir)
@@ -2295,14 +2297,14 @@ def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_s
     rank, world, device, created_group = _distributed(config)
     try:
         return _train(config, _as_dataset(dataset), ckpt, last, history_csv, rank, world, device,
-                      max_steps, progress)
+                      max_steps, progress, max_minutes)
     finally:
         if created_group:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress):
+def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress, max_minutes=None):
     import time
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -2350,17 +2352,22 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     acc, acc_steps = torch.zeros(4, device=device), 0
     t_start = t_log = time.perf_counter()
     t_saved = time.monotonic()
+    deadline = t_saved + 60 * max_minutes if max_minutes is not None else math.inf
+    out_of_time = False
 
     def log():
-        """Average the metrics since the last log over steps and processes; stop on NaN/Inf; return 'save now'."""
-        nonlocal acc, acc_steps, t_log
+        """Average the metrics since the last log over steps and processes; stop on NaN/Inf; return 'save now'.
+        Rank 0's clock decides both "checkpoint due" and "out of time", so all ranks stop at the same step."""
+        nonlocal acc, acc_steps, t_log, out_of_time
         now = time.perf_counter()
         time_due = rank == 0 and time.monotonic() - t_saved >= 60 * config.checkpoint_every_min
-        stats = torch.cat([acc / acc_steps, torch.tensor([float(time_due)], device=device)])
+        late = rank == 0 and time.monotonic() >= deadline
+        stats = torch.cat([acc / acc_steps, torch.tensor([float(time_due), float(late)], device=device)])
         if world > 1:
             dist.all_reduce(stats)
             stats[:4] /= world
-        loss_d, loss_g, d_real, d_fake, time_due = stats.tolist()
+        loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
+        out_of_time = late > 0
         if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
             raise TrainingDiverged(f"non-finite loss at step {step} (loss_d={loss_d}, loss_g={loss_g}); "
                                    f"stopped without saving, the last good checkpoint {last} is kept")
@@ -2381,7 +2388,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     bar = tqdm(total=None if total == float("inf") else total, initial=step,
                disable=not progress or rank != 0, desc="train", unit="step")
     first_step = step
-    while epoch < config.epochs and step < stop_at:
+    while epoch < config.epochs and step < stop_at and not out_of_time:
         epoch_start = step
         batches = _epoch_batches(dataset, config, epoch, samples_in_epoch, rank, world, pin)
         for real in batches:
@@ -2396,7 +2403,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
                 if log() or ckpt_due:
                     save()
                     t_saved = time.monotonic()
-            if step >= stop_at:
+            if step >= stop_at or out_of_time:
                 break
         else:
             if step == epoch_start and samples_in_epoch == 0:
