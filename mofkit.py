@@ -1344,7 +1344,7 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 SHARD_MAGIC = b"MOFSHRD1"
 SHARD_FORMAT = "mofkit-shard-1"
 MANIFEST_COLUMNS = ["shard", "n_names", "n_grids", "bytes", "sha256", "source", "params_hash", "params", "url",
-                    "names"]
+                    "names", "kind"]  # kind: "shard", or "weights" for a shipped generator (see load_generator)
 FAILURE_COLUMNS = ["shard", "name", "reason"]
 COREMOF_SOURCE = "coremof:2019-ASR"
 
@@ -1498,21 +1498,25 @@ def _shard_plan(names, shard_size):
 def _manifest_row(shard, members, label, params, path=None, url=""):
     """One data_manifest.csv row; bytes/sha256/n_grids are filled from the file at `path` when there is one."""
     row = {"shard": shard, "n_names": len(members), "n_grids": "", "bytes": "", "sha256": "", "source": label,
-           "params_hash": params.hash, "params": params.to_json(), "url": url, "names": ";".join(members)}
+           "params_hash": params.hash, "params": params.to_json(), "url": url, "names": ";".join(members),
+           "kind": "shard"}
     if path is not None:
         row.update(n_grids=read_shard_meta(path)["shape"][0], bytes=Path(path).stat().st_size,
                    sha256=sha256_file(path))
     return row
 
 
-def read_manifest(path) -> list:
-    """data_manifest.csv as a list of dicts (all values strings)."""
+def read_manifest(path, kind="shard") -> list:
+    """The rows of data_manifest.csv of one kind ("shard", "weights"; None: all) as dicts of strings.
+    A manifest without a kind column (older files) lists shards only."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    missing = set(MANIFEST_COLUMNS) - set(rows[0] if rows else MANIFEST_COLUMNS)
+    missing = set(MANIFEST_COLUMNS) - {"kind"} - set(rows[0] if rows else MANIFEST_COLUMNS)
     if missing:
         raise ValueError(f"{path}: not a shard manifest, columns {sorted(missing)} are missing")
-    return rows
+    for row in rows:
+        row["kind"] = row.get("kind") or "shard"
+    return [r for r in rows if kind is None or r["kind"] == kind]
 
 
 def _write_csv(path, columns, rows):
@@ -2448,11 +2452,13 @@ def main_train(argv=None):
 def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_scale_K=None):
     """n generated grids in kelvin, np.float32 (n, C, D, D, D); channel 0 energy, others densities in [0, 1].
 
-    Pass a checkpoint path (E_scale is read from it) or a Generator plus `e_scale_K`. The generator runs in
+    Pass a checkpoint path (E_scale is read from it), a Generator from `load_generator`, or a Generator plus
+    `e_scale_K`. The generator runs in
     eval mode (BatchNorm running statistics), so a grid depends only on its latent vector.
     """
     if isinstance(generator_or_checkpoint, torch.nn.Module):
         G = generator_or_checkpoint
+        e_scale_K = getattr(G, "e_scale_K", None) if e_scale_K is None else e_scale_K  # set by load_generator
         if e_scale_K is None:
             raise ValueError("sample: pass e_scale_K (kelvin) with a Generator, or give a checkpoint path")
     else:
@@ -2472,6 +2478,44 @@ def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_sca
     G.train(was_training)
     return np.concatenate(out) if out else np.empty((0, G.out_channels) + (G.dim,) * 3, np.float32)
 
+
+
+GENERATOR_FORMAT = "mofkit-generator-1"
+
+
+def export_generator(checkpoint, path, dtype=torch.float16) -> Path:
+    """Write what `sample` needs from a training checkpoint -- generator weights, config, E_scale -- and no
+    optimizer or discriminator state: a few MB to ship (float16 halves it again; the rounding, ~1e-3 of a
+    weight, moves generated energies by far less than a kelvin's worth of the GAN's own noise). Returns path."""
+    ckpt = load_checkpoint(checkpoint)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["generator"].items()}
+    state = {"format": GENERATOR_FORMAT, "config": ckpt["config"], "e_scale_K": ckpt["e_scale_K"],
+             "step": ckpt["step"], "epoch": ckpt["epoch"], "generator": weights}
+    with atomic_write(path) as f:
+        torch.save(state, f)
+    return Path(path)
+
+
+def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.csv")):
+    """A Generator saved by `export_generator`, in eval mode and float32, with `.e_scale_K` set, so
+    `sample(load_generator(path), n)` works. When the manifest has a "weights" row for this file name, the
+    file's sha256 must match it (a stale or corrupted download is refused, never used)."""
+    path = Path(path)
+    if manifest_csv is not None and Path(manifest_csv).exists():
+        for row in read_manifest(manifest_csv, kind="weights"):
+            if Path(row["shard"]).name == path.name and sha256_file(path) != row["sha256"]:
+                raise CheckpointError(f"{path}: sha256 {sha256_file(path)} does not match {manifest_csv} "
+                                      f"({row['sha256']}): corrupted or a different model; fetch it again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable generator file ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != GENERATOR_FORMAT:
+        raise CheckpointError(f"{path}: not a {GENERATOR_FORMAT} file (write one with export_generator)")
+    G = _models(_config_from_checkpoint(state))[0]
+    G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["generator"].items()})
+    G.e_scale_K = float(state["e_scale_K"])
+    return G.eval()
 
 
 # =============================================================================

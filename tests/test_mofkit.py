@@ -1144,8 +1144,20 @@ def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed
     assert sum((r["names"].split(";") for r in rows), []) == mofkit.coremof_names()
     assert {r["params_hash"] for r in rows} == {mofkit.ShardParams().hash} and not any(r["sha256"] for r in rows)
     assert (tmp_path / "m.csv").stat().st_size < 1_000_000
-    committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"
-    assert committed.read_text() == (tmp_path / "m.csv").read_text()
+    committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"  # its shard rows; weights rows aside
+    assert mofkit.read_manifest(committed) == mofkit.read_manifest(tmp_path / "m.csv")
+
+
+def test_manifest_weights_rows_are_not_shards_and_old_manifests_still_read(tmp_path):
+    rows = mofkit.coremof_manifest(tmp_path / "m.csv")[:2]
+    weights = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
+    weights.update(shard="weights/g.pt", bytes="3", sha256="ab" * 32, kind="weights")
+    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, rows + [weights])
+    assert [r["shard"] for r in mofkit.read_manifest(tmp_path / "m.csv")] == [r["shard"] for r in rows]
+    assert [r["shard"] for r in mofkit.read_manifest(tmp_path / "m.csv", kind="weights")] == ["weights/g.pt"]
+    old_columns = [c for c in mofkit.MANIFEST_COLUMNS if c != "kind"]  # a manifest from before the kind column
+    mofkit._write_csv(tmp_path / "old.csv", old_columns, [{c: r[c] for c in old_columns} for r in rows])
+    assert mofkit.read_manifest(tmp_path / "old.csv") == [{k: str(v) for k, v in r.items()} for r in rows]
 
 
 
@@ -1270,6 +1282,36 @@ def test_train_autocast_step_on_cpu(tmp_path, precision):
     assert h["step"] == 2 and np.isfinite(h["loss_d"]) and np.isfinite(h["loss_g"]) and 0 < h["d_real"] < 1
     ckpt = mofkit.load_checkpoint(tmp_path / "last.pt")
     assert bool(ckpt["scaler"]) == (precision == "fp16")  # GradScaler state only on the fp16 path
+
+
+def test_train_max_minutes_stops_at_a_checkpoint_and_resumes(tmp_path):
+    data = _grids(4)
+    res = mofkit.train(_tiny(epochs=10**6), data, tmp_path, max_minutes=0.02, progress=False)
+    ckpt = mofkit.load_checkpoint(res.checkpoint)
+    assert 0 < ckpt["step"] < 10**6 and 1.2 <= ckpt["time_s"] < 30  # stopped at the first log past 1.2 s
+    more = mofkit.train(_tiny(epochs=10**6), data, tmp_path, max_minutes=0.01, progress=False)
+    again = mofkit.load_checkpoint(more.checkpoint)
+    assert again["step"] > ckpt["step"] and again["time_s"] >= ckpt["time_s"] + 0.6
+
+
+def test_export_and_load_generator_sample_like_the_checkpoint_and_check_the_manifest(tmp_path):
+    res = mofkit.train(_tiny(), _grids(4), tmp_path / "run", max_steps=3, progress=False)
+    path = mofkit.export_generator(res.checkpoint, tmp_path / "g.pt")
+    assert path.stat().st_size < res.checkpoint.stat().st_size / 3  # no optimizer/discriminator state, fp16
+    G = mofkit.load_generator(path, manifest_csv=None)
+    assert G.e_scale_K == 800.0 and not G.training
+    shipped, full = mofkit.sample(G, 3, seed=5), mofkit.sample(res.checkpoint, 3, seed=5)
+    assert shipped.shape == full.shape == (3, 1, 16, 16, 16)
+    assert np.abs(shipped - full).max() < 800.0 * 0.01  # fp16 weights: within 1% of E_scale
+    row = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
+    row.update(shard="weights/g.pt", kind="weights", sha256=mofkit.sha256_file(path))
+    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [row])
+    assert mofkit.load_generator(path, tmp_path / "m.csv").e_scale_K == 800.0
+    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [{**row, "sha256": "0" * 64}])
+    with pytest.raises(mofkit.CheckpointError, match="does not match"):
+        mofkit.load_generator(path, tmp_path / "m.csv")
+    with pytest.raises(mofkit.CheckpointError, match="export_generator"):
+        mofkit.load_generator(res.checkpoint, manifest_csv=None)  # a training checkpoint is not a generator file
 
 
 def test_train_resume_is_bit_identical(tmp_path):
