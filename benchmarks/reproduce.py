@@ -1,6 +1,6 @@
 """Reproduce the kit's measured result: CoRE MOF grids -> a trained 3D GAN -> held-out scores, in one command.
 
-    python benchmarks/reproduce.py --scale cpu [--budget-min 55] [--out runs/cpu32]     # any laptop, ~1 h
+    python benchmarks/reproduce.py --scale cpu [--budget-min 50] [--out runs/cpu32] [--ship weights/generator_cpu32.pt]
     python benchmarks/reproduce.py --scale gpu --chunk-min 9 [--out runs/gpu64]         # repeat until it says done
 
 Both scales do the same steps, each resumable (re-running the same command continues where it stopped):
@@ -315,7 +315,26 @@ def write_pictures(out, real, generated, history, pairs=2):
         mofkit.plot_history(history, path=out / "loss.png")
 
 
+# --- ship ---------------------------------------------------------------------
+
+def ship(checkpoint, path, manifest_csv, command) -> dict:
+    """Export the generator for `sample` (see mofkit.export_generator) and record its sha256 and size in the
+    manifest as a "weights" row, so mofkit.load_generator refuses any other file under that name."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = mofkit.export_generator(checkpoint, path)
+    try:
+        shard = path.resolve().relative_to(Path(manifest_csv).resolve().parent).as_posix()
+    except ValueError:
+        shard = path.name
+    row = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
+    row.update(shard=shard, bytes=path.stat().st_size, sha256=mofkit.sha256_file(path), source=command,
+               kind="weights")
+    mofkit._merge_csv(manifest_csv, mofkit.MANIFEST_COLUMNS, [row], {shard})
+    return {"path": shard, "bytes": row["bytes"], "sha256": row["sha256"]}
+
+
 # --- command line ------------------------------------------------------------
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -327,6 +346,9 @@ def main(argv=None):
                    help="stop this call after this many minutes (checkpointed); run again to continue (gpu default 9)")
     p.add_argument("--device", default=None, help="voxelizer/training/scoring device (default: cuda if available)")
     p.add_argument("--source", default=None, help="a folder of .cif files instead of CoRE MOF 2019-ASR (tests)")
+    p.add_argument("--ship", type=Path, default=None,
+                   help="also export the trained generator to this file and record its sha256 in --manifest")
+    p.add_argument("--manifest", type=Path, default=ROOT / "data_manifest.csv")
     p.add_argument("--no-progress", action="store_true")
     for f in dataclasses.fields(Scale):  # tiny settings for tests, or another channel count
         p.add_argument("--" + f.name.replace("_", "-"), type=str if f.name == "split_csv" else
@@ -338,6 +360,9 @@ def main(argv=None):
     budget_min = args.budget_min if args.budget_min is not None else (60.0 if args.scale == "cpu" else None)
     chunk_min = args.chunk_min if args.chunk_min is not None else (9.0 if args.scale == "gpu" else None)
     deadline = time.monotonic() + 60 * chunk_min if chunk_min is not None else float("inf")
+    # of a chunk, keep 30 s for the last checkpoint, and evaluate only with 2 min left (else the next call
+    # does); both capped at a fraction of the chunk so tiny test chunks work the same way
+    checkpoint_s, evaluate_s = (min(30.0, 6 * chunk_min), min(120.0, 12 * chunk_min)) if chunk_min else (0, 0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     progress = not args.no_progress
     out.mkdir(parents=True, exist_ok=True)
@@ -348,12 +373,19 @@ def main(argv=None):
         print(f"stopped after {chunk_min} min while voxelizing: run the same command again to continue")
         return None
     if not training_done(out / "run", scale, budget_min):
-        train_chunk(out, scale, budget_min, deadline - 30, device, progress)  # 30 s for the last checkpoint
+        train_chunk(out, scale, budget_min, deadline - checkpoint_s, device, progress)
     epoch, time_s = training_state(out / "run")
     if not training_done(out / "run", scale, budget_min):
         print(f"trained {time_s / 60:.1f} min, {epoch} epochs so far: run the same command again to continue")
         return None
+    if deadline - time.monotonic() < evaluate_s:
+        print(f"training finished ({epoch} epochs): run the same command again to evaluate")
+        return None
     results = evaluate(out, scale, device=device)
+    if args.ship is not None:
+        results["weights"] = ship(out / "run" / "last.pt", args.ship, args.manifest, results["command"])
+        with mofkit.atomic_write(out / "results.json", "w") as f:
+            json.dump(results, f, indent=2)
     print(json.dumps({k: v["accuracy"] for k, v in results["one_nn"].items()}), f"-> {out / 'results.json'}")
     return results
 

@@ -1702,3 +1702,96 @@ def test_grid_to_atoms_rejects_bad_grids():
 # =============================================================================
 
 
+
+def _reproduce():
+    """benchmarks/reproduce.py as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def coremof_cifs(tmp_path_factory):
+    """14 real CoRE MOF structures as CIF files (read from the installed package, no network)."""
+    folder = tmp_path_factory.mktemp("cifs")
+    for name, atoms in mofkit.iter_coremof(names=mofkit.coremof_names()[5000:5014]):
+        atoms.write(folder / f"{name}.cif", format="cif")
+    return folder
+
+
+def test_reproduce_split_keeps_refcode_groups_together_and_skips_what_fails():
+    rp = _reproduce()
+    assert rp.refcode("FUVDEH12_clean") == rp.refcode("FUVDEH_clean") == rp.refcode("FUVDEH01_charged") == "FUVDEH"
+    assert rp.refcode("ja4015666_si_002_clean") == rp.refcode("ja4015666_si_003_clean") == "ja4015666"
+    assert rp.refcode("ABCDEFG_clean") == "ABCDEFG"  # not a CSD refcode: its own group
+    names = [f"{code}{suffix}_clean" for code in ("AAAAAA", "BBBBBB", "CCCCCC", "DDDDDD", "EEEEEE", "FFFFFF",
+                                                  "GGGGGG", "HHHHHH") for suffix in ("", "01", "02")]
+    names += [f"p{k}_si_00{k}_clean" for k in range(6)] + ["bad_clean"]
+    rows = rp.make_split(names, n_heldout=4, n_train=9, seed=3, parses=lambda n: n != "bad_clean")
+    assert rows == rp.make_split(names, n_heldout=4, n_train=9, seed=3, parses=lambda n: n != "bad_clean")
+    assert rows != rp.make_split(names, n_heldout=4, n_train=9, seed=4, parses=lambda n: n != "bad_clean")
+    sides = {}
+    for name, group, split in rows:
+        assert group == rp.refcode(name) and name != "bad_clean"
+        sides.setdefault(group, set()).add(split)
+    assert all(len(s) == 1 for s in sides.values())  # no group straddles train and held-out
+    counts = {s: sum(r[2] == s for r in rows) for s in ("heldout", "train")}
+    assert 4 <= counts["heldout"] < 4 + 3 and 9 <= counts["train"] < 9 + 3  # stops within one group
+
+
+def test_reproduce_cpu_pipeline_end_to_end_resumes_and_ships(tmp_path, coremof_cifs):
+    rp, out = _reproduce(), tmp_path / "out"
+    tiny = ["--scale", "cpu", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
+            str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "2.0",
+            "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--no-progress"]
+    assert rp.main(tiny + ["--chunk-min", "0"]) is None  # a call out of time at once: split written, no grids
+    split = rp.read_split(tmp_path / "split.csv")
+    assert len(split["heldout"]) == 4 and len(split["train"]) == 8 and not (out / "heldout").exists()
+    first = rp.main(tiny + ["--budget-min", "0.02", "--ship", str(tmp_path / "w" / "g.pt"),
+                            "--manifest", str(tmp_path / "m.csv")])
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(first))
+    assert {p.name for p in out.glob("*.png")} == {"slices_0.png", "slices_1.png", "loss.png"}
+    assert first["data"]["train_grids"] == 8 and first["data"]["heldout_grids"] == first["data"]["n_eval"] == 4
+    assert first["training"]["train_time_min"] >= 0.02 and first["training"]["steps"] > 0
+    for k, result in first["one_nn"].items():
+        lo, hi = result["ci95"]
+        assert 0 <= lo <= result["accuracy"] <= hi <= 1 and result["n_real"] == result["n_generated"] == 4, k
+    assert first["one_nn"]["untrained_vs_heldout"]["accuracy"] >= 0.75  # the trivial baseline is easy to tell
+    assert len(first["one_nn"]["generated_vs_heldout"]["accuracy_per_seed"]) == 3
+    assert 0 <= first["memorisation"]["fraction_closer"] <= 1
+    for pair in ("generated_vs_heldout", "train_vs_heldout", "untrained_vs_heldout"):
+        assert set(first["properties"][pair]) == {"log10_henry", "heat_kJ_mol"}
+    weights = first["weights"]
+    assert weights["sha256"] == mofkit.sha256_file(tmp_path / "w" / "g.pt") and weights["path"] == "w/g.pt"
+    assert mofkit.read_manifest(tmp_path / "m.csv", kind="weights")[0]["sha256"] == weights["sha256"]
+    G = mofkit.load_generator(tmp_path / "w" / "g.pt", tmp_path / "m.csv")
+    assert mofkit.sample(G, 2).shape == (2, 1, 16, 16, 16)
+
+    budget = first["training"]["train_time_min"] + 0.02  # stops at the first log past its budget: may overshoot
+    again = rp.main(tiny + ["--budget-min", str(budget)])  # a bigger budget continues the same run
+    assert again["training"]["steps"] > first["training"]["steps"] and again["training"]["train_time_min"] >= budget
+    steps = mofkit.load_history(out / "run")["step"]
+    assert steps.is_monotonic_increasing and steps.is_unique
+    assert again["one_nn"]["train_vs_heldout"] == first["one_nn"]["train_vs_heldout"]  # same seeded real sets
+
+
+def test_reproduce_gpu_scale_runs_in_chunks_on_cpu(tmp_path, coremof_cifs):
+    """The --scale gpu code path (chunk deadlines, epoch target, evaluation in a later call) with tiny sizes."""
+    rp, out = _reproduce(), tmp_path / "out"
+    tiny = ["--scale", "gpu", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
+            str(tmp_path / "split.csv"), "--n-heldout", "4", "--size", "16", "--spacing-A", "2.0", "--channels", "8",
+            "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--fast-gpu", "0", "--device", "cpu",
+            "--no-progress"]
+    times = []  # training time in the checkpoint after each call
+    while sum(t > 0 for t in times) < 2:  # 3 s chunks: voxelizing, then training, each call resuming
+        assert rp.main(tiny + ["--epochs", str(10**6), "--chunk-min", "0.05"]) is None and len(times) < 20
+        times.append(rp.training_state(out / "run")[1])
+    assert times == sorted(times) and times[-1] > times[-2] > 0
+    assert len(rp.read_split(tmp_path / "split.csv")["train"]) == 10  # gpu scale: every other structure
+    results = rp.main(tiny + ["--epochs", "1", "--chunk-min", "1"])  # target already reached: evaluates
+    assert results["training"]["steps"] == mofkit.load_checkpoint(out / "run" / "last.pt")["step"]
+    assert results["data"]["n_eval"] == 4 and (out / "results.json").exists()
