@@ -1601,12 +1601,15 @@ def _finished_shard(path, members, params):
     return meta
 
 
-def _build(plan, out_dir, label, params, device, progress) -> list:
+def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) -> list:
     """Build the unfinished shards of `plan` in out_dir; record each in out_dir's data_manifest.csv and
-    failures.csv as soon as it exists, so an interrupted run loses at most the shard in progress."""
+    failures.csv as soon as it exists, so an interrupted run loses at most the shard in progress.
+    Stops before the next shard once time.monotonic() passes `deadline`."""
     table = _source_table(label)
     rows = []
     for shard, members in tqdm(plan, desc=f"shards in {out_dir}", disable=not progress):
+        if time.monotonic() >= deadline:
+            break
         path = out_dir / shard
         meta = _finished_shard(path, members, params) or _build_shard(path, members, label, params, table, device,
                                                                       progress)
@@ -1618,7 +1621,7 @@ def _build(plan, out_dir, label, params, device, progress) -> list:
 
 
 def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=None, limit=None, device=None,
-                 progress=True) -> list:
+                 progress=True, max_minutes=None) -> list:
     """Voxelize a source into shard files shard_00000.npy, shard_00001.npy, ... in out_dir; resumable.
 
     source: None (CoRE MOF 2019-ASR), 'coremof:<dataset>', or a folder of .cif files (name = file stem).
@@ -1628,11 +1631,14 @@ def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=Non
     out_dir/failures.csv and its shard holds one grid fewer. Each shard stores per structure: the source's
     property table plus framework density, Henry coefficient and heat of adsorption from its grid.
     Returns the manifest rows, also merged into out_dir/data_manifest.csv (url blank, ready to publish).
+    `max_minutes` starts no new shard after that much time (for fixed-length sessions): fewer rows come back
+    than planned, and the next call continues.
     """
     params = params or ShardParams()
     label = _source_label(source)
     names = list(_source_names(label) if names is None else names)[:limit]
-    return _build(_shard_plan(names, shard_size), Path(out_dir), label, params, device, progress)
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
+    return _build(_shard_plan(names, shard_size), Path(out_dir), label, params, device, progress, deadline)
 
 
 def _verified(path, row, local_row) -> bool:

@@ -28,11 +28,15 @@ sent through the same to_gan_input/from_gan_output round trip, so the comparison
 not the clipping. log10 K_H uses one nominal density (the training set's median framework density) for all
 grids, as `property_comparison` explains: the Wasserstein distance does not depend on that choice.
 
-A bare GPU machine without network needs these wheels besides a CUDA torch image (numpy, pandas, scipy,
-matplotlib, scikit-learn are usually there; check with `pip list`): ase, core-mof (the CoRE MOF 2019 CIFs),
-tqdm, requests, gdown, and their dependencies (beautifulsoup4, soupsieve, filelock, PySocks). Download them
-here with `pip download -d wheels ase core-mof tqdm requests gdown`, carry the folder, then on the machine:
-    pip install --no-index --find-links wheels ase core-mof tqdm requests gdown
+A bare GPU machine without network: a stock CUDA PyTorch image has numpy, scipy, pandas, matplotlib, tqdm and
+requests, and lacks two pure-Python wheels (checked 2026-11 against the device image's package list):
+ase (3.29.0) and core-mof (2019.1, 45 MB: the CoRE MOF CIFs; its pymatgen dependency is only for its own
+loaders, which mofkit does not use, hence --no-deps). Fetch them where pip works, carry the folder, install:
+    pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels ase==3.29.0 core-mof==2019.1
+    pip install --no-index --no-deps --find-links wheels ase core-mof
+(gdown, beautifulsoup4 and soupsieve only matter for downloading published shards, which this script never
+does.) Then, once per session of at most ~10 minutes, until it prints the results:
+    python benchmarks/reproduce.py --scale gpu --chunk-min 9 --out runs/gpu64
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import platform
 import re
 import sys
@@ -162,17 +167,16 @@ def shard_params(scale: Scale) -> mofkit.ShardParams:
     return mofkit.ShardParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A)
 
 
-def build_grids(out, split, scale, source=None, device=None, deadline=float("inf"), progress=True) -> bool:
-    """Voxelize held-out then train structures into out/heldout and out/train, one shard at a time so a
-    chunked call can stop between shards; finished shards are skipped. True when every shard exists."""
+def build_grids(out, split, scale, source=None, device=None, deadline=math.inf, progress=True) -> bool:
+    """Voxelize held-out then train structures into out/heldout and out/train (finished shards are kept);
+    start no shard after `deadline`. True when every shard exists."""
     for part in ("heldout", "train"):
-        names = split[part]
-        for end in range(scale.shard_size, len(names) + scale.shard_size, scale.shard_size):
-            if time.monotonic() >= deadline:
-                return False
-            # shard k always holds names[k*shard_size:(k+1)*shard_size], so a growing limit adds one shard
-            mofkit.build_shards(out / part, source, params=shard_params(scale), shard_size=scale.shard_size,
-                                names=names, limit=end, device=device, progress=progress)
+        minutes = (deadline - time.monotonic()) / 60
+        rows = mofkit.build_shards(out / part, source, params=shard_params(scale), shard_size=scale.shard_size,
+                                   names=split[part], device=device, progress=progress,
+                                   max_minutes=max(minutes, 0) if minutes != math.inf else None)
+        if len(rows) < math.ceil(len(split[part]) / scale.shard_size):
+            return False
     return True
 
 
@@ -199,7 +203,7 @@ def training_done(run_dir, scale, budget_min) -> bool:
     return epoch >= scale.epochs or (budget_min is not None and time_s >= 60 * budget_min)
 
 
-def train_chunk(out, scale, budget_min=None, deadline=float("inf"), device="auto", progress=True):
+def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", progress=True):
     """Train (resuming out/run/last.pt) until the epoch target, the total training budget or the call's
     deadline, whichever comes first."""
     run_dir = out / "run"
@@ -359,7 +363,7 @@ def main(argv=None):
     out = args.out or ROOT / "runs" / args.scale
     budget_min = args.budget_min if args.budget_min is not None else (60.0 if args.scale == "cpu" else None)
     chunk_min = args.chunk_min if args.chunk_min is not None else (9.0 if args.scale == "gpu" else None)
-    deadline = time.monotonic() + 60 * chunk_min if chunk_min is not None else float("inf")
+    deadline = time.monotonic() + 60 * chunk_min if chunk_min is not None else math.inf
     # of a chunk, keep 30 s for the last checkpoint, and evaluate only with 2 min left (else the next call
     # does); both capped at a fraction of the chunk so tiny test chunks work the same way
     checkpoint_s, evaluate_s = (min(30.0, 6 * chunk_min), min(120.0, 12 * chunk_min)) if chunk_min else (0, 0)

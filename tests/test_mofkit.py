@@ -1015,6 +1015,17 @@ def _counting_voxelize(monkeypatch, interrupt_at=None):
     return calls
 
 
+def test_build_shards_max_minutes_stops_between_shards_and_the_next_call_continues(tmp_path, monkeypatch):
+    cifs, out = _cif_folder(tmp_path / "cifs"), tmp_path / "out"
+    clock = iter(range(0, 10**6, 45))  # every look at the clock: 45 s later
+    monkeypatch.setattr(mofkit.time, "monotonic", lambda: next(clock))
+    rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False, max_minutes=1.0)
+    assert [r["shard"] for r in rows] == ["shard_00000.npy"]  # 45 s in: one more shard would start after 60 s
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.npy"]
+    rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
+    assert [r["n_grids"] for r in rows] == [2, 1, 1]
+
+
 def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_path):
     cifs = _cif_folder(tmp_path / "cifs")
     out = tmp_path / "out"
