@@ -29,6 +29,9 @@ def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_bytes() == b"first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]  # no temp left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     import hashlib
     assert mofkit.sha256_file(target) == hashlib.sha256(b"first").hexdigest()
 
@@ -1529,6 +1532,9 @@ def test_one_nn_accuracy_is_half_for_one_distribution_and_one_for_separated(feat
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(60, 8, 8, 8)), rng.normal(size=(60, 8, 8, 8))
     assert 0.3 < mofkit.one_nn_accuracy(a, b, features, downsample=2, bins=16) < 0.7
+    shapes = {"raw": 512, "downsampled": 64, "histogram": 16}
+    rows = mofkit._features([torch.as_tensor(a)], features, torch.device("cpu"), 16, downsample=2, bins=16)[0]
+    assert rows.shape == (60, shapes[features])
     far = rng.normal(3.0, 2.0, size=(60, 8, 8, 8))  # shifted mean and wider: separable by every feature
     assert mofkit.one_nn_accuracy(a, far, features, downsample=2, bins=16) == 1.0
 
@@ -1595,6 +1601,8 @@ def test_plot_slices_montage_panels_and_png(tmp_path):
     assert (tmp_path / "slices.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pair = mofkit.plot_slices([grid, grid[None]], titles=["real", "generated"], path=tmp_path / "pair.png")
     assert len(_image_axes(pair)) == 32
+    ct = mofkit.plot_slices(np.zeros((64, 4, 4), np.float32) - 100.0)  # the study's 64 slices -> 8 x 8
+    assert len(_image_axes(ct)) == 64 and len(ct.axes) == 64 + 1
     odd = mofkit.plot_slices(grid[:10], axis=0)  # 10 slices -> 4 x 3 panel, 2 blank
     assert len(_image_axes(odd)) == 10 and len(odd.axes) == 12 + 1
     with pytest.raises(ValueError, match="grid"):
@@ -1684,6 +1692,22 @@ def test_round_trip_scores_count_misses_and_wrong_classes():
     assert scores["class_recall"] == pytest.approx((n - 2) / n)
     assert scores["class_precision"] == pytest.approx((n - 2) / n)
     assert scores["contacts"] == 1  # the C and H placed on one spot
+
+
+def test_cluster_route_finds_isolated_atoms_in_an_energy_grid():
+    from ase import Atoms
+    atoms = Atoms(["C", "O"], positions=[[1.3, 1.7, 2.1], [5.6, 5.2, 6.0]], cell=[8.6] * 3, pbc=True)
+    energy = mofkit.voxelize(atoms, 32, "cube", 0.5)
+    decoded = mofkit.grid_to_atoms(energy, 0.5, method="cluster", threshold=4999.0)  # cores at the cap
+    scores = mofkit.round_trip_scores(decoded, atoms, 32, 0.5)
+    assert scores["recall"] == 1.0 and scores["precision"] == 1.0
+    symbols, truth = mofkit._cube_images(atoms, 32, 0.5, 0.5)
+    from scipy.spatial.distance import cdist
+    interior = np.all((decoded.positions > 2.5) & (decoded.positions < 13.0), axis=1)  # cores not cut by a face
+    assert interior.sum() >= 2 and np.all(cdist(decoded.positions[interior], truth).min(1) < 0.3)
+    assert set(decoded.get_chemical_symbols()) <= {"H", "C", "N", "O", "Zn"}
+    # at 0 K (all the study's scaling keeps) the cores of these 6.8 A-apart atoms already touch
+    assert len(mofkit.grid_to_atoms(energy, 0.5, method="cluster")) >= 1
 
 
 def test_write_xyz_cif_and_contact_count(tmp_path):
@@ -1806,3 +1830,32 @@ def test_reproduce_gpu_scale_runs_in_chunks_on_cpu(tmp_path, coremof_cifs):
     results = rp.main(tiny + ["--epochs", "1", "--chunk-min", "1"])  # target already reached: evaluates
     assert results["training"]["steps"] == mofkit.load_checkpoint(out / "run" / "last.pt")["step"]
     assert results["data"]["n_eval"] == 4 and (out / "results.json").exists()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_notebook_is_stored_without_outputs():
+    nb = json.loads((REPO / "MOF_3DGAN.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    assert not any("/work/" in "".join(c["source"]) or "/root/" in "".join(c["source"]) for c in nb["cells"])
+
+
+def test_notebook_runs_headless_in_quick_mode(tmp_path):
+    """The README's main job on a CPU: every cell runs and the promised files appear."""
+    import nbformat
+    out = mofkit.run_notebook(REPO / "MOF_3DGAN.ipynb", tmp_path, mode="quick")
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors[0]["evalue"] if errors else ""
+    for name in ["slices_real_vs_generated.png", "generated_0.xyz", "run/history.csv", "one_nn_accuracy.png",
+                 "isotherm_fits.png", "loss_curves.png"]:
+        assert (tmp_path / name).stat().st_size > 0, name
+    import ase.io
+    assert len(ase.io.read(tmp_path / "FIQCEN_decoded.xyz")) > 100
+
+
+def test_cli_voxelize_writes_grid_and_properties(tmp_path, capsys):
+    mofkit.main(["voxelize", "ABAVIJ_clean", "--size", "8", "--spacing", "4", "--out", str(tmp_path)])
+    grid = np.load(tmp_path / "ABAVIJ_clean.npy")
+    assert grid.shape == (8, 8, 8) and grid.dtype == np.float32
+    assert "K_H(77 K)" in capsys.readouterr().out
