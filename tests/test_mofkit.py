@@ -1736,8 +1736,6 @@ def test_grid_to_atoms_rejects_bad_grids():
 # 11. Command line and notebook
 # =============================================================================
 
-
-
 def _reproduce():
     """benchmarks/reproduce.py as a module."""
     import importlib.util
