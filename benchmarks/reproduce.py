@@ -16,7 +16,10 @@ Both scales do the same steps, each resumable (re-running the same command conti
 
 Scales:
   cpu  ~2,000 train + ~500 held-out structures (benchmarks/split_cpu32.csv), 32^3 grids at 1.0 A (the same
-       32 A cube as the 64^3 default), dim 32, 128 channels, batch 8, for --budget-min minutes of training.
+       32 A cube as the 64^3 default), dim 32, 64 channels, batch 8, for --budget-min minutes of training.
+       On a machine shared with other jobs run it with OMP_NUM_THREADS=1: torch's OpenMP threads spin-wait,
+       and with another process holding one of 2 cores, 2 threads voxelized 18x and trained 3-5x slower than
+       1 thread (measured on the 2-core dev machine, 2026-11-25).
   gpu  every structure that parses (benchmarks/split_gpu64.csv: ~1,200 held-out names, the rest train), 64^3
        at 0.5 A, the study's model (dim 64, 512 channels), TrainConfig.fast_gpu(), 48 epochs, voxelized on the
        GPU. Each call stops after --chunk-min minutes (checkpointed); the call after training reached its
@@ -81,7 +84,7 @@ class Scale:
 
 
 SCALES = {
-    "cpu": Scale(size=32, spacing_A=1.0, n_heldout=500, n_train=2000, channels=128, batch_size=8, epochs=1000,
+    "cpu": Scale(size=32, spacing_A=1.0, n_heldout=500, n_train=2000, channels=64, batch_size=8, epochs=1000,
                  n_eval=500, fast_gpu=False, split_csv="benchmarks/split_cpu32.csv"),
     "gpu": Scale(size=64, spacing_A=0.5, n_heldout=1200, n_train=None, channels=512, batch_size=64, epochs=48,
                  n_eval=1000, fast_gpu=True, split_csv="benchmarks/split_gpu64.csv"),
@@ -279,7 +282,8 @@ def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None) -> dict:
         "scale": dataclasses.asdict(scale),
         "command": " ".join(["python", "benchmarks/reproduce.py"] + sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cpus": _cpus(), "torch": torch.__version__,
+        "machine": {"platform": platform.platform(), "cpus": _cpus(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "data": {"train_grids": n_train, "heldout_grids": mofkit.ShardDataset(out / "heldout").num_grids,
                  "n_eval": n, "nominal_density_kg_m3": density, "e_scale_K": e_scale},
