@@ -1877,10 +1877,12 @@ class Generator(torch.nn.Module):
 
 
 class Discriminator(torch.nn.Module):
-    """grids (N, in_channels, dim, dim, dim) in GAN space -> D(x) in (0, 1), shape (N,)."""
+    """grids (N, in_channels, dim, dim, dim) in GAN space -> D(x) in (0, 1), shape (N,); with sigmoid=False
+    the raw score (the logit), as LSGAN's own discriminator (Mao et al. 2017) has no output squashing."""
 
-    def __init__(self, dim=64, channels=512, in_channels=1):
+    def __init__(self, dim=64, channels=512, in_channels=1, sigmoid=True):
         super().__init__()
+        self.sigmoid = sigmoid
         nn = torch.nn
         widths = _widths(dim, channels)[::-1]
         self.dim, self.channels, self.in_channels = dim, channels, in_channels
@@ -1891,7 +1893,8 @@ class Discriminator(torch.nn.Module):
         self.head = nn.Linear(channels * 4 ** 3, 1)
 
     def forward(self, x):
-        return torch.sigmoid(self.head(self.features(x).flatten(1))).squeeze(1)
+        score = self.head(self.features(x).flatten(1)).squeeze(1)
+        return torch.sigmoid(score) if self.sigmoid else score
 
 
 # The study's input transform: attractive wells (E < 0) become positive values in (0, 1], everything
@@ -1998,6 +2001,9 @@ class TrainConfig:
     log_every: int = 10             # steps per history row (and per NaN check)
     checkpoint_every_steps: int = 1000
     checkpoint_every_min: float = 10.0
+    d_sigmoid: bool = True          # the study's D ends in a Sigmoid. Under the least-squares loss its gradient
+                                    # vanishes once D wins (D(fake) ~ 1e-7 within ~100 steps on the cpu32
+                                    # benchmark, G frozen); False: LSGAN on D's raw score, as Mao et al.
 
     @classmethod
     def fast_gpu(cls, **overrides):
@@ -2065,7 +2071,7 @@ def _config_from_checkpoint(ckpt):
 
 def _models(config):
     return (Generator(config.dim, config.latent, config.channels, config.grid_channels),
-            Discriminator(config.dim, config.channels, config.grid_channels))
+            Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid))
 
 
 # --- one step ----------------------------------------------------------------

@@ -16,12 +16,15 @@ Both scales do the same steps, each resumable (re-running the same command conti
 
 Scales:
   cpu  ~2,000 train + ~500 held-out structures (benchmarks/split_cpu32.csv), 32^3 grids at 1.0 A (the same
-       32 A cube as the 64^3 default), dim 32, 64 channels, batch 8, for --budget-min minutes of training.
+       32 A cube as the 64^3 default), dim 32, 64 channels, batch 8, for --budget-min minutes of training,
+       LSGAN on D's raw score (--d-sigmoid 0): with the study's sigmoid output D won within ~100 steps and the
+       generator stopped learning (--d-sigmoid 1 reproduces that).
        On a machine shared with other jobs run it with OMP_NUM_THREADS=1: torch's OpenMP threads spin-wait,
        and with another process holding one of 2 cores, 2 threads voxelized 18x and trained 3-5x slower than
        1 thread (measured on the 2-core dev machine, 2026-11-25).
   gpu  every structure that parses (benchmarks/split_gpu64.csv: ~1,200 held-out names, the rest train), 64^3
-       at 0.5 A, the study's model (dim 64, 512 channels), TrainConfig.fast_gpu(), 48 epochs, voxelized on the
+       at 0.5 A, the study's model (dim 64, 512 channels, sigmoid D output; --d-sigmoid 0 for LSGAN on D's raw
+       score, as the cpu scale uses), TrainConfig.fast_gpu(), 48 epochs, voxelized on the
        GPU. Each call stops after --chunk-min minutes (checkpointed); the call after training reached its
        target evaluates 1,000 generated vs 1,000 held-out grids.
 
@@ -77,6 +80,7 @@ class Scale:
     epochs: int                     # training target; the cpu run is bounded by --budget-min first
     n_eval: int                     # generated grids (and held-out/train grids) per comparison
     fast_gpu: bool                  # TrainConfig.fast_gpu() instead of the study's eager fp32 settings
+    d_sigmoid: bool                 # the study's sigmoid D output; False: LSGAN on D's raw score (TrainConfig)
     split_csv: str                  # committed split, relative to the repository root
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
@@ -85,9 +89,9 @@ class Scale:
 
 SCALES = {
     "cpu": Scale(size=32, spacing_A=1.0, n_heldout=500, n_train=2000, channels=64, batch_size=8, epochs=1000,
-                 n_eval=500, fast_gpu=False, split_csv="benchmarks/split_cpu32.csv"),
+                 n_eval=500, fast_gpu=False, d_sigmoid=False, split_csv="benchmarks/split_cpu32.csv"),
     "gpu": Scale(size=64, spacing_A=0.5, n_heldout=1200, n_train=None, channels=512, batch_size=64, epochs=48,
-                 n_eval=1000, fast_gpu=True, split_csv="benchmarks/split_gpu64.csv"),
+                 n_eval=1000, fast_gpu=True, d_sigmoid=True, split_csv="benchmarks/split_gpu64.csv"),
 }
 
 
@@ -187,7 +191,8 @@ def build_grids(out, split, scale, source=None, device=None, deadline=math.inf, 
 
 def train_config(scale: Scale, device="auto") -> mofkit.TrainConfig:
     fields = dict(dim=scale.size, channels=scale.channels, batch_size=scale.batch_size, epochs=scale.epochs,
-                  seed=scale.seed, checkpoint_every_min=scale.checkpoint_every_min, device=device)
+                  seed=scale.seed, checkpoint_every_min=scale.checkpoint_every_min, device=device,
+                  d_sigmoid=bool(scale.d_sigmoid))
     return mofkit.TrainConfig.fast_gpu(**fields) if scale.fast_gpu else mofkit.TrainConfig(**fields)
 
 
@@ -272,6 +277,9 @@ def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None) -> dict:
     torch.manual_seed(scale.seed)  # the trivial baseline: the same network, freshly initialised
     untrained = mofkit.sample(mofkit.Generator(scale.size, ckpt["config"]["latent"], scale.channels), n,
                               seed=999, device=device, e_scale_K=e_scale)
+    # the other trivial baseline: the mean training grid plus noise (5% of E_scale), in the GAN's range
+    noise = np.random.default_rng(scale.seed).normal(0, 0.05 * e_scale, train_real.shape).astype(np.float32)
+    mean_grid = np.clip(train_real.mean(0, keepdims=True) + noise, -e_scale, 0)
     per_seed = [one_nn(heldout, generated[s]) for s in sampling_seeds]
     accuracies = [r["accuracy"] for r in per_seed]
     first = generated[sampling_seeds[0]]
@@ -297,12 +305,16 @@ def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None) -> dict:
                                             "accuracy_std": float(np.std(accuracies, ddof=1))
                                             if len(accuracies) > 1 else 0.0},
                    "train_vs_heldout": one_nn(heldout, train_real),
-                   "untrained_vs_heldout": one_nn(heldout, untrained)},
+                   "untrained_vs_heldout": one_nn(heldout, untrained),
+                   "mean_grid_vs_heldout": one_nn(heldout, mean_grid)},
         # a generator drawing fresh samples from the training distribution scores ~1/(n+1); copies score 1
         "memorisation": {"fraction_closer": mem["fraction_closer"], "fresh_expectation": 1 / (n + 1)},
         "properties": {"generated_vs_heldout": wasserstein(heldout, first, density),
                        "train_vs_heldout": wasserstein(heldout, train_real, density),
-                       "untrained_vs_heldout": wasserstein(heldout, untrained, density)},
+                       "untrained_vs_heldout": wasserstein(heldout, untrained, density),
+                       "mean_grid_vs_heldout": wasserstein(heldout, mean_grid, density)},
+        # spread of the grids around their own mean voxel by voxel (K): a collapsed generator has almost none
+        "spread_K": {"heldout": float(heldout.std(0).mean()), "generated": float(first.std(0).mean())},
     }
     write_pictures(out, heldout, first, history)
     with mofkit.atomic_write(out / "results.json", "w") as f:
