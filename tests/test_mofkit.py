@@ -1204,6 +1204,18 @@ def test_gan_shapes_and_ranges(dim, channels, grid_channels):
     assert n_up == int(np.log2(dim // 4))
 
 
+def test_discriminator_raw_score_is_the_logit_of_the_sigmoid_output_and_trains(tmp_path):
+    torch.manual_seed(0)
+    D = mofkit.Discriminator(dim=16, channels=8).eval()
+    raw = mofkit.Discriminator(dim=16, channels=8, sigmoid=False).eval()
+    raw.load_state_dict(D.state_dict())  # same parameters: only the output differs
+    x = torch.rand(3, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(raw(x)), D(x))
+    res = mofkit.train(_tiny(d_sigmoid=False), _grids(4), tmp_path, max_steps=2, progress=False)
+    assert res.discriminator.sigmoid is False and mofkit.load_checkpoint(res.checkpoint)["config"]["d_sigmoid"] is False
+
+
 def test_gan_rejects_bad_sizes():
     with pytest.raises(ValueError, match="dim=48"):
         mofkit.Generator(dim=48)
