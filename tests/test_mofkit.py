@@ -1805,7 +1805,11 @@ def test_reproduce_cpu_pipeline_end_to_end_resumes_and_ships(tmp_path, coremof_c
     for k, result in first["one_nn"].items():
         lo, hi = result["ci95"]
         assert 0 <= lo <= result["accuracy"] <= hi <= 1 and result["n_real"] == result["n_generated"] == 4, k
+    assert set(first["one_nn"]) == {"generated_vs_heldout", "train_vs_heldout", "untrained_vs_heldout",
+                                    "mean_grid_vs_heldout"}
     assert first["one_nn"]["untrained_vs_heldout"]["accuracy"] >= 0.75  # the trivial baseline is easy to tell
+    assert first["one_nn"]["mean_grid_vs_heldout"]["generated_accuracy"] == 1.0  # near-copies find each other
+    assert first["spread_K"]["heldout"] > 0 and first["spread_K"]["generated"] >= 0
     assert len(first["one_nn"]["generated_vs_heldout"]["accuracy_per_seed"]) == 3
     assert 0 <= first["memorisation"]["fraction_closer"] <= 1
     for pair in ("generated_vs_heldout", "train_vs_heldout", "untrained_vs_heldout"):
