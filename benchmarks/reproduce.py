@@ -4,7 +4,9 @@
     python benchmarks/reproduce.py --scale gpu --chunk-min 9 [--out runs/gpu64]         # repeat until it says done
 
 (the first line made benchmarks/results_cpu32/ and the shipped weights: ~10 min voxelizing, 27 min training,
-~2 min scoring on 2 shared cores; the default budget is 60 min). Both scales do the same steps, each resumable (re-running the same command continues where it stopped):
+~2 min scoring on 2 shared cores; the default budget is 60 min).
+
+Both scales do the same steps, each resumable (re-running the same command continues where it stopped):
   1. split   CoRE MOF 2019-ASR by CSD refcode (seeded), so near-duplicates (FUVDEH, FUVDEH01, ...) never
              straddle train and held-out; the split is a CSV committed in benchmarks/.
   2. grids   voxelize both sets in the cube frame into shards (`build_shards`; finished shards are skipped).
