@@ -1346,7 +1346,7 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 SHARD_MAGIC = b"MOFSHRD1"
 SHARD_FORMAT = "mofkit-shard-1"
 MANIFEST_COLUMNS = ["shard", "n_names", "n_grids", "bytes", "sha256", "source", "params_hash", "params", "url",
-                    "names"]
+                    "names", "kind"]  # kind: "shard", or "weights" for a shipped generator (see load_generator)
 FAILURE_COLUMNS = ["shard", "name", "reason"]
 COREMOF_SOURCE = "coremof:2019-ASR"
 
@@ -1500,21 +1500,25 @@ def _shard_plan(names, shard_size):
 def _manifest_row(shard, members, label, params, path=None, url=""):
     """One data_manifest.csv row; bytes/sha256/n_grids are filled from the file at `path` when there is one."""
     row = {"shard": shard, "n_names": len(members), "n_grids": "", "bytes": "", "sha256": "", "source": label,
-           "params_hash": params.hash, "params": params.to_json(), "url": url, "names": ";".join(members)}
+           "params_hash": params.hash, "params": params.to_json(), "url": url, "names": ";".join(members),
+           "kind": "shard"}
     if path is not None:
         row.update(n_grids=read_shard_meta(path)["shape"][0], bytes=Path(path).stat().st_size,
                    sha256=sha256_file(path))
     return row
 
 
-def read_manifest(path) -> list:
-    """data_manifest.csv as a list of dicts (all values strings)."""
+def read_manifest(path, kind="shard") -> list:
+    """The rows of data_manifest.csv of one kind ("shard", "weights"; None: all) as dicts of strings.
+    A manifest without a kind column (older files) lists shards only."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    missing = set(MANIFEST_COLUMNS) - set(rows[0] if rows else MANIFEST_COLUMNS)
+    missing = set(MANIFEST_COLUMNS) - {"kind"} - set(rows[0] if rows else MANIFEST_COLUMNS)
     if missing:
         raise ValueError(f"{path}: not a shard manifest, columns {sorted(missing)} are missing")
-    return rows
+    for row in rows:
+        row["kind"] = row.get("kind") or "shard"
+    return [r for r in rows if kind is None or r["kind"] == kind]
 
 
 def _write_csv(path, columns, rows):
@@ -1614,12 +1618,15 @@ def _finished_shard(path, members, params):
     return meta
 
 
-def _build(plan, out_dir, label, params, device, progress) -> list:
+def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) -> list:
     """Build the unfinished shards of `plan` in out_dir; record each in out_dir's data_manifest.csv and
-    failures.csv as soon as it exists, so an interrupted run loses at most the shard in progress."""
+    failures.csv as soon as it exists, so an interrupted run loses at most the shard in progress.
+    Stops before the next shard once time.monotonic() passes `deadline`."""
     table = _source_table(label)
     rows = []
     for shard, members in tqdm(plan, desc=f"shards in {out_dir}", disable=not progress):
+        if time.monotonic() >= deadline:
+            break
         path = out_dir / shard
         meta = _finished_shard(path, members, params) or _build_shard(path, members, label, params, table, device,
                                                                       progress)
@@ -1631,7 +1638,7 @@ def _build(plan, out_dir, label, params, device, progress) -> list:
 
 
 def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=None, limit=None, device=None,
-                 progress=True) -> list:
+                 progress=True, max_minutes=None) -> list:
     """Voxelize a source into shard files shard_00000.npy, shard_00001.npy, ... in out_dir; resumable.
 
     source: None (CoRE MOF 2019-ASR), 'coremof:<dataset>', or a folder of .cif files (name = file stem).
@@ -1641,11 +1648,14 @@ def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=Non
     out_dir/failures.csv and its shard holds one grid fewer. Each shard stores per structure: the source's
     property table plus framework density, Henry coefficient and heat of adsorption from its grid.
     Returns the manifest rows, also merged into out_dir/data_manifest.csv (url blank, ready to publish).
+    `max_minutes` starts no new shard after that much time (for fixed-length sessions): fewer rows come back
+    than planned, and the next call continues.
     """
     params = params or ShardParams()
     label = _source_label(source)
     names = list(_source_names(label) if names is None else names)[:limit]
-    return _build(_shard_plan(names, shard_size), Path(out_dir), label, params, device, progress)
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
+    return _build(_shard_plan(names, shard_size), Path(out_dir), label, params, device, progress, deadline)
 
 
 def _verified(path, row, local_row) -> bool:
@@ -1883,10 +1893,12 @@ class Generator(torch.nn.Module):
 
 
 class Discriminator(torch.nn.Module):
-    """grids (N, in_channels, dim, dim, dim) in GAN space -> D(x) in (0, 1), shape (N,)."""
+    """grids (N, in_channels, dim, dim, dim) in GAN space -> D(x) in (0, 1), shape (N,); with sigmoid=False
+    the raw score (the logit), as LSGAN's own discriminator (Mao et al. 2017) has no output squashing."""
 
-    def __init__(self, dim=64, channels=512, in_channels=1):
+    def __init__(self, dim=64, channels=512, in_channels=1, sigmoid=True):
         super().__init__()
+        self.sigmoid = sigmoid
         nn = torch.nn
         widths = _widths(dim, channels)[::-1]
         self.dim, self.channels, self.in_channels = dim, channels, in_channels
@@ -1897,7 +1909,8 @@ class Discriminator(torch.nn.Module):
         self.head = nn.Linear(channels * 4 ** 3, 1)
 
     def forward(self, x):
-        return torch.sigmoid(self.head(self.features(x).flatten(1))).squeeze(1)
+        score = self.head(self.features(x).flatten(1)).squeeze(1)
+        return torch.sigmoid(score) if self.sigmoid else score
 
 
 # The study's input transform: attractive wells (E < 0) become positive values in (0, 1], everything
@@ -2004,6 +2017,9 @@ class TrainConfig:
     log_every: int = 10             # steps per history row (and per NaN check)
     checkpoint_every_steps: int = 1000
     checkpoint_every_min: float = 10.0
+    d_sigmoid: bool = True          # the study's D ends in a Sigmoid. Under the least-squares loss its gradient
+                                    # vanishes once D wins (D(fake) ~ 1e-7 within ~100 steps on the cpu32
+                                    # benchmark, G frozen); False: LSGAN on D's raw score, as Mao et al.
 
     @classmethod
     def fast_gpu(cls, **overrides):
@@ -2071,7 +2087,7 @@ def _config_from_checkpoint(ckpt):
 
 def _models(config):
     return (Generator(config.dim, config.latent, config.channels, config.grid_channels),
-            Discriminator(config.dim, config.channels, config.grid_channels))
+            Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid))
 
 
 # --- one step ----------------------------------------------------------------
@@ -2301,13 +2317,15 @@ def _e_scale(config, dataset, world, device):
     return float(e_scale)
 
 
-def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True):
+def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True,
+          max_minutes=None):
     """Train the GAN on `dataset` (kelvin grids (C, D, D, D): a list, torch Dataset or ShardDataset).
 
     Writes `out_dir/last.pt` (every `checkpoint_every_steps` steps or `checkpoint_every_min` minutes and at the
     end) and `out_dir/history.csv`. `resume=True` continues `out_dir/last.pt` exactly when it exists,
     `resume="path.pt"` continues that file, `resume=False` refuses to touch an existing checkpoint.
-    `max_steps` stops after that many optimizer steps in total (counting resumed ones). Under torchrun
+    `max_steps` stops after that many optimizer steps in total (counting resumed ones); `max_minutes` stops
+    (and checkpoints) after that much wall-clock time in this call, for fixed-length sessions. Under torchrun
     every process calls this and rank 0 writes the files.
     """
     out_dir = Path(out_dir)
@@ -2316,14 +2334,14 @@ def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_s
     rank, world, device, created_group = _distributed(config)
     try:
         return _train(config, _as_dataset(dataset), ckpt, last, history_csv, rank, world, device,
-                      max_steps, progress)
+                      max_steps, progress, max_minutes)
     finally:
         if created_group:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress):
+def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress, max_minutes=None):
     import time
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -2371,17 +2389,22 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     acc, acc_steps = torch.zeros(4, device=device), 0
     t_start = t_log = time.perf_counter()
     t_saved = time.monotonic()
+    deadline = t_saved + 60 * max_minutes if max_minutes is not None else math.inf
+    out_of_time = False
 
     def log():
-        """Average the metrics since the last log over steps and processes; stop on NaN/Inf; return 'save now'."""
-        nonlocal acc, acc_steps, t_log
+        """Average the metrics since the last log over steps and processes; stop on NaN/Inf; return 'save now'.
+        Rank 0's clock decides both "checkpoint due" and "out of time", so all ranks stop at the same step."""
+        nonlocal acc, acc_steps, t_log, out_of_time
         now = time.perf_counter()
         time_due = rank == 0 and time.monotonic() - t_saved >= 60 * config.checkpoint_every_min
-        stats = torch.cat([acc / acc_steps, torch.tensor([float(time_due)], device=device)])
+        late = rank == 0 and time.monotonic() >= deadline
+        stats = torch.cat([acc / acc_steps, torch.tensor([float(time_due), float(late)], device=device)])
         if world > 1:
             dist.all_reduce(stats)
             stats[:4] /= world
-        loss_d, loss_g, d_real, d_fake, time_due = stats.tolist()
+        loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
+        out_of_time = late > 0
         if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
             raise TrainingDiverged(f"non-finite loss at step {step} (loss_d={loss_d}, loss_g={loss_g}); "
                                    f"stopped without saving, the last good checkpoint {last} is kept")
@@ -2402,7 +2425,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     bar = tqdm(total=None if total == float("inf") else total, initial=step,
                disable=not progress or rank != 0, desc="train", unit="step")
     first_step = step
-    while epoch < config.epochs and step < stop_at:
+    while epoch < config.epochs and step < stop_at and not out_of_time:
         epoch_start = step
         batches = _epoch_batches(dataset, config, epoch, samples_in_epoch, rank, world, pin)
         for real in batches:
@@ -2417,7 +2440,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
                 if log() or ckpt_due:
                     save()
                     t_saved = time.monotonic()
-            if step >= stop_at:
+            if step >= stop_at or out_of_time:
                 break
         else:
             if step == epoch_start and samples_in_epoch == 0:
@@ -2462,11 +2485,13 @@ def main_train(argv=None):
 def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_scale_K=None):
     """n generated grids in kelvin, np.float32 (n, C, D, D, D); channel 0 energy, others densities in [0, 1].
 
-    Pass a checkpoint path (E_scale is read from it) or a Generator plus `e_scale_K`. The generator runs in
+    Pass a checkpoint path (E_scale is read from it), a Generator from `load_generator`, or a Generator plus
+    `e_scale_K`. The generator runs in
     eval mode (BatchNorm running statistics), so a grid depends only on its latent vector.
     """
     if isinstance(generator_or_checkpoint, torch.nn.Module):
         G = generator_or_checkpoint
+        e_scale_K = getattr(G, "e_scale_K", None) if e_scale_K is None else e_scale_K  # set by load_generator
         if e_scale_K is None:
             raise ValueError("sample: pass e_scale_K (kelvin) with a Generator, or give a checkpoint path")
     else:
@@ -2486,6 +2511,44 @@ def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_sca
     G.train(was_training)
     return np.concatenate(out) if out else np.empty((0, G.out_channels) + (G.dim,) * 3, np.float32)
 
+
+
+GENERATOR_FORMAT = "mofkit-generator-1"
+
+
+def export_generator(checkpoint, path, dtype=torch.float16) -> Path:
+    """Write what `sample` needs from a training checkpoint -- generator weights, config, E_scale -- and no
+    optimizer or discriminator state: a few MB to ship (float16 halves it again; the rounding, ~1e-3 of a
+    weight, moves generated energies by far less than a kelvin's worth of the GAN's own noise). Returns path."""
+    ckpt = load_checkpoint(checkpoint)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["generator"].items()}
+    state = {"format": GENERATOR_FORMAT, "config": ckpt["config"], "e_scale_K": ckpt["e_scale_K"],
+             "step": ckpt["step"], "epoch": ckpt["epoch"], "generator": weights}
+    with atomic_write(path) as f:
+        torch.save(state, f)
+    return Path(path)
+
+
+def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.csv")):
+    """A Generator saved by `export_generator`, in eval mode and float32, with `.e_scale_K` set, so
+    `sample(load_generator(path), n)` works. When the manifest has a "weights" row for this file name, the
+    file's sha256 must match it (a stale or corrupted download is refused, never used)."""
+    path = Path(path)
+    if manifest_csv is not None and Path(manifest_csv).exists():
+        for row in read_manifest(manifest_csv, kind="weights"):
+            if Path(row["shard"]).name == path.name and sha256_file(path) != row["sha256"]:
+                raise CheckpointError(f"{path}: sha256 {sha256_file(path)} does not match {manifest_csv} "
+                                      f"({row['sha256']}): corrupted or a different model; fetch it again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable generator file ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != GENERATOR_FORMAT:
+        raise CheckpointError(f"{path}: not a {GENERATOR_FORMAT} file (write one with export_generator)")
+    G = _models(_config_from_checkpoint(state))[0]
+    G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["generator"].items()})
+    G.e_scale_K = float(state["e_scale_K"])
+    return G.eval()
 
 
 # =============================================================================

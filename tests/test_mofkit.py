@@ -1019,6 +1019,17 @@ def _counting_voxelize(monkeypatch, interrupt_at=None):
     return calls
 
 
+def test_build_shards_max_minutes_stops_between_shards_and_the_next_call_continues(tmp_path, monkeypatch):
+    cifs, out = _cif_folder(tmp_path / "cifs"), tmp_path / "out"
+    clock = iter(range(0, 10**6, 45))  # every look at the clock: 45 s later
+    monkeypatch.setattr(mofkit.time, "monotonic", lambda: next(clock))
+    rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False, max_minutes=1.0)
+    assert [r["shard"] for r in rows] == ["shard_00000.npy"]  # 45 s in: one more shard would start after 60 s
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.npy"]
+    rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
+    assert [r["n_grids"] for r in rows] == [2, 1, 1]
+
+
 def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_path):
     cifs = _cif_folder(tmp_path / "cifs")
     out = tmp_path / "out"
@@ -1148,8 +1159,20 @@ def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed
     assert sum((r["names"].split(";") for r in rows), []) == mofkit.coremof_names()
     assert {r["params_hash"] for r in rows} == {mofkit.ShardParams().hash} and not any(r["sha256"] for r in rows)
     assert (tmp_path / "m.csv").stat().st_size < 1_000_000
-    committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"
-    assert committed.read_text() == (tmp_path / "m.csv").read_text()
+    committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"  # its shard rows; weights rows aside
+    assert mofkit.read_manifest(committed) == mofkit.read_manifest(tmp_path / "m.csv")
+
+
+def test_manifest_weights_rows_are_not_shards_and_old_manifests_still_read(tmp_path):
+    rows = mofkit.coremof_manifest(tmp_path / "m.csv")[:2]
+    weights = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
+    weights.update(shard="weights/g.pt", bytes="3", sha256="ab" * 32, kind="weights")
+    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, rows + [weights])
+    assert [r["shard"] for r in mofkit.read_manifest(tmp_path / "m.csv")] == [r["shard"] for r in rows]
+    assert [r["shard"] for r in mofkit.read_manifest(tmp_path / "m.csv", kind="weights")] == ["weights/g.pt"]
+    old_columns = [c for c in mofkit.MANIFEST_COLUMNS if c != "kind"]  # a manifest from before the kind column
+    mofkit._write_csv(tmp_path / "old.csv", old_columns, [{c: r[c] for c in old_columns} for r in rows])
+    assert mofkit.read_manifest(tmp_path / "old.csv") == [{k: str(v) for k, v in r.items()} for r in rows]
 
 
 
@@ -1193,6 +1216,18 @@ def test_gan_shapes_and_ranges(dim, channels, grid_channels):
     # one resolution step per factor of 2 above 4^3
     n_up = sum(isinstance(m, torch.nn.ConvTranspose3d) for m in G.modules())
     assert n_up == int(np.log2(dim // 4))
+
+
+def test_discriminator_raw_score_is_the_logit_of_the_sigmoid_output_and_trains(tmp_path):
+    torch.manual_seed(0)
+    D = mofkit.Discriminator(dim=16, channels=8).eval()
+    raw = mofkit.Discriminator(dim=16, channels=8, sigmoid=False).eval()
+    raw.load_state_dict(D.state_dict())  # same parameters: only the output differs
+    x = torch.rand(3, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(raw(x)), D(x))
+    res = mofkit.train(_tiny(d_sigmoid=False), _grids(4), tmp_path, max_steps=2, progress=False)
+    assert res.discriminator.sigmoid is False and mofkit.load_checkpoint(res.checkpoint)["config"]["d_sigmoid"] is False
 
 
 def test_gan_rejects_bad_sizes():
@@ -1287,6 +1322,36 @@ def test_train_autocast_step_on_cpu(tmp_path, precision):
     assert h["step"] == 2 and np.isfinite(h["loss_d"]) and np.isfinite(h["loss_g"]) and 0 < h["d_real"] < 1
     ckpt = mofkit.load_checkpoint(tmp_path / "last.pt")
     assert bool(ckpt["scaler"]) == (precision == "fp16")  # GradScaler state only on the fp16 path
+
+
+def test_train_max_minutes_stops_at_a_checkpoint_and_resumes(tmp_path):
+    data = _grids(4)
+    res = mofkit.train(_tiny(epochs=10**6), data, tmp_path, max_minutes=0.02, progress=False)
+    ckpt = mofkit.load_checkpoint(res.checkpoint)
+    assert 0 < ckpt["step"] < 10**6 and 1.2 <= ckpt["time_s"] < 30  # stopped at the first log past 1.2 s
+    more = mofkit.train(_tiny(epochs=10**6), data, tmp_path, max_minutes=0.01, progress=False)
+    again = mofkit.load_checkpoint(more.checkpoint)
+    assert again["step"] > ckpt["step"] and again["time_s"] >= ckpt["time_s"] + 0.6
+
+
+def test_export_and_load_generator_sample_like_the_checkpoint_and_check_the_manifest(tmp_path):
+    res = mofkit.train(_tiny(), _grids(4), tmp_path / "run", max_steps=3, progress=False)
+    path = mofkit.export_generator(res.checkpoint, tmp_path / "g.pt")
+    assert path.stat().st_size < res.checkpoint.stat().st_size / 3  # no optimizer/discriminator state, fp16
+    G = mofkit.load_generator(path, manifest_csv=None)
+    assert G.e_scale_K == 800.0 and not G.training
+    shipped, full = mofkit.sample(G, 3, seed=5), mofkit.sample(res.checkpoint, 3, seed=5)
+    assert shipped.shape == full.shape == (3, 1, 16, 16, 16)
+    assert np.abs(shipped - full).max() < 800.0 * 0.01  # fp16 weights: within 1% of E_scale
+    row = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
+    row.update(shard="weights/g.pt", kind="weights", sha256=mofkit.sha256_file(path))
+    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [row])
+    assert mofkit.load_generator(path, tmp_path / "m.csv").e_scale_K == 800.0
+    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [{**row, "sha256": "0" * 64}])
+    with pytest.raises(mofkit.CheckpointError, match="does not match"):
+        mofkit.load_generator(path, tmp_path / "m.csv")
+    with pytest.raises(mofkit.CheckpointError, match="export_generator"):
+        mofkit.load_generator(res.checkpoint, manifest_csv=None)  # a training checkpoint is not a generator file
 
 
 def test_train_resume_is_bit_identical(tmp_path):
@@ -1697,7 +1762,102 @@ def test_grid_to_atoms_rejects_bad_grids():
 # 11. Command line and notebook
 # =============================================================================
 
+def _reproduce():
+    """benchmarks/reproduce.py as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
+
+@pytest.fixture(scope="module")
+def coremof_cifs(tmp_path_factory):
+    """14 real CoRE MOF structures as CIF files (read from the installed package, no network)."""
+    folder = tmp_path_factory.mktemp("cifs")
+    for name, atoms in mofkit.iter_coremof(names=mofkit.coremof_names()[5000:5014]):
+        atoms.write(folder / f"{name}.cif", format="cif")
+    return folder
+
+
+def test_reproduce_split_keeps_refcode_groups_together_and_skips_what_fails():
+    rp = _reproduce()
+    assert rp.refcode("FUVDEH12_clean") == rp.refcode("FUVDEH_clean") == rp.refcode("FUVDEH01_charged") == "FUVDEH"
+    assert rp.refcode("ja4015666_si_002_clean") == rp.refcode("ja4015666_si_003_clean") == "ja4015666"
+    assert rp.refcode("ABCDEFG_clean") == "ABCDEFG"  # not a CSD refcode: its own group
+    names = [f"{code}{suffix}_clean" for code in ("AAAAAA", "BBBBBB", "CCCCCC", "DDDDDD", "EEEEEE", "FFFFFF",
+                                                  "GGGGGG", "HHHHHH") for suffix in ("", "01", "02")]
+    names += [f"p{k}_si_00{k}_clean" for k in range(6)] + ["bad_clean"]
+    rows = rp.make_split(names, n_heldout=4, n_train=9, seed=3, parses=lambda n: n != "bad_clean")
+    assert rows == rp.make_split(names, n_heldout=4, n_train=9, seed=3, parses=lambda n: n != "bad_clean")
+    assert rows != rp.make_split(names, n_heldout=4, n_train=9, seed=4, parses=lambda n: n != "bad_clean")
+    sides = {}
+    for name, group, split in rows:
+        assert group == rp.refcode(name) and name != "bad_clean"
+        sides.setdefault(group, set()).add(split)
+    assert all(len(s) == 1 for s in sides.values())  # no group straddles train and held-out
+    counts = {s: sum(r[2] == s for r in rows) for s in ("heldout", "train")}
+    assert 4 <= counts["heldout"] < 4 + 3 and 9 <= counts["train"] < 9 + 3  # stops within one group
+
+
+def test_reproduce_cpu_pipeline_end_to_end_resumes_and_ships(tmp_path, coremof_cifs):
+    rp, out = _reproduce(), tmp_path / "out"
+    tiny = ["--scale", "cpu", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
+            str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "2.0",
+            "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--no-progress"]
+    assert rp.main(tiny + ["--chunk-min", "0"]) is None  # a call out of time at once: split written, no grids
+    split = rp.read_split(tmp_path / "split.csv")
+    assert len(split["heldout"]) == 4 and len(split["train"]) == 8 and not (out / "heldout").exists()
+    first = rp.main(tiny + ["--budget-min", "0.02", "--ship", str(tmp_path / "w" / "g.pt"),
+                            "--manifest", str(tmp_path / "m.csv")])
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(first))
+    assert {p.name for p in out.glob("*.png")} == {"slices_0.png", "slices_1.png", "loss.png"}
+    assert first["data"]["train_grids"] == 8 and first["data"]["heldout_grids"] == first["data"]["n_eval"] == 4
+    assert first["training"]["train_time_min"] >= 0.02 and first["training"]["steps"] > 0
+    for k, result in first["one_nn"].items():
+        lo, hi = result["ci95"]
+        assert 0 <= lo <= result["accuracy"] <= hi <= 1 and result["n_real"] == result["n_generated"] == 4, k
+    assert set(first["one_nn"]) == {"generated_vs_heldout", "train_vs_heldout", "untrained_vs_heldout",
+                                    "mean_grid_vs_heldout"}
+    assert first["one_nn"]["untrained_vs_heldout"]["accuracy"] >= 0.75  # the trivial baseline is easy to tell
+    assert first["one_nn"]["mean_grid_vs_heldout"]["generated_accuracy"] == 1.0  # near-copies find each other
+    assert first["spread_K"]["heldout"] > 0 and first["spread_K"]["generated"] >= 0
+    assert len(first["one_nn"]["generated_vs_heldout"]["accuracy_per_seed"]) == 3
+    assert 0 <= first["memorisation"]["fraction_closer"] <= 1
+    for pair in ("generated_vs_heldout", "train_vs_heldout", "untrained_vs_heldout"):
+        assert set(first["properties"][pair]) == {"log10_henry", "heat_kJ_mol"}
+    weights = first["weights"]
+    assert weights["sha256"] == mofkit.sha256_file(tmp_path / "w" / "g.pt") and weights["path"] == "w/g.pt"
+    assert mofkit.read_manifest(tmp_path / "m.csv", kind="weights")[0]["sha256"] == weights["sha256"]
+    G = mofkit.load_generator(tmp_path / "w" / "g.pt", tmp_path / "m.csv")
+    assert mofkit.sample(G, 2).shape == (2, 1, 16, 16, 16)
+
+    budget = first["training"]["train_time_min"] + 0.02  # stops at the first log past its budget: may overshoot
+    again = rp.main(tiny + ["--budget-min", str(budget)])  # a bigger budget continues the same run
+    assert again["training"]["steps"] > first["training"]["steps"] and again["training"]["train_time_min"] >= budget
+    steps = mofkit.load_history(out / "run")["step"]
+    assert steps.is_monotonic_increasing and steps.is_unique
+    assert again["one_nn"]["train_vs_heldout"] == first["one_nn"]["train_vs_heldout"]  # same seeded real sets
+
+
+def test_reproduce_gpu_scale_runs_in_chunks_on_cpu(tmp_path, coremof_cifs):
+    """The --scale gpu code path (chunk deadlines, epoch target, evaluation in a later call) with tiny sizes."""
+    rp, out = _reproduce(), tmp_path / "out"
+    tiny = ["--scale", "gpu", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
+            str(tmp_path / "split.csv"), "--n-heldout", "4", "--size", "16", "--spacing-A", "2.0", "--channels", "8",
+            "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--fast-gpu", "0", "--device", "cpu",
+            "--no-progress"]
+    times = []  # training time in the checkpoint after each call
+    while sum(t > 0 for t in times) < 2:  # 3 s chunks: voxelizing, then training, each call resuming
+        assert rp.main(tiny + ["--epochs", str(10**6), "--chunk-min", "0.05"]) is None and len(times) < 20
+        times.append(rp.training_state(out / "run")[1])
+    assert times == sorted(times) and times[-1] > times[-2] > 0
+    assert len(rp.read_split(tmp_path / "split.csv")["train"]) == 10  # gpu scale: every other structure
+    results = rp.main(tiny + ["--epochs", "1", "--chunk-min", "1"])  # target already reached: evaluates
+    assert results["training"]["steps"] == mofkit.load_checkpoint(out / "run" / "last.pt")["step"]
+    assert results["data"]["n_eval"] == 4 and (out / "results.json").exists()
 REPO = Path(__file__).resolve().parents[1]
 
 
