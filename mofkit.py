@@ -1577,9 +1577,9 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
     per_call = 16 if device.type == "cuda" else 1          # a GPU wants many structures in one batch
     with tqdm(total=len(members), desc=path.name, leave=False, disable=not progress) as bar:
         while chunk := list(itertools.islice(structures, per_call)):
+            atoms_by_name = dict(chunk)
             for name, grid_K in _voxelize_chunk(chunk, params, device, failures).items():
-                atoms = dict(chunk)[name]
-                density = framework_density(atoms)
+                density = framework_density(atoms_by_name[name])
                 props[name] = [density, henry_coefficient(grid_K, density, params.temperature_K),
                                heat_of_adsorption(grid_K, params.temperature_K)]
                 grids[name] = grid_K.astype(np.float16)
