@@ -760,14 +760,15 @@ def _lj_blocks(jobs, probe, cutoff_A, device, dtype, pairs_per_batch):
     return list(torch.split(out, [len(b) for b, _ in jobs]))
 
 
-def grid_points(atoms, size=64, frame="cube", spacing_A=0.5):
+def grid_points(atoms, size=64, frame="cube", spacing_A=0.5, count=None):
     """Cartesian points (size, size, size, 3) in A of a grid.
 
     frame="cube": an axis-aligned cube from the origin, point [i,j,k] at (i,j,k)*spacing_A; periodic images fill
     it, so every voxel is spacing_A wide whatever the cell (generated grids decode back to atoms in A).
     frame="cell": the study's fractional grid over the unit cell, point [i,j,k] at (i,j,k)/size in fractions.
+    count > size continues the same lattice past the grid (voxelize pads to whole blocks, then crops).
     """
-    i = np.arange(size, dtype=np.float64)
+    i = np.arange(size if count is None else count, dtype=np.float64)
     ijk = np.stack(np.meshgrid(i, i, i, indexing="ij"), -1)
     if frame == "cube":
         return ijk * spacing_A
@@ -804,13 +805,9 @@ def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", 
     device = _default_device(device)
     nblk = -(-size // block)
     n = nblk * block
-    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64)] * 3, indexing="ij"), -1)
     jobs = []
     for atoms in structures:
-        # the grid is padded up to whole blocks and cropped afterwards
-        pts = ijk * spacing_A if frame == "cube" else (ijk / size) @ atoms.cell.array if frame == "cell" else None
-        if pts is None:
-            raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
+        pts = grid_points(atoms, size, frame, spacing_A, count=n)   # padded to whole blocks, cropped afterwards
         # (X, Y, Z, 3) -> (nblk^3 blocks, block^3 points, 3)
         jobs.append((pts.reshape(nblk, block, nblk, block, nblk, block, 3).transpose(0, 2, 4, 1, 3, 5, 6)
                      .reshape(-1, block ** 3, 3), atoms))
@@ -2555,10 +2552,6 @@ def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.cs
 # 8. Scoring: 1-NN two-sample accuracy, memorisation, property distances
 # =============================================================================
 
-def _resolve_device(device) -> torch.device:
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _as_samples(x, name) -> torch.Tensor:
     """(n, ...) samples (numpy array, torch tensor or list of grids) as a float tensor, shared not copied."""
     t = torch.stack([torch.as_tensor(g) for g in x]) if isinstance(x, (list, tuple)) else torch.as_tensor(x)
@@ -2681,7 +2674,7 @@ def one_nn_accuracy(real, generated, features="raw", device=None, return_details
     Returns the accuracy, or with `return_details` a dict that adds the per-class accuracies
     ("real_accuracy", "generated_accuracy"), the counts and each sample's nearest neighbour index.
     """
-    device = _resolve_device(device)
+    device = _default_device(device)
     real, generated = _as_samples(real, "real"), _as_samples(generated, "generated")
     if real.shape[1:] != generated.shape[1:]:
         raise ValueError(f"real samples have shape {tuple(real.shape[1:])} but generated ones "
@@ -2710,7 +2703,7 @@ def memorisation(generated, train, heldout, features="raw", device=None, dtype=t
     Also returned: "threshold" (min d_held), both distance arrays and each generated sample's nearest
     training index.
     """
-    device = _resolve_device(device)
+    device = _default_device(device)
     sets = {"generated": generated, "train": train, "heldout": heldout}
     sets = {name: _as_samples(x, name) for name, x in sets.items()}
     shapes = {name: tuple(x.shape[1:]) for name, x in sets.items()}
