@@ -1783,6 +1783,19 @@ def test_metal_channels_decode_to_their_element_and_placeholders_are_declared(tm
     assert one.get_chemical_symbols().count("Zn") == 3 and "Zn stands for any metal" in one.info["placeholders"]
 
 
+def test_atoms_on_a_cube_face_survive_float16_channels():
+    from ase import Atoms
+    # atoms on special positions sit exactly on the cube's faces (x = 0); shards store the channels as float16
+    atoms = Atoms(["Cu", "O", "C"], positions=[[0.0, 0.0, 0.0], [0.0, 1.95, 0.0], [3.1, 0.0, 2.7]],
+                  cell=[12.0] * 3, pbc=True)
+    classes = mofkit.METAL_DENSITY_CLASSES
+    channels = mofkit.density_channels(atoms, 16, 0.5, classes=classes).astype(np.float16).astype(np.float32)
+    decoded = mofkit.grid_to_atoms(channels, 0.5, classes=classes)
+    assert sorted(decoded.get_chemical_symbols()) == ["C", "Cu", "O"]
+    np.testing.assert_allclose(decoded.positions[np.argsort(decoded.get_chemical_symbols())],
+                               atoms.positions[[2, 0, 1]], atol=0.02)
+
+
 def test_density_classes_are_checked():
     for bad in (("C", "N"), ("metal", "C", "C", "other"), ("Qq", "other"), ("X", "other")):
         with pytest.raises(ValueError, match="density classes"):
