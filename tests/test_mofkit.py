@@ -1840,6 +1840,11 @@ def test_shards_with_density_channels_round_trip(tmp_path):
     assert "Cu" in decoded.get_chemical_symbols() and "placeholders" not in decoded.info
     report = mofkit.structure_report(torch.stack([x, x]), spacing_A=0.5, classes=classes, e_scale_K=800.0)
     assert len(report) == 2 and report["n_atoms"].iloc[0] == len(decoded)
+    # the GAN trains on them as they are, and its samples go through the same report
+    mofkit.train(_tiny(grid_channels=len(data.channel_names)), data, tmp_path / "run", max_steps=1, progress=False)
+    generated = mofkit.sample(tmp_path / "run" / "last.pt", 2)
+    assert generated.shape == (2, 1 + len(classes), 16, 16, 16)
+    assert len(mofkit.structure_report(generated, spacing_A=0.5, classes=classes, e_scale_K=800.0)) == 2
 
 
 def _params_from_json(params):
