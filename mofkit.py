@@ -1798,9 +1798,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return self.offsets[-1]
 
     @property
-    def channel_names(self) -> list:
-        """What each stored channel is ("energy_K", "density:<class>", ...), from the first shard's footer."""
-        return ShardParams(**read_shard_meta(self.shards[0])["params"]).channels
+    def params(self) -> ShardParams:
+        """How the first shard's grids were made: .channels says what each channel is, .density_classes and
+        .spacing_A are what grid_to_atoms / structure_report need to decode them."""
+        return ShardParams(**read_shard_meta(self.shards[0])["params"])
 
     def set_epoch(self, epoch, start=0):
         """Select the epoch's order; start=k skips its first k samples (of this rank) to resume mid-epoch."""
@@ -3086,8 +3087,8 @@ def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes
     scaling keeps nothing above 0 K) with elements guessed from the core size. It cannot see hydrogen as
     separate from its neighbour's core, cannot tell C/N/O apart (their cores differ by ~0.1 A, less than
     a voxel), and merged cores of bonded atoms (core radius ~3 A vs bonds of ~1.4 A) make the atom count
-    a volume estimate: on CoRE MOFs it recovers ~1-2% of non-H atoms within 0.5 A (README, "Atoms from
-    grids"); its elements are guesses among `elements`.
+    a volume estimate: on CoRE MOFs it recovers ~1-2% of non-H atoms within 0.5 A (README, "Evaluation");
+    its elements are guesses among `elements`.
     Cell = the cube (size * spacing_A), pbc False (the cube is not periodic).
     """
     from ase import Atoms

@@ -1,6 +1,6 @@
 """Atoms from density channels: the real round trip per resolution, metal naming, and the structure report.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_inverse.py                      # the README tables (~15 min, 1 core)
+    OMP_NUM_THREADS=1 python benchmarks/bench_inverse.py                      # the README tables (~10 min, 1 core)
     OMP_NUM_THREADS=1 python benchmarks/bench_inverse.py --structures 5 --report 3 --gan-steps 0   # quick look
     OMP_NUM_THREADS=1 python benchmarks/bench_inverse.py --structures 0                          # GAN table only
 

@@ -1829,7 +1829,7 @@ def test_shards_with_density_channels_round_trip(tmp_path):
                                rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(grids[0, 1:], mofkit.density_channels(atoms, 16, 0.5, classes=classes), atol=5e-4)
     data = mofkit.ShardDataset(tmp_path / "out", shuffle=False)
-    assert data.channel_names == meta["channels"]
+    assert data.params == params and data.params.channels == meta["channels"]
     x = next(iter(data))
     assert x.shape == (1 + len(classes), 16, 16, 16)
     gan = mofkit.to_gan_input(x, 800.0)
@@ -1841,7 +1841,7 @@ def test_shards_with_density_channels_round_trip(tmp_path):
     report = mofkit.structure_report(torch.stack([x, x]), spacing_A=0.5, classes=classes, e_scale_K=800.0)
     assert len(report) == 2 and report["n_atoms"].iloc[0] == len(decoded)
     # the GAN trains on them as they are, and its samples go through the same report
-    mofkit.train(_tiny(grid_channels=len(data.channel_names)), data, tmp_path / "run", max_steps=1, progress=False)
+    mofkit.train(_tiny(grid_channels=len(data.params.channels)), data, tmp_path / "run", max_steps=1, progress=False)
     generated = mofkit.sample(tmp_path / "run" / "last.pt", 2)
     assert generated.shape == (2, 1 + len(classes), 16, 16, 16)
     assert len(mofkit.structure_report(generated, spacing_A=0.5, classes=classes, e_scale_K=800.0)) == 2
