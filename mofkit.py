@@ -3228,7 +3228,7 @@ def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, 
     spacing_A = length_A / size
     axis = np.arange(size) * spacing_A
     keep = (axis >= cutoff_A - 1e-9) & (axis <= (size - 1) * spacing_A - cutoff_A + 1e-9)
-    if not keep.any() or not len(atoms):
+    if not keep.any():
         return math.nan, math.nan, 0
     lonely = atoms.copy()
     lonely.set_cell([length_A + cutoff_A + 1.0] * 3)  # no periodic image is within the cutoff of the cube
@@ -3237,8 +3237,11 @@ def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, 
     missing = sorted(set(symbols) - set(UFF))
     if missing:
         raise ValueError(f"atoms: no UFF parameters for {missing}")
-    recomputed = probe_energy(lonely, points, probe, cutoff_A, device="cpu")
-    if grid_cutoff_A > cutoff_A:
+    if not len(atoms):  # nothing decoded: no energy anywhere, which the grid's own energy may contradict
+        recomputed = np.zeros(points.shape[:-1])
+    else:
+        recomputed = probe_energy(lonely, points, probe, cutoff_A, device="cpu")
+    if grid_cutoff_A > cutoff_A and len(atoms):
         a, b = pair_coefficients(symbols, probe)
         volume = length_A ** 3
         recomputed += (4 * math.pi / volume) * ((a.sum() / 9) * (cutoff_A ** -9 - grid_cutoff_A ** -9)
@@ -3284,13 +3287,14 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
         row.update({f"frac_{c}": coarse.count(c) / max(n, 1) for c in REPORT_CLASSES})
         cube = atoms.copy()
         cube.pbc = False
-        i, j, d = neighbor_list("ijd", cube, natural_cutoffs(cube, mult=bond_mult))
+        i, d = neighbor_list("id", cube, natural_cutoffs(cube, mult=bond_mult))
         inner = np.all((atoms.positions >= edge_A) & (atoms.positions <= length_A - edge_A), axis=1)
         bonded = np.zeros(n, bool)
         bonded[i[d >= contact_A]] = True
+        tree = cKDTree(atoms.positions.reshape(-1, 3))
         contact = np.zeros(n, bool)
-        contact[i[d < contact_A]] = True
-        nn = cKDTree(atoms.positions).query(atoms.positions[inner], k=2)[0][:, 1] if n > 1 and inner.any() else []
+        contact[tree.query_pairs(contact_A, output_type="ndarray").ravel()] = True
+        nn = tree.query(atoms.positions[inner], k=2)[0][:, 1] if n > 1 and inner.any() else []
         p10, median, p90 = np.percentile(nn, [10, 50, 90]) if len(nn) else (math.nan,) * 3
         row.update(n_inner=int(inner.sum()), nn_median_A=median, nn_p10_A=p10, nn_p90_A=p90,
                    bonded_fraction=float(bonded[inner].mean()) if inner.any() else math.nan,
