@@ -1338,7 +1338,9 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 # (the study: ~6.9 MB of text), rounded to relative precision 2^-11 ~ 5e-4 (at most 2 K at the 5000 K cap,
 # 0.25 K near -1000 K); its largest value is 65504, hence cap_K <= 60000. The footer holds the requested members, the
 # names of the stored grids in order, the failures, the voxelizer parameters and per-structure properties
-# (computed from the float32 grid before rounding).
+# (computed from the float32 grid before rounding). Channel 0 is the energy in kelvin; with
+# ShardParams.density_classes the atom-density channels follow, in [0, 1] (float16 keeps 2^-11 near 1); the footer's
+# "channels" names each.
 
 SHARD_MAGIC = b"MOFSHRD1"
 SHARD_FORMAT = "mofkit-shard-1"
@@ -1362,18 +1364,36 @@ class ShardParams:
     cutoff_A: float = 12.8
     cap_K: float = 5000.0
     temperature_K: float = 77.0  # of the Henry coefficient and heat of adsorption stored per structure
+    density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
             object.__setattr__(self, f.name, type(f.default)(getattr(self, f.name)))
         if not 0 < self.cap_K <= 60000:
             raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
+        if self.density_classes:
+            check_density_classes(self.density_classes)
+            if self.frame != "cube":
+                raise ValueError(f"density_classes need frame='cube' (density_channels' frame), got {self.frame!r}")
+
+    @property
+    def channels(self) -> list:
+        """What each stored channel is: "energy_K", then "density:<class>" per density class."""
+        return ["energy_K"] + [f"density:{c}" for c in self.density_classes]
 
     def voxelize_kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "temperature_K"}
+        return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes")}
+
+    def to_dict(self) -> dict:
+        """The fields; without density channels exactly those (and so the hash) of the parameters before density
+        channels existed."""
+        fields = asdict(self)
+        if not self.density_classes:
+            del fields["density_classes"]
+        return fields
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @property
     def hash(self) -> str:
@@ -1579,7 +1599,9 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
                 density = framework_density(atoms_by_name[name])
                 props[name] = [density, henry_coefficient(grid_K, density, params.temperature_K),
                                heat_of_adsorption(grid_K, params.temperature_K)]
-                grids[name] = grid_K.astype(np.float16)
+                atom_channels = [density_channels(atoms_by_name[name], params.size, params.spacing_A,
+                                                  classes=params.density_classes)] if params.density_classes else []
+                grids[name] = np.concatenate([grid_K[None]] + atom_channels).astype(np.float16)
             bar.update(len(chunk))
     reported = {n for n, _ in failures}
     failures += [(n, "not found in the source") for n in members if n not in grids and n not in reported]
@@ -1590,10 +1612,12 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
         for n in names:
             props[n] += table.loc[n].tolist() if n in table.index else [None] * len(table.columns)
     size = params.size
-    meta = {"source": label, "params": asdict(params), "members": list(members), "names": names,
+    meta = {"source": label, "params": params.to_dict(), "channels": params.channels, "members": list(members),
+            "names": names,
             "failures": [list(f) for f in failures],
             "properties": {"columns": columns, "rows": [[_json_value(v) for v in props[n]] for n in names]}}
-    stacked = np.stack([grids[n] for n in names])[:, None] if names else np.zeros((0, 1, size, size, size))
+    stacked = (np.stack([grids[n] for n in names]) if names
+               else np.zeros((0, len(params.channels), size, size, size)))
     write_shard(path, stacked, meta)
     return meta
 
@@ -1772,6 +1796,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def num_grids(self) -> int:
         """Grids in all shards (all ranks)."""
         return self.offsets[-1]
+
+    @property
+    def params(self) -> ShardParams:
+        """How the first shard's grids were made: .channels says what each channel is, .density_classes and
+        .spacing_A are what grid_to_atoms / structure_report need to decode them."""
+        return ShardParams(**read_shard_meta(self.shards[0])["params"])
 
     def set_epoch(self, epoch, start=0):
         """Select the epoch's order; start=k skips its first k samples (of this rank) to resume mid-epoch."""
@@ -3330,12 +3360,29 @@ def plot_property_histograms(real_vals, gen_vals, label="value", bins=30, path=N
 # 10. Inverse: grid -> atoms -> XYZ
 # =============================================================================
 
-DENSITY_CLASSES = ("metal", "C", "N", "O", "H", "other")
-# Element written for a decoded atom of each class: the density channels do not say which metal it is
-# ("Zn" is a placeholder) and "other" becomes ASE's dummy atom X.
-CLASS_SYMBOLS = {"metal": "Zn", "other": "X"}
+# Element classes of the atom-density channels. A class is an element symbol, "metal" (a metal without a class
+# of its own) or "other" (any other element without one). Metals ranked by how many CoRE MOF 2019-ASR
+# structures hold them (its All_Metals column, 12,020 structures); non-metals outside C/N/O/H by the structures
+# holding them in a 184-structure sample (every 60th name). README "Atoms from grids" has the counts.
+COREMOF_METALS = ("Zn", "Cu", "Cd", "Co", "Mn", "Ag", "Ni", "Fe", "Eu", "Tb", "In", "Gd", "La", "Nd", "Al", "Na",
+                  "K", "Mg", "Dy", "Zr", "Sm", "U", "V", "Mo", "Ce")
+COREMOF_OTHER = ("P", "S", "F", "Cl", "Br", "B", "Si", "I", "As")
+DENSITY_CLASSES = ("metal", "C", "N", "O", "H", "other")  # one channel for every metal: its element is lost
+METAL_DENSITY_CLASSES = COREMOF_METALS[:4] + DENSITY_CLASSES  # the 4 commonest metals named (README: measured)
 _NON_METALS = {"X", "H", "He", "B", "C", "N", "O", "F", "Ne", "Si", "P", "S", "Cl", "Ar", "Ge", "As", "Se",
                "Br", "Kr", "Sb", "Te", "I", "Xe", "At", "Rn"}
+
+
+def check_density_classes(classes) -> tuple:
+    """`classes` as a tuple, after checking each is an element symbol, "metal" or "other", without repeats, and
+    that "other" is one of them (every atom then has a channel)."""
+    from ase.data import chemical_symbols
+    classes = tuple(classes)
+    bad = [c for c in classes if c not in ("metal", "other") and (c not in chemical_symbols or c == "X")]
+    if bad or len(set(classes)) != len(classes) or "other" not in classes:
+        raise ValueError(f"density classes {classes}: expected distinct element symbols or 'metal', and the "
+                         f"catch-all 'other'")
+    return classes
 
 
 def element_class(symbol, classes=DENSITY_CLASSES) -> str:
@@ -3345,6 +3392,23 @@ def element_class(symbol, classes=DENSITY_CLASSES) -> str:
     return "metal" if "metal" in classes and symbol not in _NON_METALS else "other"
 
 
+def class_symbol(cls, classes=DENSITY_CLASSES) -> str:
+    """Element written for a decoded atom of class `cls`: the class itself if it is an element, else a stand-in
+    (a placeholder: the channels do not say which element): the commonest CoRE MOF metal, or non-metal, that has
+    no class of its own. grid_to_atoms marks such atoms (arrays["density_class"], info["placeholders"])."""
+    if cls not in ("metal", "other"):
+        return cls
+    ranked = COREMOF_METALS if cls == "metal" else COREMOF_OTHER
+    return next(s for s in ranked if element_class(s, classes) == cls)
+
+
+def _placeholder_note(classes_present, classes) -> str:
+    """The comment-line note for stand-in elements, '' when every decoded atom's element is its class."""
+    parts = [f"{class_symbol(c, classes)} stands for any {'metal' if c == 'metal' else 'element'} without a "
+             f"channel of its own (class '{c}')" for c in ("metal", "other") if c in classes_present]
+    return ("placeholder elements: " + "; ".join(parts)) if parts else ""
+
+
 def _cube_images(atoms, size, spacing_A, margin_A):
     """(symbols, positions) of the periodic images within margin_A (> 0) of the sampled cube
     [0, (size-1)*spacing_A]^3: the frame of grid_points(atoms, size, "cube", spacing_A)."""
@@ -3352,16 +3416,19 @@ def _cube_images(atoms, size, spacing_A, margin_A):
     return np.array(atoms.get_chemical_symbols())[index], positions
 
 
-def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=0.5, classes=DENSITY_CLASSES) -> np.ndarray:
+def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=None, classes=DENSITY_CLASSES) -> np.ndarray:
     """Gaussian-smeared atom densities per element class on the cube-frame grid, float32 (C, D, D, D).
 
     Same frame as voxelize(atoms, size, "cube", spacing_A), so these stack onto the energy grid as extra
     GAN channels. Each voxel holds the max (not the sum) over atoms of exp(-r^2 / 2 sigma^2): values
     stay in [0, 1], peak exactly 1 at an atom centre, and every atom's nearest voxel stays a local
     maximum however close its neighbours are, which is what grid_to_atoms(method="density") relies on.
+    sigma_A defaults to spacing_A (the peaks then look the same in voxels at any resolution).
     """
+    sigma_A = spacing_A if sigma_A is None else sigma_A
     if sigma_A <= 0 or spacing_A <= 0:
         raise ValueError(f"sigma_A and spacing_A must be positive, got {sigma_A}, {spacing_A}")
+    classes = check_density_classes(classes)
     reach = math.ceil(3 * sigma_A / spacing_A)  # exp(-4.5) = 0.011 at the window edge
     symbols, positions = _cube_images(atoms, size, spacing_A, (reach + 1) * spacing_A)
     channel = torch.tensor([classes.index(element_class(s, classes)) for s in symbols], dtype=torch.long)
@@ -3411,7 +3478,8 @@ def _density_peaks(channels, threshold, spacing_A, sigma_A, min_separation_A):
         low, high = ijk[:, axis] == 0, ijk[:, axis] == size - 1
         slope = np.where(low, lp - l0 - kappa / 2, np.where(high, l0 - lm + kappa / 2, (lp - lm) / 2))
         centre[:, axis] += np.clip(-slope / kappa, -0.5, 0.5)
-    inside = np.all((centre > -1e-6) & (centre < size - 1 + 1e-6), axis=1)  # atoms on a face (often at 0) stay
+    # atoms on a face (often at 0) stay: float16 channels put their fitted centre up to ~1e-3 voxel outside
+    inside = np.all((centre > -0.02) & (centre < size - 1 + 0.02), axis=1)
     positions, c, height = np.clip(centre[inside], 0, size - 1) * spacing_A, c[inside], height[inside]
     order = np.argsort(-height, kind="stable")
     keep = np.ones(len(order), bool)
@@ -3460,22 +3528,25 @@ def _cluster_atoms(energy_K, spacing_A, threshold_K, probe, elements, seed):
 
 
 def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes=DENSITY_CLASSES,
-                  sigma_A=0.5, min_separation_A=0.5, probe="H2", elements=("H", "C", "N", "O", "Zn"), seed=0):
+                  sigma_A=None, min_separation_A=0.5, probe="H2", elements=("H", "C", "N", "O", "Zn"), seed=0):
     """Decode a cube-frame grid into atoms: ase.Atoms with positions in angstrom inside the cube.
 
-    method="density": `grid` holds density_channels (C, D, D, D), optionally after an energy channel 0
-    (C + 1 channels, as stacked for training); atoms are peaks above `threshold` (default 0.6: a clean
-    atom's nearest voxel is >= 0.69 at the default sigma 0.5 A, spacing 0.5 A, while an image more
-    than 0.5 A beyond a cube face stays below 0.6 there) with the class from the strongest channel;
-    `sigma_A` must be the one the channels were made with (it fixes the sub-voxel fit's curvature).
-    Symbols: the class's element, or CLASS_SYMBOLS for "metal" (a placeholder) and "other".
+    method="density": `grid` holds density_channels (C, D, D, D) of `classes`, optionally after an energy
+    channel 0 (C + 1 channels, as stacked in shards and for training); atoms are peaks above `threshold`
+    with the class from the strongest channel. `sigma_A` (default spacing_A) must be the one the channels
+    were made with (it fixes the sub-voxel fit's curvature). Default threshold 0.6^((spacing/sigma)^2):
+    a clean atom's nearest voxel (at most sqrt(3)/2 voxel away) holds >= exp(-3/8 (spacing/sigma)^2), 0.69
+    at sigma = spacing, while an image more than ~1 voxel beyond a cube face stays below it there.
+    Symbols: the class's element, or class_symbol's stand-in for "metal" and "other" (a placeholder: the
+    atoms then carry info["placeholders"], which write_xyz/write_cif put on the comment line). Every atom's
+    class is in arrays["density_class"].
     method="cluster": the study's route for energy-only grids (kelvin, channel 0 if several): k-means
     clusters of repulsive-core voxels (E >= threshold, default 0 K: the study's clip(-E, 0, E_scale)
     scaling keeps nothing above 0 K) with elements guessed from the core size. It cannot see hydrogen as
     separate from its neighbour's core, cannot tell C/N/O apart (their cores differ by ~0.1 A, less than
     a voxel), and merged cores of bonded atoms (core radius ~3 A vs bonds of ~1.4 A) make the atom count
-    a volume estimate: on CoRE MOFs it recovers ~1-2% of non-H atoms within 0.5 A, against 100% for the
-    density route (benchmarks/bench_eval.py).
+    a volume estimate: on CoRE MOFs it recovers ~1-2% of non-H atoms within 0.5 A (README, "Evaluation");
+    its elements are guesses among `elements`.
     Cell = the cube (size * spacing_A), pbc False (the cube is not periodic).
     """
     from ase import Atoms
@@ -3483,35 +3554,50 @@ def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes
     if g.ndim not in (3, 4) or len(set(g.shape[-3:])) != 1:
         raise ValueError(f"grid: expected a cube (D, D, D) or (C, D, D, D), got shape {g.shape}")
     if method == "density":
+        classes = check_density_classes(classes)
         if g.ndim != 4 or g.shape[0] not in (len(classes), len(classes) + 1):
             raise ValueError(f"grid: method='density' needs {len(classes)} density channels {classes} "
                              f"(or energy + those), got shape {g.shape}")
-        positions, cls, _ = _density_peaks(g[-len(classes):], 0.6 if threshold is None else threshold,
-                                           spacing_A, sigma_A, min_separation_A)
-        symbols = [CLASS_SYMBOLS.get(classes[c], classes[c]) for c in cls]
-    elif method == "cluster":
+        sigma_A = spacing_A if sigma_A is None else sigma_A
+        threshold = 0.6 ** ((spacing_A / sigma_A) ** 2) if threshold is None else threshold
+        positions, cls, _ = _density_peaks(g[-len(classes):], threshold, spacing_A, sigma_A, min_separation_A)
+        names = [classes[c] for c in cls]
+        atoms = Atoms(symbols=[class_symbol(c, classes) for c in names], positions=positions,
+                      cell=[g.shape[-1] * spacing_A] * 3, pbc=False)
+        atoms.new_array("density_class", np.array(names, dtype="U8"))
+        note = _placeholder_note(set(names), classes)
+        if note:
+            atoms.info["placeholders"] = note
+        return atoms
+    if method == "cluster":
         symbols, positions = _cluster_atoms(g[0] if g.ndim == 4 else g, spacing_A,
                                             0.0 if threshold is None else threshold, probe, elements, seed)
-    else:
-        raise ValueError(f"method={method!r}: expected 'density' or 'cluster'")
-    return Atoms(symbols=symbols, positions=positions, cell=[g.shape[-1] * spacing_A] * 3, pbc=False)
-
-
-def _write_atoms(atoms, path, fmt, mode):
-    import ase.io
-    with atomic_write(path, mode) as f:
-        ase.io.write(f, atoms, format=fmt)
-    return Path(path)
+        atoms = Atoms(symbols=symbols, positions=positions, cell=[g.shape[-1] * spacing_A] * 3, pbc=False)
+        atoms.info["placeholders"] = "elements guessed from repulsive-core sizes (cluster route)"
+        return atoms
+    raise ValueError(f"method={method!r}: expected 'density' or 'cluster'")
 
 
 def write_xyz(atoms, path) -> Path:
-    """Atomically write extended XYZ (plain XYZ plus the cell on the comment line; any XYZ reader works)."""
-    return _write_atoms(atoms, path, "extxyz", "w")
+    """Atomically write extended XYZ (plain XYZ plus the cell, and any placeholder note, on the comment line;
+    any XYZ reader works)."""
+    import ase.io
+    with atomic_write(path, "w") as f:
+        ase.io.write(f, atoms, format="extxyz")
+    return Path(path)
 
 
 def write_cif(atoms, path) -> Path:
-    """Atomically write a P1 CIF of the atoms in their cell (for decoded atoms: the cube)."""
-    return _write_atoms(atoms, path, "cif", "wb")
+    """Atomically write a P1 CIF of the atoms in their cell (for decoded atoms: the cube); a placeholder note
+    (atoms.info["placeholders"]) goes in a comment line at the top."""
+    import io
+    import ase.io
+    text = io.BytesIO()
+    ase.io.write(text, atoms, format="cif")
+    note = atoms.info.get("placeholders")
+    with atomic_write(path, "wb") as f:
+        f.write((f"# {note}\n" if note else "").encode() + text.getvalue())
+    return Path(path)
 
 
 def contact_count(atoms, min_A=0.7) -> int:
@@ -3527,18 +3613,22 @@ def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes
     tol_A). recall = paired true atoms / true non-H atoms inside the sampled cube [0, (size-1)*spacing]^3;
     precision = paired decoded / decoded non-H atoms (true images just outside the cube may pair, so
     a correct peak on a face is not a false positive). The class_* figures pair only atoms of the same
-    element class. Also: counts and impossible contacts (< 0.7 A) among the decoded atoms.
+    element class (of `classes`); metal_element_recall = true metal atoms inside the cube paired with a
+    decoded atom of their own element (NaN without metals).
     """
     from scipy.optimize import linear_sum_assignment
     from scipy.spatial.distance import cdist
     true_symbols, true_pos = _cube_images(atoms, size, spacing_A, tol_A)
     heavy = true_symbols != "H"
-    true_cls, true_pos = np.array([element_class(s, classes) for s in true_symbols[heavy]]), true_pos[heavy]
+    true_symbols, true_pos = true_symbols[heavy], true_pos[heavy]
+    true_cls = np.array([element_class(s, classes) for s in true_symbols])
     inside = np.all((true_pos >= 0) & (true_pos <= (size - 1) * spacing_A), axis=1)
-    dec_cls = np.array([element_class(s, classes) for s in decoded.get_chemical_symbols()], dtype=object)
-    dec_pos = decoded.positions[dec_cls != "H"]
-    dec_cls = dec_cls[dec_cls != "H"]
-    scores = {"n_true": int(inside.sum()), "n_decoded": len(dec_pos), "contacts": contact_count(decoded)}
+    dec_symbols = np.array(decoded.get_chemical_symbols())
+    dec_cls = np.array([element_class(s, classes) for s in dec_symbols], dtype=object)
+    dec_pos, dec_symbols, dec_cls = decoded.positions[dec_symbols != "H"], dec_symbols[dec_symbols != "H"], \
+        dec_cls[dec_symbols != "H"]
+    metal = inside & np.array([s not in _NON_METALS for s in true_symbols], dtype=bool)
+    scores = {"n_true": int(inside.sum()), "n_decoded": len(dec_pos)}
     for prefix, same_class in (("", False), ("class_", True)):
         cost = cdist(dec_pos, true_pos)
         if same_class:
@@ -3548,7 +3638,151 @@ def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes
         hit = within[rows, cols]
         scores[prefix + "recall"] = float(inside[cols[hit]].sum() / max(1, inside.sum()))
         scores[prefix + "precision"] = float(hit.sum() / max(1, len(dec_pos)))
+        if not same_class:
+            right = dec_symbols[rows[hit]] == true_symbols[cols[hit]]
+            scores["metal_element_recall"] = (float((metal[cols[hit]] & right).sum() / metal.sum())
+                                              if metal.any() else math.nan)
     return scores
+
+
+# --- structure report --------------------------------------------------------
+# One set of chemistry figures for any decoded structure, generated or real, so the two are compared decoded
+# the same way. Neighbour figures use the atoms at least edge_A inside the cube (their neighbours are inside
+# it too); contacts use every atom.
+
+REPORT_CLASSES = ("metal", "C", "N", "O", "H", "other")
+
+
+def _as_structures(structures, energies_K, spacing_A, classes, sigma_A):
+    """[(atoms, energy grid or None)] from Atoms, a list of them, or grids (N, 1 + C, D, D, D) to decode."""
+    from ase import Atoms
+    if isinstance(structures, Atoms):
+        structures = [structures]
+    if isinstance(structures, (np.ndarray, torch.Tensor)):
+        grids = np.asarray(structures.detach().cpu() if torch.is_tensor(structures) else structures, np.float32)
+        if grids.ndim != 5 or grids.shape[1] != len(classes) + 1:
+            raise ValueError(f"structures: grids must be (N, 1 + {len(classes)}, D, D, D) (energy + density "
+                             f"channels of {classes}), got shape {grids.shape}")
+        if spacing_A is None:
+            raise ValueError("structure_report: grids need spacing_A (the voxel spacing they were made with)")
+        structures = [grid_to_atoms(g, spacing_A, classes=classes, sigma_A=sigma_A) for g in grids]
+        energies_K = grids[:, 0] if energies_K is None else energies_K
+    structures = list(structures)
+    if energies_K is None:
+        return [(a, None) for a in structures]
+    energies = [np.asarray(e, np.float32) for e in energies_K]
+    if len(energies) != len(structures):
+        raise ValueError(f"energies_K: {len(energies)} grids for {len(structures)} structures")
+    return [(a, e[0] if e.ndim == 4 else e) for a, e in zip(structures, energies)]
+
+
+def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, e_scale_K):
+    """(Pearson r, mean |dE| K, voxels) of the probe energy recomputed from `atoms` vs `energy_K` on the voxels
+    at least cutoff_A inside every cube face, both clipped to the GAN's range [-e_scale_K, 0] (all a generated
+    energy channel holds). Pairs from cutoff_A to grid_cutoff_A (the grid's own cutoff) are added as the
+    uniform-density tail of the atoms in the cube."""
+    size = energy_K.shape[-1]
+    length_A = float(atoms.cell[0, 0])
+    spacing_A = length_A / size
+    axis = np.arange(size) * spacing_A
+    keep = (axis >= cutoff_A - 1e-9) & (axis <= (size - 1) * spacing_A - cutoff_A + 1e-9)
+    if not keep.any():
+        return math.nan, math.nan, 0
+    lonely = atoms.copy()
+    lonely.set_cell([length_A + cutoff_A + 1.0] * 3)  # no periodic image is within the cutoff of the cube
+    points = np.stack(np.meshgrid(axis[keep], axis[keep], axis[keep], indexing="ij"), -1)
+    symbols = atoms.get_chemical_symbols()
+    missing = sorted(set(symbols) - set(UFF))
+    if missing:
+        raise ValueError(f"atoms: no UFF parameters for {missing}")
+    if not len(atoms):  # nothing decoded: no energy anywhere, which the grid's own energy may contradict
+        recomputed = np.zeros(points.shape[:-1])
+    else:
+        recomputed = probe_energy(lonely, points, probe, cutoff_A, device="cpu")
+    if grid_cutoff_A > cutoff_A and len(atoms):
+        a, b = pair_coefficients(symbols, probe)
+        volume = length_A ** 3
+        recomputed += (4 * math.pi / volume) * ((a.sum() / 9) * (cutoff_A ** -9 - grid_cutoff_A ** -9)
+                                                - (b.sum() / 3) * (cutoff_A ** -3 - grid_cutoff_A ** -3))
+    low = -math.inf if e_scale_K is None else -e_scale_K
+    mine = np.clip(np.minimum(recomputed, cap_K), low, 0).ravel()
+    own = np.clip(energy_K[np.ix_(keep, keep, keep)].astype(np.float64), low, 0).ravel()
+    r = float(np.corrcoef(mine, own)[0, 1]) if mine.std() > 0 and own.std() > 0 else math.nan
+    return r, float(np.abs(mine - own).mean()), int(mine.size)
+
+
+def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DENSITY_CLASSES, sigma_A=None,
+                     names=None, edge_A=3.0, bond_mult=1.2, contact_A=0.7, probe="H2", cutoff_A=None,
+                     grid_cutoff_A=12.8, cap_K=5000.0, e_scale_K=None):
+    """Chemistry of decoded structures: pandas DataFrame, one row per structure.
+
+    structures: ase.Atoms (decoded: cell = the cube, pbc False), a list of them, or grids (N, 1 + C, D, D, D)
+    (energy in K + density channels of `classes`, e.g. a shard's grids or from_gan_output of generated
+    samples), decoded here by grid_to_atoms(method="density") with spacing_A and their channel 0 taken as
+    energies_K. Columns:
+      n_atoms, atoms_per_nm3 (per cube volume); frac_<class> for REPORT_CLASSES (metal = any metal);
+      nn_median_A, nn_p10_A, nn_p90_A: nearest-neighbour distances of the atoms >= edge_A inside the cube;
+      bonded_fraction: of those atoms, the share with a neighbour between contact_A and bond_mult x the sum of
+        covalent radii (ase natural_cutoffs(mult=bond_mult); 1.2 lets Zn-O at 2.0 A, radii 1.22 + 0.66, count);
+      contact_fraction: atoms with a neighbour closer than contact_A (impossible);
+      energy_r, energy_mae_K, energy_voxels: with energies_K, the energy-atoms consistency (_energy_consistency:
+        the probe energy recomputed from the atoms with cutoff_A (default: a quarter of the cube's edge, capped
+        at grid_cutoff_A: 4 A for a 16 A cube) on the voxels >= cutoff_A inside every face (the central cube of
+        half the edge), plus the uniform tail to grid_cutoff_A, vs the grid's own energy, both clipped to
+        [-e_scale_K, 0]).
+    Stand-in elements (grid_to_atoms' placeholders) count as what they stand for: a metal, or "other".
+    """
+    import pandas as pd
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+    from scipy.spatial import cKDTree
+    classes = check_density_classes(classes)
+    rows = []
+    for atoms, energy in _as_structures(structures, energies_K, spacing_A, classes, sigma_A):
+        n = len(atoms)
+        length_A = float(atoms.cell[0, 0])
+        row = {"n_atoms": n, "atoms_per_nm3": n / (length_A / 10) ** 3}
+        coarse = [element_class(s, REPORT_CLASSES) for s in atoms.get_chemical_symbols()]
+        row.update({f"frac_{c}": coarse.count(c) / max(n, 1) for c in REPORT_CLASSES})
+        cube = atoms.copy()
+        cube.pbc = False
+        i, d = neighbor_list("id", cube, natural_cutoffs(cube, mult=bond_mult))
+        inner = np.all((atoms.positions >= edge_A) & (atoms.positions <= length_A - edge_A), axis=1)
+        bonded = np.zeros(n, bool)
+        bonded[i[d >= contact_A]] = True
+        tree = cKDTree(atoms.positions.reshape(-1, 3))
+        contact = np.zeros(n, bool)
+        contact[tree.query_pairs(contact_A, output_type="ndarray").ravel()] = True
+        nn = tree.query(atoms.positions[inner], k=2)[0][:, 1] if n > 1 and inner.any() else []
+        p10, median, p90 = np.percentile(nn, [10, 50, 90]) if len(nn) else (math.nan,) * 3
+        row.update(n_inner=int(inner.sum()), nn_median_A=median, nn_p10_A=p10, nn_p90_A=p90,
+                   bonded_fraction=float(bonded[inner].mean()) if inner.any() else math.nan,
+                   contact_fraction=float(contact.mean()) if n else math.nan)
+        if energy is not None:
+            cut = min(length_A / 4, grid_cutoff_A) if cutoff_A is None else cutoff_A
+            r, mae, voxels = _energy_consistency(atoms, energy, probe, cut, grid_cutoff_A, cap_K, e_scale_K)
+            row.update(energy_r=r, energy_mae_K=mae, energy_voxels=voxels)
+        rows.append(row)
+    return pd.DataFrame(rows, index=names)
+
+
+def structure_targets(generated, real):
+    """Issue 14's targets from two structure_report tables (generated, held-out real decoded the same way):
+    pandas DataFrame of the generated and real medians (contact_fraction: means) per figure, and whether
+    the target is met."""
+    import pandas as pd
+    g, r = generated.median(numeric_only=True), real.median(numeric_only=True)
+    rows = [("atoms_per_nm3", g["atoms_per_nm3"], r["atoms_per_nm3"], "within 15%",
+             abs(g["atoms_per_nm3"] / r["atoms_per_nm3"] - 1) <= 0.15),
+            ("nn_median_A", g["nn_median_A"], r["nn_median_A"], "within 10%",
+             abs(g["nn_median_A"] / r["nn_median_A"] - 1) <= 0.10),
+            ("bonded_fraction", g["bonded_fraction"], r["bonded_fraction"], ">= 0.9 x real",
+             g["bonded_fraction"] >= 0.9 * r["bonded_fraction"]),
+            ("contact_fraction", generated["contact_fraction"].mean(), real["contact_fraction"].mean(), "<= 0.01",
+             generated["contact_fraction"].mean() <= 0.01)]
+    if "energy_r" in generated and "energy_r" in real:
+        rows.append(("energy_r", g["energy_r"], r["energy_r"], "reported", None))
+        rows.append(("energy_mae_K", g["energy_mae_K"], r["energy_mae_K"], "reported", None))
+    return pd.DataFrame(rows, columns=["figure", "generated", "real", "target", "met"]).set_index("figure")
 
 
 

@@ -1045,7 +1045,7 @@ def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_p
     assert len(failures) == 2 and failures[1].startswith("shard_00001.npy,mof2,") and "malformed CIF" in failures[1]
 
     grids, meta = mofkit.open_shard(out / "shard_00001.npy")
-    assert meta["names"] == ["mof3"] and meta["failures"][0][0] == "mof2" and meta["params"] == asdict(TINY)
+    assert meta["names"] == ["mof3"] and meta["failures"][0][0] == "mof2" and meta["params"] == TINY.to_dict()
     atoms = mofkit.read_structure(cifs / "mof3.cif")
     grid_K = mofkit.voxelize(atoms, **TINY.voxelize_kwargs())
     assert grids.shape == (1, 1, 8, 8, 8) and grid_K.min() < -50  # a porous cell: attractive sites
@@ -1846,7 +1846,6 @@ def test_density_round_trip_recovers_every_atom(tmp_path):
     scores = mofkit.round_trip_scores(decoded, atoms, size, spacing)
     assert scores["recall"] == 1.0 and scores["precision"] == 1.0
     assert scores["class_recall"] == 1.0 and scores["class_precision"] == 1.0
-    assert scores["contacts"] == 0
     from scipy.spatial.distance import cdist
     symbols, truth = mofkit._cube_images(atoms, size, spacing, 1e-9)
     d = cdist(decoded.positions, truth)
@@ -1854,7 +1853,7 @@ def test_density_round_trip_recovers_every_atom(tmp_path):
     interior = np.all((decoded.positions > 0.5) & (decoded.positions < (size - 2) * spacing), axis=1)
     assert interior.sum() >= 10 and np.all(d[interior].min(1) < 0.1)  # (face peaks may be images just outside)
     nearest = d[interior].argmin(1)
-    expected = [mofkit.CLASS_SYMBOLS.get(mofkit.element_class(s), s) for s in symbols[nearest]]
+    expected = [mofkit.class_symbol(mofkit.element_class(s)) for s in symbols[nearest]]
     assert list(np.array(decoded.get_chemical_symbols())[interior]) == expected
     # an energy channel in front (as stacked for training) is skipped
     stacked = np.concatenate([np.zeros((1, size, size, size), np.float32),
@@ -1879,7 +1878,6 @@ def test_round_trip_scores_count_misses_and_wrong_classes():
     assert scores["recall"] == pytest.approx((n - 1) / n) and scores["precision"] == pytest.approx((n - 1) / n)
     assert scores["class_recall"] == pytest.approx((n - 2) / n)
     assert scores["class_precision"] == pytest.approx((n - 2) / n)
-    assert scores["contacts"] == 1  # the C and H placed on one spot
 
 
 def test_cluster_route_finds_isolated_atoms_in_an_energy_grid():
@@ -1909,6 +1907,167 @@ def test_write_xyz_cif_and_contact_count(tmp_path):
     cif = ase.io.read(mofkit.write_cif(atoms[:2], tmp_path / "out.cif"))
     assert cif.get_chemical_formula() == "CO"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.cif", "out.xyz"]
+
+
+def test_metal_channels_decode_to_their_element_and_placeholders_are_declared(tmp_path):
+    import ase.io
+    from ase import Atoms
+    classes = mofkit.METAL_DENSITY_CLASSES
+    assert classes[:4] == ("Zn", "Cu", "Cd", "Co") and classes[-1] == "other"
+    # Cu and Co have channels; Fe does not (class "metal"), S neither (class "other")
+    atoms = Atoms(["Cu", "Co", "Fe", "O", "S", "C"],
+                  positions=[[2.1, 2.3, 2.2], [6.2, 2.4, 5.9], [2.2, 6.1, 6.3], [4.1, 4.2, 2.2], [6.1, 6.3, 2.4],
+                             [4.2, 6.2, 4.1]], cell=[20.0] * 3, pbc=True)
+    decoded = mofkit.grid_to_atoms(mofkit.density_channels(atoms, 18, 0.5, classes=classes), 0.5, classes=classes)
+    assert len(decoded) == 6
+    order = [int(np.linalg.norm(decoded.positions - p, axis=1).argmin()) for p in atoms.positions]
+    stand_in_metal, stand_in_other = mofkit.class_symbol("metal", classes), mofkit.class_symbol("other", classes)
+    assert (stand_in_metal, stand_in_other) == ("Mn", "P")  # commonest CoRE MOF metal / non-metal without a channel
+    assert [decoded.get_chemical_symbols()[i] for i in order] == ["Cu", "Co", stand_in_metal, "O", stand_in_other, "C"]
+    assert [decoded.arrays["density_class"][i] for i in order] == ["Cu", "Co", "metal", "O", "other", "C"]
+    scores = mofkit.round_trip_scores(decoded, atoms, 18, 0.5, classes=classes)
+    assert scores["metal_element_recall"] == pytest.approx(2 / 3) and scores["class_recall"] == 1.0
+    # the files say which elements are stand-ins
+    comment = mofkit.write_xyz(decoded, tmp_path / "d.xyz").read_text().splitlines()[1]
+    assert "Mn stands for any metal" in comment and "P stands for any element" in comment
+    back = ase.io.read(tmp_path / "d.xyz")
+    assert list(back.arrays["density_class"]) == list(decoded.arrays["density_class"])
+    cif = mofkit.write_cif(decoded, tmp_path / "d.cif").read_text()
+    assert cif.startswith("# placeholder elements: Mn stands for any metal")
+    assert ase.io.read(tmp_path / "d.cif").get_chemical_formula() == decoded.get_chemical_formula()
+    # with every element named by a channel there is no note
+    named = mofkit.grid_to_atoms(mofkit.density_channels(atoms[[0, 1, 3, 5]], 18, 0.5, classes=classes), 0.5,
+                                 classes=classes)
+    assert "placeholders" not in named.info
+    assert "placeholder" not in mofkit.write_xyz(named, tmp_path / "n.xyz").read_text()
+    # one metal channel: the metal is a stand-in Zn, declared
+    one = mofkit.grid_to_atoms(mofkit.density_channels(atoms, 18, 0.5), 0.5)
+    assert one.get_chemical_symbols().count("Zn") == 3 and "Zn stands for any metal" in one.info["placeholders"]
+
+
+def test_atoms_on_a_cube_face_survive_float16_channels():
+    from ase import Atoms
+    # atoms on special positions sit exactly on the cube's faces (x = 0); shards store the channels as float16
+    atoms = Atoms(["Cu", "O", "C"], positions=[[0.0, 0.0, 0.0], [0.0, 1.95, 0.0], [3.1, 0.0, 2.7]],
+                  cell=[12.0] * 3, pbc=True)
+    classes = mofkit.METAL_DENSITY_CLASSES
+    channels = mofkit.density_channels(atoms, 16, 0.5, classes=classes).astype(np.float16).astype(np.float32)
+    decoded = mofkit.grid_to_atoms(channels, 0.5, classes=classes)
+    assert sorted(decoded.get_chemical_symbols()) == ["C", "Cu", "O"]
+    np.testing.assert_allclose(decoded.positions[np.argsort(decoded.get_chemical_symbols())],
+                               atoms.positions[[2, 0, 1]], atol=0.02)
+
+
+def test_density_classes_are_checked():
+    for bad in (("C", "N"), ("metal", "C", "C", "other"), ("Qq", "other"), ("X", "other")):
+        with pytest.raises(ValueError, match="density classes"):
+            mofkit.check_density_classes(bad)
+    with pytest.raises(ValueError, match="density classes"):
+        mofkit.ShardParams(density_classes=("C", "N"))
+    with pytest.raises(ValueError, match="frame"):
+        mofkit.ShardParams(frame="cell", density_classes=mofkit.DENSITY_CLASSES)
+
+
+def test_shards_with_density_channels_round_trip(tmp_path):
+    from ase import Atoms
+    classes = mofkit.METAL_DENSITY_CLASSES
+    params = mofkit.ShardParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=list(classes))
+    assert params.density_classes == classes and _params_from_json(params) == params
+    # energy-only parameters serialise (and hash) exactly as before density channels existed
+    assert "density_classes" not in TINY.to_json() and params.hash != mofkit.ShardParams(
+        size=16, spacing_A=0.5, cutoff_A=5.0).hash
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    (folder / "cu.cif").write_text(make_cif([("Cu", 0.1, 0.1, 0.1), ("O", 0.2, 0.1, 0.1), ("C", 0.1, 0.3, 0.2)],
+                                            a=9.0))
+    (folder / "zn.cif").write_text(make_cif([("Zn", 0.2, 0.2, 0.2), ("N", 0.4, 0.2, 0.2)], a=8.0))
+    mofkit.build_shards(tmp_path / "out", folder, params=params, shard_size=2, progress=False)
+    path = tmp_path / "out" / "shard_00000.npy"
+    grids, meta = mofkit.open_shard(path)
+    assert grids.shape == (2, 1 + len(classes), 16, 16, 16) and grids.dtype == np.float16
+    assert meta["channels"] == ["energy_K"] + [f"density:{c}" for c in classes]
+    atoms = mofkit.read_structure(folder / "cu.cif")
+    np.testing.assert_allclose(grids[0, 0], mofkit.voxelize(atoms, 16, "cube", 0.5, cutoff_A=5.0),
+                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(grids[0, 1:], mofkit.density_channels(atoms, 16, 0.5, classes=classes), atol=5e-4)
+    data = mofkit.ShardDataset(tmp_path / "out", shuffle=False)
+    assert data.params == params and data.params.channels == meta["channels"]
+    x = next(iter(data))
+    assert x.shape == (1 + len(classes), 16, 16, 16)
+    gan = mofkit.to_gan_input(x, 800.0)
+    assert torch.equal(gan[1:], x[1:]) and float(gan[0].max()) <= 1.0  # densities pass through the transform
+    back = mofkit.from_gan_output(gan, 800.0)
+    assert torch.equal(back[1:], x[1:])
+    decoded = mofkit.grid_to_atoms(back, 0.5, classes=classes)  # energy + densities: the density route
+    assert "Cu" in decoded.get_chemical_symbols() and "placeholders" not in decoded.info
+    report = mofkit.structure_report(torch.stack([x, x]), spacing_A=0.5, classes=classes, e_scale_K=800.0)
+    assert len(report) == 2 and report["n_atoms"].iloc[0] == len(decoded)
+    # the GAN trains on them as they are, and its samples go through the same report
+    mofkit.train(_tiny(grid_channels=len(data.params.channels)), data, tmp_path / "run", max_steps=1, progress=False)
+    generated = mofkit.sample(tmp_path / "run" / "last.pt", 2)
+    assert generated.shape == (2, 1 + len(classes), 16, 16, 16)
+    assert len(mofkit.structure_report(generated, spacing_A=0.5, classes=classes, e_scale_K=800.0)) == 2
+
+
+def _params_from_json(params):
+    return mofkit.ShardParams(**json.loads(params.to_json()))
+
+
+def test_structure_report_of_a_hand_built_cube():
+    from ase import Atoms
+    # a 20 A cube; neighbour figures use the atoms >= 3 A inside it (all but the N at the corner)
+    atoms = Atoms(["C", "C", "O", "H", "Zn", "O", "N"],
+                  positions=[[10, 10, 10], [11.4, 10, 10],      # C-C 1.40 A: bonded
+                             [5, 5, 5], [5.5, 5, 5],            # O-H 0.50 A: an impossible contact, not a bond
+                             [15, 15, 15], [15, 15, 17.0],      # Zn-O 2.00 A: bonded with radii x 1.2, not x 1.0
+                             [1, 1, 1]],                        # N near the corner: counted, not inner
+                  cell=[20.0] * 3, pbc=False)
+    row = mofkit.structure_report(atoms).iloc[0]
+    assert row["n_atoms"] == 7 and row["n_inner"] == 6
+    assert row["atoms_per_nm3"] == pytest.approx(7 / 8.0)
+    assert (row["frac_metal"], row["frac_C"], row["frac_O"], row["frac_H"], row["frac_N"], row["frac_other"]) == \
+        pytest.approx((1 / 7, 2 / 7, 2 / 7, 1 / 7, 1 / 7, 0))
+    # inner nearest-neighbour distances: 1.4, 1.4, 0.5, 0.5, 2.0, 2.0
+    assert row["nn_median_A"] == pytest.approx(1.4)
+    assert row["nn_p10_A"] == pytest.approx(np.percentile([0.5, 0.5, 1.4, 1.4, 2.0, 2.0], 10))
+    assert row["bonded_fraction"] == pytest.approx(4 / 6)
+    assert row["contact_fraction"] == pytest.approx(2 / 7)
+    assert mofkit.structure_report(atoms, bond_mult=1.0).iloc[0]["bonded_fraction"] == pytest.approx(2 / 6)
+    assert "energy_r" not in mofkit.structure_report(atoms).columns
+
+
+def test_structure_report_energy_consistency_against_the_voxelizer():
+    from ase import Atoms
+    # a molecule-like cluster in a 40 A cell: the 16 A cube holds every atom and no image is within the cutoff,
+    # so the recomputed energy (cutoff 5 A, no tail) must equal voxelize's grid with the same cutoff
+    positions = [[7.2, 7.9, 8.1], [8.6, 7.8, 8.0], [9.3, 9.0, 8.2], [6.6, 9.1, 7.4], [8.0, 6.7, 9.2]]
+    atoms = Atoms(["C", "C", "N", "O", "Zn"], positions=positions, cell=[40.0] * 3, pbc=True)
+    energy = mofkit.voxelize(atoms, 32, "cube", 0.5, cutoff_A=5.0)
+    cube = Atoms(atoms.get_chemical_symbols(), positions, cell=[16.0] * 3, pbc=False)
+    row = mofkit.structure_report(cube, [energy], cutoff_A=5.0, grid_cutoff_A=5.0).iloc[0]
+    assert row["energy_voxels"] == 12 ** 3  # 5.0 .. 10.5 A: 12 voxels per axis
+    assert row["energy_r"] > 0.99999 and row["energy_mae_K"] < 0.01
+    moved = cube.copy()
+    moved.positions[0] += [0.8, 0, 0]
+    worse = mofkit.structure_report(moved, [energy], cutoff_A=5.0, grid_cutoff_A=5.0).iloc[0]
+    assert worse["energy_mae_K"] > 5.0
+    # the uniform tail beyond the cutoff: its mean shift, -(4 pi / 3 V) sum B (1/rc^3 - 1/Rc^3) + the A term
+    a, b = mofkit.pair_coefficients(cube.get_chemical_symbols())
+    tail = 4 * np.pi / 16.0 ** 3 * (a.sum() / 9 * (5.0 ** -9 - 8.0 ** -9) - b.sum() / 3 * (5.0 ** -3 - 8.0 ** -3))
+    shifted = mofkit.structure_report(cube, [energy + tail], cutoff_A=5.0, grid_cutoff_A=8.0).iloc[0]
+    assert tail < -1 and shifted["energy_mae_K"] < 0.01 - tail * 1e-4
+    clipped = mofkit.structure_report(cube, [energy], cutoff_A=5.0, grid_cutoff_A=5.0, e_scale_K=50.0).iloc[0]
+    assert clipped["energy_mae_K"] <= row["energy_mae_K"] + 1e-9
+
+
+def test_structure_targets_compare_generated_with_real():
+    import pandas as pd
+    real = pd.DataFrame({"atoms_per_nm3": [60.0, 64.0], "nn_median_A": [1.1, 1.1], "bonded_fraction": [1.0, 1.0],
+                         "contact_fraction": [0.0, 0.0]})
+    good = real * [1.1, 0.95, 0.95, 1] + [0, 0, 0, 0.005]
+    bad = real * [0.5, 2.0, 0.5, 1] + [0, 0, 0, 0.1]
+    assert mofkit.structure_targets(good, real)["met"].all()
+    assert not mofkit.structure_targets(bad, real)["met"].any()
 
 
 def test_grid_to_atoms_rejects_bad_grids():
