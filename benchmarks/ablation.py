@@ -30,7 +30,7 @@ import reproduce  # noqa: E402
 # raw score, the study's "wells" transform, no EMA), "study" the study's exact one (Sigmoid D + MSE, batch 2).
 VARIANTS = {
     "study": {"study": True},
-    "lsgan": {"ema": 0.0},
+    "lsgan": {"ema": 0.0},     # trained once with "ema" (the average never feeds back into training): its raw G
     "ema": {"ema": 0.999},
     "ema+r1": {"ema": 0.999, "r1_gamma": 1.0},
     "ema+signed": {"ema": 0.999, "transform": "signed"},
@@ -48,17 +48,22 @@ def config_for(variant, scale, epochs, seed=0):
 
 
 def run_variant(variant, out, scale, epochs, seed=0, progress=False):
-    """Train (resuming) for `epochs` epochs, then score; writes result.json."""
-    run_dir = out / "ablation" / (variant if seed == 0 else f"{variant}_seed{seed}")
-    config = config_for(variant, scale, epochs, seed)
+    """Train (resuming) for `epochs` epochs, then score; writes result.json. "ema" also scores its raw weights
+    as "lsgan": the same run, since the average never feeds back into training."""
+    name = lambda v: v if seed == 0 else f"{v}_seed{seed}"
+    trained = "ema" if variant == "lsgan" else variant
+    run_dir = out / "ablation" / name(trained)
+    config = config_for(trained, scale, epochs, seed)
     dataset = mofkit.ShardDataset(out / "train", seed=seed, batch_size=config.batch_size)
     mofkit.train(config, dataset, run_dir, resume=True, progress=progress)
+    ckpt = mofkit.load_checkpoint(run_dir / "last.pt")
     heldout, _ = mofkit.read_grids(out / "heldout", scale.n_eval, seed=scale.seed)
     train_real, meta = mofkit.read_grids(out / "train", scale.n_eval, seed=scale.seed)
     density = float(np.median(meta["density_kg_m3"]))
-    report = mofkit.evaluate(run_dir / "last.pt", heldout, train_real, sampling_seeds=(0,), baselines=False,
+    generator = mofkit._generator_from(ckpt, ema=variant != "lsgan")
+    report = mofkit.evaluate(generator, heldout, train_real, sampling_seeds=(0,), baselines=False,
                              density_kg_m3=density, seed=scale.seed)
-    ckpt = mofkit.load_checkpoint(run_dir / "last.pt")
+    result_dir = out / "ablation" / name(variant)
     history = mofkit.load_history(run_dir)
     result = {"variant": variant, "seed": seed, "recipe": VARIANTS[variant], "config": ckpt["config"],
               "train_min": ckpt["time_s"] / 60, "steps": ckpt["step"],
@@ -66,7 +71,8 @@ def run_variant(variant, out, scale, epochs, seed=0, progress=False):
               "d_fake_last": float(history["d_fake"].tail(20).mean()),
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "evaluation": reproduce.report_dict(report)}
-    with mofkit.atomic_write(run_dir / "result.json", "w") as f:
+    result_dir.mkdir(parents=True, exist_ok=True)
+    with mofkit.atomic_write(result_dir / "result.json", "w") as f:
         json.dump(result, f, indent=2)
     print(report)
     return result
