@@ -1961,11 +1961,12 @@ def _check_transform(transform):
     return transform
 
 
-def _map_energy_channel(x, fn):
+def _map_energy_channel(x, fn, density_fn=None):
     if x.ndim < 4 or x.shape[-4] == 1:
         return fn(x)
     cat = torch.cat if torch.is_tensor(x) else np.concatenate
-    return cat([fn(x[..., :1, :, :, :]), x[..., 1:, :, :, :]], -4)
+    rest = x[..., 1:, :, :, :]
+    return cat([fn(x[..., :1, :, :, :]), density_fn(rest) if density_fn else rest], -4)
 
 
 def _check_e_scale(e_scale_K):
@@ -1978,16 +1979,20 @@ def _float32(x):
 
 
 def to_gan_input(grid_K, e_scale_K, transform="wells"):
-    """Kelvin grid(s) -> GAN space on channel 0 (numpy or torch, float32); see TRANSFORMS above."""
+    """Kelvin grid(s) -> GAN space on channel 0 (numpy or torch, float32); see TRANSFORMS above. Under
+    "signed" the density channels are mapped from [0, 1] to [-1, 1] too, the generator's Tanh range."""
     _check_e_scale(e_scale_K)
     lo = {"wells": 0.0, "signed": -1.0}[_check_transform(transform)]
-    return _map_energy_channel(_float32(grid_K), lambda e: (-e / e_scale_K).clip(lo, 1.0))
+    return _map_energy_channel(_float32(grid_K), lambda e: (-e / e_scale_K).clip(lo, 1.0),
+                               (lambda d: 2 * d - 1) if transform == "signed" else None)
 
 
-def from_gan_output(x, e_scale_K):
-    """GAN space -> kelvin: E = -x * E_scale on channel 0 (either transform; "wells" has no repulsion to give back)."""
+def from_gan_output(x, e_scale_K, transform="wells"):
+    """GAN space -> kelvin: E = -x * E_scale on channel 0 (either transform; "wells" has no repulsion to give
+    back); density channels back to [0, 1]."""
     _check_e_scale(e_scale_K)
-    return _map_energy_channel(_float32(x), lambda v: -v * e_scale_K)
+    return _map_energy_channel(_float32(x), lambda v: -v * e_scale_K,
+                               (lambda d: (d + 1) / 2) if _check_transform(transform) == "signed" else None)
 
 
 def gan_round_trip(grid_K, e_scale_K):
@@ -2743,7 +2748,7 @@ def sample(generator_or_path, n, batch_size=16, seed=0, device=None, e_scale_K=N
     out = []
     with torch.no_grad():
         for batch in z.split(batch_size):
-            out.append(from_gan_output(G(batch.to(device)).float(), e_scale_K).cpu().numpy())
+            out.append(from_gan_output(G(batch.to(device)).float(), e_scale_K, G.transform).cpu().numpy())
     G.train(was_training)
     return np.concatenate(out) if out else np.empty((0, G.out_channels) + (G.dim,) * 3, np.float32)
 

@@ -32,11 +32,10 @@ VARIANTS = {
     "study": {"study": True},
     "lsgan": {"ema": 0.0},     # trained once with "ema" (the average never feeds back into training): its raw G
     "ema": {"ema": 0.999},
-    "ema+r1": {"ema": 0.999, "r1_gamma": 1.0},
     "ema+signed": {"ema": 0.999, "transform": "signed"},
-    "ema+augment": {"ema": 0.999, "augment": True},
-    "ema+hinge": {"ema": 0.999, "loss": "hinge"},
-    "ema+nonsat": {"ema": 0.999, "loss": "nonsat"},
+    "signed+r1": {"ema": 0.999, "transform": "signed", "r1_gamma": 1.0},
+    "signed+augment": {"ema": 0.999, "transform": "signed", "augment": True},
+    "signed+hinge": {"ema": 0.999, "transform": "signed", "loss": "hinge"},
 }
 
 

@@ -1261,6 +1261,21 @@ def test_gan_transform_round_trip_numpy_and_torch():
         mofkit.to_gan_input(e, 0.0)
 
 
+def test_signed_transform_keeps_repulsion_and_maps_densities_to_tanh_range():
+    e = np.array([-1500.0, -400.0, 0.0, 250.0, 5000.0], dtype=np.float32).reshape(1, 1, 5)
+    x = mofkit.to_gan_input(e, 800.0, "signed")
+    np.testing.assert_allclose(x.ravel(), [1.0, 0.5, 0.0, -0.3125, -1.0])  # repulsion kept down to +E_scale
+    np.testing.assert_allclose(mofkit.from_gan_output(x, 800.0, "signed"), np.clip(e, -800.0, 800.0))
+    np.testing.assert_allclose(mofkit.gan_round_trip(e, 800.0), np.clip(e, -800.0, 0.0))  # what comparisons see
+    grid = np.zeros((1, 2, 2, 2, 2), np.float32)
+    grid[:, 1] = [[[0.0, 0.25], [0.5, 1.0]]] * 2
+    out = mofkit.to_gan_input(grid, 400.0, "signed")
+    np.testing.assert_allclose(out[:, 1], 2 * grid[:, 1] - 1)              # densities [0, 1] -> [-1, 1]
+    np.testing.assert_allclose(mofkit.from_gan_output(out, 400.0, "signed")[:, 1], grid[:, 1], atol=1e-7)
+    with pytest.raises(ValueError, match="transform='log'"):
+        mofkit.to_gan_input(e, 800.0, "log")
+
+
 def test_pick_e_scale_is_percentile_of_attractive_wells():
     rng = np.random.default_rng(1)
     grids = [np.concatenate([-rng.uniform(0, 1000, 500), rng.uniform(0, 5000, 500)]).reshape(1, 10, 10, 10)
