@@ -3185,22 +3185,34 @@ def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes
 # 11. Command line
 # =============================================================================
 
-def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", timeout_s=1800):
+# Per-cell time limits of a headless run: QUICK's cells take seconds to a minute on a CPU; the GPU mode's longest
+# cells (building 2,500 grids, training) stop themselves after at most 20 minutes each; FULL trains for hours.
+NOTEBOOK_TIMEOUT_S = {"quick": 900, "gpu": 3600, "full": 0}  # 0: no limit
+
+
+def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", timeout_s=None):
     """Execute the tutorial notebook headless (nbclient); the executed copy and its files land in out_dir.
 
-    mode: "quick" (a few dozen CoRE MOF structures, a few training steps: minutes on a CPU), "full" (the whole
-    CoRE MOF 2019 set, the fast GPU preset) or "auto" (full when a GPU is present). The notebook reads
-    MOFKIT_MODE and MOFKIT_OUT from the environment, so Colab's "Run all" and this function run the same cells.
+    mode: "quick" (CPU, minutes), "gpu" (sized for a free Colab T4: under an hour), "full" (the study's scale,
+    hours on a GPU) or "auto" (gpu when CUDA is available, else quick). timeout_s: seconds per cell, 0 for no
+    limit, None for the mode's default (NOTEBOOK_TIMEOUT_S). The notebook reads MOFKIT_MODE and MOFKIT_OUT from
+    the environment, so Colab's "Run all" and this function run the same cells. Progress bars are text.
     """
     import nbformat
     from nbclient import NotebookClient
+    if mode == "auto":
+        mode = "gpu" if torch.cuda.is_available() else "quick"
+    if mode not in NOTEBOOK_TIMEOUT_S:
+        raise ValueError(f"mode={mode!r}: choose auto, {', '.join(NOTEBOOK_TIMEOUT_S)}")
+    timeout_s = NOTEBOOK_TIMEOUT_S[mode] if timeout_s is None else timeout_s
     path, out_dir = Path(path).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(path, as_version=4)
-    saved = {k: os.environ.get(k) for k in ("MOFKIT_MODE", "MOFKIT_OUT", "MPLBACKEND")}
-    os.environ.update(MOFKIT_MODE=mode, MOFKIT_OUT=str(out_dir), MPLBACKEND="Agg")  # the kernel inherits these
+    env = {"MOFKIT_MODE": mode, "MOFKIT_OUT": str(out_dir), "MPLBACKEND": "Agg", "MOFKIT_PROGRESS": "text"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits these
     try:
-        NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+        NotebookClient(nb, timeout=int(timeout_s) or None, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent)}}).execute()
     finally:
         for k, v in saved.items():
@@ -3219,8 +3231,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="mofkit.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     nb = sub.add_parser("notebook", help="run MOF_3DGAN.ipynb headless (the main job)")
-    nb.add_argument("--mode", choices=["auto", "quick", "full"], default="auto")
+    nb.add_argument("--mode", choices=["auto", *NOTEBOOK_TIMEOUT_S], default="auto",
+                    help="quick: CPU, minutes; gpu: a free Colab T4, under an hour; full: the study's scale, hours "
+                         "(auto: gpu with CUDA, else quick)")
     nb.add_argument("--out", default="mofkit_outputs")
+    nb.add_argument("--timeout", type=int, default=None, metavar="S",
+                    help="seconds per cell, 0 for no limit (default: " + ", ".join(
+                        f"{m} {t or 'none'}" for m, t in NOTEBOOK_TIMEOUT_S.items()) + ")")
     vx = sub.add_parser("voxelize", help="energy grids of CIF files or CoRE MOF names -> .npy (kelvin)")
     vx.add_argument("structures", nargs="+", help="CIF paths or CoRE MOF 2019-ASR names")
     sh = sub.add_parser("shards", help="voxelize CoRE MOF 2019-ASR (or a CIF folder) into shards")
@@ -3245,7 +3262,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.command == "notebook":
-        print(run_notebook(out_dir=args.out, mode=args.mode))
+        print(run_notebook(out_dir=args.out, mode=args.mode, timeout_s=args.timeout))
     elif args.command == "voxelize":
         out = Path(args.out)
         for src in args.structures:

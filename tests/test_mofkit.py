@@ -1868,18 +1868,88 @@ def test_notebook_is_stored_without_outputs():
     assert not any("/work/" in "".join(c["source"]) or "/root/" in "".join(c["source"]) for c in nb["cells"])
 
 
-def test_notebook_runs_headless_in_quick_mode(tmp_path):
-    """The README's main job on a CPU: every cell runs and the promised files appear."""
+def _colab_stand_in(folder):
+    """A stand-in google.colab imported at kernel start, as Colab's kernels do (an IPython startup file);
+    drive.mount only records its calls in folder/mounts.txt. -> environment variables for the kernel."""
+    package = folder / "site" / "google" / "colab"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "drive.py").write_text("def mount(mountpoint, **kwargs):\n"
+                                      f"    with open({str(folder / 'mounts.txt')!r}, 'a') as f:\n"
+                                      "        f.write(mountpoint + '\\n')\n")
+    startup = folder / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-colab.py").write_text("import google.colab\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder / "site"), os.environ.get("PYTHONPATH")])),
+            "IPYTHONDIR": str(folder / "ipython")}
+
+
+def _local_repository(folder):
+    """This working tree's tracked files (as they are now) committed to a fresh git repository at folder."""
+    import shutil
+    import subprocess
+    git = lambda *args, cwd: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                                            check=True, capture_output=True)
+    tracked = git("ls-files", "-z", cwd=REPO).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, folder / name)
+    git("init", "-q", cwd=folder)
+    git("add", "-A", cwd=folder)
+    git("commit", "-q", "-m", "snapshot", cwd=folder)
+    return folder
+
+
+def _outputs(nb, pattern):
+    """Text of every stream/result output of the executed notebook that matches `pattern` (a regex)."""
+    import re
+    texts = [o.get("text") or o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code"
+             for o in c.outputs]
+    return [m for t in texts for m in re.findall(pattern, t)]
+
+
+def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
+    """'Run all' on a fresh Colab VM, simulated: google.colab imported at kernel start, the notebook alone in a
+    folder without mofkit.py, the repository fetched from MOFKIT_REPO (a local copy of this tree), quick mode;
+    then 'Run all' again in the same folder, as after 'Restart session'. Drive stays unmounted (not asked for)
+    and the printed 1-NN accuracy is the evaluation protocol's."""
     import nbformat
-    out = mofkit.run_notebook(REPO / "MOF_3DGAN.ipynb", tmp_path, mode="quick")
-    nb = nbformat.read(out, as_version=4)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors, errors[0]["evalue"] if errors else ""
-    for name in ["slices_real_vs_generated.png", "generated_0.xyz", "run/history.csv", "one_nn_accuracy.png",
-                 "isotherm_fits.png", "loss_curves.png"]:
-        assert (tmp_path / name).stat().st_size > 0, name
+    import shutil
+    for k, v in _colab_stand_in(tmp_path / "colab").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MOFKIT_REPO", str(_local_repository(tmp_path / "origin")))
+    content = tmp_path / "content"
+    content.mkdir()
+    shutil.copy(REPO / "MOF_3DGAN.ipynb", content)
+    for attempt in ("fresh VM", "restarted session"):
+        out = mofkit.run_notebook(content / "MOF_3DGAN.ipynb", content / "out", mode="quick")
+        nb = nbformat.read(out, as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, (attempt, errors[0]["evalue"] if errors else "")
+        assert _outputs(nb, r"mofkit from (\S+);") == [str(content / "mofkit")], attempt
+        assert not any("IProgress" in t or "\x1b[" in t for t in _outputs(nb, r"[^\n]+")), attempt
+    assert not (tmp_path / "colab" / "mounts.txt").exists()  # Drive is never mounted unless USE_DRIVE
+    out_dir = content / "out"
+    for name in ["slices_real_vs_generated.png", "generated_0.xyz", "run_quick/history.csv", "evaluation.png",
+                 "isotherm_fits.png", "loss_curves.png", "property_histograms.png"]:
+        assert (out_dir / name).stat().st_size > 0, name
     import ase.io
-    assert len(ase.io.read(tmp_path / "FIQCEN_decoded.xyz")) > 100
+    assert len(ase.io.read(out_dir / "FIQCEN_decoded.xyz")) > 100
+    steps = mofkit.load_history(out_dir / "run_quick" / "history.csv")["step"]
+    assert steps.is_unique and steps.max() == 20  # resumed, not restarted; the second run added nothing
+    assert (out_dir / "run_quick" / "last.pt").stat().st_size < 20 * 2 ** 20  # quick keeps checkpoints small
+
+    # the printed accuracy is mofkit.evaluate's on the notebook's own grids (the shipped model, held-out part)
+    [printed] = _outputs(nb, r"1-NN accuracy, 12 held-out vs 12 generated grids: ([\d.]+)%")
+    grids = lambda part: np.stack([g.numpy() for g in mofkit.ShardDataset(out_dir / "grids_quick" / part,
+                                                                          shuffle=False)])
+    split = mofkit.read_split(REPO / "benchmarks" / "split_cpu32.csv")
+    heldout = mofkit.ShardDataset(out_dir / "grids_quick" / "heldout", shuffle=False).metadata().name
+    assert set(heldout) <= set(split["heldout"])
+    report = mofkit.evaluate(mofkit.load_generator(REPO / "weights" / "generator_cpu32.pt"), grids("heldout"),
+                             grids("train"))
+    assert printed == f"{100 * report.accuracy:.1f}" and report.accuracy < 1.0
 
 
 def test_cli_voxelize_writes_grid_and_properties(tmp_path, capsys):
