@@ -761,9 +761,17 @@ def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
     fig, table = mofkit.plot_isotherm_fits(P, q, fits, path=tmp_path / "fits.png")
     assert (tmp_path / "fits.png").read_bytes()[:4] == b"\x89PNG"
     assert list(table.index) == list(fits) and table.loc["Freundlich", "R²"] == f"{fits['Freundlich'].r2:.6f}"
-    assert table.loc["study: Sips, K = 2.5", "K"] == "2.5"  # fixed: no standard error shown
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    assert "K = 2.5 bar⁻¹ (fixed)" in table.loc["study: Sips, K = 2.5", "parameters"]  # no standard error
+    f = fits["Freundlich"]  # every parameter with its unit (Freundlich K's depends on n)
+    assert table.loc["Freundlich", "parameters"] == (f"K = {f.K:.6g} ± {f.K_se:.2g} mmol g⁻¹ bar^(−1/n); "
+                                                     f"n = {f.n:.6g} ± {f.n_se:.2g}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # every text inside its own cell: nothing runs into a neighbour (the old 7 pt table did)
+    renderer = canvas.get_renderer()
+    for key, cell in fig.axes[1].tables[0].get_celld().items():
+        box, text = cell.get_window_extent(renderer), cell.get_text().get_window_extent(renderer)
+        assert box.x0 - 1 <= text.x0 and text.x1 <= box.x1 + 1, key
 
 
 H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3  # liquid H2 at 20.4 K, mol/m^3
@@ -1635,6 +1643,30 @@ def test_plot_slices_montage_panels_and_png(tmp_path):
         mofkit.plot_slices(np.zeros((4, 4)))
 
 
+def test_plot_slices_colour_scale_spans_the_data_with_white_at_zero():
+    import matplotlib
+    gan_space = -np.linspace(0, 900, 8 ** 3, dtype=np.float32).reshape(8, 8, 8)  # no positive energies
+    image = _image_axes(mofkit.plot_slices(gan_space, spacing_A=1.0))[0].images[0]
+    assert image.norm.vmin == pytest.approx(-900) and image.norm.vmax == 0  # no empty red end of the bar
+    white = matplotlib.colormaps["RdBu_r"](0.5)
+    np.testing.assert_allclose(image.cmap(image.norm(0.0)), white, atol=0.02)  # 0 K stays white
+    assert image.cmap(image.norm(-900.0))[2] > 0.3 > image.cmap(image.norm(-900.0))[0]  # deep wells: blue
+    real = np.concatenate([gan_space[4:], np.full((4, 8, 8), 5000, np.float32)])
+    image = _image_axes(mofkit.plot_slices(real))[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (pytest.approx(-900), 5000)
+    np.testing.assert_allclose(image.cmap(image.norm(0.0)), white, atol=0.02)
+
+
+def test_plot_slices_scale_bar_in_angstrom():
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+    bars = lambda fig: [a for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredSizeBar)]
+    grid = np.zeros((64, 64, 64), np.float32)
+    assert not bars(mofkit.plot_slices(grid))
+    [bar] = bars(mofkit.plot_slices(grid, spacing_A=0.5))  # a 32 A panel: a 10 A bar, 20 voxels long
+    assert bar.txt_label.get_text() == "10 Å" and bar.size_bar.get_children()[0].get_width() == 20
+    assert len(bars(mofkit.plot_slices([grid[::2, ::2, ::2]] * 2, spacing_A=1.0))) == 2  # one per montage
+
+
 def test_plot_history_and_property_histograms(tmp_path):
     import pandas as pd
     history = pd.DataFrame({"step": range(5), "loss_d": np.linspace(1, 0.2, 5), "loss_g": np.linspace(0.5, 1, 5),
@@ -1649,6 +1681,11 @@ def test_plot_history_and_property_histograms(tmp_path):
                                           path=tmp_path / "hist.png")
     assert len(fig.axes) == 2 and (tmp_path / "hist.png").exists()
     assert len(mofkit.plot_property_histograms(rng.normal(size=9), rng.normal(size=9)).axes) == 1
+    props = {"log10_henry": rng.normal(size=9), "heat_kJ_mol": rng.normal(size=9), "lcd_A": rng.normal(size=9)}
+    axes = mofkit.plot_property_histograms(props, props).axes  # titled panels, axes labelled with units
+    assert [ax.get_title() for ax in axes] == ["Henry coefficient", "heat of adsorption at infinite dilution", "lcd"]
+    assert "mol kg" in axes[0].get_xlabel() and "kJ/mol" in axes[1].get_xlabel() and axes[2].get_xlabel() == "lcd (Å)"
+    assert all("probability density" in ax.get_ylabel() for ax in axes)
 
 
 # =============================================================================
@@ -1950,6 +1987,35 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
     report = mofkit.evaluate(mofkit.load_generator(REPO / "weights" / "generator_cpu32.pt"), grids("heldout"),
                              grids("train"))
     assert printed == f"{report.accuracy:.1%}" and report.accuracy < 1.0
+
+
+def test_notebook_cli_timeout_and_modes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mofkit, "run_notebook", lambda **kw: calls.append(kw) or "nb.ipynb")
+    mofkit.main(["notebook", "--mode", "gpu", "--timeout", "120"])
+    mofkit.main(["notebook", "--mode", "full"])
+    assert [(c["mode"], c["timeout_s"]) for c in calls] == [("gpu", 120), ("full", None)]  # None: the mode's
+    assert mofkit.NOTEBOOK_TIMEOUT_S == {"quick": 900, "gpu": 3600, "full": 0}  # full trains for hours: no limit
+
+
+def test_notebook_modes_and_colab_form(tmp_path):
+    """The configuration cell offers the modes as a Colab form; Drive is a checkbox, off by default."""
+    nb = json.loads((REPO / "MOF_3DGAN.ipynb").read_text())
+    config = next("".join(c["source"]) for c in nb["cells"] if "#@title Configuration" in "".join(c["source"]))
+    assert 'MODE = "auto"  #@param ["auto", "quick", "gpu", "full"]' in config
+    assert 'USE_DRIVE = False  #@param {type:"boolean"}' in config
+    assert all(f'"{mode}": dict(' in config for mode in mofkit.NOTEBOOK_TIMEOUT_S)
+    with pytest.raises(ValueError, match="mode='fast'"):
+        mofkit.run_notebook(REPO / "MOF_3DGAN.ipynb", tmp_path, mode="fast")
+
+
+def test_text_progress_bars_skip_nested_bars(capsys):
+    """Headless notebooks get text bars; inner (leave=False) bars would save cursor-moving escapes."""
+    for _ in mofkit._TextBar(range(3), desc="outer"):
+        for _ in mofkit._TextBar(range(2), desc="inner", leave=False):
+            pass
+    err = capsys.readouterr().err
+    assert "outer" in err and "inner" not in err and "\x1b[" not in err
 
 
 def test_cli_voxelize_writes_grid_and_properties(tmp_path, capsys):
