@@ -2153,6 +2153,20 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
     assert printed == f"{report.accuracy:.1%}" and report.accuracy < 1.0
 
 
+def test_notebook_setup_says_what_to_do_when_the_repository_cannot_be_fetched(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+    nb = nbformat.read(REPO / "MOF_3DGAN.ipynb", as_version=4)
+    nb.cells = [c for c in nb.cells if "#@title Setup" in c.source]
+    nbformat.write(nb, tmp_path / "setup.ipynb")
+    monkeypatch.setenv("MOFKIT_REPO", str(tmp_path / "no-such-repository"))
+    with pytest.raises(CellExecutionError, match="could not fetch mofkit from .*no-such-repository"):
+        mofkit.run_notebook(tmp_path / "setup.ipynb", tmp_path / "out", mode="quick")
+    (tmp_path / "mofkit").mkdir()  # a folder left by an interrupted download is named, not silently reused
+    with pytest.raises(CellExecutionError, match="holds no mofkit.py"):
+        mofkit.run_notebook(tmp_path / "setup.ipynb", tmp_path / "out", mode="quick")
+
+
 def test_notebook_cli_timeout_and_modes(monkeypatch):
     calls = []
     monkeypatch.setattr(mofkit, "run_notebook", lambda **kw: calls.append(kw) or "nb.ipynb")
