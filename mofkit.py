@@ -1246,8 +1246,10 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
 
 
 # Units of each model's parameters for q in mmol/g and P in bar (plot_isotherm_fits' inputs); "" = dimensionless.
-_PARAM_UNITS = {"freundlich": {"K": "mmol g⁻¹ bar^(−1/n)", "n": ""}, "sips": {"g_inf": "mmol/g", "K": "bar⁻¹", "n": ""},
-                "langmuir": {"Q_max": "mmol/g", "b": "bar⁻¹"}, "bet": {"q_m": "mmol/g", "C": "", "P0": "bar"}}
+_PARAM_UNITS = {"freundlich": {"K": "mmol g⁻¹ bar^(−1/n)", "n": ""},
+                "sips": {"g_inf": "mmol/g", "K": "bar⁻¹", "n": ""},
+                "langmuir": {"Q_max": "mmol/g", "b": "bar⁻¹"},
+                "bet": {"q_m": "mmol/g", "C": "", "P0": "bar"}}
 
 
 def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
