@@ -764,6 +764,8 @@ def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
     assert (tmp_path / "fits.png").read_bytes()[:4] == b"\x89PNG"
     assert list(table.index) == list(fits) and table.loc["Freundlich", "R²"] == f"{fits['Freundlich'].r2:.6f}"
     assert "K = 2.5 bar⁻¹ (fixed)" in table.loc["study: Sips, K = 2.5", "parameters"]  # no standard error
+    assert {m: set(u) for m, u in mofkit._PARAM_UNITS.items()} == {m: set(v.params) for m, v in
+                                                                     mofkit._MODELS.items()}  # every model's
     f = fits["Freundlich"]  # every parameter with its unit (Freundlich K's depends on n)
     assert table.loc["Freundlich", "parameters"] == (f"K = {f.K:.6g} ± {f.K_se:.2g} mmol g⁻¹ bar^(−1/n); "
                                                      f"n = {f.n:.6g} ± {f.n_se:.2g}")
