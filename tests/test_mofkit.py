@@ -1824,11 +1824,11 @@ def test_plot_slices_colour_scale_spans_the_data_with_white_at_zero():
 def test_plot_slices_scale_bar_in_angstrom():
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
     bars = lambda fig: [a for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredSizeBar)]
-    grid = np.zeros((64, 64, 64), np.float32)
+    grid = np.zeros((4, 16, 16), np.float32)
     assert not bars(mofkit.plot_slices(grid))
-    [bar] = bars(mofkit.plot_slices(grid, spacing_A=0.5))  # a 32 A panel: a 10 A bar, 20 voxels long
-    assert bar.txt_label.get_text() == "10 Å" and bar.size_bar.get_children()[0].get_width() == 20
-    assert len(bars(mofkit.plot_slices([grid[::2, ::2, ::2]] * 2, spacing_A=1.0))) == 2  # one per montage
+    [bar] = bars(mofkit.plot_slices(grid, spacing_A=2.0))  # a 32 A panel: a 10 A bar, 5 voxels long
+    assert bar.txt_label.get_text() == "10 Å" and bar.size_bar.get_children()[0].get_width() == 5
+    assert len(bars(mofkit.plot_slices([grid] * 2, spacing_A=0.5))) == 2  # one per montage (8 A: a 2 A bar)
 
 
 def test_plot_history_and_property_histograms(tmp_path):
