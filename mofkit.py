@@ -3056,6 +3056,20 @@ def roughness_K(grids_K, e_scale_K):
     return sum(diffs) / 3
 
 
+def read_grids(shard_dir, n=None, seed=0):
+    """n grids (kelvin, float32 (n, C, D, D, D)) drawn without replacement, seeded, from a folder of shards (all
+    when n is None or larger), in storage order, and their metadata rows (name, density, ...)."""
+    dataset = ShardDataset(shard_dir, shuffle=False, with_index=True)
+    total = dataset.num_grids
+    chosen = np.arange(total) if n is None or n >= total else np.sort(
+        np.random.default_rng(seed).choice(total, n, replace=False))
+    keep, grids = set(chosen.tolist()), {}
+    for grid, i in dataset:
+        if i in keep:
+            grids[i] = grid.numpy()
+    return np.stack([grids[i] for i in chosen]), dataset.metadata().iloc[chosen].reset_index(drop=True)
+
+
 @dataclass
 class EvalReport:
     """What `evaluate` measured. `one_nn`: one row per (compared set, feature space) with accuracy, 95% interval
@@ -3669,7 +3683,7 @@ def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", 
 
 
 def main(argv=None):
-    """python mofkit.py {notebook, voxelize, shards, train, sample} ... (each with --help)."""
+    """python mofkit.py {notebook, voxelize, shards, train, sample, evaluate} ... (each with --help)."""
     import argparse
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:                   # its flags mirror TrainConfig; torchrun-friendly
@@ -3692,8 +3706,14 @@ def main(argv=None):
     sh.add_argument("--limit", type=int, default=None)
     sh.add_argument("--shard-size", type=int, default=100)
     sub.add_parser("train", help="train the GAN on a shard folder (see: mofkit.py train --help)")
-    sm = sub.add_parser("sample", help="generate grids from a checkpoint -> .npy + slice PNGs")
-    sm.add_argument("checkpoint")
+    sm = sub.add_parser("sample", help="generate grids from a checkpoint or generator file -> .npy + slice PNGs")
+    sm.add_argument("checkpoint", help="a training checkpoint (last.pt) or a generator file (weights/*.pt)")
+    ev = sub.add_parser("evaluate", help="score a generator against held-out shards (the kit's one protocol)")
+    ev.add_argument("generator", help="a training checkpoint or a generator file")
+    ev.add_argument("--heldout", required=True, help="folder of held-out shards (same grid settings)")
+    ev.add_argument("--train", required=True, help="folder of the generator's training shards")
+    ev.add_argument("--n", type=int, default=500, help="grids per compared set")
+    ev.add_argument("--plot", default=None, help="also save the 1-NN bar chart here (PNG)")
     sm.add_argument("--n", type=int, default=4)
     sm.add_argument("--seed", type=int, default=0)
     for q in (vx, sm):
@@ -3733,6 +3753,14 @@ def main(argv=None):
         for i, g in enumerate(grids):
             plot_slices(g, path=out / f"generated_{i}.png")
         print(f"{len(grids)} grids: {out / 'generated.npy'} and generated_*.png")
+    elif args.command == "evaluate":
+        heldout, _ = read_grids(args.heldout, args.n)
+        train, meta = read_grids(args.train, args.n)
+        report = evaluate(args.generator, heldout, train, n=min(args.n, len(heldout), len(train)),
+                          density_kg_m3=float(np.median(meta["density_kg_m3"])))
+        print(report)
+        if args.plot:
+            plot_evaluation(report, path=args.plot)
 
 
 if __name__ == "__main__":

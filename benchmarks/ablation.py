@@ -1,11 +1,11 @@
 """Ablation of the training recipe at the CPU scale: each ingredient's effect on held-out 1-NN and properties.
 
-    OMP_NUM_THREADS=1 python benchmarks/ablation.py --variant ema --budget-min 12     # one run (resumable)
+    OMP_NUM_THREADS=1 python benchmarks/ablation.py --variant ema --epochs 15          # one run (resumable)
     python benchmarks/ablation.py --table                                             # the README table
 
 Every variant trains the same dim-32, 64-channel GAN (benchmarks/reproduce.py's cpu scale: the same
 2,000 training grids of benchmarks/split_cpu32.csv, batch 8 unless the recipe says otherwise) for the same
-wall-clock budget on one thread, then is scored by mofkit.evaluate against 500 held-out grids (one sampling
+number of epochs (samples seen, not wall-clock time: the machine is shared) on one thread, then is scored by mofkit.evaluate against 500 held-out grids (one sampling
 seed; the references -- real floor, near-blank, mean grid + noise -- are measured once, in the table call).
 Run two variants side by side on a 2-core machine (one thread each). Results: runs/cpu32/ablation/<variant>/.
 """
@@ -40,24 +40,21 @@ VARIANTS = {
 }
 
 
-def config_for(variant, scale, seed=0):
+def config_for(variant, scale, epochs, seed=0):
     recipe = dict(VARIANTS[variant])
     study = recipe.pop("study", False)
-    scale = reproduce.dataclasses.replace(scale, study=study, seed=seed, checkpoint_every_min=3.0)
+    scale = reproduce.dataclasses.replace(scale, study=study, seed=seed, epochs=epochs, checkpoint_every_min=3.0)
     return reproduce.train_config(scale, "cpu", **recipe)
 
 
-def run_variant(variant, out, scale, budget_min, seed=0, progress=False):
-    """Train (resuming) for budget_min minutes of training in total, then score; writes result.json."""
+def run_variant(variant, out, scale, epochs, seed=0, progress=False):
+    """Train (resuming) for `epochs` epochs, then score; writes result.json."""
     run_dir = out / "ablation" / (variant if seed == 0 else f"{variant}_seed{seed}")
-    config = config_for(variant, scale, seed)
-    _, time_s = reproduce.training_state(run_dir)
-    if time_s < 60 * budget_min:
-        dataset = mofkit.ShardDataset(out / "train", seed=seed, batch_size=config.batch_size)
-        mofkit.train(config, dataset, run_dir, resume=True, progress=progress,
-                     max_minutes=budget_min - time_s / 60)
-    heldout, _ = reproduce.load_grids(out / "heldout", scale.n_eval, seed=scale.seed)
-    train_real, meta = reproduce.load_grids(out / "train", scale.n_eval, seed=scale.seed)
+    config = config_for(variant, scale, epochs, seed)
+    dataset = mofkit.ShardDataset(out / "train", seed=seed, batch_size=config.batch_size)
+    mofkit.train(config, dataset, run_dir, resume=True, progress=progress)
+    heldout, _ = mofkit.read_grids(out / "heldout", scale.n_eval, seed=scale.seed)
+    train_real, meta = mofkit.read_grids(out / "train", scale.n_eval, seed=scale.seed)
     density = float(np.median(meta["density_kg_m3"]))
     report = mofkit.evaluate(run_dir / "last.pt", heldout, train_real, sampling_seeds=(0,), baselines=False,
                              density_kg_m3=density, seed=scale.seed)
@@ -76,8 +73,8 @@ def run_variant(variant, out, scale, budget_min, seed=0, progress=False):
 
 
 def references(out, scale):
-    heldout, _ = reproduce.load_grids(out / "heldout", scale.n_eval, seed=scale.seed)
-    train_real, meta = reproduce.load_grids(out / "train", scale.n_eval, seed=scale.seed)
+    heldout, _ = mofkit.read_grids(out / "heldout", scale.n_eval, seed=scale.seed)
+    train_real, meta = mofkit.read_grids(out / "train", scale.n_eval, seed=scale.seed)
     e_scale = float(mofkit.pick_e_scale(train_real))
     report = mofkit.evaluate(train_real, heldout, train_real, e_scale_K=e_scale,
                              density_kg_m3=float(np.median(meta["density_kg_m3"])), seed=scale.seed)
@@ -108,13 +105,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", choices=VARIANTS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget-min", type=float, default=12.0)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (the same for every variant)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "cpu32")
     p.add_argument("--table", action="store_true", help="print the table of finished variants and the references")
     args = p.parse_args(argv)
     scale = reproduce.SCALES["cpu"]
     if args.variant:
-        run_variant(args.variant, args.out, scale, args.budget_min, args.seed)
+        run_variant(args.variant, args.out, scale, args.epochs, args.seed)
     if args.table:
         print(references(args.out, scale))
         print(table(args.out, scale))

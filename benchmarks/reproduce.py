@@ -12,30 +12,26 @@ Both scales do the same steps, each resumable (re-running the same command conti
   2. grids   voxelize both sets in the cube frame into shards (`build_shards`; finished shards are skipped).
   3. train   the study's GAN family with LSGAN (`train`), checkpointing every few minutes, until the wall-clock
              budget (cpu) or the epoch target (gpu) is reached.
-  4. score   1-NN accuracy of generated vs held-out grids beside two references measured the same way (train
-             vs held-out real: what "indistinguishable" looks like; the untrained generator: a trivial baseline),
-             with a bootstrap interval; memorisation; Wasserstein distances of log10 K_H. Writes results.json,
-             slice montages (real vs generated) and the loss curve, and (cpu) the shippable generator weights.
+  4. score   mofkit.evaluate on held-out grids (see below). Writes results.json, one_nn.png, slice montages
+             (real vs generated) and the loss curve, and (cpu) the shippable generator weights.
 
 Scales:
   cpu  ~2,000 train + ~500 held-out structures (benchmarks/split_cpu32.csv), 32^3 grids at 1.0 A (the same
-       32 A cube as the 64^3 default), dim 32, 64 channels, batch 8, for --budget-min minutes of training,
-       LSGAN on D's raw score (--d-sigmoid 0): with the study's sigmoid output D won within ~100 steps and the
-       generator stopped learning (--d-sigmoid 1 reproduces that).
+       32 A cube as the 64^3 default), dim 32, 64 channels, batch 8, the kit's recipe (TrainConfig defaults,
+       chosen by benchmarks/ablation.py), for --budget-min minutes of training; --study 1 trains the study's
+       exact recipe instead (TrainConfig.study()).
        On a machine shared with other jobs run it with OMP_NUM_THREADS=1: torch's OpenMP threads spin-wait,
        and with another process holding one of 2 cores, 2 threads voxelized 18x and trained 3-5x slower than
        1 thread (measured on the 2-core dev machine, 2026-11-25).
   gpu  every structure that parses (benchmarks/split_gpu64.csv: ~1,200 held-out names, the rest train), 64^3
-       at 0.5 A, the study's model (dim 64, 512 channels, sigmoid D output; --d-sigmoid 0 for LSGAN on D's raw
-       score, as the cpu scale uses), TrainConfig.fast_gpu(), 48 epochs, voxelized on the
-       GPU. Each call stops after --chunk-min minutes (checkpointed); the call after training reached its
-       target evaluates 1,000 generated vs 1,000 held-out grids.
+       at 0.5 A, the study's model (dim 64, 512 channels) with the kit's recipe and TrainConfig.fast_gpu()'s
+       speed settings, 48 epochs, voxelized on the GPU. Each call stops after --chunk-min minutes
+       (checkpointed); the call after training reached its target evaluates 1,000 generated vs 1,000 held-out.
 
-Properties: generated grids exist only in GAN space, where energies are clipped to [-E_scale, 0] K (repulsion
-is lost). Every real grid that is compared with generated ones (1-NN, memorisation, K_H) is therefore first
-sent through the same to_gan_input/from_gan_output round trip, so the comparison measures the generator and
-not the clipping. log10 K_H uses one nominal density (the training set's median framework density) for all
-grids, as `property_comparison` explains: the Wasserstein distance does not depend on that choice.
+Scoring is mofkit.evaluate, the kit's one protocol (1-NN in three feature spaces with intervals, the
+references, memorisation, property distances; every grid through `gan_round_trip`). log10 K_H uses one
+nominal density (the training set's median framework density) for all grids, as `property_comparison`
+explains: the Wasserstein distance does not depend on that choice.
 
 A bare GPU machine without network: a stock CUDA PyTorch image has numpy, scipy, pandas, matplotlib, tqdm and
 requests, and lacks two pure-Python wheels (checked 2026-11 against the device image's package list):
@@ -185,19 +181,6 @@ def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", p
 
 # --- 4. score ----------------------------------------------------------------
 
-def load_grids(shard_dir, n, seed=0):
-    """n grids (kelvin, (n, 1, D, D, D) float32) drawn without replacement, seeded (all when fewer), and
-    their metadata rows (name, density, ...)."""
-    dataset = mofkit.ShardDataset(shard_dir, shuffle=False, with_index=True)
-    total = dataset.num_grids
-    chosen = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-    keep, grids = set(chosen.tolist()), {}
-    for grid, i in dataset:
-        if i in keep:
-            grids[i] = grid.numpy()
-    return np.stack([grids[i] for i in chosen]), dataset.metadata().iloc[chosen].reset_index(drop=True)
-
-
 def report_dict(report) -> dict:
     """An EvalReport as JSON-ready dicts (the tables keep every number; results.json holds them)."""
     return {"accuracy": report.accuracy, "n": report.n, "e_scale_K": report.e_scale_K,
@@ -212,8 +195,8 @@ def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None, run_dir=None) ->
     run_dir = Path(run_dir or out / "run")
     ckpt_path = run_dir / "last.pt"
     ckpt = mofkit.load_checkpoint(ckpt_path)
-    heldout, _ = load_grids(out / "heldout", scale.n_eval, seed=scale.seed)
-    train_real, train_meta = load_grids(out / "train", scale.n_eval, seed=scale.seed)
+    heldout, _ = mofkit.read_grids(out / "heldout", scale.n_eval, seed=scale.seed)
+    train_real, train_meta = mofkit.read_grids(out / "train", scale.n_eval, seed=scale.seed)
     n = min(len(heldout), len(train_real), scale.n_eval)
     density = float(np.median(train_meta["density_kg_m3"]))  # one nominal density: see the docstring
     report = mofkit.evaluate(ckpt_path, heldout, train_real, n=n, sampling_seeds=sampling_seeds,
