@@ -2145,13 +2145,11 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
 
     # the printed accuracy is mofkit.evaluate's on the notebook's own grids (the shipped model, held-out part)
     [printed] = _outputs(nb, r"1-NN accuracy, 12 held-out vs 12 generated grids: ([\d.]+%) \(raw voxels")
-    grids = lambda part: np.stack([g.numpy() for g in mofkit.ShardDataset(out_dir / "grids_quick" / part,
-                                                                          shuffle=False)])
+    heldout, heldout_meta = mofkit.read_grids(out_dir / "grids_quick" / "heldout")
+    train, train_meta = mofkit.read_grids(out_dir / "grids_quick" / "train", len(heldout), seed=0)
     split = mofkit.read_split(REPO / "benchmarks" / "split_cpu32.csv")
-    heldout = mofkit.ShardDataset(out_dir / "grids_quick" / "heldout", shuffle=False).metadata().name
-    assert set(heldout) <= set(split["heldout"])
-    train = grids("train")[np.sort(np.random.default_rng(0).permutation(24)[:12])]  # the notebook's pick
-    report = mofkit.evaluate(mofkit.load_generator(REPO / "weights" / "generator_cpu32.pt"), grids("heldout"), train)
+    assert set(heldout_meta.name) <= set(split["heldout"]) and set(train_meta.name) <= set(split["train"])
+    report = mofkit.evaluate(mofkit.load_generator(REPO / "weights" / "generator_cpu32.pt"), heldout, train)
     assert printed == f"{report.accuracy:.1%}" and report.accuracy < 1.0
 
 
