@@ -3668,7 +3668,9 @@ def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", 
     path, out_dir = Path(path).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(path, as_version=4)
-    env = {"MOFKIT_MODE": mode, "MOFKIT_OUT": str(out_dir), "MPLBACKEND": "Agg", "MOFKIT_PROGRESS": "text"}
+    # the inline backend, as in Jupyter: plt.show() figures are saved in the executed copy (Agg would drop them)
+    env = {"MOFKIT_MODE": mode, "MOFKIT_OUT": str(out_dir), "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+           "MOFKIT_PROGRESS": "text"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits these
     try:

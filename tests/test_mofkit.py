@@ -2117,8 +2117,9 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
     folder without mofkit.py, the repository fetched from MOFKIT_REPO (a local copy of this tree), quick mode;
     then 'Run all' again in the same folder, as after 'Restart session'. Drive stays unmounted (not asked for)
     and the printed 1-NN accuracy is the evaluation protocol's."""
-    import nbformat
+    import re
     import shutil
+    import nbformat
     for k, v in _colab_stand_in(tmp_path / "colab").items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MOFKIT_REPO", str(_local_repository(tmp_path / "origin")))
@@ -2132,6 +2133,9 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
         assert not errors, (attempt, errors[0]["evalue"] if errors else "")
         assert _outputs(nb, r"mofkit from (\S+);") == [str(content / "mofkit")], attempt
         assert not any("IProgress" in t or "\x1b[" in t for t in _outputs(nb, r"[^\n]+")), attempt
+        shown = [any("image/png" in o.get("data", {}) for o in c.outputs) for c in nb.cells if c.cell_type == "code"
+                 and re.search(r"plt\.show\(\)|^mofkit\.plot_|display\(.*plot_|plot_evaluation", c.source, re.M)]
+        assert shown and all(shown), (attempt, shown)  # every cell that draws keeps its picture in the copy
     assert not (tmp_path / "colab" / "mounts.txt").exists()  # Drive is never mounted unless USE_DRIVE
     out_dir = content / "out"
     for name in ["slices_real_vs_generated.png", "generated_0.xyz", "run_quick/history.csv", "evaluation.png",
