@@ -41,7 +41,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm.std import tqdm as _text_tqdm
+
+
+class _TextBar(_text_tqdm):
+    """Text progress bars that stay readable in a saved notebook: inner bars (leave=False) are not drawn, since
+    nesting needs cursor-moving escape codes that a saved stream keeps as garbage, and redraws come at most
+    every few seconds."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("leave") is False:
+            kwargs["disable"] = True
+        kwargs.setdefault("mininterval", 5.0)
+        super().__init__(*args, **kwargs)
+
+
+def _progress_class():
+    """tqdm.auto (widgets in a notebook front end, text in a terminal), except in a kernel nobody watches
+    (run_notebook sets MOFKIT_PROGRESS=text) or one without ipywidgets (tqdm.auto would warn "IProgress not
+    found" on every bar): there _TextBar."""
+    import importlib.util
+    no_widgets = "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is None
+    if os.environ.get("MOFKIT_PROGRESS") == "text" or no_widgets:
+        return _TextBar
+    from tqdm.auto import tqdm as auto
+    return auto
+
+
+tqdm = _progress_class()
 
 
 # =============================================================================
@@ -159,7 +186,6 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
 def _http_to_file(url, path, dest, timeout_s, progress, retry):
     """Stream an http(s) URL into `path`, resuming from the bytes already there when the server allows (206)."""
     import requests
-    from tqdm.auto import tqdm
     path.touch()
     bar = tqdm(desc=dest.name, unit="B", unit_scale=True, disable=not progress)
 
@@ -375,7 +401,6 @@ def fetch_isodb(adsorbent=None, adsorbate=None, temperature_K=None, *, doi=None,
     formula from GASES), `temperature_K` (within 0.5 K) and `doi`. `http` takes fetch_json's timeout_s, retries
     and backoff_s. Everything fetched is cached under `cache_dir` (None: no cache).
     """
-    from tqdm.auto import tqdm
 
     def get(path):
         return fetch_json(f"{base_url}{path}", cache_dir=cache_dir, **http)
@@ -445,7 +470,6 @@ def fetch_mofxdb(name=None, mofkey=None, database=None, *, base_url=MOFXDB_URL, 
 
     `http` takes fetch_json's timeout_s, retries and backoff_s; pages are cached under `cache_dir`.
     """
-    from tqdm.auto import tqdm
     params = {k: v for k, v in {"name": name, "mofkey": mofkey, "database": database}.items() if v is not None}
     if not params and max_pages is None:
         raise ValueError("fetch_mofxdb: give name, mofkey or database, or max_pages; the whole database is "
@@ -1188,7 +1212,6 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
     e.g. `fit_isotherm_table(df, "sips", fix_K=2.5)` for the study's own table.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
     if model not in FITTERS:
         raise ValueError(f"model {model!r} is not one of {sorted(FITTERS)}")
     columns = next((c for c in (("pressure_bar", "adsorption_mmol_g"), ("pressure", "adsorption"))
@@ -1222,35 +1245,50 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
     return result
 
 
-def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
-    """Measured points with each fitted curve beside a parameter table -> (figure, table DataFrame).
+# Units of each model's parameters for q in mmol/g and P in bar (plot_isotherm_fits' inputs); "" = dimensionless.
+_PARAM_UNITS = {"freundlich": {"K": "mmol g⁻¹ bar^(−1/n)", "n": ""},
+                "sips": {"g_inf": "mmol/g", "K": "bar⁻¹", "n": ""},
+                "langmuir": {"Q_max": "mmol/g", "b": "bar⁻¹"},
+                "bet": {"q_m": "mmol/g", "C": "", "P0": "bar"}}
 
-    fits: {label: IsothermFit}, e.g. the study's Sips (K fixed), free Sips and Freundlich.
+
+def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
+    """Measured points with each fitted curve above a table of the fits -> (figure, table DataFrame).
+
+    fits: {label: IsothermFit}, e.g. the study's Sips (K fixed), free Sips and Freundlich. The table has one
+    row per fit: model, parameters with units and standard errors ("fixed" for held parameters), R², AIC.
     The figure is written atomically to `path` (format from its suffix) when given.
     """
     import pandas as pd
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     P, q = np.asarray(pressure_bar, dtype=np.float64), np.asarray(q_mmol_g, dtype=np.float64)
-    table = pd.DataFrame({label: {"model": f.model, **{p: f"{v:.6g}" + ("" if p in f.fixed else
-                                  f" ± {f.se[p]:.2g}") for p, v in f.params.items()},
+
+    def parameter(f, name, value):
+        unit = _PARAM_UNITS[f.model][name]
+        unit = f" {unit}" if unit else ""
+        if name in f.fixed:
+            return f"{name} = {value:.6g}{unit} (fixed)"
+        return f"{name} = {value:.6g} ± {f.se[name]:.2g}{unit}"
+
+    table = pd.DataFrame({label: {"model": f.model,
+                                  "parameters": "; ".join(parameter(f, k, v) for k, v in f.params.items()),
                                   "R²": f"{f.r2:.6f}", "AIC": f"{f.aic:.2f}"}
-                          for label, f in fits.items()}).T.fillna("")
-    fig, (ax, ax_table) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
+                          for label, f in fits.items()}).T
+    fig = Figure(figsize=(10, 5.2 + 0.28 * len(table)), layout="constrained")
+    ax, ax_table = fig.subplots(2, 1, height_ratios=[5, 0.45 + 0.28 * len(table)])
     ax.plot(P, q, "ko", label="measured")
     P_fine = np.linspace(P.min(), P.max(), 200)
     for label, f in fits.items():
         ax.plot(P_fine, f.predict(P_fine), label=f"{label} (R² {f.r2:.4f})")
     ax.set(xlabel="pressure (bar)", ylabel="adsorption (mmol/g)", title=title or "")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
     ax_table.axis("off")
-    cell_table = ax_table.table(cellText=table.values, rowLabels=table.index, colLabels=table.columns,
-                                loc="center")
-    cell_table.auto_set_font_size(False)
-    cell_table.set_fontsize(7)
-    fig.tight_layout()
-    if path is not None:
-        with atomic_write(path) as f:
-            fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=150)
+    cells = ax_table.table(cellText=table.values, rowLabels=table.index, colLabels=table.columns, loc="center",
+                           cellLoc="left")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(9)
+    cells.auto_set_column_width(list(range(-1, len(table.columns))))  # widths from the text: no overlaps
+    _save_figure(fig, path)
     return fig, table
 
 
@@ -2519,7 +2557,6 @@ def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_s
 def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress, max_minutes=None):
     import time
     import torch.distributed as dist
-    from tqdm.auto import tqdm
     _seed_all(config.seed + rank)
     run = _build_run(config, device, ddp=world > 1)
     step, epoch, samples_in_epoch, time_s, history = 0, 0, 0, 0.0, []
@@ -3254,17 +3291,44 @@ def _energy_volume(grid, channel) -> np.ndarray:
     return g
 
 
-def plot_slices(grid, titles=None, axis=0, channel=0, linthresh_K=10.0, cmap="RdBu_r", panel_in=0.9, path=None):
+def _symlog_colours(volumes, linthresh_K, cmap):
+    """(norm, colormap) spanning exactly the data's range on a symmetric-log scale with 0 K at the colormap's
+    centre: grids without positive energies (GAN space) get only its lower half, no empty red end."""
+    import matplotlib
+    from matplotlib.colors import ListedColormap, SymLogNorm
+    lo = min(0.0, min(float(v.min()) for v in volumes))
+    hi = max(0.0, max(float(v.max()) for v in volumes))
+    if lo == hi:  # all 0 K: any small symmetric range
+        lo, hi = -linthresh_K, linthresh_K
+    full = SymLogNorm(linthresh=linthresh_K, vmin=-max(-lo, hi), vmax=max(-lo, hi), base=10)
+    # an odd transform: the part [full(lo), full(hi)] of the colormap on SymLogNorm(lo, hi) keeps 0 K at its centre
+    part = matplotlib.colormaps[cmap](np.linspace(float(full(lo)), float(full(hi)), 256))
+    return SymLogNorm(linthresh=linthresh_K, vmin=lo, vmax=hi, base=10), ListedColormap(part)
+
+
+def _scale_bar(ax, spacing_A, voxels):
+    """An angstrom scale bar (a round length up to half the panel) in the panel's lower left."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+    half_A = voxels * spacing_A / 2
+    length_A = max(x for x in (1, 2, 5, 10, 20, 50, 100, 200, 500) if x <= max(half_A, 1))
+    ax.add_artist(AnchoredSizeBar(ax.transData, length_A / spacing_A, f"{length_A:g} Å", "lower left", pad=0.15,
+                                  borderpad=0.1, sep=1.5, color="black", frameon=True, label_top=True,
+                                  size_vertical=voxels / 40, fontproperties={"size": 7, "weight": "bold"}))
+
+
+def plot_slices(grid, titles=None, axis=0, channel=0, linthresh_K=10.0, cmap="RdBu_r", panel_in=0.9,
+                spacing_A=None, path=None):
     """CT-style montage of every slice of a kelvin grid (64 slices -> an 8 x 8 panel); a list of grids
     (e.g. [real, generated]) gives montages side by side with one shared colour scale.
 
-    Colours use a symmetric-log scale (linear within +-linthresh_K, logarithmic beyond) centred on 0 K:
+    Colours use a symmetric-log scale (linear within +-linthresh_K, logarithmic beyond) centred on 0 K (white):
     adsorption wells (E < 0, a few hundred K deep) show blue and repulsive cores (up to the +5000 K cap)
-    red, both legible at once, which a linear scale (dominated by the cap) cannot do.
+    red, both legible at once, which a linear scale (dominated by the cap) cannot do. The scale spans the data
+    shown: grids in the GAN's range (no positive energies) have no red. `spacing_A` (voxel edge, Å) adds a
+    scale bar to each montage's first slice.
     Returns the matplotlib Figure (shown inline in a notebook); saves it when `path` is given.
     """
     from matplotlib.figure import Figure
-    from matplotlib.colors import SymLogNorm
     volumes = [_energy_volume(g, channel) for g in (grid if isinstance(grid, (list, tuple)) else [grid])]
     titles = list(titles) if titles is not None else [None] * len(volumes)
     if len(titles) != len(volumes):
@@ -3272,8 +3336,7 @@ def plot_slices(grid, titles=None, axis=0, channel=0, linthresh_K=10.0, cmap="Rd
     n = volumes[0].shape[axis]
     ncols = math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
-    vmax = max(linthresh_K, max(float(np.abs(v).max()) for v in volumes))
-    norm = SymLogNorm(linthresh=linthresh_K, vmin=-vmax, vmax=vmax, base=10)
+    norm, colours = _symlog_colours(volumes, linthresh_K, cmap)
     fig = Figure(figsize=(len(volumes) * ncols * panel_in + 1.2, nrows * panel_in + 0.5))
     outer = fig.add_gridspec(1, len(volumes) + 1, width_ratios=[ncols] * len(volumes) + [0.25],
                              left=0.02, right=0.9, bottom=0.02, top=0.93, wspace=0.08)
@@ -3284,8 +3347,10 @@ def plot_slices(grid, titles=None, axis=0, channel=0, linthresh_K=10.0, cmap="Rd
         for k, ax in enumerate(panels.flat):
             ax.set_axis_off()
             if k < n:
-                image = ax.imshow(np.take(volume, k, axis=axis).T, origin="lower", cmap=cmap, norm=norm,
+                image = ax.imshow(np.take(volume, k, axis=axis).T, origin="lower", cmap=colours, norm=norm,
                                   interpolation="nearest")
+        if spacing_A is not None:
+            _scale_bar(panels[0, 0], spacing_A, volume.shape[(axis + 1) % 3])
         if title:
             panels[0, 0].set_title(title, loc="left", fontsize=11)
     fig.colorbar(image, cax=fig.add_subplot(outer[0, -1]), label="E / k$_B$ (K)")
@@ -3339,26 +3404,50 @@ def plot_evaluation(report, path=None):
     return _save_figure(fig, path)
 
 
+# Axis labels and titles of the per-grid properties (grid_properties, shard properties); any other name is
+# labelled from its unit suffix (_kJ_mol, _K, ...).
+PROPERTY_LABELS = {
+    "log10_henry": ("Henry coefficient", "log$_{10}$ K$_H$, K$_H$ in mol kg$^{-1}$ Pa$^{-1}$"),
+    "heat_kJ_mol": ("heat of adsorption at infinite dilution", "Q$_{st}$ (kJ/mol)"),
+    "log10_widom": ("Widom factor", "log$_{10}$ ⟨exp(−E/k$_B$T)⟩ (dimensionless)"),
+    "widom": ("Widom factor", "⟨exp(−E/k$_B$T)⟩ (dimensionless)"),
+}
+_UNIT_SUFFIXES = {"_kJ_mol": "kJ/mol", "_mol_kg_Pa": "mol kg$^{-1}$ Pa$^{-1}$", "_mmol_g": "mmol/g",
+                  "_kg_m3": "kg/m$^3$", "_m2_g": "m$^2$/g", "_K": "K", "_A": "Å", "_bar": "bar"}
+
+
+def _property_label(name) -> tuple:
+    """(title, axis label) of a property column."""
+    if name in PROPERTY_LABELS:
+        return PROPERTY_LABELS[name]
+    for suffix, unit in _UNIT_SUFFIXES.items():
+        if name.endswith(suffix):
+            quantity = name[:-len(suffix)].replace("_", " ")
+            return quantity, f"{quantity} ({unit})"
+    return name.replace("_", " "), name
+
+
 def plot_property_histograms(real_vals, gen_vals, label="value", bins=30, path=None):
-    """Overlaid histograms of a property for real and generated samples. Arrays give one panel;
-    dicts or DataFrames give one panel per shared key (e.g. property_comparison's grid_properties)."""
+    """Overlaid histograms of a property for real and generated samples. Arrays give one panel (x axis
+    `label`); dicts or DataFrames give one panel per shared key (e.g. `grid_properties`), titled and labelled
+    with the property's name and unit (PROPERTY_LABELS)."""
     from matplotlib.figure import Figure
     if isinstance(real_vals, dict) or hasattr(real_vals, "columns"):
         keys = [k for k in real_vals.keys() if k in gen_vals.keys()]
-        pairs = [(k, np.asarray(real_vals[k], float), np.asarray(gen_vals[k], float)) for k in keys]
+        pairs = [(*_property_label(k), np.asarray(real_vals[k], float), np.asarray(gen_vals[k], float))
+                 for k in keys]
     else:
-        pairs = [(label, np.asarray(real_vals, float).ravel(), np.asarray(gen_vals, float).ravel())]
+        pairs = [(label, label, np.asarray(real_vals, float).ravel(), np.asarray(gen_vals, float).ravel())]
     if not pairs:
         raise ValueError("real_vals and gen_vals share no property")
-    fig = Figure(figsize=(4.2 * len(pairs), 3.4), layout="constrained")
-    for ax, (name, real, gen) in zip(np.atleast_1d(fig.subplots(1, len(pairs))), pairs):
+    fig = Figure(figsize=(4.6 * len(pairs), 3.6), layout="constrained")
+    for ax, (title, xlabel, real, gen) in zip(np.atleast_1d(fig.subplots(1, len(pairs))), pairs):
         edges = np.histogram_bin_edges(np.concatenate([real, gen]), bins=bins)
-        ax.hist(real, edges, alpha=0.55, density=True, label=f"real (n={len(real)})")
-        ax.hist(gen, edges, alpha=0.55, density=True, label=f"generated (n={len(gen)})")
-        ax.set_xlabel(name)
-        ax.legend()
+        ax.hist(real, edges, alpha=0.55, density=True, label=f"real (n = {len(real)})")
+        ax.hist(gen, edges, alpha=0.55, density=True, label=f"generated (n = {len(gen)})")
+        ax.set(title=title, xlabel=xlabel, ylabel="probability density (per x unit)")
+        ax.legend(fontsize=8)
     return _save_figure(fig, path)
-
 
 
 # =============================================================================
@@ -3795,22 +3884,36 @@ def structure_targets(generated, real):
 # 11. Command line
 # =============================================================================
 
-def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", timeout_s=1800):
+# Per-cell time limits of a headless run: QUICK's cells take seconds to a minute on a CPU; the GPU mode's longest
+# cells (building 2,500 grids, training) stop themselves after at most 20 minutes each; FULL trains for hours.
+NOTEBOOK_TIMEOUT_S = {"quick": 900, "gpu": 3600, "full": 0}  # 0: no limit
+
+
+def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", timeout_s=None):
     """Execute the tutorial notebook headless (nbclient); the executed copy and its files land in out_dir.
 
-    mode: "quick" (a few dozen CoRE MOF structures, a few training steps: minutes on a CPU), "full" (the whole
-    CoRE MOF 2019 set, the fast GPU preset) or "auto" (full when a GPU is present). The notebook reads
-    MOFKIT_MODE and MOFKIT_OUT from the environment, so Colab's "Run all" and this function run the same cells.
+    mode: "quick" (CPU, minutes), "gpu" (sized for a free Colab T4: under an hour), "full" (the study's scale,
+    hours on a GPU) or "auto" (gpu when CUDA is available, else quick). timeout_s: seconds per cell, 0 for no
+    limit, None for the mode's default (NOTEBOOK_TIMEOUT_S). The notebook reads MOFKIT_MODE and MOFKIT_OUT from
+    the environment, so Colab's "Run all" and this function run the same cells. Progress bars are text.
     """
     import nbformat
     from nbclient import NotebookClient
+    if mode == "auto":
+        mode = "gpu" if torch.cuda.is_available() else "quick"
+    if mode not in NOTEBOOK_TIMEOUT_S:
+        raise ValueError(f"mode={mode!r}: choose auto, {', '.join(NOTEBOOK_TIMEOUT_S)}")
+    timeout_s = NOTEBOOK_TIMEOUT_S[mode] if timeout_s is None else timeout_s
     path, out_dir = Path(path).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(path, as_version=4)
-    saved = {k: os.environ.get(k) for k in ("MOFKIT_MODE", "MOFKIT_OUT", "MPLBACKEND")}
-    os.environ.update(MOFKIT_MODE=mode, MOFKIT_OUT=str(out_dir), MPLBACKEND="Agg")  # the kernel inherits these
+    # the inline backend, as in Jupyter: plt.show() figures are saved in the executed copy (Agg would drop them)
+    env = {"MOFKIT_MODE": mode, "MOFKIT_OUT": str(out_dir), "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+           "MOFKIT_PROGRESS": "text"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits these
     try:
-        NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+        NotebookClient(nb, timeout=int(timeout_s) or None, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent)}}).execute()
     finally:
         for k, v in saved.items():
@@ -3829,8 +3932,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="mofkit.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     nb = sub.add_parser("notebook", help="run MOF_3DGAN.ipynb headless (the main job)")
-    nb.add_argument("--mode", choices=["auto", "quick", "full"], default="auto")
+    nb.add_argument("--mode", choices=["auto", *NOTEBOOK_TIMEOUT_S], default="auto",
+                    help="quick: CPU, minutes; gpu: a free Colab T4, under an hour; full: the study's scale, hours "
+                         "(auto: gpu with CUDA, else quick)")
     nb.add_argument("--out", default="mofkit_outputs")
+    nb.add_argument("--timeout", type=int, default=None, metavar="S",
+                    help="seconds per cell, 0 for no limit (default: " + ", ".join(
+                        f"{m} {t or 'none'}" for m, t in NOTEBOOK_TIMEOUT_S.items()) + ")")
     vx = sub.add_parser("voxelize", help="energy grids of CIF files or CoRE MOF names -> .npy (kelvin)")
     vx.add_argument("structures", nargs="+", help="CIF paths or CoRE MOF 2019-ASR names")
     sh = sub.add_parser("shards", help="voxelize CoRE MOF 2019-ASR (or a CIF folder) into shards")
@@ -3861,7 +3969,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.command == "notebook":
-        print(run_notebook(out_dir=args.out, mode=args.mode))
+        print(run_notebook(out_dir=args.out, mode=args.mode, timeout_s=args.timeout))
     elif args.command == "voxelize":
         out = Path(args.out)
         for src in args.structures:

@@ -763,9 +763,19 @@ def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
     fig, table = mofkit.plot_isotherm_fits(P, q, fits, path=tmp_path / "fits.png")
     assert (tmp_path / "fits.png").read_bytes()[:4] == b"\x89PNG"
     assert list(table.index) == list(fits) and table.loc["Freundlich", "R²"] == f"{fits['Freundlich'].r2:.6f}"
-    assert table.loc["study: Sips, K = 2.5", "K"] == "2.5"  # fixed: no standard error shown
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    assert "K = 2.5 bar⁻¹ (fixed)" in table.loc["study: Sips, K = 2.5", "parameters"]  # no standard error
+    assert {m: set(u) for m, u in mofkit._PARAM_UNITS.items()} == {m: set(v.params) for m, v in
+                                                                     mofkit._MODELS.items()}  # every model's
+    f = fits["Freundlich"]  # every parameter with its unit (Freundlich K's depends on n)
+    assert table.loc["Freundlich", "parameters"] == (f"K = {f.K:.6g} ± {f.K_se:.2g} mmol g⁻¹ bar^(−1/n); "
+                                                     f"n = {f.n:.6g} ± {f.n_se:.2g}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # every text inside its own cell: nothing runs into a neighbour (the old 7 pt table did)
+    renderer = canvas.get_renderer()
+    for key, cell in fig.axes[1].tables[0].get_celld().items():
+        box, text = cell.get_window_extent(renderer), cell.get_text().get_window_extent(renderer)
+        assert box.x0 - 1 <= text.x0 and text.x1 <= box.x1 + 1, key
 
 
 H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3  # liquid H2 at 20.4 K, mol/m^3
@@ -1812,6 +1822,30 @@ def test_plot_slices_montage_panels_and_png(tmp_path):
         mofkit.plot_slices(np.zeros((4, 4)))
 
 
+def test_plot_slices_colour_scale_spans_the_data_with_white_at_zero():
+    import matplotlib
+    gan_space = -np.linspace(0, 900, 8 ** 3, dtype=np.float32).reshape(8, 8, 8)  # no positive energies
+    image = _image_axes(mofkit.plot_slices(gan_space, spacing_A=1.0))[0].images[0]
+    assert image.norm.vmin == pytest.approx(-900) and image.norm.vmax == 0  # no empty red end of the bar
+    white = matplotlib.colormaps["RdBu_r"](0.5)
+    np.testing.assert_allclose(image.cmap(image.norm(0.0)), white, atol=0.02)  # 0 K stays white
+    assert image.cmap(image.norm(-900.0))[2] > 0.3 > image.cmap(image.norm(-900.0))[0]  # deep wells: blue
+    real = np.concatenate([gan_space[4:], np.full((4, 8, 8), 5000, np.float32)])
+    image = _image_axes(mofkit.plot_slices(real))[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (pytest.approx(-900), 5000)
+    np.testing.assert_allclose(image.cmap(image.norm(0.0)), white, atol=0.02)
+
+
+def test_plot_slices_scale_bar_in_angstrom():
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+    bars = lambda fig: [a for ax in fig.axes for a in ax.artists if isinstance(a, AnchoredSizeBar)]
+    grid = np.zeros((4, 16, 16), np.float32)
+    assert not bars(mofkit.plot_slices(grid))
+    [bar] = bars(mofkit.plot_slices(grid, spacing_A=2.0))  # a 32 A panel: a 10 A bar, 5 voxels long
+    assert bar.txt_label.get_text() == "10 Å" and bar.size_bar.get_children()[0].get_width() == 5
+    assert len(bars(mofkit.plot_slices([grid] * 2, spacing_A=0.5))) == 2  # one per montage (8 A: a 2 A bar)
+
+
 def test_plot_history_and_property_histograms(tmp_path):
     import pandas as pd
     history = pd.DataFrame({"step": range(5), "loss_d": np.linspace(1, 0.2, 5), "loss_g": np.linspace(0.5, 1, 5),
@@ -1826,6 +1860,11 @@ def test_plot_history_and_property_histograms(tmp_path):
                                           path=tmp_path / "hist.png")
     assert len(fig.axes) == 2 and (tmp_path / "hist.png").exists()
     assert len(mofkit.plot_property_histograms(rng.normal(size=9), rng.normal(size=9)).axes) == 1
+    props = {"log10_henry": rng.normal(size=9), "heat_kJ_mol": rng.normal(size=9), "lcd_A": rng.normal(size=9)}
+    axes = mofkit.plot_property_histograms(props, props).axes  # titled panels, axes labelled with units
+    assert [ax.get_title() for ax in axes] == ["Henry coefficient", "heat of adsorption at infinite dilution", "lcd"]
+    assert "mol kg" in axes[0].get_xlabel() and "kJ/mol" in axes[1].get_xlabel() and axes[2].get_xlabel() == "lcd (Å)"
+    assert all("probability density" in ax.get_ylabel() for ax in axes)
 
 
 # =============================================================================
@@ -2206,18 +2245,133 @@ def test_notebook_is_stored_without_outputs():
     assert not any("/work/" in "".join(c["source"]) or "/root/" in "".join(c["source"]) for c in nb["cells"])
 
 
-def test_notebook_runs_headless_in_quick_mode(tmp_path):
-    """The README's main job on a CPU: every cell runs and the promised files appear."""
+def _colab_stand_in(folder):
+    """A stand-in google.colab imported at kernel start, as Colab's kernels do (an IPython startup file);
+    drive.mount only records its calls in folder/mounts.txt. -> environment variables for the kernel."""
+    package = folder / "site" / "google" / "colab"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "drive.py").write_text("def mount(mountpoint, **kwargs):\n"
+                                      f"    with open({str(folder / 'mounts.txt')!r}, 'a') as f:\n"
+                                      "        f.write(mountpoint + '\\n')\n")
+    startup = folder / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-colab.py").write_text("import google.colab\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder / "site"), os.environ.get("PYTHONPATH")])),
+            "IPYTHONDIR": str(folder / "ipython")}
+
+
+def _local_repository(folder):
+    """This working tree's tracked files (as they are now) committed to a fresh git repository at folder."""
+    import shutil
+    import subprocess
+    git = lambda *args, cwd: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                                            check=True, capture_output=True)
+    tracked = git("ls-files", "-z", cwd=REPO).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, folder / name)
+    git("init", "-q", cwd=folder)
+    git("add", "-A", cwd=folder)
+    git("commit", "-q", "-m", "snapshot", cwd=folder)
+    return folder
+
+
+def _outputs(nb, pattern):
+    """Text of every stream/result output of the executed notebook that matches `pattern` (a regex)."""
+    import re
+    texts = [o.get("text") or o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code"
+             for o in c.outputs]
+    return [m for t in texts for m in re.findall(pattern, t)]
+
+
+def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
+    """'Run all' on a fresh Colab VM, simulated: google.colab imported at kernel start, the notebook alone in a
+    folder without mofkit.py, the repository fetched from MOFKIT_REPO (a local copy of this tree), quick mode;
+    then 'Run all' again in the same folder, as after 'Restart session'. Drive stays unmounted (not asked for)
+    and the printed 1-NN accuracy is the evaluation protocol's."""
+    import re
+    import shutil
     import nbformat
-    out = mofkit.run_notebook(REPO / "MOF_3DGAN.ipynb", tmp_path, mode="quick")
-    nb = nbformat.read(out, as_version=4)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors, errors[0]["evalue"] if errors else ""
-    for name in ["slices_real_vs_generated.png", "generated_0.xyz", "run/history.csv", "one_nn_accuracy.png",
-                 "isotherm_fits.png", "loss_curves.png"]:
-        assert (tmp_path / name).stat().st_size > 0, name
+    for k, v in _colab_stand_in(tmp_path / "colab").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MOFKIT_REPO", str(_local_repository(tmp_path / "origin")))
+    content = tmp_path / "content"
+    content.mkdir()
+    shutil.copy(REPO / "MOF_3DGAN.ipynb", content)
+    for attempt in ("fresh VM", "restarted session"):
+        out = mofkit.run_notebook(content / "MOF_3DGAN.ipynb", content / "out", mode="quick")
+        nb = nbformat.read(out, as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, (attempt, errors[0]["evalue"] if errors else "")
+        assert _outputs(nb, r"mofkit from (\S+);") == [str(content / "mofkit")], attempt
+        assert not any("IProgress" in t or "\x1b[" in t for t in _outputs(nb, r"[^\n]+")), attempt
+        shown = [any("image/png" in o.get("data", {}) for o in c.outputs) for c in nb.cells if c.cell_type == "code"
+                 and re.search(r"plt\.show\(\)|^mofkit\.plot_|display\(.*plot_|plot_evaluation", c.source, re.M)]
+        assert shown and all(shown), (attempt, shown)  # every cell that draws keeps its picture in the copy
+    assert not (tmp_path / "colab" / "mounts.txt").exists()  # Drive is never mounted unless USE_DRIVE
+    out_dir = content / "out"
+    for name in ["slices_real_vs_generated.png", "generated_0.xyz", "run_quick/history.csv", "evaluation.png",
+                 "isotherm_fits.png", "loss_curves.png", "property_histograms.png"]:
+        assert (out_dir / name).stat().st_size > 0, name
     import ase.io
-    assert len(ase.io.read(tmp_path / "FIQCEN_decoded.xyz")) > 100
+    assert len(ase.io.read(out_dir / "FIQCEN_decoded.xyz")) > 100
+    steps = mofkit.load_history(out_dir / "run_quick" / "history.csv")["step"]
+    assert steps.is_unique and steps.max() == 20  # resumed, not restarted; the second run added nothing
+    assert (out_dir / "run_quick" / "last.pt").stat().st_size < 20 * 2 ** 20  # quick keeps checkpoints small
+
+    # the printed accuracy is mofkit.evaluate's on the notebook's own grids (the shipped model, held-out part)
+    [printed] = _outputs(nb, r"1-NN accuracy, 12 held-out vs 12 generated grids: ([\d.]+%) \(raw voxels")
+    heldout, heldout_meta = mofkit.read_grids(out_dir / "grids_quick" / "heldout")
+    train, train_meta = mofkit.read_grids(out_dir / "grids_quick" / "train", len(heldout), seed=0)
+    split = mofkit.read_split(REPO / "benchmarks" / "split_cpu32.csv")
+    assert set(heldout_meta.name) <= set(split["heldout"]) and set(train_meta.name) <= set(split["train"])
+    report = mofkit.evaluate(mofkit.load_generator(REPO / "weights" / "generator_cpu32.pt"), heldout, train)
+    assert printed == f"{report.accuracy:.1%}" and report.accuracy < 1.0
+
+
+def test_notebook_setup_says_what_to_do_when_the_repository_cannot_be_fetched(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+    nb = nbformat.read(REPO / "MOF_3DGAN.ipynb", as_version=4)
+    nb.cells = [c for c in nb.cells if "#@title Setup" in c.source]
+    nbformat.write(nb, tmp_path / "setup.ipynb")
+    monkeypatch.setenv("MOFKIT_REPO", str(tmp_path / "no-such-repository"))
+    with pytest.raises(CellExecutionError, match="could not fetch mofkit from .*no-such-repository"):
+        mofkit.run_notebook(tmp_path / "setup.ipynb", tmp_path / "out", mode="quick")
+    (tmp_path / "mofkit").mkdir()  # a folder left by an interrupted download is named, not silently reused
+    with pytest.raises(CellExecutionError, match="holds no mofkit.py"):
+        mofkit.run_notebook(tmp_path / "setup.ipynb", tmp_path / "out", mode="quick")
+
+
+def test_notebook_cli_timeout_and_modes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mofkit, "run_notebook", lambda **kw: calls.append(kw) or "nb.ipynb")
+    mofkit.main(["notebook", "--mode", "gpu", "--timeout", "120"])
+    mofkit.main(["notebook", "--mode", "full"])
+    assert [(c["mode"], c["timeout_s"]) for c in calls] == [("gpu", 120), ("full", None)]  # None: the mode's
+    assert mofkit.NOTEBOOK_TIMEOUT_S == {"quick": 900, "gpu": 3600, "full": 0}  # full trains for hours: no limit
+
+
+def test_notebook_modes_and_colab_form(tmp_path):
+    """The configuration cell offers the modes as a Colab form; Drive is a checkbox, off by default."""
+    nb = json.loads((REPO / "MOF_3DGAN.ipynb").read_text())
+    config = next("".join(c["source"]) for c in nb["cells"] if "#@title Configuration" in "".join(c["source"]))
+    assert 'MODE = "auto"  #@param ["auto", "quick", "gpu", "full"]' in config
+    assert 'USE_DRIVE = False  #@param {type:"boolean"}' in config
+    assert all(f'"{mode}": dict(' in config for mode in mofkit.NOTEBOOK_TIMEOUT_S)
+    with pytest.raises(ValueError, match="mode='fast'"):
+        mofkit.run_notebook(REPO / "MOF_3DGAN.ipynb", tmp_path, mode="fast")
+
+
+def test_text_progress_bars_skip_nested_bars(capsys):
+    """Headless notebooks get text bars; inner (leave=False) bars would save cursor-moving escapes."""
+    for _ in mofkit._TextBar(range(3), desc="outer"):
+        for _ in mofkit._TextBar(range(2), desc="inner", leave=False):
+            pass
+    err = capsys.readouterr().err
+    assert "outer" in err and "inner" not in err and "\x1b[" not in err
 
 
 def test_cli_voxelize_writes_grid_and_properties(tmp_path, capsys):
