@@ -2111,10 +2111,10 @@ class TrainConfig:
     d_sigmoid: bool = False         # the study's D ends in a Sigmoid; under least squares its gradient vanishes
                                     # once D wins and G freezes (README, "The study's recipe"). False: D's raw
                                     # score, as LSGAN's authors (Mao et al. 2017) use it.
-    transform: str = "wells"        # kelvin -> GAN space on channel 0: "wells" (the study's) or "signed"
+    transform: str = "signed"       # kelvin -> GAN space on channel 0: "signed" or "wells" (the study's)
     ema: float = 0.999              # decay of the generator's exponential moving average used for sampling
                                     # (Yazici et al. 2019); 0 = sample the raw generator
-    r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
+    r1_gamma: float = 1.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them
@@ -3134,8 +3134,10 @@ class EvalReport:
         import pandas as pd
         with pd.option_context("display.width", 160, "display.max_columns", 20):
             props = self.properties.round(3).to_string()
+            small = (f"\nWith n = {self.n} the intervals are too wide to rank anything: use n >= 200 (generated "
+                     "grids are cheap; held-out grids are the limit).\n" if self.n < 200 else "")
             return (f"1-NN accuracy, %, 95% interval ({self.n} held-out vs {self.n} per set; 50% = indistinguishable; "
-                    f"'real train' is the floor):\n{self.table.to_string()}\n\nproperties (W1 = Wasserstein distance "
+                    f"'real train' is the floor):\n{self.table.to_string()}\n{small}\n\nproperties (W1 = Wasserstein distance "
                     f"to the held-out grids):\n{props}\n\nmemorisation: {self.memorisation['fraction_closer']:.3f} "
                     f"of generated grids closer to the training set than any held-out grid (fresh samples: "
                     f"~{1 / (self.n + 1):.4f}; copies: 1)")

@@ -2209,6 +2209,9 @@ def test_reproduce_cpu_pipeline_end_to_end_resumes_and_ships(tmp_path, coremof_c
     assert mofkit.read_manifest(tmp_path / "m.csv", kind="weights")[0]["sha256"] == weights["sha256"]
     G = mofkit.load_generator(tmp_path / "w" / "g.pt", tmp_path / "m.csv")
     assert mofkit.sample(G, 2).shape == (2, 1, 16, 16, 16)
+    # the weights carry the voxelize settings of their training grids, so held-out grids can be made to match
+    assert (G.grid_params["size"], G.grid_params["spacing_A"], G.grid_params["frame"]) == (16, 2.0, "cube")
+    assert np.array_equal(mofkit.sample(tmp_path / "w" / "g.pt", 2), mofkit.sample(G, 2))  # a path works too
 
     budget = first["training"]["train_time_min"] + 0.02  # stops at the first log past its budget: may overshoot
     again = rp.main(tiny + ["--budget-min", str(budget)])  # a bigger budget continues the same run
