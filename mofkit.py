@@ -2106,15 +2106,16 @@ class TrainConfig:
     batch_size: int = 8             # per process
     lr: float = 2e-4
     betas: tuple = (0.5, 0.999)
-    loss: str = "lsgan"             # "lsgan": least squares to targets 1 (real) / 0 (fake) on D's output;
-                                    # "hinge"; "nonsat": non-saturating logistic. See `gan_losses`.
+    loss: str = "hinge"             # "hinge"; "lsgan": least squares to targets 1 (real) / 0 (fake) on D's
+                                    # output (the study's, with d_sigmoid); "nonsat": non-saturating logistic.
+                                    # See `discriminator_loss` and `generator_loss`.
     d_sigmoid: bool = False         # the study's D ends in a Sigmoid; under least squares its gradient vanishes
                                     # once D wins and G freezes (README, "The study's recipe"). False: D's raw
                                     # score, as LSGAN's authors (Mao et al. 2017) use it.
     transform: str = "signed"       # kelvin -> GAN space on channel 0: "signed" or "wells" (the study's)
     ema: float = 0.999              # decay of the generator's exponential moving average used for sampling
                                     # (Yazici et al. 2019); 0 = sample the raw generator
-    r1_gamma: float = 1.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
+    r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them

@@ -39,8 +39,9 @@ VARIANTS = {
     "signed+r1": {**BASE, "ema": 0.999, "transform": "signed", "r1_gamma": 1.0},
     "signed+augment": {**BASE, "ema": 0.999, "transform": "signed", "augment": True},
     "signed+hinge": {**BASE, "ema": 0.999, "transform": "signed", "loss": "hinge"},
+    "signed+hinge+r1": {**BASE, "ema": 0.999, "transform": "signed", "loss": "hinge", "r1_gamma": 1.0},
 }
-VARIANTS["kit"] = VARIANTS["signed+r1"]
+VARIANTS["kit"] = VARIANTS["signed+hinge"]
 
 
 def config_for(variant, scale, epochs, seed=0):

@@ -1326,7 +1326,8 @@ def test_train_config_defaults_study_preset_and_fast_gpu_preset():
     c = mofkit.TrainConfig()
     assert (c.epochs, c.latent, c.lr, c.betas, c.dim, c.channels, c.precision) == \
         (48, 200, 2e-4, (0.5, 0.999), 64, 512, "fp32")
-    assert not c.d_sigmoid and c.ema > 0  # the kit's recipe: raw-score D, EMA sampling
+    assert (c.loss, c.d_sigmoid, c.transform, c.r1_gamma, c.augment) == ("hinge", False, "signed", 0.0, False)
+    assert c.ema == 0.999  # the kit's recipe (README, "Choosing the recipe"): hinge on D's raw score, EMA
     s = mofkit.TrainConfig.study()  # the study's recipe, written out independently of the class
     assert (s.batch_size, s.epochs, s.loss, s.d_sigmoid, s.transform, s.ema, s.r1_gamma, s.augment, s.lr,
             s.betas, s.dim, s.channels, s.latent) == (2, 48, "lsgan", True, "wells", 0.0, 0.0, False, 2e-4,
@@ -1510,29 +1511,35 @@ def test_gan_losses_are_the_published_objectives():
 @pytest.mark.parametrize("preset", ["kit", "study"])
 def test_gan_step_minimises_each_players_loss(preset):
     """One _gan_step: D's loss is measured on D before its update and G's on D after it, from the same fakes;
-    each player's update lowers its own loss on those inputs (a flipped target would raise it)."""
-    config = (mofkit.TrainConfig if preset == "kit" else mofkit.TrainConfig.study)(
-        dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0)
+    each player's update lowers its own loss on those inputs (a flipped target would raise it). The objectives
+    are written out here: the kit's hinge loss on raw scores, the study's least squares on a Sigmoid output."""
+    if preset == "kit":
+        config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0)
+        assert (config.loss, config.d_sigmoid) == ("hinge", False)
+        loss_d_of = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
+        loss_g_of = lambda g: -g.mean()
+    else:
+        config = mofkit.TrainConfig.study(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3)
+        loss_d_of = lambda r, f: 0.5 * (((r - 1) ** 2).mean() + (f ** 2).mean())
+        loss_g_of = lambda g: ((g - 1) ** 2).mean()
     mofkit._seed_all(0)
     run = mofkit._build_run(config, torch.device("cpu"))
-    real = mofkit.to_gan_input(torch.stack(_grids(4)), 800.0)
+    real = mofkit.to_gan_input(torch.stack(_grids(4)), 800.0, config.transform)
     G0, D0 = copy.deepcopy(run.G), copy.deepcopy(run.D)
     torch.manual_seed(5)
     loss_d, loss_g, d_real, d_fake = mofkit._gan_step(run, real, step=1).tolist()
     torch.manual_seed(5)
     fake = G0(torch.randn(4, 8)).detach()
     out_real, out_fake = D0(real), D0(fake)
-    if preset == "study":  # the study: D ends in a Sigmoid, MSE to 1 (real) and 0 (fake)
+    if preset == "study":  # the study: D ends in a Sigmoid
         assert ((0 < out_real) & (out_real < 1)).all()
-    expect_d = 0.5 * (((out_real - 1) ** 2).mean() + (out_fake ** 2).mean())
+    expect_d = loss_d_of(out_real, out_fake)
     assert loss_d == pytest.approx(expect_d.item(), rel=1e-5) and d_real == pytest.approx(out_real.mean().item(), rel=1e-5)
-    after = run.D(real), run.D(fake)
-    assert 0.5 * (((after[0] - 1) ** 2).mean() + (after[1] ** 2).mean()) < expect_d  # D moved to its targets
-    expect_g = ((run.D(fake) - 1) ** 2).mean()
-    assert loss_g == pytest.approx(expect_g.item(), rel=1e-4)
+    assert loss_d_of(run.D(real), run.D(fake)) < expect_d   # D moved towards its targets
+    expect_g = loss_g_of(run.D(fake))
+    assert loss_g == pytest.approx(expect_g.item(), rel=1e-4, abs=1e-6)
     torch.manual_seed(5)
-    new_fake = run.G(torch.randn(4, 8))
-    assert ((run.D(new_fake) - 1) ** 2).mean() < expect_g  # G moved D's verdict on its samples towards "real"
+    assert loss_g_of(run.D(run.G(torch.randn(4, 8)))) < expect_g  # G moved D's verdict on its samples to "real"
 
 
 def test_ema_generator_is_the_moving_average_of_the_weights(tmp_path):
