@@ -36,7 +36,10 @@ def pick(n_small=14, n_large=6, seed=0, max_atoms=600, max_length_A=50.0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).with_name("results_iso") / "cell_convergence.csv"))
+    ap.add_argument("--summary-only", action="store_true", help="summarise an existing --out file")
     args = ap.parse_args()
+    if args.summary_only:
+        return summarize(pd.read_csv(args.out))
     torch.set_num_threads(1)
     rows = []
     for name, atoms in pick():
@@ -71,6 +74,14 @@ def summarize(df):
     print(pd.DataFrame(out).to_string(index=False))
     w = 10 ** (ref.window_log10_KH_mol_kg_Pa - ref.log10_KH_mol_kg_Pa)
     print("window/cell K_H: median", w.median(), "range", w.min(), w.max())
+    # He void fraction (at 0.3 A) vs CoRE MOF 2019's own AV_VF (Zeo++, geometric)
+    from scipy.stats import spearmanr
+    j = df[df.spacing_A == 0.3].set_index("name").join(mofkit.coremof_properties()[["AV_VF", "LCD"]])
+    r = j.void_fraction_He / j.AV_VF
+    print(f"void_fraction_He / AV_VF: median {r.median():.3f}, Spearman "
+          f"{spearmanr(j.void_fraction_He, j.AV_VF).statistic:.3f}")
+    for label, part in (("LCD >= 5.5 A", r[j.LCD >= 5.5]), ("LCD < 5.5 A", r[j.LCD < 5.5])):
+        print(f"  {label}: {len(part)} structures, {part.min():.2f}-{part.max():.2f}, median {part.median():.2f}")
 
 
 if __name__ == "__main__":
