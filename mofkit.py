@@ -937,6 +937,8 @@ def cell_properties(atoms, probe="H2", temperature_K=None, spacing_A=CELL_SPACIN
     Voxels at the cap are inside atoms and count for nothing; a structure with none below it gets NaN K_H and
     Q_st and a warning naming it.
     """
+    if temperature_K is None and probe not in PROBE_TEMPERATURE_K:
+        raise ValueError(f"no default temperature for probe {probe!r}: pass temperature_K")
     temperature_K = float(temperature_K or PROBE_TEMPERATURE_K[probe])
     density = framework_density(atoms)
     grid = voxelize_cell(atoms, spacing_A, probe, cutoff_A, cap_K, device)
@@ -1419,8 +1421,8 @@ def _peng_robinson(gas, temperature_K, pressure_Pa):
 
 def _coolprop_states(gas, temperature_K, pressures_Pa):
     """(P, density, fugacity) arrays along the isotherm from CoolProp, up to the equation's limit (its maximum
-    pressure or the melting line; beyond 1e5 Pa a failing state ends the table); below the critical temperature both saturated states are included, at the
-    same fugacity (the density jumps there: condensation)."""
+    pressure or the melting line: above 1e5 Pa the first state it refuses ends the table). Below the critical
+    temperature both saturated states are included, at the same fugacity (the density jumps: condensation)."""
     try:
         import CoolProp.CoolProp as CP
     except ImportError:
@@ -1479,7 +1481,7 @@ def _fugacity_table(gas, temperature_K, eos, pressures_Pa):
     RT = R_J_PER_MOL_K * temperature_K
     P = np.union1d(np.geomspace(_EOS_P_MIN_PA, 1e10, 2000), pressures_Pa[pressures_Pa >= _EOS_P_MIN_PA])
     if eos == "coolprop":
-        P, rho, f = _coolprop_states(gas, temperature_K, P)
+        _, rho, f = _coolprop_states(gas, temperature_K, P)
     else:
         rho, f = bulk_fluid(gas, temperature_K, P, eos)
         order = np.lexsort((rho, f))

@@ -1,10 +1,11 @@
 """Grid isotherm estimates vs MOF-X-DB GCMC uptakes, on the real records the tests ship.
 
 tests/fixtures/mofxdb: 3 ToBaCCo MOFs (H2 at 77-243 K and CH4 at 298 K, GCMC by RASPA with UFF) and
-QAHDUA_clean from CoRE MOF 2019 (Ar at 87 K, 22 pressures; N2 is skipped: no N2 probe). Each MOF gets whole-cell grids at CELL_SPACING_A
-for the kit's probe and for the GCMC's own probe (H2: Michels-de Graaff-ten Seldam LJ 36.7 K / 2.958 A, without
-its charges; CH4: TraPPE, the kit's; Ar: UFF 93.08 K / 3.45 A), and the issue's 32^3 cell-frame grid. Estimates
-(absolute uptake, as GCMC reports): LDA with CoolProp (default), LDA with Peng-Robinson, the lattice gas.
+QAHDUA_clean from CoRE MOF 2019 (Ar at 87 K, 22 pressures; N2 is skipped: no N2 probe). Each MOF gets
+whole-cell grids at CELL_SPACING_A for the kit's probe and for the GCMC's own probe (H2: Michels-de Graaff-ten
+Seldam LJ 36.7 K / 2.958 A, without its charges; CH4: TraPPE, the kit's; Ar: UFF 93.08 K / 3.45 A), and the
+issue's 32^3 cell-frame grid. Estimates (absolute uptake, as GCMC reports): LDA with CoolProp (default), LDA with
+Peng-Robinson, the lattice gas. Then HKUST-1 against the study's measured ISODB isotherm.
 Writes benchmarks/results_iso/gcmc_comparison.csv (one row per point) and prints the per-(gas, T, P) table.
 
     OMP_NUM_THREADS=1 python3 benchmarks/gcmc_comparison.py
