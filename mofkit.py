@@ -882,6 +882,7 @@ PROBE_TEMPERATURE_K = {"H2": 77.0, "CH4": 298.0, "Kr": 298.0, "Xe": 298.0, "Ar":
 # Cell-property grid spacing: K_H, Q_st and void_fraction_He within 0.1% of a 0.2 A grid on 20 CoRE MOFs (0.5 A:
 # 1.5%; README, "Properties of the whole crystal").
 CELL_SPACING_A = 0.3
+VOID_FRACTION_SPACING_A = 0.5   # void_fraction_He converges faster: within 0.22% of 0.2 A on the same 20
 VOID_FRACTION_T_K = 298.0
 
 
@@ -911,7 +912,8 @@ def voxelize_cell(atoms, spacing_A=CELL_SPACING_A, probe="H2", cutoff_A=12.8, ca
     return np.ascontiguousarray(e.reshape(*nb, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape(counts))
 
 
-def void_fraction_He(atoms, spacing_A=CELL_SPACING_A, cutoff_A=12.8, temperature_K=VOID_FRACTION_T_K, device=None):
+def void_fraction_He(atoms, spacing_A=VOID_FRACTION_SPACING_A, cutoff_A=12.8, temperature_K=VOID_FRACTION_T_K,
+                     device=None):
     """Helium void fraction: <exp(-E_He/kT)> over the cell at 298 K, as GCMC codes (RASPA) compute it by Widom
     insertion of a He probe; here on the cell grid instead of random points. Capped voxels weigh 0."""
     cap_K = 100.0 * temperature_K                   # exp(-100): nothing above it counts
@@ -929,11 +931,12 @@ def _properties(grid_K, density_kg_m3, temperature_K, cap_K, what):
 
 
 def cell_properties(atoms, probe="H2", temperature_K=None, spacing_A=CELL_SPACING_A, cutoff_A=12.8, cap_K=5000.0,
-                    device=None, name=None) -> dict:
+                    device=None, name=None, void_spacing_A=VOID_FRACTION_SPACING_A) -> dict:
     """Properties of the whole crystal, from grids over its full periodic cell (`voxelize_cell`):
 
     density_kg_m3, temperature_K (default PROBE_TEMPERATURE_K[probe]), log10_KH_mol_kg_Pa (Henry coefficient
-    in mol kg^-1 Pa^-1), Qst_kJ_mol (isosteric heat at infinite dilution) and void_fraction_He (298 K).
+    in mol kg^-1 Pa^-1), Qst_kJ_mol (isosteric heat at infinite dilution) and void_fraction_He (298 K, on its own
+    grid at void_spacing_A).
     Voxels at the cap are inside atoms and count for nothing; a structure with none below it gets NaN K_H and
     Q_st and a warning naming it.
     """
@@ -944,7 +947,7 @@ def cell_properties(atoms, probe="H2", temperature_K=None, spacing_A=CELL_SPACIN
     grid = voxelize_cell(atoms, spacing_A, probe, cutoff_A, cap_K, device)
     log_kh, qst = _properties(grid, density, temperature_K, cap_K, name or atoms.info.get("name", "structure"))
     return {"density_kg_m3": density, "temperature_K": temperature_K, "log10_KH_mol_kg_Pa": log_kh,
-            "Qst_kJ_mol": qst, "void_fraction_He": void_fraction_He(atoms, spacing_A, cutoff_A, device=device)}
+            "Qst_kJ_mol": qst, "void_fraction_He": void_fraction_He(atoms, void_spacing_A, cutoff_A, device=device)}
 
 
 def window_properties(grid_K, density_kg_m3, temperature_K=77.0, cap_K=5000.0, name="grid") -> dict:
@@ -1829,7 +1832,7 @@ PROPERTY_COLUMNS = ("density_kg_m3", "log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_f
 
 def _structure_properties(name, atoms, grid_K, params, device) -> list:
     cell = cell_properties(atoms, params.probe, params.temperature_K, CELL_SPACING_A, params.cutoff_A, params.cap_K,
-                           device, name)
+                           device, name, VOID_FRACTION_SPACING_A)
     window = window_properties(grid_K, cell["density_kg_m3"], params.temperature_K, params.cap_K, name)
     return [{**cell, **window}[c] for c in PROPERTY_COLUMNS]
 
@@ -1860,6 +1863,7 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
             "failures": [list(f) for f in failures],
             "properties": {"columns": columns, "rows": [[_json_value(v) for v in props[n]] for n in names],
                            "settings": {"cell_spacing_A": CELL_SPACING_A, "temperature_K": params.temperature_K,
+                                        "void_fraction_He_spacing_A": VOID_FRACTION_SPACING_A,
                                         "void_fraction_He_temperature_K": VOID_FRACTION_T_K}}}
     stacked = np.stack([grids[n] for n in names])[:, None] if names else np.zeros((0, 1, size, size, size))
     write_shard(path, stacked, meta)
