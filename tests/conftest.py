@@ -11,6 +11,7 @@ and the last one repeats. `intercept(monkeypatch, "drive.google.com")` sends req
 hosts here as /<host>/<path>, so code that hard-codes a host (gdown and Google Drive) talks to this server.
 """
 import json
+import os
 import re
 import threading
 import time
@@ -19,6 +20,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pytest
+
+# One torch thread, here and in the kernels and scripts tests start (they inherit the environment): on a shared
+# 2-core machine torch's default pool (a thread per core, spin-waiting between ops) made the suite ~10x slower
+# under load; the tests' tensors are small, so one thread is also fastest on an idle machine.
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+import torch  # noqa: E402  (after the thread settings)
+
+torch.set_num_threads(1)
 
 __all__ = ["Reply", "Request", "ranged"]
 
