@@ -860,23 +860,126 @@ def framework_density(atoms):
     return float(atoms.get_masses().sum() * AMU_KG / (atoms.cell.volume * 1e-30))
 
 
-def widom_factor(grid_K, temperature_K=77.0):
-    """<exp(-E/kT)> over the grid: the dimensionless Henry factor (Widom insertion on the grid)."""
-    e = np.asarray(grid_K, dtype=np.float64)
-    return float(np.mean(np.exp(-e / temperature_K)))
-
-
-def henry_coefficient(grid_K, density_kg_m3, temperature_K=77.0):
-    """Henry coefficient K_H in mol kg^-1 Pa^-1: <exp(-E/kT)> / (R T rho_framework)."""
-    return widom_factor(grid_K, temperature_K) / (R_J_PER_MOL_K * temperature_K * density_kg_m3)
-
-
-def heat_of_adsorption(grid_K, temperature_K=77.0):
-    """Isosteric heat at infinite dilution in kJ/mol: R (T - <E exp(-E/kT)> / <exp(-E/kT)>)."""
+def _boltzmann(grid_K, temperature_K, cap_K):
+    """(E, exp(-E/kT)) in float64; with cap_K, voxels at or above it (inside atoms) weigh 0: their true energy is
+    above the cap, so dropping them is closer than counting them at the cap's exp(-cap_K/T)."""
     e = np.asarray(grid_K, dtype=np.float64).ravel()
+    w = np.exp(-e / temperature_K)
+    if cap_K is not None:
+        w[e >= cap_K] = 0.0
+    return e, w
+
+
+def widom_factor(grid_K, temperature_K=77.0, cap_K=None):
+    """<exp(-E/kT)> over the grid: the dimensionless Henry factor (Widom insertion on the grid).
+    cap_K: voxels at or above it count as inside atoms (weight 0)."""
+    return float(np.mean(_boltzmann(grid_K, temperature_K, cap_K)[1]))
+
+
+def henry_coefficient(grid_K, density_kg_m3, temperature_K=77.0, cap_K=None):
+    """Henry coefficient K_H in mol kg^-1 Pa^-1: <exp(-E/kT)> / (R T rho_framework)."""
+    return widom_factor(grid_K, temperature_K, cap_K) / (R_J_PER_MOL_K * temperature_K * density_kg_m3)
+
+
+def heat_of_adsorption(grid_K, temperature_K=77.0, cap_K=None):
+    """Isosteric heat at infinite dilution in kJ/mol: R (T - <E exp(-E/kT)> / <exp(-E/kT)>).
+
+    With cap_K, only voxels below it count; if there are none the heat is NaN, with a warning (a grid at the
+    cap everywhere would otherwise give R (T - cap_K), e.g. -40.9 kJ/mol at 77 K).
+    """
+    e = np.asarray(grid_K, dtype=np.float64).ravel()
+    if cap_K is not None:
+        e = e[e < cap_K]
+        if e.size == 0:
+            warnings.warn(f"no accessible voxel (every energy >= cap_K={cap_K} K): heat of adsorption is NaN",
+                          stacklevel=2)
+            return math.nan
     w = np.exp(-(e - e.min()) / temperature_K)   # shifted by the minimum: no overflow in deep wells
     return float(R_J_PER_MOL_K * (temperature_K - (e * w).sum() / w.sum()) / 1000.0)
 
+
+# Property temperature per probe when none is given: H2 at 77 K (liquid-nitrogen storage, the study's and
+# MOFX-DB's H2 condition); CH4, Kr, Xe at 298 K (ambient storage and Xe/Kr separation, the conditions of the
+# DOE methane target and of Sikora et al. 2012); Ar at 87 K (its boiling point, the standard characterisation
+# isotherm); He at 298 K (the helium void-fraction convention of GCMC codes).
+PROBE_TEMPERATURE_K = {"H2": 77.0, "CH4": 298.0, "Kr": 298.0, "Xe": 298.0, "Ar": 87.0, "He": 298.0}
+# Cell-property grid spacing: K_H, Q_st and void_fraction_He within 0.1% of a 0.2 A grid on 20 CoRE MOFs (0.5 A:
+# 1.5%; README, "Properties of the whole crystal").
+CELL_SPACING_A = 0.3
+VOID_FRACTION_SPACING_A = 0.5   # void_fraction_He converges faster: within 0.22% of 0.2 A on the same 20
+VOID_FRACTION_T_K = 298.0
+
+
+def cell_grid_counts(atoms, spacing_A=CELL_SPACING_A, block=8):
+    """Points along each cell vector for a cell grid at most spacing_A apart: whole blocks of `block`."""
+    lengths = atoms.cell.lengths()
+    return tuple(int(block * max(1, math.ceil(length / (spacing_A * block)))) for length in lengths)
+
+
+def voxelize_cell(atoms, spacing_A=CELL_SPACING_A, probe="H2", cutoff_A=12.8, cap_K=5000.0, device=None, block=8):
+    """Energy grid (n1, n2, n3) in kelvin over the whole periodic cell, float32, capped at cap_K.
+
+    Point [i,j,k] sits at fractions (i/n1, j/n2, k/n3), n_d = cell_grid_counts(): a uniform grid of a periodic
+    function, so its mean is the periodic trapezoidal rule, which converges fast with spacing (unlike a window
+    of the crystal, whose mean depends on where the window falls).
+    """
+    counts = cell_grid_counts(atoms, spacing_A, block)
+    axes = [np.arange(n, dtype=np.float64) / n for n in counts]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1) @ atoms.cell.array
+    nb = [n // block for n in counts]
+    blocks = (pts.reshape(nb[0], block, nb[1], block, nb[2], block, 3).transpose(0, 2, 4, 1, 3, 5, 6)
+              .reshape(-1, block ** 3, 3))
+    device = _default_device(device)
+    pairs = 64_000_000 if device.type == "cuda" else 1_000_000
+    (e,) = _lj_blocks([(blocks, atoms)], probe, cutoff_A, device, torch.float32, pairs)
+    e = e.clamp_(max=cap_K).nan_to_num_(nan=cap_K).cpu().numpy()
+    return np.ascontiguousarray(e.reshape(*nb, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape(counts))
+
+
+def void_fraction_He(atoms, spacing_A=VOID_FRACTION_SPACING_A, cutoff_A=12.8, temperature_K=VOID_FRACTION_T_K,
+                     device=None):
+    """Helium void fraction: <exp(-E_He/kT)> over the cell at 298 K, as GCMC codes (RASPA) compute it by Widom
+    insertion of a He probe; here on the cell grid instead of random points. Capped voxels weigh 0."""
+    cap_K = 100.0 * temperature_K                   # exp(-100): nothing above it counts
+    return widom_factor(voxelize_cell(atoms, spacing_A, "He", cutoff_A, cap_K, device), temperature_K, cap_K)
+
+
+def _properties(grid_K, density_kg_m3, temperature_K, cap_K, what):
+    """log10 K_H and Q_st of one grid; NaN for both, with a warning, when no voxel is below cap_K."""
+    if not (np.asarray(grid_K) < cap_K).any():
+        warnings.warn(f"{what}: no accessible voxel (every energy >= cap_K={cap_K} K); K_H and Q_st are NaN",
+                      stacklevel=3)
+        return math.nan, math.nan
+    kh = henry_coefficient(grid_K, density_kg_m3, temperature_K, cap_K)
+    return (math.log10(kh) if kh > 0 else -math.inf), heat_of_adsorption(grid_K, temperature_K, cap_K)
+
+
+def cell_properties(atoms, probe="H2", temperature_K=None, spacing_A=CELL_SPACING_A, cutoff_A=12.8, cap_K=5000.0,
+                    device=None, name=None, void_spacing_A=VOID_FRACTION_SPACING_A) -> dict:
+    """Properties of the whole crystal, from grids over its full periodic cell (`voxelize_cell`):
+
+    density_kg_m3, temperature_K (default PROBE_TEMPERATURE_K[probe]), log10_KH_mol_kg_Pa (Henry coefficient
+    in mol kg^-1 Pa^-1), Qst_kJ_mol (isosteric heat at infinite dilution) and void_fraction_He (298 K, on its own
+    grid at void_spacing_A).
+    Voxels at the cap are inside atoms and count for nothing; a structure with none below it gets NaN K_H and
+    Q_st and a warning naming it.
+    """
+    if temperature_K is None and probe not in PROBE_TEMPERATURE_K:
+        raise ValueError(f"no default temperature for probe {probe!r}: pass temperature_K")
+    temperature_K = float(temperature_K or PROBE_TEMPERATURE_K[probe])
+    density = framework_density(atoms)
+    grid = voxelize_cell(atoms, spacing_A, probe, cutoff_A, cap_K, device)
+    log_kh, qst = _properties(grid, density, temperature_K, cap_K, name or atoms.info.get("name", "structure"))
+    return {"density_kg_m3": density, "temperature_K": temperature_K, "log10_KH_mol_kg_Pa": log_kh,
+            "Qst_kJ_mol": qst, "void_fraction_He": void_fraction_He(atoms, void_spacing_A, cutoff_A, device=device)}
+
+
+def window_properties(grid_K, density_kg_m3, temperature_K=77.0, cap_K=5000.0, name="grid") -> dict:
+    """log10 K_H and Q_st of a window grid (e.g. the 32 A cube frame), named as such: window_log10_KH_mol_kg_Pa,
+    window_Qst_kJ_mol. A window covers part of a large cell, so these differ from `cell_properties`; they are
+    what a generated cube grid can be compared with."""
+    log_kh, qst = _properties(grid_K, density_kg_m3, temperature_K, cap_K, name)
+    return {"window_log10_KH_mol_kg_Pa": log_kh, "window_Qst_kJ_mol": qst}
 
 
 
@@ -1294,33 +1397,192 @@ def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
 
 @dataclass(frozen=True)
 class GridIsotherm:
-    """ESTIMATE of an isotherm from an energy grid (ideal lattice gas), never a measurement."""
+    """ESTIMATE of an isotherm from an energy grid, never a measurement. Uptakes per mass of framework."""
+    model: str                  # "lda" (grid_isotherm) or "lattice_gas" (lattice_gas_isotherm)
     probe: str
     temperature_K: float
     pressure_bar: np.ndarray
-    q_mmol_g: np.ndarray
-    q_cm3_stp_g: np.ndarray
-    henry_mmol_g_bar: float  # low-pressure slope: Widom <exp(-E/kT)> / (R T rho) over accessible voxels
-    saturation_mmol_g: float  # P -> infinity: accessible pore volume x liquid density / framework density
+    absolute_mmol_g: np.ndarray  # all adsorbate in the pores
+    excess_mmol_g: np.ndarray    # absolute - bulk density x He pore volume; NaN unless void_fraction was given
+    absolute_cm3_stp_g: np.ndarray
+    bulk_density_mol_m3: np.ndarray  # of the bulk fluid at each pressure, in the model's own terms
+    henry_mmol_g_bar: float  # low-pressure slope: Widom <exp(-E/kT)> / (R T rho)
     accessible_fraction: float  # voxels with E < cap_K
+    void_fraction: float  # as given for the excess (NaN: none given)
+
+
+def _isotherm_inputs(grid_K, temperature_K, pressures_bar, density_kg_m3):
+    E = np.asarray(grid_K, dtype=np.float64).ravel()
+    P_bar = np.atleast_1d(np.asarray(pressures_bar, dtype=np.float64))
+    if E.size == 0 or not (E > -np.inf).all():
+        raise ValueError(f"grid_K must be a non-empty grid without NaN or -inf (size {E.size})")
+    if not (density_kg_m3 > 0 and temperature_K > 0) or not np.isfinite(P_bar).all() or (P_bar < 0).any():
+        raise ValueError(f"need density_kg_m3 > 0 (got {density_kg_m3}), temperature_K > 0 "
+                         f"(got {temperature_K}) and finite pressures >= 0")
+    return E, P_bar
+
+
+def _grid_isotherm_result(model, probe, T, P_bar, absolute, bulk_mol_m3, E, cap_K, density_kg_m3, void_fraction):
+    void = math.nan if void_fraction is None else float(void_fraction)
+    henry = widom_factor(E, T, cap_K) / (R_J_PER_MOL_K * T * density_kg_m3) * 1e5
+    excess = absolute - bulk_mol_m3 * void / density_kg_m3
+    return GridIsotherm(model, probe, float(T), P_bar, absolute, excess, absolute * CM3_STP_PER_MMOL, bulk_mol_m3,
+                        float(henry), float(np.mean(E < cap_K)), void)
+
+
+# Bulk fluids. The default equation of state is CoolProp's (the reference multiparameter equations cited above;
+# < 0.1-0.5% in density over their range); Peng-Robinson is the documented cubic alternative (Peng & Robinson,
+# Ind. Eng. Chem. Fundam. 15, 59 (1976)), needs nothing installed and is several % off in dense fluid
+# (README compares them). Critical constants and acentric factors: CoolProp 8.0's own (tested against it).
+_CRITICAL = {  # formula -> (Tc K, Pc Pa, acentric factor)
+    "H2": (33.145, 1.2964e6, -0.219), "He": (5.1953, 2.2832e5, -0.38354), "CH4": (190.564, 4.5992e6, 0.01142),
+    "N2": (126.192, 3.3958e6, 0.0372), "Ar": (150.687, 4.8630e6, -0.00219), "Kr": (209.48, 5.5254e6, -0.00089),
+    "Xe": (289.733, 5.8419e6, 0.00363), "CO2": (304.128, 7.3773e6, 0.22394), "CO": (132.86, 3.4982e6, 0.0497),
+    "O2": (154.599, 5.0464e6, 0.0222)}
+_COOLPROP_NAMES = {"H2": "Hydrogen", "He": "Helium", "CH4": "Methane", "N2": "Nitrogen", "Ar": "Argon",
+                   "Kr": "Krypton", "Xe": "Xenon", "CO2": "CarbonDioxide", "CO": "CarbonMonoxide", "O2": "Oxygen"}
+EOS_NAMES = ("coolprop", "peng-robinson")
+_EOS_P_MIN_PA = 1e-5  # below it the fluid is an ideal gas to < 1e-11 (second virial term), and is taken as one
+
+
+def _peng_robinson(gas, temperature_K, pressure_Pa):
+    """(density mol/m^3, fugacity Pa) of the stable Peng-Robinson root (lowest fugacity) at T, P."""
+    Tc, Pc, omega = _CRITICAL[gas]
+    RT = R_J_PER_MOL_K * temperature_K
+    kappa = 0.37464 + 1.54226 * omega - 0.26992 * omega ** 2
+    a = 0.45724 * (R_J_PER_MOL_K * Tc) ** 2 / Pc * (1 + kappa * (1 - math.sqrt(temperature_K / Tc))) ** 2
+    A, B = a * pressure_Pa / RT ** 2, 0.07780 * R_J_PER_MOL_K * Tc / Pc * pressure_Pa / RT
+    roots = np.roots([1.0, B - 1.0, A - 3 * B ** 2 - 2 * B, B ** 3 + B ** 2 - A * B])
+    Z = roots.real[(np.abs(roots.imag) < 1e-9 * np.abs(roots).max()) & (roots.real > B)]
+    s2 = math.sqrt(2.0)
+    ln_phi = Z - 1 - np.log(Z - B) - A / (2 * s2 * B) * np.log((Z + (1 + s2) * B) / (Z + (1 - s2) * B))
+    k = int(np.argmin(ln_phi))
+    return pressure_Pa / (Z[k] * RT), pressure_Pa * math.exp(ln_phi[k])
+
+
+def _coolprop_states(gas, temperature_K, pressures_Pa):
+    """(P, density, fugacity) arrays along the isotherm from CoolProp, up to the equation's limit (its maximum
+    pressure or the melting line: above 1e5 Pa the first state it refuses ends the table). Below the critical
+    temperature both saturated states are included, at the same fugacity (the density jumps: condensation)."""
+    try:
+        import CoolProp.CoolProp as CP
+    except ImportError:
+        raise ImportError("the default equation of state needs CoolProp: pip install CoolProp==8.0.0 "
+                          "(or pass eos='peng-robinson')") from None
+    state = CP.AbstractState("HEOS", _COOLPROP_NAMES[gas])
+    # densities on the kit's gas constant: some reference equations use an older R (H2: 8.314472, 1.1e-6
+    # above), and the Henry limit must be exactly <exp(-E/kT)>/(R T rho)
+    r_ratio = state.gas_constant() / R_J_PER_MOL_K
+    sat = None
+    if temperature_K < state.T_critical():
+        state.update(CP.QT_INPUTS, 0.0, temperature_K)
+        sat = state.p()
+    out = []
+    for P in pressures_Pa:
+        if sat is not None and abs(P / sat - 1) < 1e-9:
+            continue  # the saturated states are added below, exactly
+        try:
+            state.specify_phase(CP.iphase_not_imposed if sat is None else
+                                CP.iphase_gas if P < sat else CP.iphase_liquid)
+            state.update(CP.PT_INPUTS, P, temperature_K)
+        except ValueError:
+            if P < 1e5:
+                raise
+            break                                   # beyond the equation's range: the table ends
+        out.append((P, state.rhomolar() * r_ratio, state.fugacity(0)))
+    state.specify_phase(CP.iphase_not_imposed)
+    if sat is not None:
+        for quality in (1.0, 0.0):                  # vapour, then liquid
+            state.update(CP.QT_INPUTS, quality, temperature_K)
+            out.append((sat, state.rhomolar() * r_ratio, state.fugacity(0)))
+    return np.array(sorted(out, key=lambda s: (s[2], s[1]))).reshape(-1, 3).T
+
+
+def bulk_fluid(gas, temperature_K, pressures_Pa, eos="coolprop"):
+    """(density mol/m^3, fugacity Pa) of the bulk fluid at each pressure, from `eos` ('coolprop' or
+    'peng-robinson'). Below the critical temperature the stable phase is returned (liquid above P_sat)."""
+    key, P = _formula(gas), np.atleast_1d(np.asarray(pressures_Pa, dtype=np.float64))
+    if key not in _CRITICAL or eos not in EOS_NAMES:
+        raise ValueError(f"no equation of state for gas {gas!r} / eos {eos!r}: gases {sorted(_CRITICAL)}, "
+                         f"eos one of {EOS_NAMES}")
+    if eos == "peng-robinson":
+        rho, f = np.array([_peng_robinson(key, temperature_K, p) for p in P]).T.reshape(2, -1)
+        return rho, f
+    Ps, rho, f = _coolprop_states(key, temperature_K, P)
+    if len(Ps) < len(P) or not np.isin(P, Ps).all():
+        raise ValueError(f"{key} at {temperature_K} K: pressures up to {P.max():.4g} Pa are beyond CoolProp's "
+                         f"equation of state (it ends below {P[~np.isin(P, Ps)].min():.4g} Pa here)")
+    i = np.array([np.flatnonzero(Ps == p)[-1] for p in P])  # at P_sat: the liquid (stable above)
+    return rho[i], f[i]
+
+
+def _fugacity_table(gas, temperature_K, eos, pressures_Pa):
+    """(ln f, y = ln(rho R T / f), rho) along the isotherm, sorted by fugacity, through the given pressures:
+    y -> 0 in the ideal-gas limit; the table ends at the equation's high-pressure limit."""
+    RT = R_J_PER_MOL_K * temperature_K
+    P = np.union1d(np.geomspace(_EOS_P_MIN_PA, 1e10, 2000), pressures_Pa[pressures_Pa >= _EOS_P_MIN_PA])
+    if eos == "coolprop":
+        _, rho, f = _coolprop_states(gas, temperature_K, P)
+    else:
+        rho, f = bulk_fluid(gas, temperature_K, P, eos)
+        order = np.lexsort((rho, f))
+        rho, f = rho[order], f[order]
+    return np.log(f), np.log(rho * RT / f), rho
+
+
+def _lda_density(x, table, RT):
+    """Bulk density (mol/m^3) at ln-fugacities x from a _fugacity_table: interpolated in y = ln(rho RT/f) over
+    ln f; below the table y shrinks linearly in f (second-virial behaviour); above it the density stays at the
+    table's last (the densest state the equation of state allows: a packing limit)."""
+    ln_f, y, rho = table
+    low = x < ln_f[0]
+    yx = np.interp(x, ln_f, y)
+    yx[low] = y[0] * np.exp(x[low] - ln_f[0])
+    out = np.exp(np.minimum(x, ln_f[-1]) + yx - math.log(RT))
+    out[x > ln_f[-1]] = rho[-1]
+    return out
 
 
 def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_kg_m3, cap_K=5000.0,
-                  liquid_density_kg_m3=None, molar_mass_g_mol=None) -> GridIsotherm:
-    """ESTIMATE of an adsorption isotherm from a probe energy grid (kelvin): ideal lattice gas.
+                  void_fraction=None, eos="coolprop") -> GridIsotherm:
+    """ESTIMATE of an adsorption isotherm from a probe energy grid (kelvin): local density approximation.
+
+    Each voxel holds the bulk fluid's density at the local fugacity f exp(-E/kT) (f: the bulk fugacity at P),
+    from a real-fluid equation of state (`eos`: 'coolprop', default, or 'peng-robinson'; see bulk_fluid).
+    Exact in the Henry limit (q/P -> <exp(-E/kT)>/(R T rho), the Widom average) and for the bulk fluid (E = 0
+    everywhere gives the bulk density); in between it has no layering or confinement beyond the local
+    energy. Voxels at or above cap_K are inside atoms and hold nothing (GAN output with repulsion clipped to
+    0 K: cap_K=0.0). Absolute uptake is the mean density over the grid / framework density; excess subtracts
+    the bulk density times the pore volume void_fraction / density (GCMC codes use the helium void fraction,
+    `void_fraction_He`); without void_fraction it is NaN. Voxels are equal-volume: the spacing cancels.
+    """
+    E, P_bar = _isotherm_inputs(grid_K, temperature_K, pressures_bar, density_kg_m3)
+    key, P_Pa = _formula(probe), P_bar * 1e5
+    RT, e_acc = R_J_PER_MOL_K * temperature_K, E[E < cap_K] / temperature_K
+    ideal = P_Pa < _EOS_P_MIN_PA
+    bulk, f = bulk_fluid(key, temperature_K, np.where(ideal, 1e5, P_Pa), eos)  # checks gas, eos and range
+    bulk[ideal], f[ideal] = P_Pa[ideal] / RT, P_Pa[ideal]
+    table = _fugacity_table(key, temperature_K, eos, P_Pa)  # holds the requested pressures: E = 0 is exact
+    absolute = np.array([_lda_density(math.log(fp) - e_acc, table, RT).sum() if p > 0 else 0.0
+                         for p, fp in zip(P_Pa, f)]) / E.size / density_kg_m3   # mol/kg = mmol/g
+    return _grid_isotherm_result("lda", key, temperature_K, P_bar, absolute, bulk, E, cap_K, density_kg_m3,
+                                 void_fraction)
+
+
+def lattice_gas_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_kg_m3, cap_K=5000.0,
+                         void_fraction=None, liquid_density_kg_m3=None, molar_mass_g_mol=None) -> GridIsotherm:
+    """ESTIMATE of an adsorption isotherm from a probe energy grid (kelvin): ideal lattice gas (the kit's first
+    estimate; `grid_isotherm` is the better one).
 
     Each voxel is an independent Langmuir site holding at most the probe's liquid density times its
     volume, with occupancy b P / (1 + b P), b = exp(-E/kT) / (R T c_liq) (c_liq: liquid molar density).
-    At low pressure this is exactly the Widom Henry law q/P = <exp(-E/kT)> / (R T rho); at high pressure
-    it saturates at accessible pore volume x liquid density. "Accessible" voxels are those below cap_K
-    (the voxelizer's cap: voxels at the cap are inside atoms and hold nothing); their Henry weight
-    exp(-cap_K/T) is dropped, < 1e-28 relative at 77 K with the 5000 K cap. For GAN output, whose
-    repulsive voxels were clipped to 0 K, pass cap_K=0.0. Voxels are equal-volume, so the grid
-    spacing cancels. No adsorbate-adsorbate attraction, no packing beyond the liquid: an estimate.
+    At low pressure this is exactly the Widom Henry law; at high pressure it saturates at accessible pore
+    volume x liquid density. Its bulk fluid (E = 0) holds c_liq P / (P + R T c_liq): below the ideal gas by
+    P / (R T c_liq), 0.69x for H2 at 77 K and 100 bar, which is why it runs low. Voxels at or above cap_K hold
+    nothing; the excess and the rest as in grid_isotherm.
     """
     from scipy.special import expit
-    E = np.asarray(grid_K, dtype=np.float64).ravel()
-    P_bar = np.atleast_1d(np.asarray(pressures_bar, dtype=np.float64))
+    E, P_bar = _isotherm_inputs(grid_K, temperature_K, pressures_bar, density_kg_m3)
     key = _formula(probe)
     if (liquid_density_kg_m3 is None and key not in LIQUID_DENSITY_KG_M3) or (molar_mass_g_mol is None
                                                                              and key not in GASES):
@@ -1328,36 +1590,29 @@ def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_k
                          f"liquid_density_kg_m3 and molar_mass_g_mol (known: {sorted(LIQUID_DENSITY_KG_M3)})")
     molar_mass_g_mol = molar_mass_g_mol or GASES[key][1]
     liquid_density_kg_m3 = liquid_density_kg_m3 or LIQUID_DENSITY_KG_M3[key]
-    if E.size == 0 or not (E > -np.inf).all():
-        raise ValueError(f"grid_K must be a non-empty grid without NaN or -inf (size {E.size})")
-    if not (density_kg_m3 > 0 and temperature_K > 0) or not np.isfinite(P_bar).all() or (P_bar < 0).any():
-        raise ValueError(f"need density_kg_m3 > 0 (got {density_kg_m3}), temperature_K > 0 "
-                         f"(got {temperature_K}) and finite pressures >= 0")
     c_liq_mol_m3 = liquid_density_kg_m3 / (molar_mass_g_mol * 1e-3)
     rtc_Pa = R_J_PER_MOL_K * temperature_K * c_liq_mol_m3
     E_acc = E[E < cap_K]
-    q_sat_mol_kg = c_liq_mol_m3 / density_kg_m3 * E_acc.size / E.size
     # occupancy b P/(1 + b P) = expit(ln(P/RTc) - E/T): no overflow for deep sites or huge P
     with np.errstate(divide="ignore"):
         log_p = np.log(P_bar * 1e5 / rtc_Pa)
     e_over_T = E_acc / temperature_K
-    theta = np.array([expit(lp - e_over_T).sum() / E_acc.size if E_acc.size else 0.0 for lp in log_p])
-    q = q_sat_mol_kg * theta  # mol/kg = mmol/g
-    henry = np.exp(-e_over_T).sum() / E.size / (R_J_PER_MOL_K * temperature_K * density_kg_m3) * 1e5
-    return GridIsotherm(key, float(temperature_K), P_bar, q, q * CM3_STP_PER_MMOL, float(henry),
-                        float(q_sat_mol_kg), E_acc.size / E.size)
+    theta = np.array([expit(lp - e_over_T).sum() / E.size for lp in log_p])
+    absolute = c_liq_mol_m3 / density_kg_m3 * theta  # mol/kg = mmol/g
+    return _grid_isotherm_result("lattice_gas", key, temperature_K, P_bar, absolute, c_liq_mol_m3 * expit(log_p),
+                                 E, cap_K, density_kg_m3, void_fraction)
 
 
 def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", *, density_kg_m3,
                     cap_K=5000.0) -> IsothermFit:
-    """Freundlich (K in mmol/g/bar^(1/n), n) of a grid's ESTIMATED isotherm (`grid_isotherm`).
+    """Freundlich (K in mmol/g/bar^(1/n), n) of a grid's ESTIMATED absolute isotherm (`grid_isotherm`).
 
     Lets real and generated grids be compared in the study's own terms. Default pressures: 12 points
     from 0.01 to 1 bar, log-spaced, like the study's 77 K H2 measurements (0.017-1 bar).
     """
     pressures_bar = np.geomspace(0.01, 1.0, 12) if pressures_bar is None else pressures_bar
     iso = grid_isotherm(grid_K, temperature_K, pressures_bar, probe, density_kg_m3=density_kg_m3, cap_K=cap_K)
-    return fit_freundlich(iso.pressure_bar, iso.q_mmol_g)
+    return fit_freundlich(iso.pressure_bar, iso.absolute_mmol_g)
 
 
 
@@ -1401,12 +1656,14 @@ class ShardParams:
     probe: str = "H2"
     cutoff_A: float = 12.8
     cap_K: float = 5000.0
-    temperature_K: float = 77.0  # of the Henry coefficient and heat of adsorption stored per structure
+    temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
     density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
 
     def __post_init__(self):
+        if self.temperature_K is None:
+            object.__setattr__(self, "temperature_K", PROBE_TEMPERATURE_K[self.probe])
         for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
-            object.__setattr__(self, f.name, type(f.default)(getattr(self, f.name)))
+            object.__setattr__(self, f.name, (float if f.default is None else type(f.default))(getattr(self, f.name)))
         if not 0 < self.cap_K <= 60000:
             raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
         if self.density_classes:
@@ -1624,6 +1881,20 @@ def _voxelize_chunk(chunk, params, device, failures) -> dict:
         return {k: v for item in chunk for k, v in _voxelize_chunk([item], params, device, failures).items()}
 
 
+# Per-structure properties in a shard footer: the whole crystal's (cell grid at CELL_SPACING_A, at
+# params.temperature_K; He void fraction at 298 K), then the stored window grid's own (for comparing generated
+# cube grids with real ones), then the source's table. NaN (null in JSON) where no voxel is accessible.
+PROPERTY_COLUMNS = ("density_kg_m3", "log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_fraction_He",
+                    "window_log10_KH_mol_kg_Pa", "window_Qst_kJ_mol")
+
+
+def _structure_properties(name, atoms, grid_K, params, device) -> list:
+    cell = cell_properties(atoms, params.probe, params.temperature_K, CELL_SPACING_A, params.cutoff_A, params.cap_K,
+                           device, name, VOID_FRACTION_SPACING_A)
+    window = window_properties(grid_K, cell["density_kg_m3"], params.temperature_K, params.cap_K, name)
+    return [{**cell, **window}[c] for c in PROPERTY_COLUMNS]
+
+
 def _build_shard(path, members, label, params, table, device=None, progress=True) -> dict:
     """Voxelize `members` into one shard file; a structure that fails is recorded in the footer and skipped."""
     failures, grids, props = [], {}, {}
@@ -1634,9 +1905,7 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
         while chunk := list(itertools.islice(structures, per_call)):
             atoms_by_name = dict(chunk)
             for name, grid_K in _voxelize_chunk(chunk, params, device, failures).items():
-                density = framework_density(atoms_by_name[name])
-                props[name] = [density, henry_coefficient(grid_K, density, params.temperature_K),
-                               heat_of_adsorption(grid_K, params.temperature_K)]
+                props[name] = _structure_properties(name, atoms_by_name[name], grid_K, params, device)
                 atom_channels = [density_channels(atoms_by_name[name], params.size, params.spacing_A,
                                                   classes=params.density_classes)] if params.density_classes else []
                 grids[name] = np.concatenate([grid_K[None]] + atom_channels).astype(np.float16)
@@ -1644,7 +1913,7 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
     reported = {n for n, _ in failures}
     failures += [(n, "not found in the source") for n in members if n not in grids and n not in reported]
     names = [n for n in members if n in grids]  # the member order, whatever order the source yielded
-    columns = ["density_kg_m3", "henry_mol_kg_Pa", "heat_of_adsorption_kJ_mol"]
+    columns = list(PROPERTY_COLUMNS)
     if table is not None:
         columns += [str(c) for c in table.columns]
         for n in names:
@@ -1653,7 +1922,10 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
     meta = {"source": label, "params": params.to_dict(), "channels": params.channels, "members": list(members),
             "names": names,
             "failures": [list(f) for f in failures],
-            "properties": {"columns": columns, "rows": [[_json_value(v) for v in props[n]] for n in names]}}
+            "properties": {"columns": columns, "rows": [[_json_value(v) for v in props[n]] for n in names],
+                           "settings": {"cell_spacing_A": CELL_SPACING_A, "temperature_K": params.temperature_K,
+                                        "void_fraction_He_spacing_A": VOID_FRACTION_SPACING_A,
+                                        "void_fraction_He_temperature_K": VOID_FRACTION_T_K}}}
     stacked = (np.stack([grids[n] for n in names]) if names
                else np.zeros((0, len(params.channels), size, size, size)))
     write_shard(path, stacked, meta)
@@ -1704,8 +1976,8 @@ def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=Non
     params: ShardParams (voxelizer settings, property temperature). names/limit pick the structures.
     Shard k holds the members names[k*shard_size:(k+1)*shard_size] -- membership comes from the name list, not
     from which structures succeed -- so a rerun skips finished shards. A structure that fails is listed in
-    out_dir/failures.csv and its shard holds one grid fewer. Each shard stores per structure: the source's
-    property table plus framework density, Henry coefficient and heat of adsorption from its grid.
+    out_dir/failures.csv and its shard holds one grid fewer. Each shard stores per structure PROPERTY_COLUMNS
+    (the whole crystal's K_H, Q_st and He void fraction, and the stored window's) and the source's table.
     Returns the manifest rows, also merged into out_dir/data_manifest.csv (url blank, ready to publish).
     `max_minutes` starts no new shard after that much time (for fixed-length sessions): fewer rows come back
     than planned, and the next call continues.
@@ -3965,6 +4237,8 @@ def main(argv=None):
     for q in (vx, sh, sm):
         q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     for q in (vx, sh):
+        q.add_argument("--temperature", type=float, default=None,
+                       help="K of the printed/stored K_H and Q_st (default per probe: H2 77, CH4/Kr/Xe 298, Ar 87)")
         q.add_argument("--size", type=int, default=64)
         q.add_argument("--frame", choices=["cube", "cell"], default="cube")
         q.add_argument("--spacing", type=float, default=0.5, help="cube frame voxel size, A")
@@ -3981,11 +4255,15 @@ def main(argv=None):
             name = atoms.info["name"]
             with atomic_write(out / f"{name}.npy") as f:
                 np.save(f, grid)
-            print(f"{name}: {out / (name + '.npy')}  K_H(77 K) = "
-                  f"{henry_coefficient(grid, framework_density(atoms)):.3e} mol/kg/Pa, "
-                  f"Q_st = {heat_of_adsorption(grid):.2f} kJ/mol")
+            cell = cell_properties(atoms, args.probe, args.temperature, device=args.device, name=name)
+            window = window_properties(grid, cell["density_kg_m3"], cell["temperature_K"], name=name)
+            print(f"{name}: {out / (name + '.npy')}  {args.probe} at {cell['temperature_K']:g} K, whole cell: "
+                  f"log10 K_H = {cell['log10_KH_mol_kg_Pa']:.3f} (mol/kg/Pa), Q_st = {cell['Qst_kJ_mol']:.2f} kJ/mol, "
+                  f"He void fraction = {cell['void_fraction_He']:.3f}; this grid (window): log10 K_H = "
+                  f"{window['window_log10_KH_mol_kg_Pa']:.3f}, Q_st = {window['window_Qst_kJ_mol']:.2f} kJ/mol")
     elif args.command == "shards":
-        params = ShardParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe)
+        params = ShardParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe,
+                             temperature_K=args.temperature)
         rows = build_shards(args.out_dir, args.source, params=params, shard_size=args.shard_size,
                             limit=args.limit, device=args.device)
         print(f"{len(rows)} shards in {args.out_dir} (manifest: {Path(args.out_dir) / 'data_manifest.csv'})")

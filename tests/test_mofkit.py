@@ -551,6 +551,66 @@ def test_henry_coefficient_and_heat_on_analytic_grids():
     assert mofkit.framework_density(atoms) == pytest.approx(atoms.get_masses().sum() * 1.66053906660e-27 / (atoms.cell.volume * 1e-30))
 
 
+def test_capped_voxels_weigh_nothing_and_an_all_capped_grid_has_no_heat():
+    T = 77.0
+    grid = np.array([-300.0, 5000.0, 5000.0, 0.0])
+    w = (np.exp(300 / T) + 1.0) / 4
+    assert mofkit.widom_factor(grid, T, cap_K=5000.0) == pytest.approx(w, rel=1e-15)
+    assert mofkit.widom_factor(grid, T) == pytest.approx(w + np.exp(-5000 / T) / 2, rel=1e-15)
+    assert mofkit.heat_of_adsorption(grid, T, cap_K=5000.0) == pytest.approx(
+        mofkit.heat_of_adsorption(grid[[0, 3]], T), rel=1e-15)
+    with pytest.warns(UserWarning, match="no accessible voxel"):
+        assert np.isnan(mofkit.heat_of_adsorption(np.full(8, 5000.0), T, cap_K=5000.0))
+
+
+def test_voxelize_cell_spans_the_periodic_cell_and_matches_float64_energies():
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    counts = mofkit.cell_grid_counts(atoms, 0.5)
+    assert all(n % 8 == 0 and length / n <= 0.5 for n, length in zip(counts, atoms.cell.lengths()))
+    grid = mofkit.voxelize_cell(atoms, 0.5, cap_K=1e9)
+    assert grid.shape == counts
+    idx = np.random.default_rng(0).integers(0, counts, (40, 3))
+    ref = mofkit.probe_energy(atoms, (idx / counts) @ atoms.cell.array)   # float64 reference
+    np.testing.assert_allclose(grid[tuple(idx.T)], np.minimum(ref, 1e9), rtol=1e-4, atol=1e-2)
+    # the grid is the same lattice shifted by whole cells: a translated copy of the crystal gives the same mean
+    shifted = atoms.copy()
+    shifted.positions += atoms.cell.array.sum(0) * 0.37
+    assert mofkit.widom_factor(mofkit.voxelize_cell(shifted, 0.5), 77.0) == pytest.approx(
+        mofkit.widom_factor(grid, 77.0), rel=0.02)
+
+
+def test_void_fraction_He_of_one_atom_in_a_big_cell_is_one_minus_its_excluded_volume():
+    """Hand float64 reference: 1 - 4 pi int_0^rc (1 - exp(-u(r)/kT)) r^2 dr / V for one He-C pair (one image
+    within the cutoff in a 30 A cell)."""
+    import ase
+    from scipy.integrate import quad
+    atoms = ase.Atoms("C", positions=[[0.0, 0.0, 0.0]], cell=[30.0, 30.0, 30.0], pbc=True)
+    (A,), (B,) = mofkit.pair_coefficients(["C"], "He")
+    T, rc = 298.0, 12.8
+    integrand = lambda r: (1 - np.exp(-(A / r ** 12 - B / r ** 6) / T)) * r ** 2
+    excluded = 4 * np.pi * (quad(integrand, 1e-3, 4.0, points=[2.5, 3.0])[0] + quad(integrand, 4.0, rc)[0])
+    expected = 1 - excluded / 30.0 ** 3
+    assert mofkit.void_fraction_He(atoms, 0.3, cutoff_A=rc) == pytest.approx(expected, abs=2e-5)
+
+
+def test_cell_properties_name_their_units_and_a_dense_solid_gets_nan_with_a_warning():
+    import ase.build
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    props = mofkit.cell_properties(atoms, spacing_A=0.5)
+    assert set(props) == {"density_kg_m3", "temperature_K", "log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_fraction_He"}
+    assert props["temperature_K"] == 77.0 and 0 < props["void_fraction_He"] < 1 and props["Qst_kJ_mol"] > 0
+    grid = mofkit.voxelize_cell(atoms, 0.5)
+    assert props["log10_KH_mol_kg_Pa"] == pytest.approx(np.log10(mofkit.henry_coefficient(
+        grid, props["density_kg_m3"], 77.0, cap_K=5000.0)), rel=1e-12)
+    assert mofkit.cell_properties(atoms, "CH4", spacing_A=0.5)["temperature_K"] == 298.0
+    copper = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True)   # no room for H2 anywhere
+    with pytest.warns(UserWarning, match="Cu4: no accessible voxel"):
+        dense = mofkit.cell_properties(copper, spacing_A=0.5, name="Cu4")
+    assert np.isnan(dense["log10_KH_mol_kg_Pa"]) and np.isnan(dense["Qst_kJ_mol"]) and dense["void_fraction_He"] < 1e-6
+    window = mofkit.window_properties(mofkit.voxelize(atoms, 16, "cube", 1.0), props["density_kg_m3"])
+    assert set(window) == {"window_log10_KH_mol_kg_Pa", "window_Qst_kJ_mol"}
+
+
 
 # =============================================================================
 # 4. Isotherms
@@ -781,16 +841,17 @@ def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
 H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3  # liquid H2 at 20.4 K, mol/m^3
 
 
-def test_grid_isotherm_of_uniform_grid_is_exactly_langmuir():
+def test_lattice_gas_isotherm_of_uniform_grid_is_exactly_langmuir():
     E0, T, rho = -400.0, 77.0, 900.0
     P = np.geomspace(1e-4, 100, 13)
-    iso = mofkit.grid_isotherm(np.full((4, 4, 4), E0), T, P, "H2", density_kg_m3=rho)
+    iso = mofkit.lattice_gas_isotherm(np.full((4, 4, 4), E0), T, P, "H2", density_kg_m3=rho)
     b_per_bar = np.exp(-E0 / T) / (mofkit.R_J_PER_MOL_K * T * H2_LIQUID_MOL_M3) * 1e5
     Q = H2_LIQUID_MOL_M3 / rho  # mol/kg = mmol/g
-    np.testing.assert_allclose(iso.q_mmol_g, Q * b_per_bar * P / (1 + b_per_bar * P), rtol=1e-12)
-    np.testing.assert_allclose(iso.q_cm3_stp_g, iso.q_mmol_g * 22.414, rtol=1e-15)
-    fit = mofkit.fit_langmuir(P, iso.q_mmol_g)
+    np.testing.assert_allclose(iso.absolute_mmol_g, Q * b_per_bar * P / (1 + b_per_bar * P), rtol=1e-12)
+    np.testing.assert_allclose(iso.absolute_cm3_stp_g, iso.absolute_mmol_g * 22.414, rtol=1e-15)
+    fit = mofkit.fit_langmuir(P, iso.absolute_mmol_g)
     assert fit.b == pytest.approx(b_per_bar, rel=1e-6) and fit.Q_max == pytest.approx(Q, rel=1e-6)
+    assert iso.model == "lattice_gas" and np.isnan(iso.excess_mmol_g).all()  # no void fraction given
 
 
 def _random_grid(seed=0, size=12, capped=0.3):
@@ -800,52 +861,147 @@ def _random_grid(seed=0, size=12, capped=0.3):
     return grid.astype(np.float32)
 
 
-def test_grid_isotherm_reduces_to_the_widom_henry_law():
+@pytest.mark.parametrize("isotherm", [mofkit.grid_isotherm, mofkit.lattice_gas_isotherm])
+def test_grid_isotherms_reduce_to_the_widom_henry_law(isotherm):
     grid, T, rho = _random_grid(), 77.0, 1200.0
     widom = np.mean(np.exp(-grid.astype(np.float64) / T))  # over every voxel, capped ones included
     henry_mmol_g_bar = widom / (mofkit.R_J_PER_MOL_K * T * rho) * 1e5
     P = np.array([1e-22, 1e-20])  # deepest site: b ~ 1e11/bar, so b P < 1e-10
-    iso = mofkit.grid_isotherm(grid, T, P, density_kg_m3=rho)
-    np.testing.assert_allclose(iso.q_mmol_g / P, henry_mmol_g_bar, rtol=1e-10)
+    iso = isotherm(grid, T, P, density_kg_m3=rho)
+    np.testing.assert_allclose(iso.absolute_mmol_g / P, henry_mmol_g_bar, rtol=1e-10)
     assert iso.henry_mmol_g_bar == pytest.approx(henry_mmol_g_bar, rel=1e-10)
 
 
-def test_grid_isotherm_henry_limit_matches_henry_coefficient_on_a_real_grid():
+@pytest.mark.parametrize("probe, T", [("H2", 77.0), ("CH4", 298.0)])
+def test_grid_isotherm_henry_limit_matches_henry_coefficient_on_a_real_grid(probe, T):
     atoms = mofkit.load_coremof("ABAVIJ_clean")
-    grid, rho, T = mofkit.voxelize(atoms, size=16, frame="cell"), mofkit.framework_density(atoms), 77.0
-    iso = mofkit.grid_isotherm(grid, T, [1e-22], density_kg_m3=rho)
-    henry_mmol_g_bar = mofkit.henry_coefficient(grid, rho, T) * 1e5  # mol/kg/Pa -> mmol/g/bar
-    assert iso.q_mmol_g[0] / 1e-22 == pytest.approx(henry_mmol_g_bar, rel=1e-10)
+    grid, rho = mofkit.voxelize(atoms, size=16, frame="cell", probe=probe), mofkit.framework_density(atoms)
+    iso = mofkit.grid_isotherm(grid, T, [1e-22], probe, density_kg_m3=rho)
+    henry_mmol_g_bar = mofkit.henry_coefficient(grid, rho, T, cap_K=5000.0) * 1e5  # mol/kg/Pa -> mmol/g/bar
+    assert iso.absolute_mmol_g[0] / 1e-22 == pytest.approx(henry_mmol_g_bar, rel=1e-10)
     assert iso.henry_mmol_g_bar == pytest.approx(henry_mmol_g_bar, rel=1e-10)
     assert 0 < iso.accessible_fraction < 1
 
 
-def test_grid_isotherm_saturates_at_accessible_pore_volume_times_liquid_density():
+def test_lattice_gas_saturates_at_accessible_pore_volume_times_liquid_density():
     grid, T, rho = _random_grid(seed=1), 77.0, 1200.0
     accessible = np.mean(grid < 5000.0)  # voxels below the cap
     q_sat = accessible / rho * 70.85 / 2.01588e-3  # pore volume per kg x liquid H2 -> mol/kg
-    iso = mofkit.grid_isotherm(grid, T, [1.0, 100.0, 1e60], density_kg_m3=rho)
-    assert iso.accessible_fraction == accessible and iso.saturation_mmol_g == pytest.approx(q_sat, rel=1e-12)
-    assert iso.q_mmol_g[-1] == pytest.approx(q_sat, rel=1e-12)
-    assert 0 < iso.q_mmol_g[0] < iso.q_mmol_g[1] < iso.q_mmol_g[2]
+    iso = mofkit.lattice_gas_isotherm(grid, T, [1.0, 100.0, 1e60], density_kg_m3=rho)
+    assert iso.accessible_fraction == accessible and iso.absolute_mmol_g[-1] == pytest.approx(q_sat, rel=1e-12)
+    assert 0 < iso.absolute_mmol_g[0] < iso.absolute_mmol_g[1] < iso.absolute_mmol_g[2]
     # GAN output has repulsion clipped to 0 K: cap_K=0 keeps only attractive voxels
     gan = np.minimum(grid, 0.0)
-    iso_gan = mofkit.grid_isotherm(gan, T, [1e60], density_kg_m3=rho, cap_K=0.0)
+    iso_gan = mofkit.lattice_gas_isotherm(gan, T, [1e60], density_kg_m3=rho, cap_K=0.0)
     assert iso_gan.accessible_fraction == np.mean(grid < 0)
     with pytest.raises(ValueError, match="no liquid density"):
-        mofkit.grid_isotherm(grid, T, [1.0], probe="He", density_kg_m3=rho)
+        mofkit.lattice_gas_isotherm(grid, T, [1.0], probe="He", density_kg_m3=rho)
+
+
+def test_grid_isotherm_rejects_bad_input_by_name():
+    grid = _random_grid()
     with pytest.raises(ValueError, match="density_kg_m3 > 0"):
-        mofkit.grid_isotherm(grid, T, [1.0], density_kg_m3=0.0)
+        mofkit.grid_isotherm(grid, 77.0, [1.0], density_kg_m3=0.0)
     with pytest.raises(ValueError, match="NaN"):
-        mofkit.grid_isotherm(np.full(8, np.nan), T, [1.0], density_kg_m3=rho)
+        mofkit.grid_isotherm(np.full(8, np.nan), 77.0, [1.0], density_kg_m3=900.0)
+    with pytest.raises(ValueError, match="no equation of state for gas 'SF6'"):
+        mofkit.grid_isotherm(grid, 298.0, [1.0], probe="SF6", density_kg_m3=900.0)
+    with pytest.raises(ValueError, match="beyond CoolProp's equation of state"):
+        mofkit.grid_isotherm(grid, 77.0, [1e5], density_kg_m3=900.0)  # 10 GPa: H2 is solid at 77 K
+
+
+# Independent references: CoolProp's own PT density, and the density at a given fugacity found by root-finding
+# CoolProp's fugacity in P (no table, no interpolation).
+def _coolprop_density(fluid, T, P_Pa):
+    import CoolProp.CoolProp as CP
+    state = CP.AbstractState("HEOS", fluid)
+    state.update(CP.PT_INPUTS, P_Pa, T)
+    return state.rhomolar() * state.gas_constant() / mofkit.R_J_PER_MOL_K, state.fugacity(0)
+
+
+def _density_at_fugacity(fluid, T, f_Pa):
+    import CoolProp.CoolProp as CP
+    from scipy.optimize import brentq
+    state = CP.AbstractState("HEOS", fluid)
+
+    def gap(ln_p):
+        state.update(CP.PT_INPUTS, np.exp(ln_p), T)
+        return np.log(state.fugacity(0) / f_Pa)
+    ln_p = brentq(gap, np.log(f_Pa) - 12, min(np.log(f_Pa) + 3, np.log(4e8)), xtol=1e-14)  # 4e8 Pa: below H2's
+    # melting line at 77 K
+    return _coolprop_density(fluid, T, np.exp(ln_p))[0]
+
+
+@pytest.mark.parametrize("probe, fluid, T", [("H2", "Hydrogen", 77.0), ("CH4", "Methane", 298.0)])
+def test_lda_with_no_field_is_the_bulk_fluid(probe, fluid, T):
+    P_bar = np.array([0.01, 1.0, 6.0, 100.0, 300.0])
+    rho_fw = 1000.0
+    iso = mofkit.grid_isotherm(np.zeros((3, 3, 3)), T, P_bar, probe, density_kg_m3=rho_fw, void_fraction=1.0)
+    bulk = np.array([_coolprop_density(fluid, T, p * 1e5)[0] for p in P_bar])
+    np.testing.assert_allclose(iso.absolute_mmol_g * rho_fw, bulk, rtol=1e-12)
+    np.testing.assert_allclose(iso.bulk_density_mol_m3, bulk, rtol=1e-12)
+    np.testing.assert_allclose(iso.excess_mmol_g, 0.0, atol=1e-12 * bulk.max())  # all pore is bulk: no excess
+
+
+def test_lda_matches_a_hand_computed_two_voxel_grid():
+    """float64 by hand: each voxel holds the density at fugacity f exp(-E/kT), f from CoolProp at P; one voxel
+    inside an atom holds nothing; excess subtracts the bulk over the given void fraction."""
+    T, rho_fw, P = 77.0, 500.0, np.array([1.0, 50.0])
+    grid = np.array([-600.0, -150.0, 200.0, 5000.0])
+    iso = mofkit.grid_isotherm(grid, T, P, density_kg_m3=rho_fw, void_fraction=0.6)
+    for k, p in enumerate(P):
+        bulk, f = _coolprop_density("Hydrogen", T, p * 1e5)
+        local = [_density_at_fugacity("Hydrogen", T, f * np.exp(-e / T)) for e in grid[:3]]
+        q = sum(local) / 4 / rho_fw
+        assert iso.absolute_mmol_g[k] == pytest.approx(q, rel=3e-5)   # table interpolation
+        assert iso.excess_mmol_g[k] == pytest.approx(q - bulk * 0.6 / rho_fw, rel=3e-5)
+
+
+def test_lda_condenses_below_the_critical_temperature():
+    """Argon at 87 K (P_sat ~ 1 bar): a voxel whose local fugacity passes the saturation fugacity holds liquid."""
+    import CoolProp.CoolProp as CP
+    T = 87.0
+    sat = CP.AbstractState("HEOS", "Argon")
+    sat.update(CP.QT_INPUTS, 0.0, T)
+    liquid, f_sat, p_sat = sat.rhomolar(), sat.fugacity(0), sat.p()
+    P = 0.5 * p_sat / 1e5                                        # bulk: gas
+    f = _coolprop_density("Argon", T, P * 1e5)[1]
+    e_cond = -T * np.log(1.05 * f_sat / f)                        # local fugacity 1.05 f_sat: liquid
+    e_gas = -T * np.log(0.95 * f_sat / f)                         # 0.95 f_sat: still gas
+    q = mofkit.grid_isotherm(np.array([e_cond, e_gas]), T, [P], "Ar", density_kg_m3=1.0).absolute_mmol_g[0]
+    by_hand = (_density_at_fugacity("Argon", T, 1.05 * f_sat) + _density_at_fugacity("Argon", T, 0.95 * f_sat)) / 2
+    assert q == pytest.approx(by_hand, rel=1e-4) and by_hand > 0.5 * liquid
+
+
+def test_peng_robinson_constants_and_dilute_limit():
+    import CoolProp.CoolProp as CP
+    for gas, (Tc, Pc, omega) in mofkit._CRITICAL.items():
+        state = CP.AbstractState("HEOS", mofkit._COOLPROP_NAMES[gas])
+        assert (Tc, Pc, omega) == pytest.approx((state.T_critical(), state.p_critical(), state.acentric_factor()),
+                                                rel=1e-3, abs=1e-4)
+    # PR's second virial coefficient is b - a/(RT): Z = 1 + B P/(RT) + O(P^2)
+    T, P = 298.0, 1e3
+    Tc, Pc, omega = mofkit._CRITICAL["CH4"]
+    R = mofkit.R_J_PER_MOL_K
+    kappa = 0.37464 + 1.54226 * omega - 0.26992 * omega ** 2
+    a = 0.45724 * R ** 2 * Tc ** 2 / Pc * (1 + kappa * (1 - np.sqrt(T / Tc))) ** 2
+    B = 0.07780 * R * Tc / Pc - a / (R * T)
+    rho, f = mofkit.bulk_fluid("CH4", T, [P], eos="peng-robinson")
+    assert P / (rho[0] * R * T) == pytest.approx(1 + B * P / (R * T), rel=1e-9)
+    assert f[0] / P == pytest.approx(np.exp(B * P / (R * T)), rel=1e-9)   # ln phi = B P / RT to first order
+    cool = mofkit.bulk_fluid("H2", 77.0, [1e7])[0][0]
+    assert mofkit.bulk_fluid("H2", 77.0, [1e7], eos="peng-robinson")[0][0] == pytest.approx(cool, rel=0.15)
 
 
 def test_grid_freundlich_is_henry_law_for_a_weak_uniform_grid_and_sublinear_for_a_real_one():
     rho, T = 900.0, 77.0
-    weak = np.full((4, 4, 4), 400.0)  # b P < 3e-5 up to 1 bar: the Henry regime
+    weak = np.full((4, 4, 4), 400.0)  # local fugacity < 0.006 bar up to 1 bar: the Henry regime
     fit = mofkit.grid_freundlich(weak, T, density_kg_m3=rho)
-    henry = mofkit.grid_isotherm(weak, T, [1.0], density_kg_m3=rho).henry_mmol_g_bar
-    assert fit.n == pytest.approx(1.0, rel=1e-4) and fit.K == pytest.approx(henry, rel=1e-4)
+    P = np.geomspace(0.01, 1.0, 12)
+    iso = mofkit.grid_isotherm(weak, T, P, density_kg_m3=rho)
+    f_bar = mofkit.bulk_fluid("H2", T, P * 1e5)[1] / 1e5   # bulk H2 at 77 K: f 0.16% below P at 1 bar
+    np.testing.assert_allclose(iso.absolute_mmol_g, iso.henry_mmol_g_bar * f_bar, rtol=1e-4)  # Henry in f
+    assert fit.n == pytest.approx(1.0, rel=3e-3) and fit.K == pytest.approx(iso.henry_mmol_g_bar, rel=3e-3)
     strong = mofkit.grid_freundlich(_random_grid(), T, density_kg_m3=rho)
     assert strong.n > 1.5 and strong.K > 0
 
@@ -1008,6 +1164,12 @@ def test_shard_dataset_channels_transform_index_and_metadata(tmp_path):
 TINY = mofkit.ShardParams(size=8, spacing_A=1.0, cutoff_A=6.0)  # 8^3 grids and a short cutoff keep builds fast
 
 
+def test_shard_property_temperature_defaults_per_probe():
+    assert mofkit.ShardParams().temperature_K == 77.0 and mofkit.ShardParams(probe="CH4").temperature_K == 298.0
+    assert mofkit.ShardParams(probe="CH4", temperature_K=250).temperature_K == 250.0
+    assert mofkit.ShardParams(temperature_K=77).hash == mofkit.ShardParams().hash   # the default is explicit
+
+
 def _cif_folder(folder):
     """Five small porous cells mof0..mof4; mof2 is broken."""
     folder.mkdir()
@@ -1061,10 +1223,10 @@ def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_p
     assert grids.shape == (1, 1, 8, 8, 8) and grid_K.min() < -50  # a porous cell: attractive sites
     np.testing.assert_allclose(grids[0, 0].astype(np.float32), grid_K, rtol=2 ** -11, atol=1e-3)
     props = dict(zip(meta["properties"]["columns"], meta["properties"]["rows"][0]))
-    density = mofkit.framework_density(atoms)
-    assert props == pytest.approx({"density_kg_m3": density,
-                                   "henry_mol_kg_Pa": mofkit.henry_coefficient(grid_K, density, 77.0),
-                                   "heat_of_adsorption_kJ_mol": mofkit.heat_of_adsorption(grid_K, 77.0)}, rel=1e-12)
+    cell = mofkit.cell_properties(atoms, cutoff_A=TINY.cutoff_A)
+    window = mofkit.window_properties(grid_K, cell["density_kg_m3"], 77.0)
+    assert props == pytest.approx({k: v for k, v in {**cell, **window}.items() if k != "temperature_K"}, rel=1e-12)
+    assert meta["properties"]["settings"]["temperature_K"] == 77.0
     assert len(mofkit.ShardDataset(out)) == 4
 
 
@@ -1153,7 +1315,8 @@ def test_ensure_shards_falls_back_to_building_on_google_drive_quota(tmp_path, ht
         mofkit.ensure_shards(manifest, tmp_path / "elsewhere", build_missing=False, progress=False)
 
 
-def test_ensure_shards_builds_coremof_rows_with_the_package_properties(tmp_path):
+def test_ensure_shards_builds_coremof_rows_with_the_package_properties(tmp_path, monkeypatch):
+    monkeypatch.setattr(mofkit, "CELL_SPACING_A", 1.0)  # coarse whole-cell properties: ACOCOM's cell is 26 A
     names = ["ACECIV_ion_b", "ACOCOM_clean", "NOT_A_MOF"]
     row = mofkit._manifest_row("shard_00000.npy", names, mofkit.COREMOF_SOURCE, TINY)
     mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [row])
@@ -1162,7 +1325,7 @@ def test_ensure_shards_builds_coremof_rows_with_the_package_properties(tmp_path)
     meta = data.metadata()
     assert list(meta["name"]) == names[:2] and "NOT_A_MOF" in (tmp_path / "dest" / "failures.csv").read_text()
     table = mofkit.coremof_properties()
-    assert meta["LCD"].tolist() == table.loc[names[:2], "LCD"].tolist() and (meta["henry_mol_kg_Pa"] > 0).all()
+    assert meta["LCD"].tolist() == table.loc[names[:2], "LCD"].tolist() and (meta["log10_KH_mol_kg_Pa"] > -6).all()
 
 
 def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed_one(tmp_path):
@@ -2388,4 +2551,8 @@ def test_cli_voxelize_writes_grid_and_properties(tmp_path, capsys):
     mofkit.main(["voxelize", "ABAVIJ_clean", "--size", "8", "--spacing", "4", "--out", str(tmp_path)])
     grid = np.load(tmp_path / "ABAVIJ_clean.npy")
     assert grid.shape == (8, 8, 8) and grid.dtype == np.float32
-    assert "K_H(77 K)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "H2 at 77 K, whole cell: log10 K_H = " in out and "He void fraction" in out and "window" in out
+    mofkit.main(["voxelize", "ABAVIJ_clean", "--size", "8", "--spacing", "4", "--out", str(tmp_path), "--probe",
+                 "CH4", "--temperature", "250"])
+    assert "CH4 at 250 K, whole cell" in capsys.readouterr().out
