@@ -469,11 +469,10 @@ def mofxdb_structures(table, failures=None):
     """
     structures = {}
     for name, cif in table.drop_duplicates("name")[["name", "cif"]].itertuples(index=False):
-        try:
-            structures[name] = read_structure(cif, name=name)
-        except ValueError as e:  # StructureError is a ValueError
-            if failures is not None:
-                failures.append((name, str(e)))
+        atoms = _read_or_record(lambda: read_structure(cif if isinstance(cif, (str, bytes)) else "", name=name),
+                                name, failures)
+        if atoms is not None:
+            structures[name] = atoms
     return structures
 
 
@@ -496,70 +495,248 @@ def _coremof_archive(dataset):
     return resources.files(CoRE_MOF.data) / f"{dataset}.tar.xz"
 
 
+def _cell_problem(cellpar) -> str | None:
+    """Why six cell parameters (a, b, c in A; alpha, beta, gamma in degrees) make no 3D cell, or None.
+
+    Checked before ase builds the cell: ase takes |a| of a negative length and 360 - alpha of an angle above
+    180, and an all-NaN or flat cell sends the overlap check into unbounded work.
+    """
+    tags = ("a", "b", "c", "alpha", "beta", "gamma")
+    values = []
+    for tag, v in zip(tags, cellpar):
+        try:
+            values.append(float(v))
+        except (TypeError, ValueError):
+            return f"cell {tag} is {v!r}, not a number"
+        if not math.isfinite(values[-1]):
+            return f"cell {tag} is {v!r}, not a finite number"
+    lengths, angles = values[:3], values[3:]
+    for tag, v in zip(tags, lengths):
+        if v <= 0:
+            return f"cell length {tag} = {v:g} A must be positive" + (" (zero volume)" if v == 0 else "")
+    for tag, v in zip(tags[3:], angles):
+        if not 0 < v < 180:
+            return f"cell angle {tag} = {v:g} deg must lie strictly between 0 and 180"
+    al, be, ga = angles
+    # Three lattice vectors span a volume only if each angle is below the sum of the other two and all three
+    # sum below 360 (the spherical triangle inequalities); on the boundary the cell is flat.
+    if not (al < be + ga and be < al + ga and ga < al + be and al + be + ga < 360):
+        return (f"cell angles {al:g}/{be:g}/{ga:g} deg cannot form a 3D cell (each must be below the sum of the "
+                f"other two, and all three below 360)")
+    return None
+
+
 def check_structure(atoms, name, min_distance_A=0.5):
-    """Raise StructureError unless `atoms` is a 3D-periodic cell with known elements and no overlaps."""
+    """Raise StructureError unless `atoms` is a 3D-periodic cell with finite positions, known elements and no
+    overlaps (closer than min_distance_A, periodic images included).
+
+    The work is bounded whatever the cell: a cell too small to hold its atoms min_distance_A apart is refused
+    from its volume, and the neighbour search runs on the Minkowski-reduced cell (the same lattice, with the
+    shortest basis), so a nearly flat cell never multiplies the periodic images to search.
+    """
     if len(atoms) == 0:
         raise StructureError(f"{name}: no atoms")
-    if not atoms.pbc.all() or abs(atoms.cell.volume) < 1e-6:
-        raise StructureError(f"{name}: cell has zero volume or is not periodic in 3D (cell={atoms.cell.cellpar().round(3).tolist()})")
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    if not np.isfinite(cell).all():
+        raise StructureError(f"{name}: cell is not finite ({cell.tolist()})")
+    bad = np.flatnonzero(~np.isfinite(atoms.positions).all(1))
+    if len(bad):
+        raise StructureError(f"{name}: atom(s) {bad[:5].tolist()} have non-finite coordinates")
+    volume = abs(float(np.linalg.det(cell)))
+    if not atoms.pbc.all() or volume < 1e-6:
+        raise StructureError(f"{name}: cell has zero volume or is not periodic in 3D "
+                             f"(cell={atoms.cell.cellpar().round(3).tolist()}, volume {volume:.3g} A^3)")
     unknown = sorted(set(atoms.get_chemical_symbols()) - set(UFF))
     if unknown:
         raise StructureError(f"{name}: no force-field parameters for element(s) {', '.join(unknown)}")
+    if min_distance_A <= 0:
+        return
+    # Balls of diameter min_distance_A fill at most pi/sqrt(18) = 0.7405 of space (Kepler): more atoms than that
+    # in the cell means some pair is closer, whatever the positions.
+    ball_A3 = math.pi / 6 * min_distance_A ** 3
+    if len(atoms) * ball_A3 > 0.7405 * volume:
+        raise StructureError(f"{name}: {len(atoms)} atoms cannot fit in a cell of {volume:.3g} A^3 at least "
+                             f"{min_distance_A} A apart (cell {atoms.cell.cellpar().round(3).tolist()}: nearly flat?)")
+    from ase.geometry import minkowski_reduce
     from ase.neighborlist import neighbor_list
-    i, j, d = neighbor_list("ijd", atoms, min_distance_A)
+    reduced = minkowski_reduce(cell)[0]
+    shortest = float(np.linalg.norm(reduced, axis=1).min())
+    if shortest < min_distance_A:
+        raise StructureError(f"{name}: every atom overlaps its own periodic image (shortest lattice vector "
+                             f"{shortest:.3g} A < {min_distance_A} A)")
+    probe = atoms.copy()
+    probe.set_cell(reduced, scale_atoms=False)
+    i, j, d = neighbor_list("ijd", probe, min_distance_A)
     if len(d):
         k = int(np.argmin(d))
         raise StructureError(f"{name}: overlapping atoms {atoms[i[k]].symbol}{i[k]} and {atoms[j[k]].symbol}{j[k]} "
                              f"only {d[k]:.3f} A apart (< {min_distance_A} A)")
 
 
+def _formula_counts(formula) -> dict:
+    """'C24 H12 Cu3 O15' -> {'C': 24.0, ...} (a CIF's _chemical_formula_sum)."""
+    counts = {}
+    for symbol, n in re.findall(r"([A-Z][a-z]?)\s*(\d*\.?\d*)", str(formula)):
+        counts[symbol] = counts.get(symbol, 0.0) + (float(n) if n else 1.0)
+    return counts
+
+
+def _declared_content_problem(block, atoms) -> str | None:
+    """Why the atoms read disagree with what the CIF itself declares about its content, or None.
+
+    Checked where declared: _chemical_formula_sum (times _cell_formula_units_Z when given, else up to a common
+    factor) and the _atom_type_number_in_cell loop. A CIF that declares neither (all of CoRE MOF 2019) cannot
+    show a file cut at a line end inside its atom loop, or a deleted atom row: CIF has no end marker or count.
+    """
+    have = {}
+    for s in atoms.get_chemical_symbols():
+        have[s] = have.get(s, 0) + 1
+    declared = None
+    types, in_cell = block.get("_atom_type_symbol"), block.get("_atom_type_number_in_cell")
+    if isinstance(types, list) and isinstance(in_cell, list) and len(types) == len(in_cell):
+        try:
+            declared = {re.match(r"[A-Z][a-z]?", str(t)).group(0): float(n) for t, n in zip(types, in_cell)}
+            where = "_atom_type_number_in_cell"
+        except (AttributeError, TypeError, ValueError):
+            declared = None  # '?' entries: nothing declared
+    formula = block.get("_chemical_formula_sum")
+    if declared is None and isinstance(formula, str) and _formula_counts(formula):
+        declared, where = _formula_counts(formula), f"_chemical_formula_sum '{formula}'"
+        z = block.get("_cell_formula_units_z")
+        if isinstance(z, (int, float)) and z > 0:
+            declared, where = {k: v * z for k, v in declared.items()}, f"{where} x Z={z:g}"
+        elif set(declared) == set(have):  # no Z: the cell holds a whole multiple of the formula
+            factor = have[next(iter(have))] / declared[next(iter(have))]
+            declared, where = {k: v * factor for k, v in declared.items()}, f"{where} (x{factor:g})"
+    if declared is None:
+        return None
+    if set(declared) != set(have) or any(abs(have[k] - v) > 0.01 * v + 1e-9 for k, v in declared.items()):
+        diff = {k: (have.get(k, 0), round(declared.get(k, 0), 2)) for k in sorted(set(declared) | set(have))
+                if abs(have.get(k, 0) - declared.get(k, 0)) > 0.01 * declared.get(k, 0) + 1e-9}
+        return (f"the atoms read disagree with the declared {where}: (read, declared) per element {diff} "
+                f"(file truncated, rows missing, or partial occupancy?)")
+    return None
+
+
+def _finite_number(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_identity_only(sitesym) -> bool:
+    return sitesym is None or all(re.sub(r"[\s']", "", str(op)).lower() in ("x,y,z", "+x,+y,+z") for op in
+                                  ([sitesym] if isinstance(sitesym, str) else sitesym))
+
+
 def read_structure(source, name=None, min_distance_A=0.5):
     """A CIF (file path, CIF text or bytes) as a checked P1 ase.Atoms with atoms.info["name"] set.
 
-    ase applies the CIF's symmetry operations, so the result always holds every atom of the cell.
+    ase applies the CIF's symmetry operations, so the result always holds every atom of the cell. Before any
+    expensive step the cell parameters and coordinates are validated, and the file is refused (StructureError
+    naming it and why) when it holds more than one structure, a loop row with missing or extra values, or atoms
+    that disagree with a formula or cell content the CIF declares; see `_declared_content_problem` for what
+    cannot be detected.
     """
     import io
     from ase.io.cif import parse_cif
     if isinstance(source, bytes):
         text = source.decode("utf-8", errors="replace")
-    elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and not source.lstrip().startswith("data_")):
-        path = Path(source)
+    elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                      and (Path(source).is_file() or not source.lstrip().startswith("data_"))):
+        path = Path(source)   # a one-line string is a path when such a file exists ("data_mof.cif"), else CIF text
+        if path.is_dir():
+            raise StructureError(f"{source}: is a folder, not a CIF file (use iter_cifs for a folder)")
         if not path.is_file():
             raise StructureError(f"{source}: no such CIF file")
         text, name = path.read_text(errors="replace"), name or path.stem
     else:
         text = source
     name = name or "structure"
+    if not re.search(r"^\s*data_", text, re.M | re.I):
+        raise StructureError(f"{name}: malformed CIF (no 'data_' block header, so not a CIF; it starts with {text[:40]!r})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ase warns on every CIF without occupancies/spacegroup tags
-            block = next(b for b in parse_cif(io.StringIO(text)) if b.has_structure())
-            # P1 files (all of CoRE MOF) skip ase's O(N^2) symmetry expansion: 15 s -> 0.05 s for 2,000 atoms
-            p1 = block.get_spacegroup(True).no == 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # ase warns on every CIF without occupancies/spacegroup tags
+            blocks = [b for b in parse_cif(io.StringIO(text)) if b.has_structure()]
+            rows = [str(w.message) for w in caught if str(w.message).startswith("Wrong number")]
+            if rows:  # ase drops such rows and the rest of the loop with them
+                raise StructureError(f"{name}: a loop row has missing or extra values ({rows[0][:160]}); "
+                                     f"{len(rows)} row(s) affected")
+            if not blocks:
+                raise StructureError(f"{name}: malformed CIF (no cell and atom sites found)")
+            if len(blocks) > 1:
+                raise StructureError(f"{name}: {len(blocks)} data blocks with atoms "
+                                     f"({', '.join('data_' + b.name for b in blocks[:4])}); give one structure "
+                                     f"per file")
+            block = blocks[0]
+            cellpar = block.get_cellpar()
+            if cellpar is None:
+                raise StructureError(f"{name}: no cell (_cell_length_a/b/c and _cell_angle_alpha/beta/gamma)")
+            if (problem := _cell_problem(cellpar)) is not None:
+                raise StructureError(f"{name}: {problem}")
+            coords = block._get_site_coordinates()[1]
+            bad = [str(v) for v in np.ravel(coords) if not _finite_number(v)]
+            if bad:
+                raise StructureError(f"{name}: atom coordinates that are not finite numbers: {sorted(set(bad))[:5]}")
+            # P1 files (all of CoRE MOF) skip ase's O(N^2) symmetry expansion: 15 s -> 0.05 s for 2,000 atoms.
+            # The operations listed decide, as in ase.io.read: a 'P 1' label over more operations is expanded.
+            p1 = block.get_spacegroup(True).no == 1 and _is_identity_only(block._get_sitesym())
             atoms = block.get_unsymmetrized_structure() if p1 else block.get_atoms()
-    except StopIteration:
-        raise StructureError(f"{name}: malformed CIF (no cell and atom sites found)") from None
+    except StructureError:
+        raise
     except Exception as err:
-        raise StructureError(f"{name}: malformed CIF ({type(err).__name__}: {err})") from None
+        reason = str(err) or "the CIF parser's own consistency check failed"
+        raise StructureError(f"{name}: malformed CIF ({type(err).__name__}: {reason})") from None
     atoms.pbc = True
+    if (problem := _declared_content_problem(block, atoms)) is not None:
+        raise StructureError(f"{name}: {problem}")
     check_structure(atoms, name, min_distance_A)
     atoms.info["name"] = name
     return atoms
 
 
+def _cif_paths(folder) -> list:
+    """The *.cif files of a folder (any case of the suffix: *.CIF too), sorted; ValueError for a missing or empty
+    folder, so a typo never reads as '0 structures'."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder of CIF files")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".cif" and p.is_file())
+    if not paths:
+        raise ValueError(f"{folder}: no *.cif files in this folder")
+    return paths
+
+
+def _read_or_record(read, name, failures):
+    """read() or, when it fails, None with (name, reason) appended to failures: the one place where batch loops
+    catch, so one bad structure never stops a batch (anything but a StructureError keeps its type name)."""
+    try:
+        return read()
+    except Exception as err:
+        if failures is not None:
+            failures.append((name, str(err) if isinstance(err, StructureError) else f"{name}: {type(err).__name__}: {err}"))
+        return None
+
+
 def iter_cifs(source, failures=None, min_distance_A=0.5):
-    """Yield (name, atoms) for a folder of *.cif files (sorted by name) or an iterable of CIF paths.
+    """Yield (name, atoms) for a folder of *.cif files (any case, sorted by name) or an iterable of CIF paths.
 
     Broken files are skipped; (name, reason) is appended to `failures` if given, so one bad file never
-    stops a batch.
+    stops a batch. Two files with the same name (a.cif, a.CIF) keep the first; the second is recorded.
     """
-    paths = sorted(Path(source).glob("*.cif")) if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    paths = _cif_paths(source) if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    seen = set()
     for path in paths:
-        try:
-            yield path.stem, read_structure(path, path.stem, min_distance_A)
-        except StructureError as err:
+        if path.stem in seen:
             if failures is not None:
-                failures.append((path.stem, str(err)))
+                failures.append((path.stem, f"{path}: a second file named {path.stem!r} (skipped)"))
+            continue
+        seen.add(path.stem)
+        atoms = _read_or_record(lambda: read_structure(path, path.stem, min_distance_A), path.stem, failures)
+        if atoms is not None:
+            yield path.stem, atoms
 
 
 def coremof_names(dataset="2019-ASR"):
@@ -593,13 +770,10 @@ def iter_coremof(dataset="2019-ASR", names=None, failures=None, min_distance_A=0
             if wanted is not None and name not in wanted:
                 continue
             seen.add(name)
-            try:
-                atoms = read_structure(tar.extractfile(member).read(), name, min_distance_A)
-            except StructureError as err:
-                if failures is not None:
-                    failures.append((name, str(err)))
-                continue
-            yield name, atoms
+            atoms = _read_or_record(lambda: read_structure(tar.extractfile(member).read(), name, min_distance_A),
+                                    name, failures)
+            if atoms is not None:
+                yield name, atoms
             if wanted is not None and len(seen) == len(wanted):
                 return
     if failures is not None and wanted is not None:
@@ -777,6 +951,18 @@ def grid_points(atoms, size=64, frame="cube", spacing_A=0.5, count=None):
     raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
 
 
+def _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K):
+    """ValueError naming the setting unless the grid is non-empty and its spacing, cutoff and cap positive
+    (spacing 0 puts every voxel on one point; size 0 makes an empty grid)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size={size!r}: the grid edge must be a whole number of voxels >= 1")
+    if frame not in ("cube", "cell"):
+        raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
+    for setting, value in (("spacing_A", spacing_A), ("cutoff_A", cutoff_A), ("cap_K", cap_K)):
+        if not (_finite_number(value) and float(value) > 0):
+            raise ValueError(f"{setting}={value!r}: must be a positive finite number")
+
+
 def _default_device(device):
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -802,6 +988,7 @@ def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=
 def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0,
                   device=None, block=8, pairs_per_batch=None):
     """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays."""
+    _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K)
     device = _default_device(device)
     nblk = -(-size // block)
     n = nblk * block
@@ -1338,10 +1525,13 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 # (the study: ~6.9 MB of text), rounded to relative precision 2^-11 ~ 5e-4 (at most 2 K at the 5000 K cap,
 # 0.25 K near -1000 K); its largest value is 65504, hence cap_K <= 60000. The footer holds the requested members, the
 # names of the stored grids in order, the failures, the voxelizer parameters and per-structure properties
-# (computed from the float32 grid before rounding).
+# (computed from the float32 grid before rounding), and makes the file self-verifying: its own file name and the
+# sha256 of the grid bytes and of the footer, so a shard built here and one downloaded without a published
+# sha256 are equally safe (checked on first open; cost in README, Reliability).
 
 SHARD_MAGIC = b"MOFSHRD1"
-SHARD_FORMAT = "mofkit-shard-1"
+SHARD_FORMAT = "mofkit-shard-2"     # footer holds the file's name and the sha256 of its grids and of itself
+SHARD_FORMAT_V1 = "mofkit-shard-1"  # no checksums: still read, with a warning
 MANIFEST_COLUMNS = ["shard", "n_names", "n_grids", "bytes", "sha256", "source", "params_hash", "params", "url",
                     "names", "kind"]  # kind: "shard", or "weights" for a shipped generator (see load_generator)
 FAILURE_COLUMNS = ["shard", "name", "reason"]
@@ -1366,6 +1556,9 @@ class ShardParams:
     def __post_init__(self):
         for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
             object.__setattr__(self, f.name, type(f.default)(getattr(self, f.name)))
+        _check_grid_settings(self.size, self.frame, self.spacing_A, self.cutoff_A, self.cap_K)
+        if not (math.isfinite(self.temperature_K) and self.temperature_K > 0):
+            raise ValueError(f"temperature_K={self.temperature_K}: must be a positive finite temperature")
         if not 0 < self.cap_K <= 60000:
             raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
 
@@ -1380,31 +1573,53 @@ class ShardParams:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
+def _footer_digest(meta) -> str:
+    """sha256 of a footer's JSON without its own digest, re-serialised canonically (json round-trips floats)."""
+    body = {k: v for k, v in meta.items() if k != "footer_sha256"}
+    return hashlib.sha256(json.dumps(body, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
 def write_shard(path, grids, meta):
-    """Write grids (N, C, D, D, D) as float16 followed by the JSON footer `meta`, atomically."""
+    """Write grids (N, C, D, D, D) as float16 followed by the JSON footer `meta`, atomically.
+
+    The footer also records the file's own name and the sha256 of the grid bytes and of the footer, so the
+    file verifies itself (see `verify_shard`).
+    """
+    path = Path(path)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "shard", "shape", "data_offset", "data_sha256",
+                                                       "footer_sha256")}  # a footer read back is written afresh
     with np.errstate(over="ignore"):  # overflow is reported below, naming the file
         grids16 = np.ascontiguousarray(grids, dtype=np.float16)
     if grids16.ndim != 5 or not np.isfinite(grids16).all():
         raise ValueError(f"{path}: grids must be finite (N, C, D, D, D) below 65504, got shape {grids16.shape}")
-    footer = json.dumps({"format": SHARD_FORMAT, **meta}, separators=(",", ":"), allow_nan=False).encode()
+    full = {"format": SHARD_FORMAT, "shard": path.name, **meta,
+            "data_sha256": hashlib.sha256(memoryview(grids16).cast("B")).hexdigest()}
+    full["footer_sha256"] = _footer_digest(full)
+    footer = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
     with atomic_write(path) as f:
         np.lib.format.write_array(f, grids16, allow_pickle=False)
         f.write(footer)
         f.write(struct.pack("<Q", len(footer)) + SHARD_MAGIC)
 
 
-def read_shard_meta(path) -> dict:
-    """A shard's footer (members, names, failures, params, properties, source), after checking the file is whole.
+def _shard_broken(path, reason):
+    return ShardError(f"{path}: {reason}; it is not a complete, intact mofkit shard: delete it and rerun "
+                      f"ensure_shards (or build_shards)")
 
-    Reads only the .npy header and the footer. Raises ShardError naming the file if it is truncated or not a
-    shard.
+
+def read_shard_meta(path) -> dict:
+    """A shard's footer (members, names, failures, params, properties, source), after checking the file is whole,
+    its footer matches its own sha256 and the file name it was written under.
+
+    Reads only the .npy header and the footer (the grid bytes are checked by `verify_shard`, which `open_shard`
+    runs once per file and process). Raises ShardError naming the file if it is truncated, altered, copied over
+    another shard, or not a shard. Files of the first format (mofkit-shard-1, no checksums) are still read, with
+    a warning.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ShardError(f"{path}: is a folder, not a shard file")
     size = path.stat().st_size
-
-    def broken(reason):
-        return ShardError(f"{path}: {reason}; it is not a complete mofkit shard: delete it and rerun "
-                          f"ensure_shards (or build_shards)")
 
     with open(path, "rb") as f:
         try:
@@ -1413,29 +1628,77 @@ def read_shard_meta(path) -> dict:
                            (2, 0): np.lib.format.read_array_header_2_0}[version]
             shape, fortran_order, dtype = read_header(f)
         except (ValueError, KeyError) as e:
-            raise broken(f"no .npy header ({e})") from None
-        data_end = f.tell() + math.prod(shape) * dtype.itemsize
+            raise _shard_broken(path, f"no .npy header ({e})") from None
+        data_start = f.tell()
+        data_end = data_start + math.prod(shape) * dtype.itemsize
         if size < data_end + 16:
-            raise broken(f"{size} bytes, too short for its {shape} array and footer (truncated?)")
+            raise _shard_broken(path, f"{size} bytes, too short for its {shape} array and footer (truncated?)")
         f.seek(size - 16)
         footer_bytes, magic = struct.unpack("<Q8s", f.read(16))
         if magic != SHARD_MAGIC or size != data_end + footer_bytes + 16:
-            raise broken(f"{size} bytes and no footer where one should end (truncated?)")
+            raise _shard_broken(path, f"{size} bytes and no footer where one should end (truncated?)")
         f.seek(data_end)
         try:
             meta = json.loads(f.read(footer_bytes))
         except ValueError as e:
-            raise broken(f"unreadable footer ({e})") from None
-    if (meta.get("format") != SHARD_FORMAT or dtype != np.float16 or fortran_order or len(shape) != 5
-            or shape[0] != len(meta["names"])):
-        raise broken(f"unexpected layout {dtype} {shape} for format {meta.get('format')!r}")
+            raise _shard_broken(path, f"unreadable footer ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") not in (SHARD_FORMAT, SHARD_FORMAT_V1):
+        raise _shard_broken(path, f"unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if meta["format"] == SHARD_FORMAT:
+        if meta.get("footer_sha256") != _footer_digest(meta):
+            raise _shard_broken(path, "its footer (names, properties, parameters) does not match the footer's "
+                                      "own sha256: it was altered")
+        if meta.get("shard") != path.name:
+            raise _shard_broken(path, f"it was written as {meta.get('shard')!r}: another shard copied or renamed "
+                                      f"over this one")
+    elif path not in _WARNED_V1:
+        _WARNED_V1.add(path)
+        warnings.warn(f"{path}: a {SHARD_FORMAT_V1} shard without checksums; it is read as is: rebuild it "
+                      f"(delete it and rerun build_shards) to make it self-verifying", stacklevel=2)
+    if dtype != np.float16 or fortran_order or len(shape) != 5 or shape[0] != len(meta["names"]):
+        raise _shard_broken(path, f"unexpected layout {dtype} {shape} for format {meta.get('format')!r}")
     meta["shape"] = list(shape)
+    meta["data_offset"] = data_start
+    return meta
+
+
+_WARNED_V1 = set()
+_VERIFIED = {}   # (path, inode, size, mtime_ns) of files whose grid bytes matched their footer in this process
+
+
+def verify_shard(path, meta=None) -> dict:
+    """Check a shard completely: `read_shard_meta`, then the sha256 of its grid bytes against the footer's
+    (streamed, no copy in memory). A file is hashed once per process while it is unchanged on disk (same inode,
+    size and mtime). Returns the footer; raises ShardError naming the file (flipped bytes, NaN/inf written into
+    the grids, a changed footer, a shard copied over another)."""
+    path = Path(path)
+    meta = read_shard_meta(path) if meta is None else meta
+    if meta["format"] != SHARD_FORMAT:
+        return meta
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(key) != meta["data_sha256"]:
+        h = hashlib.sha256()
+        remaining = math.prod(meta["shape"]) * 2
+        with open(path, "rb") as f:
+            f.seek(meta["data_offset"])
+            while remaining:
+                block = f.read(min(remaining, 1 << 22))
+                if not block:
+                    break
+                h.update(block)
+                remaining -= len(block)
+        if h.hexdigest() != meta["data_sha256"]:
+            raise _shard_broken(path, "its grid bytes do not match the sha256 in its footer (corrupted on disk or "
+                                      "in transfer)")
+        _VERIFIED[key] = meta["data_sha256"]
     return meta
 
 
 def open_shard(path):
-    """(grids, meta): grids is a (N, C, D, D, D) float16 memory map (nothing is read until indexed)."""
-    meta = read_shard_meta(path)
+    """(grids, meta): grids is a (N, C, D, D, D) float16 memory map (nothing is read until indexed), after
+    `verify_shard` (once per process and unchanged file)."""
+    meta = verify_shard(path)
     # copy-on-write map: torch only wraps writable arrays; the pages are never written, so nothing is copied
     return np.load(path, mmap_mode="c"), meta
 
@@ -1466,7 +1729,7 @@ def _source_names(label) -> list:
     kind, where = label.split(":", 1)
     if kind == "coremof":
         return coremof_names(where)
-    return sorted(p.stem for p in Path(where).glob("*.cif"))
+    return list(dict.fromkeys(p.stem for p in _cif_paths(where)))  # a.cif and a.CIF: one name (iter_cifs records it)
 
 
 def _source_structures(label, names, failures):
@@ -1474,7 +1737,10 @@ def _source_structures(label, names, failures):
     kind, where = label.split(":", 1)
     if kind == "coremof":
         return iter_coremof(where, names=names, failures=failures)
-    return iter_cifs([Path(where) / f"{name}.cif" for name in names], failures=failures)
+    found = {}
+    for p in _cif_paths(where):
+        found.setdefault(p.stem, p)
+    return iter_cifs([found.get(name, Path(where) / f"{name}.cif") for name in names], failures=failures)
 
 
 def _source_table(label):
@@ -1570,7 +1836,7 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
     """Voxelize `members` into one shard file; a structure that fails is recorded in the footer and skipped."""
     failures, grids, props = [], {}, {}
     structures = _source_structures(label, members, failures)
-    device = _default_device(device)
+    device = usable_device(device)
     per_call = 16 if device.type == "cuda" else 1          # a GPU wants many structures in one batch
     with tqdm(total=len(members), desc=path.name, leave=False, disable=not progress) as bar:
         while chunk := list(itertools.islice(structures, per_call)):
@@ -1598,13 +1864,34 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
     return meta
 
 
-def _finished_shard(path, members, params):
-    """The footer of a finished shard at `path` for exactly these members and params, else None (a broken file
-    is deleted so it gets rebuilt; a good shard of other structures is an error, never overwritten)."""
+def usable_device(device=None) -> torch.device:
+    """torch.device for `device` (None: cuda if available, else cpu), or ValueError saying why it cannot run here
+    (not a device name, no CUDA/MPS on this machine, no such GPU index), before any work starts."""
+    try:
+        dev = _default_device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: not a torch device name ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: mofkit runs on cpu, cuda or mps")
+    return dev
+
+
+def _reuse_shard_or_delete(path, members, params):
+    """The footer of a finished shard at `path` for exactly these members and params, else None. DELETES a file
+    that is broken (truncated, altered, failed its checksum) or holds no grid, so it gets rebuilt; RAISES
+    ShardError for an intact shard of other structures or parameters, which is never overwritten."""
     if not path.exists():
         return None
     try:
-        meta = read_shard_meta(path)
+        meta = verify_shard(path)
     except ShardError as e:
         warnings.warn(f"{e} -- deleting it and building it again")
         path.unlink()
@@ -1612,6 +1899,10 @@ def _finished_shard(path, members, params):
     if meta["members"] != list(members) or ShardParams(**meta["params"]) != params:
         raise ShardError(f"{path} holds other structures or voxelizer parameters than requested: build into "
                          f"another folder, or delete it")
+    if members and not meta["names"]:  # a failed build (wrong device, missing files): never counted as done
+        warnings.warn(f"{path}: holds 0 of its {len(members)} grids -- deleting it and building it again")
+        path.unlink()
+        return None
     return meta
 
 
@@ -1625,8 +1916,8 @@ def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) ->
         if time.monotonic() >= deadline:
             break
         path = out_dir / shard
-        meta = _finished_shard(path, members, params) or _build_shard(path, members, label, params, table, device,
-                                                                      progress)
+        meta = _reuse_shard_or_delete(path, members, params) or _build_shard(path, members, label, params, table,
+                                                                              device, progress)
         rows.append(_manifest_row(shard, members, label, params, path=path))
         _merge_csv(out_dir / "data_manifest.csv", MANIFEST_COLUMNS, [rows[-1]], {shard})
         _merge_csv(out_dir / "failures.csv", FAILURE_COLUMNS,
@@ -1634,51 +1925,73 @@ def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) ->
     return rows
 
 
+def build_summary(rows, out_dir) -> str:
+    """One line for the end of a build: shards, grids, structures that failed, where the failures are listed."""
+    grids = sum(int(r["n_grids"] or 0) for r in rows)
+    failed = sum(int(r["n_names"]) for r in rows) - grids
+    return (f"{len(rows)} shards, {grids} grids, {failed} failed structures in {out_dir}"
+            + (f" (reasons: {Path(out_dir) / 'failures.csv'})" if failed else ""))
+
+
 def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=None, limit=None, device=None,
                  progress=True, max_minutes=None) -> list:
     """Voxelize a source into shard files shard_00000.npy, shard_00001.npy, ... in out_dir; resumable.
 
-    source: None (CoRE MOF 2019-ASR), 'coremof:<dataset>', or a folder of .cif files (name = file stem).
-    params: ShardParams (voxelizer settings, property temperature). names/limit pick the structures.
+    source: None (CoRE MOF 2019-ASR), 'coremof:<dataset>', or a folder of .cif files (any case, name = file stem).
+    params: ShardParams (voxelizer settings, property temperature). names/limit (>= 1) pick the structures.
     Shard k holds the members names[k*shard_size:(k+1)*shard_size] -- membership comes from the name list, not
-    from which structures succeed -- so a rerun skips finished shards. A structure that fails is listed in
-    out_dir/failures.csv and its shard holds one grid fewer. Each shard stores per structure: the source's
-    property table plus framework density, Henry coefficient and heat of adsorption from its grid.
-    Returns the manifest rows, also merged into out_dir/data_manifest.csv (url blank, ready to publish).
+    from which structures succeed -- so a rerun skips finished shards (a shard with no grid is never finished:
+    it is built again). A structure that fails is listed in out_dir/failures.csv and its shard holds one grid
+    fewer. Each shard stores per structure: the source's property table plus framework density, Henry
+    coefficient and heat of adsorption from its grid. The device is checked before any work.
+    Returns the manifest rows, also merged into out_dir/data_manifest.csv (url blank, ready to publish); with
+    progress, ends with the one-line `build_summary`.
     `max_minutes` starts no new shard after that much time (for fixed-length sessions): fewer rows come back
     than planned, and the next call continues.
     """
     params = params or ShardParams()
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ValueError(f"limit={limit!r}: must be a whole number >= 1 (or None for every structure)")
+    device = usable_device(device)
     label = _source_label(source)
     names = list(_source_names(label) if names is None else names)[:limit]
+    if not names:
+        raise ValueError(f"{label}: no structures to build")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
-    return _build(_shard_plan(names, shard_size), Path(out_dir), label, params, device, progress, deadline)
+    rows = _build(_shard_plan(names, shard_size), Path(out_dir), label, params, device, progress, deadline)
+    if progress:
+        print(build_summary(rows, out_dir))
+    return rows
 
 
 def _verified(path, row, local_row) -> bool:
-    """Is `path` byte-identical to the published shard of `row`, or to the one this machine built or fetched
-    (local_row, from dest_dir/data_manifest.csv)? With no checksum anywhere, a whole file with the row's
-    members and params passes."""
-    same = [r for r in (row, local_row) if r and r["names"] == row["names"] and r["params_hash"] == row["params_hash"]]
-    known = {r["sha256"] for r in same if r["sha256"]}
-    if known:
-        return sha256_file(path) in known
+    """Is `path` an intact shard (its own checksums) with the row's members and params, and, where a sha256 is
+    recorded, byte-identical to the published shard of `row` or to the one this machine built or fetched
+    (local_row, from dest_dir/data_manifest.csv)?"""
     try:
-        meta = read_shard_meta(path)
+        meta = verify_shard(path)
     except ShardError:
         return False
-    return ";".join(meta["members"]) == row["names"] and ShardParams(**meta["params"]).hash == row["params_hash"]
+    if ";".join(meta["members"]) != row["names"] or ShardParams(**meta["params"]).hash != row["params_hash"]:
+        return False
+    same = [r for r in (row, local_row) if r and r["names"] == row["names"] and r["params_hash"] == row["params_hash"]]
+    known = {r["sha256"] for r in same if r["sha256"]}
+    return not known or sha256_file(path) in known
 
 
 def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progress=True) -> list:
     """Make every shard of a manifest present and verified in dest_dir; return the paths in manifest order.
 
-    Per row: a present file is used if its sha256 matches the manifest (or dest_dir/data_manifest.csv, for a
-    shard this machine built); otherwise it is deleted, never used. A missing shard is downloaded from the row's
-    url (sha256-verified, see `download`); if there is no url or the download fails (e.g. Google Drive's daily
-    quota), it is built locally from the row's source, members and parameters (build_missing=True).
+    Per row: a present file is used if it verifies (its own checksums, and the manifest's sha256 where one is
+    recorded, or dest_dir/data_manifest.csv's for a shard this machine built); otherwise it is deleted, never used.
+    A missing shard is downloaded from the row's url (sha256-verified, see `download`, and then self-verified, so
+    an error page saved under the shard's name is caught); if there is no url or the download fails (e.g. Google
+    Drive's daily quota), it is built locally from the row's source, members and parameters (build_missing=True).
+    A local build that yields no grid (e.g. the CIF folder is gone) is an error, never a success.
     """
     dest_dir = Path(dest_dir)
+    if dest_dir.exists() and not dest_dir.is_dir():
+        raise ShardError(f"{dest_dir}: is a file, not a folder for shards")
     local_csv = dest_dir / "data_manifest.csv"
     local = {r["shard"]: r for r in read_manifest(local_csv)} if local_csv.exists() else {}
     paths = []
@@ -1692,16 +2005,28 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
         if not path.exists() and row["url"]:
             try:
                 download(row["url"], path, sha256=row["sha256"] or None, progress=progress)
+                verify_shard(path)
                 _merge_csv(local_csv, MANIFEST_COLUMNS,
                            [_manifest_row(shard, members, row["source"], params, path=path, url=row["url"])], {shard})
-            except DownloadError as e:
+            except (DownloadError, ShardError) as e:
+                with contextlib.suppress(FileNotFoundError):
+                    if isinstance(e, ShardError):
+                        path.unlink()  # e.g. an HTML page served in place of the shard
                 warnings.warn(f"shard {shard}: download failed: {e}" + (" Building it locally instead."
                                                                         if build_missing else ""))
         if not path.exists():
             if not build_missing:
                 raise ShardError(f"shard {shard} is not in {dest_dir} and could not be downloaded: rerun "
                                  f"ensure_shards later, or with build_missing=True to build it locally")
-            _build([(shard, members)], dest_dir, row["source"], params, device, progress)
+            try:
+                _build([(shard, members)], dest_dir, row["source"], params, usable_device(device), progress)
+            except ValueError as e:  # ShardError is a ValueError: a missing source folder, an unusable device
+                raise ShardError(f"shard {shard} is not in {dest_dir} and cannot be built: {e}") from e
+            if not read_shard_meta(path)["names"]:
+                reasons = read_shard_meta(path)["failures"][:2]
+                path.unlink()
+                raise ShardError(f"shard {shard}: building it locally gave 0 of its {len(members)} grids (e.g. "
+                                 f"{reasons}); nothing was kept. Restore its source {row['source']} or fetch it")
         meta = read_shard_meta(path)
         if meta["members"] != members or ShardParams(**meta["params"]) != params:
             raise ShardError(f"shard {shard}: {path} passed its checksum but holds other structures or parameters "

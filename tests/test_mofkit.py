@@ -875,7 +875,7 @@ def test_shard_round_trip_is_float16_npy_with_footer(tmp_path):
     plain = np.load(path, mmap_mode="r")  # any numpy reads the grids as a plain .npy
     assert plain.dtype == np.float16 and plain.shape == grids.shape
     np.testing.assert_allclose(plain.astype(np.float32), grids, rtol=2 ** -11)
-    assert path.stat().st_size - grids.size * 2 < 400  # header + footer only
+    assert path.stat().st_size - grids.size * 2 < 600  # header + footer (with its name and two sha256) only
     mapped, _ = mofkit.open_shard(path)
     assert isinstance(mapped, np.memmap)
     assert np.array_equal(mapped[1], plain[1])
