@@ -48,16 +48,55 @@ from tqdm.auto import tqdm
 # 1. Downloads: verified files over HTTP / Google Drive, NIST ISODB, MOFX-DB
 # =============================================================================
 
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # another user's live process
+    except (OverflowError, ValueError):
+        return False  # a number no process can have
+    return True
+
+
+def remove_orphans(path, suffix=".tmp", min_age_s=60.0) -> list:
+    """Delete the leftovers of killed writers of `path`: `.NAME.PID.*.tmp` files (atomic_write) or
+    `.NAME.PID.*.part` folders (download) whose process is gone and which nobody touched for min_age_s (a writer
+    on another machine sharing the folder keeps its file fresh); leftovers without a PID (older versions) after
+    an hour. Returns what was removed. Called by atomic_write and download for their own target."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[^/]*{re.escape(suffix)}$")
+    removed, now = [], time.time()
+    with contextlib.suppress(FileNotFoundError):
+        for p in path.parent.iterdir():
+            match = pattern.match(p.name)
+            if match is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                age_s = now - p.stat().st_mtime
+                pid = match.group(1)
+                if (pid is None and age_s > 3600) or (pid is not None and int(pid) != os.getpid()
+                                                      and age_s > min_age_s and not _pid_alive(int(pid))):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+                    removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open a temp file beside `path` and rename it into place on success.
 
     Readers (and a Colab session that dies mid-write) never see half a file: either the old
-    file or the complete new one is there. On any error the temp file is removed.
+    file or the complete new one is there. On any error the temp file is removed; the temp files of writers that
+    were killed (a kill skips that cleanup) are removed by the next write (see `remove_orphans`).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; give a file path to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_orphans(path, ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -98,9 +137,14 @@ def _with_retries(attempt, what, hint, retries, backoff_s):
     """
     import requests
     transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Transient)
+    bad_url = (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema)
     for i in range(retries + 1):
         try:
             return attempt()
+        except requests.TooManyRedirects as e:
+            raise DownloadError(f"{what}: the server redirects in a loop ({e}); check the URL. {hint}") from None
+        except bad_url as e:
+            raise DownloadError(f"{what}: not a usable URL ({type(e).__name__}: {e})") from None
         except transient as e:
             if i == retries:
                 raise DownloadError(f"{what}: failed after {retries + 1} attempts; last error: {e}. {hint}") from e
@@ -129,13 +173,19 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
     is how long the server may stay silent (connecting, or between bytes) before a try counts as failed.
     """
     dest = Path(dest)
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme not in ("http", "https"):
         raise DownloadError(f"{url}: only http(s) URLs (Google Drive links included) can be downloaded")
+    if not parts.hostname:
+        raise DownloadError(f"{url}: no host name in the URL")
+    if dest.is_dir():
+        raise DownloadError(f"{dest}: is a folder; give the file path to download {url} to")
     if sha256 is not None and dest.is_file() and sha256_file(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(dest, ".part")  # what killed downloads left behind
     # Same folder as dest, so the final rename is atomic; gdown also puts its own partial files in here.
-    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".part"))
     try:
         tmp = work / dest.name
         retry = dict(what=f"downloading {url} to {dest}", retries=retries, backoff_s=backoff_s,
@@ -174,6 +224,12 @@ def _http_to_file(url, path, dest, timeout_s, progress, retry):
                 raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason} (for {dest}); check the URL.")
             if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
                 raise DownloadError(f"{url}: asked for bytes {have}- but got {r.headers.get('Content-Range')!r}.")
+            # A server may compress anyway: Content-Length then counts the encoded bytes on the wire, which
+            # Range offsets cannot address, so such a body is checked by its wire size and never resumed.
+            encoded = r.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", "")
+            if encoded and r.status_code == 206:
+                path.write_bytes(b"")
+                raise _Transient("a compressed partial body cannot be resumed; starting over")
             start = have if r.status_code == 206 else 0  # a 200 is the whole body: start over
             length = r.headers.get("Content-Length")
             total = start + int(length) if length is not None else None
@@ -189,7 +245,9 @@ def _http_to_file(url, path, dest, timeout_s, progress, retry):
                 except requests.exceptions.ChunkedEncodingError:
                     if total is None:  # no Content-Length to say how much is missing: report it as it is
                         raise
-                size = f.tell()
+                size = r.raw.tell() if encoded else f.tell()
+        if encoded and total is not None and size != total:
+            path.write_bytes(b"")
         if total is not None and size != total:
             raise _Transient(f"truncated body: {size} of the {total} bytes announced by Content-Length arrived")
 
@@ -253,11 +311,13 @@ def _gas(name):
     return None
 
 
-def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, backoff_s=1.0):
+def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, backoff_s=1.0, expect=None):
     """GET a JSON document with timeouts and retries; with `cache_dir`, a copy on disk answers later calls.
 
     The cache file name is a hash of the full URL (query included) plus its last path part; only documents
-    that parsed as JSON are cached, written atomically. Delete the folder to refresh.
+    that parsed as JSON and passed `expect` are cached, written atomically. Delete the folder to refresh.
+    `expect(data)` returns None for the document wanted, else why not (e.g. a 200 answer holding an error
+    document): a DownloadError naming the URL, and nothing cached (a cached copy that fails is deleted).
     """
     import requests
     full_url = requests.Request("GET", url, params=params).prepare().url
@@ -265,7 +325,10 @@ def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, b
     cache = None if cache_dir is None else (
         Path(cache_dir).expanduser() / f"{hashlib.sha256(full_url.encode()).hexdigest()[:16]}-{name}")
     if cache is not None and cache.is_file():
-        return _parse_json(cache.read_bytes(), cache)
+        data = _parse_json(cache.read_bytes(), cache)
+        if expect is None or expect(data) is None:
+            return data
+        cache.unlink()  # an error document cached by an older version: fetch it again
 
     def attempt():
         r = requests.get(full_url, timeout=timeout_s)
@@ -277,6 +340,9 @@ def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, b
 
     body = _with_retries(attempt, f"fetching {full_url}", "The service may be down: retry later.", retries, backoff_s)
     data = _parse_json(body, full_url)
+    if expect is not None and (problem := expect(data)) is not None:
+        raise DownloadError(f"{full_url}: not the document expected ({problem}); it starts with {body[:120]!r}. "
+                            "Check the name or query; nothing was cached")
     if cache is not None:
         with atomic_write(cache) as f:
             f.write(body)
@@ -295,9 +361,42 @@ def _parse_record(parse, record, kind):
     """parse(record), or a ValueError that shows the record when it is not in the expected schema."""
     try:
         return parse(record)
-    except (KeyError, IndexError, TypeError, AttributeError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
         raise ValueError(f"{kind} record not in the expected schema ({type(e).__name__}: {e}): "
                          f"{str(record)[:200]}") from None
+
+
+def _parse_records(parse, records, kind, failures):
+    """[parse(r) for r in records], skipping the records not in the expected schema: (label, reason) goes to
+    `failures` if a list is given, and a warning counts them, so one malformed record never fails a table."""
+    rows, bad = [], []
+    for i, record in enumerate(records):
+        try:
+            rows.append(_parse_record(parse, record, kind))
+        except ValueError as e:
+            label = (record.get("filename") or record.get("name")) if isinstance(record, dict) else None
+            bad.append((str(label or f"record {i}"), str(e)))
+    if bad:
+        warnings.warn(f"skipped {len(bad)} malformed {kind} record(s), first: {bad[0][1]}", stacklevel=3)
+        if failures is not None:
+            failures.extend(bad)
+    return rows
+
+
+def _is_isotherm(doc):
+    ok = isinstance(doc, dict) and isinstance(doc.get("isotherm_data"), list)
+    return None if ok else "no isotherm_data list: an error document?"
+
+
+def _is_list(doc):
+    return None if isinstance(doc, list) else f"a JSON {type(doc).__name__}, not a list"
+
+
+def _is_mofxdb_page(doc):
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        return "no 'results' list: not a MOF-X-DB page"
+    pages = doc.get("pages")
+    return None if isinstance(pages, int) and not isinstance(pages, bool) and pages >= 0 else f"pages={pages!r}"
 
 
 def _isotherm_fields(record):
@@ -342,19 +441,20 @@ def _isotherm_fields(record):
     }
 
 
-def isodb_table(records):
+def isodb_table(records, failures=None):
     """ISODB isotherm records (parsed JSON) -> a tidy pandas table, one row per isotherm, as in the study.
 
     Columns: filename, doi, adsorbent, adsorbate, temperature_K, pressure_units, adsorption_units, pressure and
     adsorption (raw lists; adsorption is total_adsorption), pressure_bar and adsorption_mmol_g (lists, or None
-    where the units do not allow it), note ('' when converted, else why not).
+    where the units do not allow it), note ('' when converted, else why not). Records not in the ISODB schema are
+    skipped with a warning; (filename, reason) goes to `failures` if a list is given.
     """
     import pandas as pd
 
     def parse(r):
         return {"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"], **_isotherm_fields(r)}
 
-    rows = [_parse_record(parse, record, "ISODB isotherm") for record in records]
+    rows = _parse_records(parse, records, "ISODB isotherm", failures)
     return pd.DataFrame(rows, columns=["filename", "doi", "adsorbent", "adsorbate", "temperature_K",
                                        "pressure_units", "adsorption_units", "pressure", "adsorption",
                                        "pressure_bar", "adsorption_mmol_g", "note"])
@@ -367,18 +467,20 @@ def _named(entry, query):
 
 
 def fetch_isodb(adsorbent=None, adsorbate=None, temperature_K=None, *, doi=None, filenames=None,
-                base_url=ISODB_URL, cache_dir=CACHE_DIR / "isodb", progress=True, **http):
+                base_url=ISODB_URL, cache_dir=CACHE_DIR / "isodb", progress=True, failures=None, **http):
     """List and fetch NIST/ARPA-E ISODB isotherms; returns `isodb_table` of them.
 
     Either give `filenames` (e.g. "10.1002adem.200500223.isotherm1"), or filter the isotherm index by
     `adsorbent` (material name or synonym, e.g. "CuBTC" or "HKUST-1"), `adsorbate` (gas name, synonym or a
     formula from GASES), `temperature_K` (within 0.5 K) and `doi`. `http` takes fetch_json's timeout_s, retries
-    and backoff_s. Everything fetched is cached under `cache_dir` (None: no cache).
+    and backoff_s. Everything fetched is cached under `cache_dir` (None: no cache), except answers that are not
+    the document asked for (an error document served with HTTP 200): those raise DownloadError. Malformed
+    isotherm records are skipped and recorded as in `isodb_table` (`failures`).
     """
     from tqdm.auto import tqdm
 
-    def get(path):
-        return fetch_json(f"{base_url}{path}", cache_dir=cache_dir, **http)
+    def get(path, expect=_is_list):
+        return fetch_json(f"{base_url}{path}", cache_dir=cache_dir, expect=expect, **http)
 
     if filenames is None:
         if adsorbent is None and adsorbate is None and temperature_K is None and doi is None:
@@ -402,9 +504,9 @@ def fetch_isodb(adsorbent=None, adsorbate=None, temperature_K=None, *, doi=None,
         if doi is not None:
             index = [e for e in index if e["DOI"].casefold() == doi.casefold()]
         filenames = [e["filename"] for e in index]
-    records = [get(f"/isodb/api/isotherm/{name}.json")
+    records = [get(f"/isodb/api/isotherm/{name}.json", _is_isotherm)
                for name in tqdm(filenames, desc="ISODB isotherms", disable=not progress)]
-    return isodb_table(records)
+    return isodb_table(records, failures)
 
 
 def isodb_doi_stub(doi):
@@ -415,15 +517,17 @@ def isodb_doi_stub(doi):
 
 def isodb_biblio(doi, *, base_url=ISODB_URL, cache_dir=CACHE_DIR / "isodb", **http):
     """The ISODB bibliography record of an article (title, authors, its isotherms' filenames...)."""
-    return fetch_json(f"{base_url}/isodb/api/biblio/{isodb_doi_stub(doi)}.json", cache_dir=cache_dir, **http)
+    return fetch_json(f"{base_url}/isodb/api/biblio/{isodb_doi_stub(doi)}.json", cache_dir=cache_dir,
+                      expect=lambda d: None if isinstance(d, dict) and "DOI" in d else "no DOI: an error document?",
+                      **http)
 
 
-def mofxdb_table(results):
+def mofxdb_table(results, failures=None):
     """MOFX-DB results (entries of mofs.json pages) -> a tidy pandas table, one row per (MOF, isotherm).
 
     Columns: name, mofkey, database, then the isotherm columns of `isodb_table` (adsorbate ... note), then cif
     (the entry's CIF text). A MOF without isotherms keeps one row, with note 'no isotherms', so its CIF is
-    not lost.
+    not lost. Entries not in the MOFX-DB schema are skipped with a warning ((name, reason) to `failures`).
     """
     import pandas as pd
 
@@ -432,34 +536,44 @@ def mofxdb_table(results):
         isotherms = [_isotherm_fields(iso) for iso in mof["isotherms"]] or [{"note": "no isotherms"}]
         return [{**head, **iso, "cif": mof["cif"]} for iso in isotherms]
 
-    rows = [row for mof in results for row in _parse_record(parse, mof, "MOFX-DB MOF")]
+    rows = [row for mof_rows in _parse_records(parse, results, "MOFX-DB MOF", failures) for row in mof_rows]
     return pd.DataFrame(rows, columns=["name", "mofkey", "database", "adsorbate", "temperature_K",
                                        "pressure_units", "adsorption_units", "pressure", "adsorption",
                                        "pressure_bar", "adsorption_mmol_g", "note", "cif"])
 
 
 def fetch_mofxdb(name=None, mofkey=None, database=None, *, base_url=MOFXDB_URL, cache_dir=CACHE_DIR / "mofxdb",
-                 max_pages=None, progress=True, **http):
+                 max_pages=None, progress=True, failures=None, **http):
     """Query MOFX-DB (mofs.json: by MOF name, MOFkey and/or database such as "CoREMOF 2019"), following its
-    pages up to `max_pages`; returns `mofxdb_table` of the MOFs with their CIFs and computed isotherms.
+    pages up to `max_pages` (a whole number >= 1; None: 20 with a warning when more exist, and a filter is
+    required); returns `mofxdb_table` of the MOFs with their CIFs and computed isotherms.
 
-    `http` takes fetch_json's timeout_s, retries and backoff_s; pages are cached under `cache_dir`.
+    `http` takes fetch_json's timeout_s, retries and backoff_s; pages are cached under `cache_dir`. A page that
+    is not a MOFX-DB page raises DownloadError; malformed entries are skipped and recorded (`failures`).
     """
     from tqdm.auto import tqdm
     params = {k: v for k, v in {"name": name, "mofkey": mofkey, "database": database}.items() if v is not None}
     if not params and max_pages is None:
         raise ValueError("fetch_mofxdb: give name, mofkey or database, or max_pages; the whole database is "
                          "over 100,000 MOFs with CIFs")
+    by_default = max_pages is None
+    max_pages = 20 if by_default else max_pages  # a server that keeps raising 'pages' is not followed far
+    if isinstance(max_pages, bool) or not isinstance(max_pages, (int, np.integer)) or max_pages < 1:
+        raise ValueError(f"fetch_mofxdb: max_pages={max_pages!r} must be a whole number >= 1")
     results, page, pages = [], 1, 1
     with tqdm(desc="MOFX-DB pages", disable=not progress) as bar:
-        while page <= min(pages, max_pages or pages):
-            doc = fetch_json(f"{base_url}/mofs.json", {**params, "page": page}, cache_dir=cache_dir, **http)
+        while page <= min(pages, max_pages):
+            doc = fetch_json(f"{base_url}/mofs.json", {**params, "page": page}, cache_dir=cache_dir,
+                             expect=_is_mofxdb_page, **http)
             results += doc["results"]
             pages = doc["pages"]
-            bar.total = min(pages, max_pages or pages)
+            bar.total = min(pages, max_pages)
             bar.update(1)
             page += 1
-    return mofxdb_table(results)
+    if pages > max_pages and by_default:
+        warnings.warn(f"fetch_mofxdb: fetched {max_pages} of {pages} pages ({len(results)} MOFs); pass a larger "
+                      f"max_pages for more", stacklevel=2)
+    return mofxdb_table(results, failures)
 
 
 def mofxdb_structures(table, failures=None):

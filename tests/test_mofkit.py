@@ -243,8 +243,10 @@ def test_isodb_table_converts_pressure_units_and_flags_the_rest():
     assert "molar mass of 'Water'" in mofkit.isodb_table([water]).iloc[0].note
     mg = mofkit.isodb_table([{**base, "adsorptionUnits": "mg/g"}]).iloc[0]
     assert mg.adsorption_mmol_g[0] == pytest.approx(20.6782 / 2.01588)
-    with pytest.raises(ValueError, match="ISODB isotherm record not in the expected schema.*'filename'.*Not found"):
-        mofkit.isodb_table([{"detail": "Not found."}])
+    failures = []  # a malformed record is skipped and recorded, never fails the table (issue 16)
+    with pytest.warns(UserWarning, match="ISODB isotherm record not in the expected schema.*'filename'.*Not found"):
+        assert len(mofkit.isodb_table([{"detail": "Not found."}, base], failures)) == 1
+    assert failures[0][0] == "record 0" and "Not found" in failures[0][1]
 
 
 def test_fetch_isodb_filters_the_index_and_caches(http_server, tmp_path):
