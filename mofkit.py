@@ -2424,7 +2424,7 @@ class CheckpointError(RuntimeError):
 
 
 class TrainingDiverged(FloatingPointError):
-    """A loss became NaN/Inf; the last good checkpoint was kept."""
+    """A loss became NaN/Inf; nothing is saved from then on (the message says which checkpoint, if any, is kept)."""
 
 
 @dataclass
@@ -2513,6 +2513,9 @@ def load_checkpoint(path, map_location="cpu"):
     missing = required - set(ckpt) if isinstance(ckpt, dict) else required
     if missing:
         raise CheckpointError(f"{path}: not a mofkit GAN checkpoint (missing {sorted(missing)})")
+    if not (_finite_number(ckpt["e_scale_K"]) and float(ckpt["e_scale_K"]) > 0):
+        raise CheckpointError(f"{path}: e_scale_K={ckpt['e_scale_K']!r} is not a positive finite energy in kelvin "
+                              f"(a corrupted or hand-edited checkpoint)")
     return ckpt
 
 
@@ -2715,8 +2718,31 @@ def load_history(path):
     return pd.read_csv(path / "history.csv" if path.is_dir() else path)
 
 
-def _resume_from(resume, last, config):
-    """The checkpoint to continue from (or None), checked against `config`; never silently starts over."""
+# TrainConfig fields a resumed run may change: they do not alter the sequence of updates. Every other field (those
+# added later included) must match the checkpoint, or the caller says allow_config_change=True.
+RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "log_every", "checkpoint_every_steps", "checkpoint_every_min")
+
+
+def _config_changes(saved, config) -> dict:
+    """{field: [checkpoint's value, config's value]} for the fields of `config` that differ from a checkpoint's
+    config and would change the run (a field the checkpoint predates counts as its default)."""
+    def norm(v):
+        return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+    changes = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUME_MAY_CHANGE or f.name in ARCH_FIELDS or f.name == "e_scale_K":
+            continue  # architecture and E_scale are checked on their own: they can never change
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        old, new = saved.get(f.name, default), getattr(config, f.name)
+        if norm(old) != norm(new):
+            changes[f.name] = [old, new]
+    return changes
+
+
+def _resume_from(resume, last, config, allow_config_change=False):
+    """The checkpoint to continue from (or None), checked against `config`; never silently starts over, and never
+    silently continues with a config that changes the run (see RESUME_MAY_CHANGE): that needs
+    allow_config_change=True, and is then recorded in the checkpoint's "config_changes"."""
     if resume is False or resume is None:
         if last.exists():
             raise CheckpointError(f"{last}: a checkpoint is already there; pass resume=True to continue it "
@@ -2734,6 +2760,17 @@ def _resume_from(resume, last, config):
     if config.e_scale_K is not None and config.e_scale_K != ckpt["e_scale_K"]:
         raise CheckpointError(f"{path}: checkpoint has e_scale_K={ckpt['e_scale_K']} but the config asks "
                               f"for {config.e_scale_K}")
+    changes = _config_changes(ckpt["config"], config)
+    described = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    if changes and not allow_config_change:
+        raise CheckpointError(f"{path}: the config differs from the checkpoint's ({described}), so the run would "
+                              f"not continue exactly; use the checkpoint's config, another out_dir, or "
+                              f"train(..., allow_config_change=True) to continue with the change recorded")
+    ckpt["config_changes"] = list(ckpt.get("config_changes") or [])
+    if changes:
+        warnings.warn(f"{path}: continuing at step {ckpt['step']} with a changed config ({described}); recorded "
+                      f"in the checkpoint's config_changes", stacklevel=3)
+        ckpt["config_changes"].append({"step": ckpt["step"], "changes": changes})
     ckpt["path"] = str(path)
     return ckpt
 
@@ -2754,7 +2791,7 @@ def _e_scale(config, dataset, world, device):
 
 
 def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True,
-          max_minutes=None):
+          max_minutes=None, allow_config_change=False):
     """Train the GAN on `dataset` (kelvin grids (C, D, D, D): a list, torch Dataset or ShardDataset).
 
     Writes `out_dir/last.pt` (every `checkpoint_every_steps` steps or `checkpoint_every_min` minutes and at the
@@ -2762,11 +2799,13 @@ def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_s
     `resume="path.pt"` continues that file, `resume=False` refuses to touch an existing checkpoint.
     `max_steps` stops after that many optimizer steps in total (counting resumed ones); `max_minutes` stops
     (and checkpoints) after that much wall-clock time in this call, for fixed-length sessions. Under torchrun
-    every process calls this and rank 0 writes the files.
+    every process calls this and rank 0 writes the files. Resuming with a config that changes the run (any field
+    but those in RESUME_MAY_CHANGE) raises CheckpointError unless allow_config_change=True; the change is then
+    recorded in the checkpoint ("config_changes": step and old/new values).
     """
     out_dir = Path(out_dir)
     last, history_csv = out_dir / "last.pt", out_dir / "history.csv"
-    ckpt = _resume_from(resume, last, config)
+    ckpt = _resume_from(resume, last, config, allow_config_change)
     rank, world, device, created_group = _distributed(config)
     try:
         return _train(config, _as_dataset(dataset), ckpt, last, history_csv, rank, world, device,
@@ -2806,8 +2845,11 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         _write_history_csv(history_csv, history)  # drops rows logged after the checkpoint we resume from
     stop_at = max_steps if max_steps is not None else float("inf")
     saved_config = {**asdict(config), "e_scale_K": e_scale}
+    config_changes = ckpt["config_changes"] if ckpt is not None else []
+    saved_step = None  # the step of the checkpoint this call wrote last
 
     def save():
+        nonlocal saved_step
         states = [None] * world
         if world > 1:
             dist.all_gather_object(states, _rng_state())
@@ -2818,9 +2860,11 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
                      "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(),
                      "opt_d": run.opt_d.state_dict(), "scaler": run.scaler.state_dict(), "rng": states,
                      "step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
-                     "time_s": time_s + time.perf_counter() - t_start, "history": history, "world_size": world}
+                     "time_s": time_s + time.perf_counter() - t_start, "history": history, "world_size": world,
+                     "config_changes": config_changes}
             with atomic_write(last) as f:
                 torch.save(state, f)
+        saved_step = step
 
     acc, acc_steps = torch.zeros(4, device=device), 0
     t_start = t_log = time.perf_counter()
@@ -2842,8 +2886,15 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
         out_of_time = late > 0
         if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
-            raise TrainingDiverged(f"non-finite loss at step {step} (loss_d={loss_d}, loss_g={loss_g}); "
-                                   f"stopped without saving, the last good checkpoint {last} is kept")
+            if saved_step is not None:
+                kept = f"the last good checkpoint {last} (step {saved_step}) is kept"
+            elif ckpt is not None:
+                kept = f"the last good checkpoint {ckpt['path']} (step {ckpt['step']}) is kept; this call saved none"
+            else:
+                kept = "no checkpoint exists for this run (none was due yet)"
+            raise TrainingDiverged(f"non-finite loss at step {step} (losses are checked every {config.log_every} "
+                                   f"steps: it appeared after step {step - acc_steps}; loss_d={loss_d}, "
+                                   f"loss_g={loss_g}); stopped without saving: {kept}")
         row = dict(step=step, epoch=epoch, loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake,
                    samples_per_s=acc_steps * config.batch_size * world / (now - t_log),
                    time_s=time_s + now - t_start)
@@ -2902,6 +2953,8 @@ def main_train(argv=None):
     p.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() instead of the study's")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config changes the run (recorded in the checkpoint)")
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
     for f in fields:
         kind = type(f.default) if f.default is not None else float
@@ -2913,7 +2966,8 @@ def main_train(argv=None):
     dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
     _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
     config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
-    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress)
+    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress,
+                   allow_config_change=args.allow_config_change)
     print(f"checkpoint: {result.checkpoint}")
     return result
 
