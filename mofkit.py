@@ -1241,7 +1241,7 @@ def _line(x, y):
 
 
 def _start_freundlich(P, q, fixed):
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # ln of a zero or slightly negative uptake: left out
         a, s = _line(np.log(P), np.log(q))  # ln q = ln K + (1/n) ln P
     return {"K": math.exp(a) if math.isfinite(a) else q.max(), "n": 1.0 / s if s > 0 else 1.0}
 
@@ -1292,6 +1292,10 @@ class IsothermFit:
     `fit.K_se` (NaN for parameters held fixed). r2 = 1 - SS_res/SS_tot, rmse and aic = m ln(SS_res/m)
     + 2 k (k free parameters) are in linear adsorption units over the n_points used; AIC compares
     models only when fitted to the same points. pressure_range is (min, max) of the pressures used.
+    `degenerate` is '' for a fit whose free parameters the data determine, else why not (a standard error that
+    is infinite or over 1000 times its parameter, or a saturation capacity the data come nowhere near, e.g.
+    a Sips g_inf of 1e10 mmol/g with K 1e-132: only a Freundlich-like product is determined); the fitters warn
+    with it. Such parameters are not to be reported.
     """
     model: str
     params: dict
@@ -1303,6 +1307,7 @@ class IsothermFit:
     pressure_range: tuple
     fixed: tuple = ()
     log_space: bool = False
+    degenerate: str = ""
 
     def __getattr__(self, name):
         params, se = self.__dict__.get("params", {}), self.__dict__.get("se", {})
@@ -1319,7 +1324,12 @@ class IsothermFit:
 
 def _isotherm_points(pressure, adsorption, drop_zero_pressure=False, drop_zero_adsorption=False,
                      why=""):
-    """Validated float64 (P, q); ValueError naming the bad input, a warning for each dropped point."""
+    """Validated float64 (P, q); ValueError naming the bad input, a warning naming each dropped point.
+
+    Negative pressures are dropped everywhere; zero pressures where `drop_zero_pressure` (power laws in P).
+    Adsorption may be slightly negative (digitisation noise near P = 0: 13 of 175 real ISODB isotherms) in a
+    linear-space fit; zero and negative uptakes are dropped where `drop_zero_adsorption` (log-space fits).
+    """
     P = np.asarray(pressure, dtype=np.float64)
     q = np.asarray(adsorption, dtype=np.float64)
     if P.ndim != 1 or q.ndim != 1:
@@ -1329,17 +1339,20 @@ def _isotherm_points(pressure, adsorption, drop_zero_pressure=False, drop_zero_a
     for name, a in (("pressure", P), ("adsorption", q)):
         if not np.isfinite(a).all():
             raise ValueError(f"{name} has NaN/inf at index {np.flatnonzero(~np.isfinite(a)).tolist()}")
-        if (a < 0).any():
-            raise ValueError(f"{name} has negative values at index {np.flatnonzero(a < 0).tolist()}")
-    if P.size and not q.any():
-        raise ValueError("adsorption is zero at every point: nothing to fit")
+    if P.size and not (q > 0).any():
+        raise ValueError("adsorption is zero at every point (or negative): nothing to fit")
     keep = np.ones(P.size, dtype=bool)
-    for name, a, drop in (("pressure", P, drop_zero_pressure), ("adsorption", q, drop_zero_adsorption)):
-        zero = drop & (a == 0) & keep
-        if zero.any():
-            warnings.warn(f"dropped {int(zero.sum())} zero-{name} point(s) at index "
-                          f"{np.flatnonzero(zero).tolist()}: {why}", stacklevel=3)
-            keep &= ~zero
+    for name, a, drop, reason in (
+            ("pressure", P, P < 0, "a negative pressure"),
+            ("pressure", P, drop_zero_pressure & (P == 0), why),
+            ("adsorption", q, drop_zero_adsorption & (q < 0), why),
+            ("adsorption", q, drop_zero_adsorption & (q == 0), why)):
+        gone = drop & keep
+        if gone.any():
+            kind = "negative" if (a[gone] < 0).all() else "zero"
+            warnings.warn(f"dropped {int(gone.sum())} {kind}-{name} point(s) at index {np.flatnonzero(gone).tolist()} "
+                          f"({name} {a[gone][:5].tolist()}): {reason}", stacklevel=3)
+            keep &= ~gone
     if keep.sum() < 3:
         raise ValueError(f"only {int(keep.sum())} usable points; at least 3 are needed")
     return P[keep], q[keep]
@@ -1385,7 +1398,29 @@ def _fit_model(model, P, q, fixed=None, log_space=False) -> IsothermFit:
     params = {p: (fixed[p] if p in fixed else float(values[free.index(p)])) for p in spec.params}
     return IsothermFit(model, params, {p: float(se.get(p, np.nan)) for p in spec.params},
                        float(r2), math.sqrt(ss_res / m), aic, m, (float(P.min()), float(P.max())),
-                       tuple(fixed), log_space)
+                       tuple(fixed), log_space, _degenerate(model, params, se, P, q))
+
+
+def _degenerate(model, params, se, P, q) -> str:
+    """Why a fit's free parameters are not determined by its data, or '' (see IsothermFit.degenerate)."""
+    reasons = []
+    capacity = {"sips": "g_inf", "langmuir": "Q_max"}.get(model)
+    if capacity in se and params[capacity] > 1e3 * np.abs(q).max():
+        reasons.append(f"{capacity} = {params[capacity]:.3g} is over 1000 times the largest uptake "
+                       f"{np.abs(q).max():.3g}: the data do not approach saturation")
+    for p, s in se.items():
+        if not math.isfinite(s) and len(q) > len(se):
+            reasons.append(f"{p} has no finite standard error")
+        elif math.isfinite(s) and s > 1e3 * abs(params[p]):
+            reasons.append(f"{p} = {params[p]:.3g} +- {s:.3g}")
+    return "; ".join(reasons)
+
+
+def _warn_degenerate(fit, stacklevel=3):
+    if fit.degenerate:
+        warnings.warn(f"degenerate {fit.model} fit, its parameters are not determined by the data: "
+                      f"{fit.degenerate}", stacklevel=stacklevel)
+    return fit
 
 
 def fit_freundlich(pressure, adsorption, log_space=False) -> IsothermFit:
@@ -1397,7 +1432,7 @@ def fit_freundlich(pressure, adsorption, log_space=False) -> IsothermFit:
     """
     P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=True, drop_zero_adsorption=log_space,
                             why="Freundlich is a power law in P")
-    return _fit_model("freundlich", P, q, log_space=log_space)
+    return _warn_degenerate(_fit_model("freundlich", P, q, log_space=log_space))
 
 
 def fit_sips(pressure, adsorption, fix_K=None, fix_n=None, fix_g_inf=None, log_space=False) -> IsothermFit:
@@ -1409,14 +1444,14 @@ def fit_sips(pressure, adsorption, fix_K=None, fix_n=None, fix_g_inf=None, log_s
     """
     P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=True, drop_zero_adsorption=log_space,
                             why="Sips is a power law in P")
-    return _fit_model("sips", P, q, {"g_inf": fix_g_inf, "K": fix_K, "n": fix_n}, log_space)
+    return _warn_degenerate(_fit_model("sips", P, q, {"g_inf": fix_g_inf, "K": fix_K, "n": fix_n}, log_space))
 
 
 def fit_langmuir(pressure, adsorption, log_space=False) -> IsothermFit:
     """Langmuir q = Q_max b P / (1 + b P); b in 1/(pressure unit), Q_max in adsorption units."""
     P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=log_space,
                             drop_zero_adsorption=log_space, why="log-space fit")
-    return _fit_model("langmuir", P, q, log_space=log_space)
+    return _warn_degenerate(_fit_model("langmuir", P, q, log_space=log_space))
 
 
 def fit_bet(pressure, adsorption, p0=None, adsorbate=None, temperature_K=None,
@@ -1453,7 +1488,7 @@ def fit_bet(pressure, adsorption, p0=None, adsorbate=None, temperature_K=None,
     if use.sum() < 3 or not q[use].any():
         raise ValueError(f"only {int(use.sum())} nonzero points with P/P0 in BET range {p_range}; "
                          "at least 3 are needed")
-    fit = _fit_model("bet", P[use], q[use], {"P0": p0})
+    fit = _warn_degenerate(_fit_model("bet", P[use], q[use], {"P0": p0}))
     x_m = 1.0 / (math.sqrt(fit.C) + 1.0)
     if p_range == "rouquerol" and not x[use].min() <= x_m <= x[use].max():
         warnings.warn(f"BET monolayer point P/P0 = {x_m:.3g} lies outside the fitted range "
@@ -1485,7 +1520,9 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
       * one row per point with scalar `pressure`/`adsorption` (or `pressure_bar`/`adsorption_mmol_g`)
         columns, grouped into isotherms by `filename` (or `isotherm`), else one isotherm.
     Returns a new table, one row per isotherm, with columns <param> and <param>_se for the model's
-    parameters, r2, rmse, aic, n_points and fit_error ('' when fitted). fit_kwargs go to the fitter,
+    parameters, r2, rmse, aic, n_points, fit_error ('' when fitted), degenerate ('' unless the fitted
+    parameters are not determined, see IsothermFit) and fit_warning (the fit's warnings, e.g. dropped points,
+    collected here instead of raised). fit_kwargs go to the fitter,
     e.g. `fit_isotherm_table(df, "sips", fix_K=2.5)` for the study's own table.
     """
     import pandas as pd
@@ -1508,14 +1545,19 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
     for _, row in tqdm(df.iterrows(), total=len(df), disable=not progress, desc=f"fit {model}"):
         out = dict.fromkeys([c for p in names for c in (p, f"{p}_se")] + ["r2", "rmse", "aic"], np.nan)
         note = row.get("note")
-        out.update(n_points=0, fit_error="" if note is None or pd.isna(note) else str(note))
+        out.update(n_points=0, fit_error="" if note is None or pd.isna(note) else str(note), degenerate="",
+                   fit_warning="")
         if not out["fit_error"]:
-            try:
-                fit = FITTERS[model](_cell_points(row[p_col]), _cell_points(row[q_col]), **fit_kwargs)
-                out.update({**fit.params, **{f"{p}_se": s for p, s in fit.se.items()}},
-                           r2=fit.r2, rmse=fit.rmse, aic=fit.aic, n_points=fit.n_points)
-            except (ValueError, TypeError, RuntimeError) as e:
-                out["fit_error"] = f"{type(e).__name__}: {e}"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    fit = FITTERS[model](_cell_points(row[p_col]), _cell_points(row[q_col]), **fit_kwargs)
+                    out.update({**fit.params, **{f"{p}_se": s for p, s in fit.se.items()}},
+                               r2=fit.r2, rmse=fit.rmse, aic=fit.aic, n_points=fit.n_points,
+                               degenerate=fit.degenerate)
+                except (ValueError, TypeError, RuntimeError) as e:
+                    out["fit_error"] = f"{type(e).__name__}: {e}"
+            out["fit_warning"] = "; ".join(str(w.message) for w in caught)
         rows.append(out)
     result = df.reset_index(drop=True).copy()
     for col, values in pd.DataFrame(rows).items():
