@@ -3659,9 +3659,37 @@ def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", 
 
 
 def main(argv=None):
-    """python mofkit.py {notebook, voxelize, shards, train, sample} ... (each with --help)."""
+    """python mofkit.py {notebook, voxelize, shards, train, sample} ... (each with --help).
+
+    Every error ends the command with ONE line on stderr, `mofkit: error: ...`, and exit status 1 (2 for bad
+    arguments, 130 for Ctrl-C); `--debug` anywhere on the line shows the full traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mofkit: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or "(no message)"
+        print(f"mofkit: error: {message if isinstance(e, _CLEAR_ERRORS) else f'{type(e).__name__}: {message}'} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# Errors whose message already says what is wrong with which input (the CLI prints them without a type name).
+_CLEAR_ERRORS = (ValueError, DownloadError, CheckpointError, TrainingDiverged, FileNotFoundError,
+                 IsADirectoryError, PermissionError)
+
+
+def _main(argv):
     import argparse
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:                   # its flags mirror TrainConfig; torchrun-friendly
         return main_train(argv[1:])
     p = argparse.ArgumentParser(prog="mofkit.py", description=__doc__.split("\n")[0])
@@ -3696,21 +3724,36 @@ def main(argv=None):
         print(run_notebook(out_dir=args.out, mode=args.mode))
     elif args.command == "voxelize":
         out = Path(args.out)
-        for src in args.structures:
-            atoms = read_structure(src) if src.endswith(".cif") else load_coremof(src)
-            grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=args.device)
+        _check_grid_settings(args.size, args.frame, args.spacing, 12.8, 5000.0)
+        device = usable_device(args.device)
+        failures = []
+
+        def one(src):
+            atoms = read_structure(src) if src.lower().endswith(".cif") else load_coremof(src)
+            grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=device)
             name = atoms.info["name"]
             with atomic_write(out / f"{name}.npy") as f:
                 np.save(f, grid)
             print(f"{name}: {out / (name + '.npy')}  K_H(77 K) = "
                   f"{henry_coefficient(grid, framework_density(atoms)):.3e} mol/kg/Pa, "
                   f"Q_st = {heat_of_adsorption(grid):.2f} kJ/mol")
+
+        for src in args.structures:  # one bad input never stops the others
+            _read_or_record(lambda: one(src), src, failures)
+        if failures:
+            _write_csv(out / "failures.csv", ["name", "reason"], [{"name": n, "reason": r} for n, r in failures])
+            raise ValueError(f"{len(failures)} of {len(args.structures)} structures failed, listed in "
+                             f"{out / 'failures.csv'}; first: {failures[0][1]}")
     elif args.command == "shards":
         params = ShardParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe)
         rows = build_shards(args.out_dir, args.source, params=params, shard_size=args.shard_size,
-                            limit=args.limit, device=args.device)
-        print(f"{len(rows)} shards in {args.out_dir} (manifest: {Path(args.out_dir) / 'data_manifest.csv'})")
+                            limit=args.limit, device=args.device, progress=False)
+        print(f"{build_summary(rows, args.out_dir)}; manifest: {Path(args.out_dir) / 'data_manifest.csv'}")
+        if not sum(int(r["n_grids"] or 0) for r in rows):
+            raise ValueError(f"no grid was built: every structure failed (see {Path(args.out_dir) / 'failures.csv'})")
     elif args.command == "sample":
+        if args.n < 1:
+            raise ValueError(f"--n {args.n}: the number of grids must be >= 1")
         out = Path(args.out)
         grids = sample(args.checkpoint, args.n, seed=args.seed, device=args.device)
         with atomic_write(out / "generated.npy") as f:
