@@ -1749,7 +1749,7 @@ def write_shard(path, grids, meta):
     if grids16.ndim != 5 or not np.isfinite(grids16).all():
         raise ValueError(f"{path}: grids must be finite (N, C, D, D, D) below 65504, got shape {grids16.shape}")
     full = {"format": SHARD_FORMAT, "shard": path.name, **meta,
-            "data_sha256": hashlib.sha256(memoryview(grids16).cast("B")).hexdigest()}
+            "data_sha256": hashlib.sha256(grids16.reshape(-1).view(np.uint8)).hexdigest()}
     full["footer_sha256"] = _footer_digest(full)
     footer = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
     with atomic_write(path) as f:
