@@ -769,7 +769,8 @@ def read_structure(source, name=None, min_distance_A=0.5):
         text = source
     name = name or "structure"
     if not re.search(r"^\s*data_", text, re.M | re.I):
-        raise StructureError(f"{name}: malformed CIF (no 'data_' block header, so not a CIF; it starts with {text[:40]!r})")
+        raise StructureError(f"{name}: malformed CIF (no 'data_' block header, so not a CIF; it starts with "
+                             f"{text[:40]!r})")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # ase warns on every CIF without occupancies/spacegroup tags
@@ -830,7 +831,8 @@ def _read_or_record(read, name, failures):
         return read()
     except Exception as err:
         if failures is not None:
-            failures.append((name, str(err) if isinstance(err, StructureError) else f"{name}: {type(err).__name__}: {err}"))
+            reason = str(err) if isinstance(err, StructureError) else f"{name}: {type(err).__name__}: {err}"
+            failures.append((name, reason))
         return None
 
 

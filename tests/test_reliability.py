@@ -128,7 +128,8 @@ def test_a_p1_label_over_more_symmetry_operations_reads_like_ase(tmp_path):
         reference = ase.io.read(tmp_path / "p1ops.cif")
     atoms = mofkit.read_structure(text, name="p1ops")
     assert len(atoms) == len(reference) == 4  # was 2
-    np.testing.assert_allclose(sorted(atoms.get_scaled_positions()[:, 0]), sorted(reference.get_scaled_positions()[:, 0]))
+    np.testing.assert_allclose(sorted(atoms.get_scaled_positions()[:, 0]),
+                               sorted(reference.get_scaled_positions()[:, 0]))
 
 
 def test_a_path_string_starting_with_data_is_a_path_when_the_file_exists(tmp_path, monkeypatch):
@@ -322,8 +323,9 @@ def test_ensure_shards_never_replaces_a_corrupt_shard_by_an_empty_one(tmp_path):
     for p in folder.iterdir():
         p.unlink()
     folder.rmdir()  # the source is gone
-    with pytest.warns(UserWarning, match="does not match its manifest row"), \
-            pytest.raises(mofkit.ShardError, match="shard_00000.npy is not in .* cannot be built: .*cifs: no such folder"):
+    cannot = "shard_00000.npy is not in .* cannot be built: .*cifs: no such folder"
+    with pytest.warns(UserWarning, match="does not match its manifest row"), pytest.raises(mofkit.ShardError,
+                                                                                              match=cannot):
         mofkit.ensure_shards(manifest, dest, progress=False)
     assert not (dest / "shard_00000.npy").exists()
 
