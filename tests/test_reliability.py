@@ -412,12 +412,9 @@ def test_fetch_mofxdb_is_bounded_by_default_and_names_a_wrong_page(tmp_path, htt
 
 
 def test_fetch_isodb_never_caches_an_error_document(tmp_path, http_server):
-    record = json.loads((Path(__file__).parent / "fixtures" / "isodb" /
-                         "10.1002adem.200500223.isotherm1.json").read_text()) \
-        if (Path(__file__).parent / "fixtures" / "isodb").exists() else None
-    record = record or {"filename": "f1", "DOI": "d", "adsorbent": {"name": "X"}, "adsorbates": [{"name": "Hydrogen"}],
-                        "pressureUnits": "bar", "adsorptionUnits": "mmol/g", "temperature": 77,
-                        "isotherm_data": [{"pressure": 1.0, "total_adsorption": 2.0}]}
+    record = {"filename": "f1", "DOI": "d", "adsorbent": {"name": "X"}, "adsorbates": [{"name": "Hydrogen"}],
+              "pressureUnits": "bar", "adsorptionUnits": "mmol/g", "temperature": 77,
+              "isotherm_data": [{"pressure": 1.0, "total_adsorption": 2.0}]}
     http_server.route("/isodb/api/isotherm/f1.json", {"detail": "Not found."}, record)
     kw = dict(base_url=http_server.url, cache_dir=tmp_path, progress=False, retries=0)
     with pytest.raises(mofkit.DownloadError, match="f1.json: not the document expected .*nothing was cached"):
