@@ -2152,7 +2152,7 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
         raise ShardError(f"{dest_dir}: is a file, not a folder for shards")
     local_csv = dest_dir / "data_manifest.csv"
     local = {r["shard"]: r for r in read_manifest(local_csv)} if local_csv.exists() else {}
-    paths = []
+    paths, built = [], []
     for row in tqdm(read_manifest(manifest_csv), desc="checking shards", disable=not progress):
         shard, path = row["shard"], dest_dir / row["shard"]
         params, members = ShardParams(**json.loads(row["params"])), row["names"].split(";")
@@ -2177,7 +2177,7 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
                 raise ShardError(f"shard {shard} is not in {dest_dir} and could not be downloaded: rerun "
                                  f"ensure_shards later, or with build_missing=True to build it locally")
             try:
-                _build([(shard, members)], dest_dir, row["source"], params, usable_device(device), progress)
+                built += _build([(shard, members)], dest_dir, row["source"], params, usable_device(device), progress)
             except ValueError as e:  # ShardError is a ValueError: a missing source folder, an unusable device
                 raise ShardError(f"shard {shard} is not in {dest_dir} and cannot be built: {e}") from e
             if not read_shard_meta(path)["names"]:
@@ -2190,6 +2190,8 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
             raise ShardError(f"shard {shard}: {path} passed its checksum but holds other structures or parameters "
                              f"than its manifest row: the manifest {manifest_csv} is inconsistent, fix its row")
         paths.append(path)
+    if built and progress:
+        print(f"built locally: {build_summary(built, dest_dir)}")
     return paths
 
 
