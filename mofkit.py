@@ -1683,9 +1683,11 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 # (the study: ~6.9 MB of text), rounded to relative precision 2^-11 ~ 5e-4 (at most 2 K at the 5000 K cap,
 # 0.25 K near -1000 K); its largest value is 65504, hence cap_K <= 60000. The footer holds the requested members, the
 # names of the stored grids in order, the failures, the voxelizer parameters and per-structure properties
-# (computed from the float32 grid before rounding), and makes the file self-verifying: its own file name and the
-# sha256 of the grid bytes and of the footer, so a shard built here and one downloaded without a published
-# sha256 are equally safe (checked on first open; cost in README, Reliability).
+# (computed from the float32 grid before rounding). Channel 0 is the energy in kelvin; with
+# ShardParams.density_classes the atom-density channels follow, in [0, 1] (float16 keeps 2^-11 near 1); the footer's
+# "channels" names each. The footer also makes the file self-verifying: its own file name and the sha256 of the
+# grid bytes and of the footer, so a shard built here and one downloaded without a published sha256 are equally
+# safe (checked on first open; cost in README, Reliability).
 
 SHARD_MAGIC = b"MOFSHRD1"
 SHARD_FORMAT = "mofkit-shard-2"     # footer holds the file's name and the sha256 of its grids and of itself
@@ -1710,6 +1712,7 @@ class ShardParams:
     cutoff_A: float = 12.8
     cap_K: float = 5000.0
     temperature_K: float = 77.0  # of the Henry coefficient and heat of adsorption stored per structure
+    density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
@@ -1719,12 +1722,29 @@ class ShardParams:
             raise ValueError(f"temperature_K={self.temperature_K}: must be a positive finite temperature")
         if not 0 < self.cap_K <= 60000:
             raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
+        if self.density_classes:
+            check_density_classes(self.density_classes)
+            if self.frame != "cube":
+                raise ValueError(f"density_classes need frame='cube' (density_channels' frame), got {self.frame!r}")
+
+    @property
+    def channels(self) -> list:
+        """What each stored channel is: "energy_K", then "density:<class>" per density class."""
+        return ["energy_K"] + [f"density:{c}" for c in self.density_classes]
 
     def voxelize_kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "temperature_K"}
+        return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes")}
+
+    def to_dict(self) -> dict:
+        """The fields; without density channels exactly those (and so the hash) of the parameters before density
+        channels existed."""
+        fields = asdict(self)
+        if not self.density_classes:
+            del fields["density_classes"]
+        return fields
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @property
     def hash(self) -> str:
@@ -2003,7 +2023,9 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
                 density = framework_density(atoms_by_name[name])
                 props[name] = [density, henry_coefficient(grid_K, density, params.temperature_K),
                                heat_of_adsorption(grid_K, params.temperature_K)]
-                grids[name] = grid_K.astype(np.float16)
+                atom_channels = [density_channels(atoms_by_name[name], params.size, params.spacing_A,
+                                                  classes=params.density_classes)] if params.density_classes else []
+                grids[name] = np.concatenate([grid_K[None]] + atom_channels).astype(np.float16)
             bar.update(len(chunk))
     reported = {n for n, _ in failures}
     failures += [(n, "not found in the source") for n in members if n not in grids and n not in reported]
@@ -2014,10 +2036,12 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
         for n in names:
             props[n] += table.loc[n].tolist() if n in table.index else [None] * len(table.columns)
     size = params.size
-    meta = {"source": label, "params": asdict(params), "members": list(members), "names": names,
+    meta = {"source": label, "params": params.to_dict(), "channels": params.channels, "members": list(members),
+            "names": names,
             "failures": [list(f) for f in failures],
             "properties": {"columns": columns, "rows": [[_json_value(v) for v in props[n]] for n in names]}}
-    stacked = np.stack([grids[n] for n in names])[:, None] if names else np.zeros((0, 1, size, size, size))
+    stacked = (np.stack([grids[n] for n in names]) if names
+               else np.zeros((0, len(params.channels), size, size, size)))
     write_shard(path, stacked, meta)
     return meta
 
@@ -2258,6 +2282,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """Grids in all shards (all ranks)."""
         return self.offsets[-1]
 
+    @property
+    def params(self) -> ShardParams:
+        """How the first shard's grids were made: .channels says what each channel is, .density_classes and
+        .spacing_A are what grid_to_atoms / structure_report need to decode them."""
+        return ShardParams(**read_shard_meta(self.shards[0])["params"])
+
     def set_epoch(self, epoch, start=0):
         """Select the epoch's order; start=k skips its first k samples (of this rank) to resume mid-epoch."""
         self.epoch, self.start = epoch, start
@@ -2338,7 +2368,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # The study's network (after Wu et al. 2016): a latent vector is projected by a Linear layer to a
 # 4^3 x `channels` volume and doubled in size by k4 s2 p1 transposed convolutions, halving the channels
 # each time; the discriminator mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm
-# follows them); both nets end in a Sigmoid. At dim 64, latent 200, 512 channels this is exactly the
+# follows them). In the study both nets end in a Sigmoid; here the discriminator's is optional (`sigmoid=`)
+# and the generator's output squashing follows the input transform. At dim 64, latent 200, 512 channels this is exactly the
 # study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer
 # layout is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it),
 # the last transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
@@ -2354,19 +2385,22 @@ def _widths(dim, channels):
 
 
 class Generator(torch.nn.Module):
-    """z (N, latent) -> grids (N, out_channels, dim, dim, dim) in [0, 1] (GAN space, see `to_gan_input`)."""
+    """z (N, latent) -> grids (N, out_channels, dim, dim, dim) in GAN space (see `to_gan_input`): a Sigmoid
+    output in [0, 1] for the study's "wells" transform, Tanh in [-1, 1] for "signed"."""
 
-    def __init__(self, dim=64, latent=200, channels=512, out_channels=1):
+    def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells"):
         super().__init__()
         nn = torch.nn
         widths = _widths(dim, channels)
         self.dim, self.latent, self.channels, self.out_channels = dim, latent, channels, out_channels
+        self.transform = _check_transform(transform)
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out),
                        nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose3d(widths[-1], out_channels, 4, 2, 1, bias=False), nn.Sigmoid()]
+        layers += [nn.ConvTranspose3d(widths[-1], out_channels, 4, 2, 1, bias=False),
+                   nn.Sigmoid() if transform == "wells" else nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -2395,15 +2429,29 @@ class Discriminator(torch.nn.Module):
         return torch.sigmoid(score) if self.sigmoid else score
 
 
-# The study's input transform: attractive wells (E < 0) become positive values in (0, 1], everything
-# repulsive becomes 0, wells deeper than E_scale saturate at 1. Extra channels (atom densities already in
-# [0, 1]) pass through unchanged; the channel axis is -4 for inputs with 4 or more dimensions.
+# Input transforms (kelvin -> GAN space), on channel 0; extra channels (atom densities already in [0, 1])
+# pass through unchanged; the channel axis is -4 for inputs with 4 or more dimensions.
+#   "wells"  (the study's): x = clip(-E, 0, E_scale) / E_scale in [0, 1]: every repulsive voxel becomes 0,
+#            so the atom cores that locate the framework are invisible to both networks.
+#   "signed" x = clip(-E / E_scale, -1, 1): wells as above, and repulsion up to +E_scale K kept as negative
+#            values (the cores' edges), in the spirit of ZeoGAN, which keeps energies up to +5000 K scaled.
+# Either way `from_gan_output` gives kelvin back, and comparisons with real grids are made on the attractive
+# part (`gan_round_trip`), the only part both transforms keep.
+TRANSFORMS = ("wells", "signed")
 
-def _map_energy_channel(x, fn):
+
+def _check_transform(transform):
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform={transform!r}: use one of {TRANSFORMS}")
+    return transform
+
+
+def _map_energy_channel(x, fn, density_fn=None):
     if x.ndim < 4 or x.shape[-4] == 1:
         return fn(x)
     cat = torch.cat if torch.is_tensor(x) else np.concatenate
-    return cat([fn(x[..., :1, :, :, :]), x[..., 1:, :, :, :]], -4)
+    rest = x[..., 1:, :, :, :]
+    return cat([fn(x[..., :1, :, :, :]), density_fn(rest) if density_fn else rest], -4)
 
 
 def _check_e_scale(e_scale_K):
@@ -2415,16 +2463,31 @@ def _float32(x):
     return x.float() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
 
 
-def to_gan_input(grid_K, e_scale_K):
-    """Kelvin grid(s) -> GAN space: clip(-E, 0, E_scale) / E_scale on channel 0 (numpy or torch, float32)."""
+def to_gan_input(grid_K, e_scale_K, transform="wells"):
+    """Kelvin grid(s) -> GAN space on channel 0 (numpy or torch, float32); see TRANSFORMS above. Under
+    "signed" the density channels are mapped from [0, 1] to [-1, 1] too, the generator's Tanh range."""
     _check_e_scale(e_scale_K)
-    return _map_energy_channel(_float32(grid_K), lambda e: (-e).clip(0, e_scale_K) / e_scale_K)
+    lo = {"wells": 0.0, "signed": -1.0}[_check_transform(transform)]
+    return _map_energy_channel(_float32(grid_K), lambda e: (-e / e_scale_K).clip(lo, 1.0),
+                               (lambda d: 2 * d - 1) if transform == "signed" else None)
 
 
-def from_gan_output(x, e_scale_K):
-    """GAN space -> kelvin: E = -x * E_scale on channel 0 (repulsive regions come back as 0 K)."""
+def from_gan_output(x, e_scale_K, transform="wells"):
+    """GAN space -> kelvin: E = -x * E_scale on channel 0 (either transform; "wells" has no repulsion to give
+    back); density channels back to [0, 1]."""
     _check_e_scale(e_scale_K)
-    return _map_energy_channel(_float32(x), lambda v: -v * e_scale_K)
+    return _map_energy_channel(_float32(x), lambda v: -v * e_scale_K,
+                               (lambda d: (d + 1) / 2) if _check_transform(transform) == "signed" else None)
+
+
+def gan_round_trip(grid_K, e_scale_K):
+    """Kelvin grid(s) as every comparison sees them: energies clipped to [-E_scale, 0] K on channel 0.
+
+    Real grids and generated grids (of either transform) both go through this before they are compared:
+    the wells are the part every transform represents, so a comparison measures the generator, not the clip.
+    """
+    _check_e_scale(e_scale_K)
+    return _map_energy_channel(_float32(grid_K), lambda e: e.clip(-e_scale_K, 0.0))
 
 
 def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
@@ -2473,21 +2536,35 @@ class TrainingDiverged(FloatingPointError):
     """A loss became NaN/Inf; nothing is saved from then on (the message says which checkpoint, if any, is kept)."""
 
 
+LOSSES = ("lsgan", "hinge", "nonsat")
+
+
 @dataclass
 class TrainConfig:
-    """Defaults are the study's best run (48 epochs, batch 2, latent 200, Adam 2e-4 (0.5, 0.999), fp32 eager).
-
-    `TrainConfig.fast_gpu()` is the kit's GPU preset (bf16/fp16 autocast, channels_last_3d, torch.compile,
-    batch 64 with the same lr: DCGAN's own recipe). A bigger batch means fewer updates per epoch.
+    """One training run. Defaults are the kit's recipe, chosen by the ablation in README (benchmarks/ablation.py);
+    `TrainConfig.study()` is the study's exact recipe and `TrainConfig.fast_gpu()` the kit's recipe with GPU
+    speed settings. The architecture defaults are the study's (dim 64, latent 200, 512 channels).
     """
     dim: int = 64                   # grid edge in voxels (8, 16, 32, 64, 128, ...)
     channels: int = 512             # feature channels at the 4^3 bottleneck
     latent: int = 200
     grid_channels: int = 1          # channel 0 = energy (K); more channels = atom densities in [0, 1]
     epochs: int = 48
-    batch_size: int = 2             # per process
+    batch_size: int = 8             # per process
     lr: float = 2e-4
     betas: tuple = (0.5, 0.999)
+    loss: str = "lsgan"             # "lsgan": least squares to targets 1 (real) / 0 (fake) on D's output;
+                                    # "hinge"; "nonsat": non-saturating logistic. See `gan_losses`.
+    d_sigmoid: bool = False         # the study's D ends in a Sigmoid; under least squares its gradient vanishes
+                                    # once D wins and G freezes (README, "The study's recipe"). False: D's raw
+                                    # score, as LSGAN's authors (Mao et al. 2017) use it.
+    transform: str = "wells"        # kelvin -> GAN space on channel 0: "wells" (the study's) or "signed"
+    ema: float = 0.999              # decay of the generator's exponential moving average used for sampling
+                                    # (Yazici et al. 2019); 0 = sample the raw generator
+    r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
+    r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
+    augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
+                                    # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
     seed: int = 0
     device: str = "auto"            # "auto": cuda:LOCAL_RANK when available, else cpu
@@ -2499,13 +2576,34 @@ class TrainConfig:
     log_every: int = 10             # steps per history row (and per NaN check)
     checkpoint_every_steps: int = 1000
     checkpoint_every_min: float = 10.0
-    d_sigmoid: bool = True          # the study's D ends in a Sigmoid. Under the least-squares loss its gradient
-                                    # vanishes once D wins (D(fake) ~ 1e-7 within ~100 steps on the cpu32
-                                    # benchmark, G frozen); False: LSGAN on D's raw score, as Mao et al.
+
+    def __post_init__(self):
+        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "latent": self.latent >= 1,
+                  "lr": self.lr > 0, "ema": 0 <= self.ema < 1, "r1_gamma": self.r1_gamma >= 0,
+                  "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
+                  "log_every": self.log_every >= 1, "checkpoint_every_steps": self.checkpoint_every_steps >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig: {name}={getattr(self, name)!r} is out of range")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig: loss={self.loss!r}: use one of {LOSSES}")
+        if self.d_sigmoid and self.loss != "lsgan":
+            raise ValueError(f"TrainConfig: loss={self.loss!r} needs D's raw score (d_sigmoid=False)")
+        _check_transform(self.transform)
+        _widths(self.dim, self.channels)
+
+    @classmethod
+    def study(cls, **overrides):
+        """The study's recipe exactly: Sigmoid D under MSE (targets 1/0), batch 2, 48 epochs, Adam 2e-4
+        (0.5, 0.999), the "wells" transform, no EMA, no regulariser, no augmentation."""
+        preset = dict(batch_size=2, epochs=48, loss="lsgan", d_sigmoid=True, transform="wells", ema=0.0,
+                      r1_gamma=0.0, augment=False)
+        return cls(**{**preset, **overrides})
 
     @classmethod
     def fast_gpu(cls, **overrides):
-        """The kit's default GPU preset; any field can still be overridden."""
+        """The kit's recipe with GPU speed settings (autocast, channels_last_3d, torch.compile, batch 64 with the
+        same lr: DCGAN's own setting); any field can still be overridden."""
         preset = dict(batch_size=64, precision="auto", channels_last=True, compile=True,
                       num_workers=min(4, os.cpu_count() or 1))  # Colab: 2 vCPUs
         return cls(**{**preset, **overrides})
@@ -2567,12 +2665,66 @@ def load_checkpoint(path, map_location="cpu"):
 
 def _config_from_checkpoint(ckpt):
     names = TrainConfig.__dataclass_fields__.keys()
-    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+    # checkpoints written before a field existed ran with the behaviour its study-preset value names
+    legacy = {"batch_size": 2, "ema": 0.0, "transform": "wells", "d_sigmoid": True}
+    return TrainConfig(**{**legacy, **{k: v for k, v in ckpt["config"].items() if k in names}})
 
 
 def _models(config):
-    return (Generator(config.dim, config.latent, config.channels, config.grid_channels),
+    return (Generator(config.dim, config.latent, config.channels, config.grid_channels, config.transform),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid))
+
+
+# --- the objective -------------------------------------------------------------
+
+def discriminator_loss(loss, d_real, d_fake):
+    """The loss D minimises, from its outputs on real and generated batches (`loss` as in TrainConfig):
+    lsgan 0.5 (mean (D(x) - 1)^2 + mean D(G(z))^2); hinge mean relu(1 - D(x)) + mean relu(1 + D(G(z)));
+    nonsat mean softplus(-D(x)) + mean softplus(D(G(z))) (the logistic loss on raw scores)."""
+    F = torch.nn.functional
+    if loss == "lsgan":
+        return 0.5 * (F.mse_loss(d_real, torch.ones_like(d_real)) + F.mse_loss(d_fake, torch.zeros_like(d_fake)))
+    if loss == "hinge":
+        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    if loss == "nonsat":
+        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
+
+
+def generator_loss(loss, d_gen):
+    """The loss G minimises from D's output on its batch: lsgan mean (D(G(z)) - 1)^2; hinge -mean D(G(z));
+    nonsat mean softplus(-D(G(z))) (Goodfellow et al.'s non-saturating form)."""
+    F = torch.nn.functional
+    if loss == "lsgan":
+        return F.mse_loss(d_gen, torch.ones_like(d_gen))
+    if loss == "hinge":
+        return -d_gen.mean()
+    if loss == "nonsat":
+        return F.softplus(-d_gen).mean()
+    raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
+
+
+CUBE_SYMMETRIES = 48  # 6 axis permutations x 8 sign flips: the cube's rotations and reflections
+
+
+def cube_symmetry(grid, index):
+    """`grid` (..., D, D, D) under symmetry `index` of the cube (0 = identity): the three spatial axes
+    permuted (index // 8 picks one of the 6 orders) and flipped (bits of index % 8). On a cube cut from a
+    crystal this is the cube cut from the crystal rotated or reflected about the cube's centre."""
+    import itertools
+    if not 0 <= index < CUBE_SYMMETRIES:
+        raise ValueError(f"index={index}: a cube symmetry is 0..{CUBE_SYMMETRIES - 1}")
+    lead = grid.ndim - 3
+    perm = list(itertools.permutations(range(3)))[index // 8]
+    grid = grid.permute(*range(lead), *(lead + a for a in perm))
+    flips = [lead + a for a in range(3) if index % 8 >> a & 1]
+    return grid.flip(flips) if flips else grid
+
+
+def _augment(batch):
+    """Each grid of (N, C, D, D, D) under its own random cube symmetry (global torch RNG: resumes exactly)."""
+    picks = torch.randint(CUBE_SYMMETRIES, (len(batch),)).tolist()
+    return torch.stack([cube_symmetry(g, i) for g, i in zip(batch, picks)])
 
 
 # --- one step ----------------------------------------------------------------
@@ -2580,11 +2732,14 @@ def _models(config):
 @dataclass
 class _Run:
     """The live training objects: raw modules (for state_dicts), the callables to run them, optimizers."""
+    config: TrainConfig
     G: torch.nn.Module
     D: torch.nn.Module
+    G_ema: torch.nn.Module | None    # the moving average of G's weights that `sample` uses (None: ema = 0)
     g: object                        # G, maybe DDP- and/or compile-wrapped
     d: object                        # D for the D step (DDP-wrapped under torchrun)
     d_for_g: object                  # D for the G step: no DDP, its weight grads are never needed
+    d_r1: object                     # D for R1 steps: never compiled (torch.compile has no double backward)
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     scaler: object
@@ -2609,11 +2764,13 @@ def _resolve_precision(precision, device):
 
 def _build_run(config, device, ddp=False):
     """Models, optimizers and wrappers for `config` on `device` (DDP when running under torchrun)."""
+    import copy
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     G, D = (m.to(device) for m in _models(config))
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
+    G_ema = copy.deepcopy(G).requires_grad_(False) if config.ema > 0 else None
     adam = dict(lr=config.lr, betas=tuple(config.betas))
     opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     precision = _resolve_precision(config.precision, device)
@@ -2623,34 +2780,49 @@ def _build_run(config, device, ddp=False):
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
         g, d = DDP(G, device_ids=ids, broadcast_buffers=True), DDP(D, device_ids=ids, broadcast_buffers=True)
+    d_r1 = d
     if config.compile:
         g, d = torch.compile(g), torch.compile(d)
         d_for_g = torch.compile(D) if ddp else d
-    return _Run(G, D, g, d, d_for_g, opt_g, opt_d, scaler, precision, memory_format)
+    return _Run(config, G, D, G_ema, g, d, d_for_g, d_r1, opt_g, opt_d, scaler, precision, memory_format)
 
 
-def _gan_step(run, real):
-    """One LSGAN update of D, then of G, on a batch of GAN-space grids; returns [loss_d, loss_g, D(real), D(fake)]."""
-    mse = torch.nn.functional.mse_loss
-    device_type = real.device.type
+def _gan_step(run, real, step):
+    """One update of D, then of G, on a batch of GAN-space grids (`run.config.loss`; lazy R1 on D every
+    `r1_every` steps; then the EMA of G); returns [loss_d, loss_g, D(real), D(fake)] (loss_d without R1)."""
+    config, device_type = run.config, real.device.type
+    r1 = config.r1_gamma > 0 and step % config.r1_every == 0
     z = torch.randn(real.shape[0], run.G.latent, device=real.device)
+    if r1:
+        real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
         fake = run.g(z)
-        d_real, d_fake = run.d(real).float(), run.d(fake.detach()).float()
-        loss_d = 0.5 * (mse(d_real, torch.ones_like(d_real)) + mse(d_fake, torch.zeros_like(d_fake)))
+        d_real = (run.d_r1 if r1 else run.d)(real).float()
+        d_fake = run.d(fake.detach()).float()
+        loss_d = discriminator_loss(config.loss, d_real, d_fake)
+    total_d = loss_d
+    if r1:  # zero-centred gradient penalty on real data, scaled by the interval (lazy regularisation)
+        grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+        total_d = loss_d + 0.5 * config.r1_gamma * config.r1_every * grad.float().pow(2).flatten(1).sum(1).mean()
     run.opt_d.zero_grad(set_to_none=True)
-    run.scaler.scale(loss_d).backward()
+    run.scaler.scale(total_d).backward()
     run.scaler.step(run.opt_d)
 
     run.D.requires_grad_(False)  # the G step needs D's input gradients only
     with run.autocast(device_type):
         d_gen = run.d_for_g(fake).float()
-        loss_g = mse(d_gen, torch.ones_like(d_gen))
+        loss_g = generator_loss(config.loss, d_gen)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)
     run.scaler.update()
     run.D.requires_grad_(True)
+    if run.G_ema is not None:
+        decay = min(config.ema, (1 + step) / (10 + step))  # short warm-up: early averages forget the init
+        with torch.no_grad():
+            torch._foreach_lerp_(list(run.G_ema.parameters()), list(run.G.parameters()), 1 - decay)
+            for b_ema, b in zip(run.G_ema.buffers(), run.G.buffers()):
+                b_ema.copy_(b)
     return torch.stack([loss_d, loss_g, d_real.mean(), d_fake.mean()]).detach()
 
 
@@ -2771,9 +2943,14 @@ RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "log_every", "checkpoint
 
 def _config_changes(saved, config) -> dict:
     """{field: [checkpoint's value, config's value]} for the fields of `config` that differ from a checkpoint's
-    config and would change the run (a field the checkpoint predates counts as its default)."""
+    config and would change the run (a field the checkpoint predates counts as `_config_from_checkpoint` reads
+    it: its legacy value, else its default)."""
     def norm(v):
         return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+    try:
+        saved = asdict(_config_from_checkpoint({"config": saved}))
+    except (TypeError, ValueError):  # a config today's TrainConfig refuses: compare what was stored
+        pass
     changes = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in RESUME_MAY_CHANGE or f.name in ARCH_FIELDS or f.name == "e_scale_K":
@@ -2836,6 +3013,12 @@ def _e_scale(config, dataset, world, device):
     return float(e_scale)
 
 
+def _grid_params_of(dataset):
+    """The voxelize settings of a shard dataset's grids (recorded with the weights), else None."""
+    shards = getattr(dataset, "shards", None)
+    return read_shard_meta(shards[0]).get("params") if shards else None
+
+
 def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True,
           max_minutes=None, allow_config_change=False):
     """Train the GAN on `dataset` (kelvin grids (C, D, D, D): a list, torch Dataset or ShardDataset).
@@ -2878,6 +3061,8 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
             run.opt_g.load_state_dict(ckpt["opt_g"])
             run.opt_d.load_state_dict(ckpt["opt_d"])
             run.scaler.load_state_dict(ckpt["scaler"])
+            if run.G_ema is not None:
+                run.G_ema.load_state_dict(ckpt.get("generator_ema") or ckpt["generator"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt['path']}: does not fit this model/optimizer ({e})") from e
         rng = ckpt["rng"]
@@ -2891,6 +3076,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         _write_history_csv(history_csv, history)  # drops rows logged after the checkpoint we resume from
     stop_at = max_steps if max_steps is not None else float("inf")
     saved_config = {**asdict(config), "e_scale_K": e_scale}
+    grid_params = _grid_params_of(dataset) if ckpt is None else ckpt.get("grid_params")
     config_changes = ckpt["config_changes"] if ckpt is not None else []
     saved_step = None  # the step of the checkpoint this call wrote last
 
@@ -2902,7 +3088,9 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         else:
             states = [_rng_state()]
         if rank == 0:
-            state = {"config": saved_config, "e_scale_K": e_scale, "generator": run.G.state_dict(),
+            state = {"config": saved_config, "e_scale_K": e_scale, "grid_params": grid_params,
+                     "generator": run.G.state_dict(),
+                     "generator_ema": run.G_ema.state_dict() if run.G_ema is not None else None,
                      "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(),
                      "opt_d": run.opt_d.state_dict(), "scaler": run.scaler.state_dict(), "rng": states,
                      "step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
@@ -2962,8 +3150,9 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         epoch_start = step
         batches = _epoch_batches(dataset, config, epoch, samples_in_epoch, rank, world, pin)
         for real in batches:
-            real = to_gan_input(real.to(device, non_blocking=True), e_scale)
-            acc += _gan_step(run, real.contiguous(memory_format=run.memory_format))
+            real = _augment(real) if config.augment else real
+            real = to_gan_input(real.to(device, non_blocking=True), e_scale, config.transform)
+            acc += _gan_step(run, real.contiguous(memory_format=run.memory_format), step)
             acc_steps += 1
             step += 1
             samples_in_epoch += config.batch_size
@@ -2996,7 +3185,9 @@ def main_train(argv=None):
     p = argparse.ArgumentParser(prog="mofkit.py train", description="Train the 3D GAN on a folder of shards.")
     p.add_argument("shards", help="folder of shard_*.npy files (from build_shards / ensure_shards)")
     p.add_argument("--out", default="mofkit_run", help="run folder: last.pt, history.csv (resumed if present)")
-    p.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() instead of the study's")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() (GPU speed settings)")
+    preset.add_argument("--study", action="store_true", help="start from TrainConfig.study(): the study's exact recipe")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--allow-config-change", action="store_true",
@@ -3008,7 +3199,7 @@ def main_train(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
-    config = TrainConfig.fast_gpu(**overrides) if args.fast_gpu else TrainConfig(**overrides)
+    config = (TrainConfig.fast_gpu if args.fast_gpu else TrainConfig.study if args.study else TrainConfig)(**overrides)
     dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
     _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
     config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
@@ -3018,23 +3209,81 @@ def main_train(argv=None):
     return result
 
 
-def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_scale_K=None):
+def _recalibrate_batchnorm(G, n=256, batch_size=16, seed=0):
+    """Set G's BatchNorm running statistics to their plain average over `n` seeded samples (train-mode batches).
+
+    An EMA generator's weights never ran a forward pass with the running statistics copied from the raw
+    generator; re-estimating them is what makes its eval-mode samples match what it was averaged from.
+    """
+    norms = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return G
+    was_training, momenta = G.training, [m.momentum for m in norms]
+    device = next(G.parameters()).device
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+    z = torch.randn(n, G.latent, generator=torch.Generator().manual_seed(seed))
+    G.train()
+    with torch.no_grad():
+        for batch in z.split(batch_size):
+            G(batch.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return G.train(was_training)
+
+
+def _generator_from(state, ema=True):
+    """A float32 Generator from a checkpoint or generator-file dict: the EMA weights when present (BatchNorm
+    statistics re-estimated), with `.e_scale_K` and `.grid_params` set."""
+    config = _config_from_checkpoint(state)
+    G = _models(config)[0]
+    weights = state.get("generator_ema") if ema else None
+    try:
+        G.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in (weights or state["generator"]).items()})
+    except RuntimeError as e:
+        raise CheckpointError(f"generator weights do not fit the recorded model (dim={config.dim}, "
+                              f"channels={config.channels}, latent={config.latent}): {e}") from None
+    if weights is not None:
+        _recalibrate_batchnorm(G)
+    for name, t in G.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"generator weights hold NaN or Inf ({name}): the run diverged; use an "
+                                  "earlier checkpoint")
+    G.e_scale_K = float(state["e_scale_K"])
+    G.grid_params = state.get("grid_params")
+    return G.eval()
+
+
+def _load_any_generator(path):
+    """A training checkpoint or an exported generator file -> Generator (see `_generator_from`)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable generator or checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(state, dict) and state.get("format") == GENERATOR_FORMAT:
+        return load_generator(path)
+    return _generator_from(load_checkpoint(path))
+
+
+def sample(generator_or_path, n, batch_size=16, seed=0, device=None, e_scale_K=None):
     """n generated grids in kelvin, np.float32 (n, C, D, D, D); channel 0 energy, others densities in [0, 1].
 
-    Pass a checkpoint path (E_scale is read from it), a Generator from `load_generator`, or a Generator plus
-    `e_scale_K`. The generator runs in
-    eval mode (BatchNorm running statistics), so a grid depends only on its latent vector.
+    Pass a training checkpoint or a generator file from `export_generator` (path; the EMA weights when the run
+    kept them), or a Generator (with `.e_scale_K` as `load_generator` sets it, or pass `e_scale_K`). The
+    generator runs in eval mode (BatchNorm running statistics), so a grid depends only on its latent vector
+    and `seed`, not on `batch_size`.
     """
-    if isinstance(generator_or_checkpoint, torch.nn.Module):
-        G = generator_or_checkpoint
-        e_scale_K = getattr(G, "e_scale_K", None) if e_scale_K is None else e_scale_K  # set by load_generator
-        if e_scale_K is None:
-            raise ValueError("sample: pass e_scale_K (kelvin) with a Generator, or give a checkpoint path")
-    else:
-        ckpt = load_checkpoint(generator_or_checkpoint)
-        G = _models(_config_from_checkpoint(ckpt))[0]
-        G.load_state_dict(ckpt["generator"])
-        e_scale_K = ckpt["e_scale_K"] if e_scale_K is None else e_scale_K
+    if not (isinstance(n, int) and n >= 0):
+        raise ValueError(f"sample: n={n!r} must be a whole number >= 0")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"sample: batch_size={batch_size!r} must be a whole number >= 1")
+    G = generator_or_path if isinstance(generator_or_path, torch.nn.Module) else _load_any_generator(generator_or_path)
+    e_scale_K = getattr(G, "e_scale_K", None) if e_scale_K is None else e_scale_K
+    if e_scale_K is None:
+        raise ValueError("sample: pass e_scale_K (kelvin) with a Generator, or give a checkpoint path")
     device = torch.device(device) if device else next(G.parameters()).device
     G = G.to(device)
     was_training = G.training
@@ -3043,22 +3292,24 @@ def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_sca
     out = []
     with torch.no_grad():
         for batch in z.split(batch_size):
-            out.append(from_gan_output(G(batch.to(device)).float(), e_scale_K).cpu().numpy())
+            out.append(from_gan_output(G(batch.to(device)).float(), e_scale_K, G.transform).cpu().numpy())
     G.train(was_training)
     return np.concatenate(out) if out else np.empty((0, G.out_channels) + (G.dim,) * 3, np.float32)
-
 
 
 GENERATOR_FORMAT = "mofkit-generator-1"
 
 
 def export_generator(checkpoint, path, dtype=torch.float16) -> Path:
-    """Write what `sample` needs from a training checkpoint -- generator weights, config, E_scale -- and no
-    optimizer or discriminator state: a few MB to ship (float16 halves it again; the rounding, ~1e-3 of a
-    weight, moves generated energies by far less than a kelvin's worth of the GAN's own noise). Returns path."""
+    """Write what `sample` needs from a training checkpoint -- the generator's weights (the EMA's, BatchNorm
+    statistics re-estimated, when the run kept one), config, E_scale and the grid parameters it was trained on
+    -- and no optimizer or discriminator state: a few MB to ship (float16 halves it again; the rounding, ~1e-3
+    of a weight, moves generated energies by far less than the GAN's own noise). Returns path."""
     ckpt = load_checkpoint(checkpoint)
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["generator"].items()}
+    G = _generator_from(ckpt)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in G.state_dict().items()}
     state = {"format": GENERATOR_FORMAT, "config": ckpt["config"], "e_scale_K": ckpt["e_scale_K"],
+             "grid_params": ckpt.get("grid_params"), "ema": ckpt.get("generator_ema") is not None,
              "step": ckpt["step"], "epoch": ckpt["epoch"], "generator": weights}
     with atomic_write(path) as f:
         torch.save(state, f)
@@ -3066,7 +3317,8 @@ def export_generator(checkpoint, path, dtype=torch.float16) -> Path:
 
 
 def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.csv")):
-    """A Generator saved by `export_generator`, in eval mode and float32, with `.e_scale_K` set, so
+    """A Generator saved by `export_generator`, in eval mode and float32, with `.e_scale_K` and `.grid_params`
+    (the `voxelize` settings of its training grids: compare its samples with grids made the same way) set, so
     `sample(load_generator(path), n)` works. When the manifest has a "weights" row for this file name, the
     file's sha256 must match it (a stale or corrupted download is refused, never used)."""
     path = Path(path)
@@ -3081,10 +3333,10 @@ def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.cs
         raise CheckpointError(f"{path}: not a readable generator file ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != GENERATOR_FORMAT:
         raise CheckpointError(f"{path}: not a {GENERATOR_FORMAT} file (write one with export_generator)")
-    G = _models(_config_from_checkpoint(state))[0]
-    G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["generator"].items()})
-    G.e_scale_K = float(state["e_scale_K"])
-    return G.eval()
+    try:
+        return _generator_from({k: v for k, v in state.items() if k != "generator_ema"}, ema=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # =============================================================================
@@ -3257,6 +3509,227 @@ def memorisation(generated, train, heldout, features="raw", device=None, dtype=t
             "generated_to_train": gen_d, "heldout_to_train": held_d, "nearest_train": nearest.numpy()}
 
 
+# --- the evaluation protocol ----------------------------------------------------------------------------
+# One protocol scores every generator (notebook, benchmarks/reproduce.py, command line):
+#   * real grids come from a refcode-grouped split: near-duplicates (FUVDEH, FUVDEH01, ...) never straddle
+#     train and held-out; held-out grids are exactly as `voxelize` makes them (no augmentation);
+#   * every grid, real or generated, goes through `gan_round_trip` (the attractive part, clipped at E_scale);
+#   * leave-one-out 1-NN accuracy, with a bootstrap 95% interval and per-class accuracies, in three feature
+#     spaces (raw voxels, 4x average-pooled voxels, energy histograms: Xu et al. 2018 show 1-NN is only as
+#     good as its features), over several sampling seeds;
+#   * references measured in the same call: real train vs held-out (the floor: what "indistinguishable"
+#     scores), near-blank grids, the mean training grid plus noise, and the untrained generator;
+#   * memorisation and property distances (log10 K_H, Q_st, core-voxel fraction, roughness).
+
+CSD_REFCODE = re.compile(r"^([A-Z]{6})\d{0,2}$")
+FEATURES = ("raw", "pooled", "histogram")
+
+
+def refcode(name: str) -> str:
+    """The group a CoRE MOF name belongs to: its CSD refcode without the 2-digit polymorph/redetermination
+    suffix (FUVDEH12_clean -> FUVDEH), or, for structures named after a paper's supporting information,
+    the paper (ja4015666_si_002_clean -> ja4015666): conservative, so near-duplicates share a group."""
+    head = name.split("_")[0]
+    match = CSD_REFCODE.match(head)
+    return match.group(1) if match else head
+
+
+def make_split(names, n_heldout, n_train=None, seed=0, parses=None):
+    """[(name, refcode, 'train'|'heldout')]: refcode groups in a seeded random order fill held-out first
+    (until n_heldout structures), then train (until n_train, or all). `parses(name) -> bool` drops
+    structures that fail; whole groups are assigned, so the counts are reached or passed by one group."""
+    groups = {}
+    for name in sorted(names):
+        groups.setdefault(refcode(name), []).append(name)
+    order = sorted(groups)
+    rng = np.random.default_rng(seed)
+    rows, counts = [], {"heldout": 0, "train": 0}
+    for g in rng.permutation(len(order)):
+        split = "heldout" if counts["heldout"] < n_heldout else "train"
+        if split == "train" and n_train is not None and counts["train"] >= n_train:
+            break
+        members = [n for n in groups[order[g]] if parses is None or parses(n)]
+        rows += [(n, order[g], split) for n in members]
+        counts[split] += len(members)
+    return rows
+
+
+def write_split(path, rows):
+    with atomic_write(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "refcode", "split"])
+        w.writerows(rows)
+
+
+def read_split(path) -> dict:
+    """{'train': [names], 'heldout': [names]} from a split CSV (name, refcode, split), in file order."""
+    out = {"train": [], "heldout": []}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out[row["split"]].append(row["name"])
+    return out
+
+
+def _one_nn_scores(real, generated, features, n_boot, seed, device):
+    """1-NN accuracy, bootstrap 95% interval over the per-sample leave-one-out outcomes, per-class accuracies."""
+    mode = "downsampled" if features == "pooled" else features
+    details = one_nn_accuracy(real, generated, features=mode, return_details=True, device=device)
+    labels = np.r_[np.zeros(len(real), bool), np.ones(len(generated), bool)]
+    correct = (labels[details["nearest"]] == labels).astype(float)
+    boot = correct[np.random.default_rng(seed).integers(0, len(correct), (n_boot, len(correct)))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"accuracy": details["accuracy"], "ci_low": lo, "ci_high": hi,
+            "real_accuracy": details["real_accuracy"], "generated_accuracy": details["generated_accuracy"]}
+
+
+def core_fraction(grids_K, e_scale_K):
+    """Per grid: the fraction of voxels that are repulsive or negligible (E > -1% of E_scale, on channel 0),
+    the atom cores; one definition for real grids and for generated ones of either transform."""
+    e = _float32(gan_round_trip(grids_K, e_scale_K))
+    e = e[:, 0] if e.ndim == 5 else e
+    return (e > -0.01 * e_scale_K).reshape(len(e), -1).mean(1)
+
+
+def roughness_K(grids_K, e_scale_K):
+    """Per grid: the mean absolute energy difference between neighbouring voxels (K, three axes, channel 0)."""
+    e = np.asarray(gan_round_trip(grids_K, e_scale_K), dtype=np.float64)
+    e = e[:, 0] if e.ndim == 5 else e
+    diffs = [np.abs(np.diff(e, axis=a)).reshape(len(e), -1).mean(1) for a in (1, 2, 3)]
+    return sum(diffs) / 3
+
+
+def read_grids(shard_dir, n=None, seed=0):
+    """n grids (kelvin, float32 (n, C, D, D, D)) drawn without replacement, seeded, from a folder of shards (all
+    when n is None or larger), in storage order, and their metadata rows (name, density, ...)."""
+    dataset = ShardDataset(shard_dir, shuffle=False, with_index=True)
+    total = dataset.num_grids
+    chosen = np.arange(total) if n is None or n >= total else np.sort(
+        np.random.default_rng(seed).choice(total, n, replace=False))
+    keep, grids = set(chosen.tolist()), {}
+    for grid, i in dataset:
+        if i in keep:
+            grids[i] = grid.numpy()
+    return np.stack([grids[i] for i in chosen]), dataset.metadata().iloc[chosen].reset_index(drop=True)
+
+
+@dataclass
+class EvalReport:
+    """What `evaluate` measured. `one_nn`: one row per (compared set, feature space) with accuracy, 95% interval
+    and per-class accuracies; `properties`: one row per set with distances to the held-out grids."""
+    one_nn: object                 # pandas DataFrame
+    properties: object             # pandas DataFrame
+    memorisation: dict
+    n: int
+    e_scale_K: float
+    sampling_seeds: tuple
+
+    @property
+    def accuracy(self) -> float:
+        """The headline: raw-voxel 1-NN accuracy of generated vs held-out, mean over sampling seeds."""
+        rows = self.one_nn[(self.one_nn["features"] == "raw") & self.one_nn["set"].str.startswith("generated")]
+        return float(rows["accuracy"].mean())
+
+    @property
+    def table(self):
+        """1-NN accuracy per set (rows) and feature space (columns), as percentages with 95% intervals."""
+        t = self.one_nn.assign(cell=[f"{100 * a:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for a, lo, hi in
+                                     zip(self.one_nn["accuracy"], self.one_nn["ci_low"], self.one_nn["ci_high"])])
+        return t.pivot(index="set", columns="features", values="cell").reindex(
+            index=list(dict.fromkeys(self.one_nn["set"])), columns=list(dict.fromkeys(self.one_nn["features"])))
+
+    def __str__(self):
+        import pandas as pd
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            props = self.properties.round(3).to_string()
+            return (f"1-NN accuracy, %, 95% interval ({self.n} held-out vs {self.n} per set; 50% = indistinguishable; "
+                    f"'real train' is the floor):\n{self.table.to_string()}\n\nproperties (W1 = Wasserstein distance "
+                    f"to the held-out grids):\n{props}\n\nmemorisation: {self.memorisation['fraction_closer']:.3f} "
+                    f"of generated grids closer to the training set than any held-out grid (fresh samples: "
+                    f"~{1 / (self.n + 1):.4f}; copies: 1)")
+
+    __repr__ = __str__
+
+
+def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_scale_K=None, features=FEATURES,
+             baselines=True, temperature_K=77.0, density_kg_m3=None, n_boot=1000, seed=0, device=None) -> EvalReport:
+    """Score a generator against held-out real grids by the kit's one protocol (see the comment above).
+
+    generator: a Generator (`load_generator`), a checkpoint or generator-file path, or an array of generated
+    kelvin grids (then one set, `sampling_seeds` unused). heldout_K, train_K: real kelvin grids (n, C, D, D, D)
+    or (n, D, D, D) exactly as `voxelize` makes them, from the generator's own refcode split. n: grids per
+    compared set (default: all held-out grids; generated grids are cheap, so use n >= 200 for a meaningful
+    interval). Returns an EvalReport; `print(report)` shows it, `plot_evaluation(report)` draws it.
+    """
+    import pandas as pd
+    from scipy.stats import wasserstein_distance
+
+    def five_d(x, name):
+        x = _as_samples(x, name).numpy()
+        return x if x.ndim == 5 else x[:, None]
+
+    heldout, train = five_d(heldout_K, "heldout_K"), five_d(train_K, "train_K")
+    if isinstance(generator, (str, Path)):
+        generator = _load_any_generator(generator)
+    is_model = isinstance(generator, torch.nn.Module)
+    if e_scale_K is None:
+        e_scale_K = getattr(generator, "e_scale_K", None) if is_model else None
+        if e_scale_K is None:
+            raise ValueError("evaluate: pass e_scale_K (kelvin) with generated grids")
+    n = min(len(heldout), len(train)) if n is None else n
+    if n < 2 or n > len(heldout) or n > len(train):
+        raise ValueError(f"evaluate: n={n} needs 2 <= n <= the held-out ({len(heldout)}) and train ({len(train)}) "
+                         "grids given")
+    rng = np.random.default_rng(seed)
+    pick = lambda x: x[np.sort(rng.choice(len(x), n, replace=False))] if len(x) > n else x
+    clip = lambda x: np.asarray(gan_round_trip(x, e_scale_K), dtype=np.float32)
+    heldout, train = clip(pick(heldout)), clip(pick(train))
+    if is_model:
+        sets = {f"generated (seed {s})": clip(sample(generator, n, seed=1000 + s, device=device))
+                for s in sampling_seeds}
+    else:
+        sets = {"generated": clip(pick(five_d(generator, "generated")))}
+        sampling_seeds = ()
+    first = next(iter(sets.values()))
+    if first.shape[1:] != heldout.shape[1:]:
+        raise ValueError(f"evaluate: generated grids are {first.shape[1:]} but held-out grids {heldout.shape[1:]}: "
+                         "voxelize the real grids with the generator's grid_params")
+    sets["real train (floor)"] = train
+    if baselines:
+        noise = np.random.default_rng(seed + 1).normal(0, 0.002 * e_scale_K, heldout.shape).astype(np.float32)
+        sets["near-blank"] = clip(-np.abs(noise))  # a collapsed generator's output: ~0 K everywhere
+        noise = np.random.default_rng(seed + 2).normal(0, 0.05 * e_scale_K, heldout.shape).astype(np.float32)
+        sets["mean train grid + noise"] = clip(train.mean(0, keepdims=True) + noise)
+        if is_model:
+            torch.manual_seed(seed)
+            fresh = Generator(generator.dim, generator.latent, generator.channels, generator.out_channels,
+                              generator.transform)
+            sets["untrained generator"] = clip(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K))
+    rows = [{"set": name, "features": f, **_one_nn_scores(heldout, grids, f, n_boot, seed, device)}
+            for f in features for name, grids in sets.items()]
+
+    def props(x):
+        table = grid_properties(x, temperature_K, density_kg_m3)
+        return {"log10": table["log10_widom" if density_kg_m3 is None else "log10_henry"].to_numpy(),
+                "Q_st": table["heat_kJ_mol"].to_numpy(),
+                "core": core_fraction(x, e_scale_K), "rough": roughness_K(x, e_scale_K)}
+
+    real = props(heldout)
+    log_name = "log10_widom" if density_kg_m3 is None else "log10_henry"
+    prop_rows = {}
+    for name, grids in sets.items():
+        p = props(grids)
+        prop_rows[name] = {f"W1 {log_name}": wasserstein_distance(real["log10"], p["log10"]),
+                           "W1 Q_st kJ/mol": wasserstein_distance(real["Q_st"], p["Q_st"]),
+                           "core fraction": p["core"].mean(), "roughness K": p["rough"].mean(),
+                           "spread K": float(grids[:, 0].std(0).mean())}
+    prop_rows["held-out (reference)"] = {f"W1 {log_name}": 0.0, "W1 Q_st kJ/mol": 0.0,
+                                         "core fraction": real["core"].mean(), "roughness K": real["rough"].mean(),
+                                         "spread K": float(heldout[:, 0].std(0).mean())}
+    mem = memorisation(first, train, heldout)
+    return EvalReport(pd.DataFrame(rows), pd.DataFrame(prop_rows).T, {"fraction_closer": mem["fraction_closer"],
+                      "threshold": mem["threshold"]}, n, float(e_scale_K), tuple(sampling_seeds))
+
+
 def grid_properties(grids_K, temperature_K=77.0, density_kg_m3=None):
     """Widom factor, log10 of it (or of K_H when a density is given) and isosteric heat for each grid.
 
@@ -3385,6 +3858,31 @@ def plot_history(history, path=None):
     return _save_figure(fig, path)
 
 
+def plot_evaluation(report, path=None):
+    """Bar chart of an EvalReport's 1-NN accuracies: one group per feature space, one bar per compared set,
+    95% intervals as error bars, 50% (indistinguishable) as a dashed line."""
+    import matplotlib.pyplot as plt
+    t = report.one_nn
+    sets, feats = list(dict.fromkeys(t["set"])), list(dict.fromkeys(t["features"]))
+    fig, ax = plt.subplots(figsize=(3.6 + 0.55 * len(feats) * len(sets), 4.2))
+    width = 0.8 / len(sets)
+    colours = plt.get_cmap("tab10")
+    for k, name in enumerate(sets):
+        rows = t[t["set"] == name].set_index("features").reindex(feats)
+        x = np.arange(len(feats)) + (k - (len(sets) - 1) / 2) * width
+        err = [100 * (rows["accuracy"] - rows["ci_low"]), 100 * (rows["ci_high"] - rows["accuracy"])]
+        ax.bar(x, 100 * rows["accuracy"], width, yerr=err, capsize=2, label=name, color=colours(k % 10))
+    ax.axhline(50, color="k", ls="--", lw=1)
+    ax.set_xticks(np.arange(len(feats)), [{"raw": "raw voxels", "pooled": "pooled voxels (4x)",
+                                           "histogram": "energy histograms"}.get(f, f) for f in feats])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("1-NN accuracy vs held-out grids (%)")
+    ax.set_title(f"1-NN two-sample test ({report.n} held-out vs {report.n} per set; 50% = indistinguishable)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="compared with held-out")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def plot_property_histograms(real_vals, gen_vals, label="value", bins=30, path=None):
     """Overlaid histograms of a property for real and generated samples. Arrays give one panel;
     dicts or DataFrames give one panel per shared key (e.g. property_comparison's grid_properties)."""
@@ -3411,12 +3909,29 @@ def plot_property_histograms(real_vals, gen_vals, label="value", bins=30, path=N
 # 10. Inverse: grid -> atoms -> XYZ
 # =============================================================================
 
-DENSITY_CLASSES = ("metal", "C", "N", "O", "H", "other")
-# Element written for a decoded atom of each class: the density channels do not say which metal it is
-# ("Zn" is a placeholder) and "other" becomes ASE's dummy atom X.
-CLASS_SYMBOLS = {"metal": "Zn", "other": "X"}
+# Element classes of the atom-density channels. A class is an element symbol, "metal" (a metal without a class
+# of its own) or "other" (any other element without one). Metals ranked by how many CoRE MOF 2019-ASR
+# structures hold them (its All_Metals column, 12,020 structures); non-metals outside C/N/O/H by the structures
+# holding them in a 184-structure sample (every 60th name). README "Atoms from grids" has the counts.
+COREMOF_METALS = ("Zn", "Cu", "Cd", "Co", "Mn", "Ag", "Ni", "Fe", "Eu", "Tb", "In", "Gd", "La", "Nd", "Al", "Na",
+                  "K", "Mg", "Dy", "Zr", "Sm", "U", "V", "Mo", "Ce")
+COREMOF_OTHER = ("P", "S", "F", "Cl", "Br", "B", "Si", "I", "As")
+DENSITY_CLASSES = ("metal", "C", "N", "O", "H", "other")  # one channel for every metal: its element is lost
+METAL_DENSITY_CLASSES = COREMOF_METALS[:4] + DENSITY_CLASSES  # the 4 commonest metals named (README: measured)
 _NON_METALS = {"X", "H", "He", "B", "C", "N", "O", "F", "Ne", "Si", "P", "S", "Cl", "Ar", "Ge", "As", "Se",
                "Br", "Kr", "Sb", "Te", "I", "Xe", "At", "Rn"}
+
+
+def check_density_classes(classes) -> tuple:
+    """`classes` as a tuple, after checking each is an element symbol, "metal" or "other", without repeats, and
+    that "other" is one of them (every atom then has a channel)."""
+    from ase.data import chemical_symbols
+    classes = tuple(classes)
+    bad = [c for c in classes if c not in ("metal", "other") and (c not in chemical_symbols or c == "X")]
+    if bad or len(set(classes)) != len(classes) or "other" not in classes:
+        raise ValueError(f"density classes {classes}: expected distinct element symbols or 'metal', and the "
+                         f"catch-all 'other'")
+    return classes
 
 
 def element_class(symbol, classes=DENSITY_CLASSES) -> str:
@@ -3426,6 +3941,23 @@ def element_class(symbol, classes=DENSITY_CLASSES) -> str:
     return "metal" if "metal" in classes and symbol not in _NON_METALS else "other"
 
 
+def class_symbol(cls, classes=DENSITY_CLASSES) -> str:
+    """Element written for a decoded atom of class `cls`: the class itself if it is an element, else a stand-in
+    (a placeholder: the channels do not say which element): the commonest CoRE MOF metal, or non-metal, that has
+    no class of its own. grid_to_atoms marks such atoms (arrays["density_class"], info["placeholders"])."""
+    if cls not in ("metal", "other"):
+        return cls
+    ranked = COREMOF_METALS if cls == "metal" else COREMOF_OTHER
+    return next(s for s in ranked if element_class(s, classes) == cls)
+
+
+def _placeholder_note(classes_present, classes) -> str:
+    """The comment-line note for stand-in elements, '' when every decoded atom's element is its class."""
+    parts = [f"{class_symbol(c, classes)} stands for any {'metal' if c == 'metal' else 'element'} without a "
+             f"channel of its own (class '{c}')" for c in ("metal", "other") if c in classes_present]
+    return ("placeholder elements: " + "; ".join(parts)) if parts else ""
+
+
 def _cube_images(atoms, size, spacing_A, margin_A):
     """(symbols, positions) of the periodic images within margin_A (> 0) of the sampled cube
     [0, (size-1)*spacing_A]^3: the frame of grid_points(atoms, size, "cube", spacing_A)."""
@@ -3433,16 +3965,19 @@ def _cube_images(atoms, size, spacing_A, margin_A):
     return np.array(atoms.get_chemical_symbols())[index], positions
 
 
-def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=0.5, classes=DENSITY_CLASSES) -> np.ndarray:
+def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=None, classes=DENSITY_CLASSES) -> np.ndarray:
     """Gaussian-smeared atom densities per element class on the cube-frame grid, float32 (C, D, D, D).
 
     Same frame as voxelize(atoms, size, "cube", spacing_A), so these stack onto the energy grid as extra
     GAN channels. Each voxel holds the max (not the sum) over atoms of exp(-r^2 / 2 sigma^2): values
     stay in [0, 1], peak exactly 1 at an atom centre, and every atom's nearest voxel stays a local
     maximum however close its neighbours are, which is what grid_to_atoms(method="density") relies on.
+    sigma_A defaults to spacing_A (the peaks then look the same in voxels at any resolution).
     """
+    sigma_A = spacing_A if sigma_A is None else sigma_A
     if sigma_A <= 0 or spacing_A <= 0:
         raise ValueError(f"sigma_A and spacing_A must be positive, got {sigma_A}, {spacing_A}")
+    classes = check_density_classes(classes)
     reach = math.ceil(3 * sigma_A / spacing_A)  # exp(-4.5) = 0.011 at the window edge
     symbols, positions = _cube_images(atoms, size, spacing_A, (reach + 1) * spacing_A)
     channel = torch.tensor([classes.index(element_class(s, classes)) for s in symbols], dtype=torch.long)
@@ -3492,7 +4027,8 @@ def _density_peaks(channels, threshold, spacing_A, sigma_A, min_separation_A):
         low, high = ijk[:, axis] == 0, ijk[:, axis] == size - 1
         slope = np.where(low, lp - l0 - kappa / 2, np.where(high, l0 - lm + kappa / 2, (lp - lm) / 2))
         centre[:, axis] += np.clip(-slope / kappa, -0.5, 0.5)
-    inside = np.all((centre > -1e-6) & (centre < size - 1 + 1e-6), axis=1)  # atoms on a face (often at 0) stay
+    # atoms on a face (often at 0) stay: float16 channels put their fitted centre up to ~1e-3 voxel outside
+    inside = np.all((centre > -0.02) & (centre < size - 1 + 0.02), axis=1)
     positions, c, height = np.clip(centre[inside], 0, size - 1) * spacing_A, c[inside], height[inside]
     order = np.argsort(-height, kind="stable")
     keep = np.ones(len(order), bool)
@@ -3541,22 +4077,25 @@ def _cluster_atoms(energy_K, spacing_A, threshold_K, probe, elements, seed):
 
 
 def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes=DENSITY_CLASSES,
-                  sigma_A=0.5, min_separation_A=0.5, probe="H2", elements=("H", "C", "N", "O", "Zn"), seed=0):
+                  sigma_A=None, min_separation_A=0.5, probe="H2", elements=("H", "C", "N", "O", "Zn"), seed=0):
     """Decode a cube-frame grid into atoms: ase.Atoms with positions in angstrom inside the cube.
 
-    method="density": `grid` holds density_channels (C, D, D, D), optionally after an energy channel 0
-    (C + 1 channels, as stacked for training); atoms are peaks above `threshold` (default 0.6: a clean
-    atom's nearest voxel is >= 0.69 at the default sigma 0.5 A, spacing 0.5 A, while an image more
-    than 0.5 A beyond a cube face stays below 0.6 there) with the class from the strongest channel;
-    `sigma_A` must be the one the channels were made with (it fixes the sub-voxel fit's curvature).
-    Symbols: the class's element, or CLASS_SYMBOLS for "metal" (a placeholder) and "other".
+    method="density": `grid` holds density_channels (C, D, D, D) of `classes`, optionally after an energy
+    channel 0 (C + 1 channels, as stacked in shards and for training); atoms are peaks above `threshold`
+    with the class from the strongest channel. `sigma_A` (default spacing_A) must be the one the channels
+    were made with (it fixes the sub-voxel fit's curvature). Default threshold 0.6^((spacing/sigma)^2):
+    a clean atom's nearest voxel (at most sqrt(3)/2 voxel away) holds >= exp(-3/8 (spacing/sigma)^2), 0.69
+    at sigma = spacing, while an image more than ~1 voxel beyond a cube face stays below it there.
+    Symbols: the class's element, or class_symbol's stand-in for "metal" and "other" (a placeholder: the
+    atoms then carry info["placeholders"], which write_xyz/write_cif put on the comment line). Every atom's
+    class is in arrays["density_class"].
     method="cluster": the study's route for energy-only grids (kelvin, channel 0 if several): k-means
     clusters of repulsive-core voxels (E >= threshold, default 0 K: the study's clip(-E, 0, E_scale)
     scaling keeps nothing above 0 K) with elements guessed from the core size. It cannot see hydrogen as
     separate from its neighbour's core, cannot tell C/N/O apart (their cores differ by ~0.1 A, less than
     a voxel), and merged cores of bonded atoms (core radius ~3 A vs bonds of ~1.4 A) make the atom count
-    a volume estimate: on CoRE MOFs it recovers ~1-2% of non-H atoms within 0.5 A, against 100% for the
-    density route (benchmarks/bench_eval.py).
+    a volume estimate: on CoRE MOFs it recovers ~1-2% of non-H atoms within 0.5 A (README, "Evaluation");
+    its elements are guesses among `elements`.
     Cell = the cube (size * spacing_A), pbc False (the cube is not periodic).
     """
     from ase import Atoms
@@ -3564,35 +4103,50 @@ def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes
     if g.ndim not in (3, 4) or len(set(g.shape[-3:])) != 1:
         raise ValueError(f"grid: expected a cube (D, D, D) or (C, D, D, D), got shape {g.shape}")
     if method == "density":
+        classes = check_density_classes(classes)
         if g.ndim != 4 or g.shape[0] not in (len(classes), len(classes) + 1):
             raise ValueError(f"grid: method='density' needs {len(classes)} density channels {classes} "
                              f"(or energy + those), got shape {g.shape}")
-        positions, cls, _ = _density_peaks(g[-len(classes):], 0.6 if threshold is None else threshold,
-                                           spacing_A, sigma_A, min_separation_A)
-        symbols = [CLASS_SYMBOLS.get(classes[c], classes[c]) for c in cls]
-    elif method == "cluster":
+        sigma_A = spacing_A if sigma_A is None else sigma_A
+        threshold = 0.6 ** ((spacing_A / sigma_A) ** 2) if threshold is None else threshold
+        positions, cls, _ = _density_peaks(g[-len(classes):], threshold, spacing_A, sigma_A, min_separation_A)
+        names = [classes[c] for c in cls]
+        atoms = Atoms(symbols=[class_symbol(c, classes) for c in names], positions=positions,
+                      cell=[g.shape[-1] * spacing_A] * 3, pbc=False)
+        atoms.new_array("density_class", np.array(names, dtype="U8"))
+        note = _placeholder_note(set(names), classes)
+        if note:
+            atoms.info["placeholders"] = note
+        return atoms
+    if method == "cluster":
         symbols, positions = _cluster_atoms(g[0] if g.ndim == 4 else g, spacing_A,
                                             0.0 if threshold is None else threshold, probe, elements, seed)
-    else:
-        raise ValueError(f"method={method!r}: expected 'density' or 'cluster'")
-    return Atoms(symbols=symbols, positions=positions, cell=[g.shape[-1] * spacing_A] * 3, pbc=False)
-
-
-def _write_atoms(atoms, path, fmt, mode):
-    import ase.io
-    with atomic_write(path, mode) as f:
-        ase.io.write(f, atoms, format=fmt)
-    return Path(path)
+        atoms = Atoms(symbols=symbols, positions=positions, cell=[g.shape[-1] * spacing_A] * 3, pbc=False)
+        atoms.info["placeholders"] = "elements guessed from repulsive-core sizes (cluster route)"
+        return atoms
+    raise ValueError(f"method={method!r}: expected 'density' or 'cluster'")
 
 
 def write_xyz(atoms, path) -> Path:
-    """Atomically write extended XYZ (plain XYZ plus the cell on the comment line; any XYZ reader works)."""
-    return _write_atoms(atoms, path, "extxyz", "w")
+    """Atomically write extended XYZ (plain XYZ plus the cell, and any placeholder note, on the comment line;
+    any XYZ reader works)."""
+    import ase.io
+    with atomic_write(path, "w") as f:
+        ase.io.write(f, atoms, format="extxyz")
+    return Path(path)
 
 
 def write_cif(atoms, path) -> Path:
-    """Atomically write a P1 CIF of the atoms in their cell (for decoded atoms: the cube)."""
-    return _write_atoms(atoms, path, "cif", "wb")
+    """Atomically write a P1 CIF of the atoms in their cell (for decoded atoms: the cube); a placeholder note
+    (atoms.info["placeholders"]) goes in a comment line at the top."""
+    import io
+    import ase.io
+    text = io.BytesIO()
+    ase.io.write(text, atoms, format="cif")
+    note = atoms.info.get("placeholders")
+    with atomic_write(path, "wb") as f:
+        f.write((f"# {note}\n" if note else "").encode() + text.getvalue())
+    return Path(path)
 
 
 def contact_count(atoms, min_A=0.7) -> int:
@@ -3608,18 +4162,22 @@ def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes
     tol_A). recall = paired true atoms / true non-H atoms inside the sampled cube [0, (size-1)*spacing]^3;
     precision = paired decoded / decoded non-H atoms (true images just outside the cube may pair, so
     a correct peak on a face is not a false positive). The class_* figures pair only atoms of the same
-    element class. Also: counts and impossible contacts (< 0.7 A) among the decoded atoms.
+    element class (of `classes`); metal_element_recall = true metal atoms inside the cube paired with a
+    decoded atom of their own element (NaN without metals).
     """
     from scipy.optimize import linear_sum_assignment
     from scipy.spatial.distance import cdist
     true_symbols, true_pos = _cube_images(atoms, size, spacing_A, tol_A)
     heavy = true_symbols != "H"
-    true_cls, true_pos = np.array([element_class(s, classes) for s in true_symbols[heavy]]), true_pos[heavy]
+    true_symbols, true_pos = true_symbols[heavy], true_pos[heavy]
+    true_cls = np.array([element_class(s, classes) for s in true_symbols])
     inside = np.all((true_pos >= 0) & (true_pos <= (size - 1) * spacing_A), axis=1)
-    dec_cls = np.array([element_class(s, classes) for s in decoded.get_chemical_symbols()], dtype=object)
-    dec_pos = decoded.positions[dec_cls != "H"]
-    dec_cls = dec_cls[dec_cls != "H"]
-    scores = {"n_true": int(inside.sum()), "n_decoded": len(dec_pos), "contacts": contact_count(decoded)}
+    dec_symbols = np.array(decoded.get_chemical_symbols())
+    dec_cls = np.array([element_class(s, classes) for s in dec_symbols], dtype=object)
+    dec_pos, dec_symbols, dec_cls = decoded.positions[dec_symbols != "H"], dec_symbols[dec_symbols != "H"], \
+        dec_cls[dec_symbols != "H"]
+    metal = inside & np.array([s not in _NON_METALS for s in true_symbols], dtype=bool)
+    scores = {"n_true": int(inside.sum()), "n_decoded": len(dec_pos)}
     for prefix, same_class in (("", False), ("class_", True)):
         cost = cdist(dec_pos, true_pos)
         if same_class:
@@ -3629,7 +4187,151 @@ def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes
         hit = within[rows, cols]
         scores[prefix + "recall"] = float(inside[cols[hit]].sum() / max(1, inside.sum()))
         scores[prefix + "precision"] = float(hit.sum() / max(1, len(dec_pos)))
+        if not same_class:
+            right = dec_symbols[rows[hit]] == true_symbols[cols[hit]]
+            scores["metal_element_recall"] = (float((metal[cols[hit]] & right).sum() / metal.sum())
+                                              if metal.any() else math.nan)
     return scores
+
+
+# --- structure report --------------------------------------------------------
+# One set of chemistry figures for any decoded structure, generated or real, so the two are compared decoded
+# the same way. Neighbour figures use the atoms at least edge_A inside the cube (their neighbours are inside
+# it too); contacts use every atom.
+
+REPORT_CLASSES = ("metal", "C", "N", "O", "H", "other")
+
+
+def _as_structures(structures, energies_K, spacing_A, classes, sigma_A):
+    """[(atoms, energy grid or None)] from Atoms, a list of them, or grids (N, 1 + C, D, D, D) to decode."""
+    from ase import Atoms
+    if isinstance(structures, Atoms):
+        structures = [structures]
+    if isinstance(structures, (np.ndarray, torch.Tensor)):
+        grids = np.asarray(structures.detach().cpu() if torch.is_tensor(structures) else structures, np.float32)
+        if grids.ndim != 5 or grids.shape[1] != len(classes) + 1:
+            raise ValueError(f"structures: grids must be (N, 1 + {len(classes)}, D, D, D) (energy + density "
+                             f"channels of {classes}), got shape {grids.shape}")
+        if spacing_A is None:
+            raise ValueError("structure_report: grids need spacing_A (the voxel spacing they were made with)")
+        structures = [grid_to_atoms(g, spacing_A, classes=classes, sigma_A=sigma_A) for g in grids]
+        energies_K = grids[:, 0] if energies_K is None else energies_K
+    structures = list(structures)
+    if energies_K is None:
+        return [(a, None) for a in structures]
+    energies = [np.asarray(e, np.float32) for e in energies_K]
+    if len(energies) != len(structures):
+        raise ValueError(f"energies_K: {len(energies)} grids for {len(structures)} structures")
+    return [(a, e[0] if e.ndim == 4 else e) for a, e in zip(structures, energies)]
+
+
+def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, e_scale_K):
+    """(Pearson r, mean |dE| K, voxels) of the probe energy recomputed from `atoms` vs `energy_K` on the voxels
+    at least cutoff_A inside every cube face, both clipped to the GAN's range [-e_scale_K, 0] (all a generated
+    energy channel holds). Pairs from cutoff_A to grid_cutoff_A (the grid's own cutoff) are added as the
+    uniform-density tail of the atoms in the cube."""
+    size = energy_K.shape[-1]
+    length_A = float(atoms.cell[0, 0])
+    spacing_A = length_A / size
+    axis = np.arange(size) * spacing_A
+    keep = (axis >= cutoff_A - 1e-9) & (axis <= (size - 1) * spacing_A - cutoff_A + 1e-9)
+    if not keep.any():
+        return math.nan, math.nan, 0
+    lonely = atoms.copy()
+    lonely.set_cell([length_A + cutoff_A + 1.0] * 3)  # no periodic image is within the cutoff of the cube
+    points = np.stack(np.meshgrid(axis[keep], axis[keep], axis[keep], indexing="ij"), -1)
+    symbols = atoms.get_chemical_symbols()
+    missing = sorted(set(symbols) - set(UFF))
+    if missing:
+        raise ValueError(f"atoms: no UFF parameters for {missing}")
+    if not len(atoms):  # nothing decoded: no energy anywhere, which the grid's own energy may contradict
+        recomputed = np.zeros(points.shape[:-1])
+    else:
+        recomputed = probe_energy(lonely, points, probe, cutoff_A, device="cpu")
+    if grid_cutoff_A > cutoff_A and len(atoms):
+        a, b = pair_coefficients(symbols, probe)
+        volume = length_A ** 3
+        recomputed += (4 * math.pi / volume) * ((a.sum() / 9) * (cutoff_A ** -9 - grid_cutoff_A ** -9)
+                                                - (b.sum() / 3) * (cutoff_A ** -3 - grid_cutoff_A ** -3))
+    low = -math.inf if e_scale_K is None else -e_scale_K
+    mine = np.clip(np.minimum(recomputed, cap_K), low, 0).ravel()
+    own = np.clip(energy_K[np.ix_(keep, keep, keep)].astype(np.float64), low, 0).ravel()
+    r = float(np.corrcoef(mine, own)[0, 1]) if mine.std() > 0 and own.std() > 0 else math.nan
+    return r, float(np.abs(mine - own).mean()), int(mine.size)
+
+
+def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DENSITY_CLASSES, sigma_A=None,
+                     names=None, edge_A=3.0, bond_mult=1.2, contact_A=0.7, probe="H2", cutoff_A=None,
+                     grid_cutoff_A=12.8, cap_K=5000.0, e_scale_K=None):
+    """Chemistry of decoded structures: pandas DataFrame, one row per structure.
+
+    structures: ase.Atoms (decoded: cell = the cube, pbc False), a list of them, or grids (N, 1 + C, D, D, D)
+    (energy in K + density channels of `classes`, e.g. a shard's grids or from_gan_output of generated
+    samples), decoded here by grid_to_atoms(method="density") with spacing_A and their channel 0 taken as
+    energies_K. Columns:
+      n_atoms, atoms_per_nm3 (per cube volume); frac_<class> for REPORT_CLASSES (metal = any metal);
+      nn_median_A, nn_p10_A, nn_p90_A: nearest-neighbour distances of the atoms >= edge_A inside the cube;
+      bonded_fraction: of those atoms, the share with a neighbour between contact_A and bond_mult x the sum of
+        covalent radii (ase natural_cutoffs(mult=bond_mult); 1.2 lets Zn-O at 2.0 A, radii 1.22 + 0.66, count);
+      contact_fraction: atoms with a neighbour closer than contact_A (impossible);
+      energy_r, energy_mae_K, energy_voxels: with energies_K, the energy-atoms consistency (_energy_consistency:
+        the probe energy recomputed from the atoms with cutoff_A (default: a quarter of the cube's edge, capped
+        at grid_cutoff_A: 4 A for a 16 A cube) on the voxels >= cutoff_A inside every face (the central cube of
+        half the edge), plus the uniform tail to grid_cutoff_A, vs the grid's own energy, both clipped to
+        [-e_scale_K, 0]).
+    Stand-in elements (grid_to_atoms' placeholders) count as what they stand for: a metal, or "other".
+    """
+    import pandas as pd
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+    from scipy.spatial import cKDTree
+    classes = check_density_classes(classes)
+    rows = []
+    for atoms, energy in _as_structures(structures, energies_K, spacing_A, classes, sigma_A):
+        n = len(atoms)
+        length_A = float(atoms.cell[0, 0])
+        row = {"n_atoms": n, "atoms_per_nm3": n / (length_A / 10) ** 3}
+        coarse = [element_class(s, REPORT_CLASSES) for s in atoms.get_chemical_symbols()]
+        row.update({f"frac_{c}": coarse.count(c) / max(n, 1) for c in REPORT_CLASSES})
+        cube = atoms.copy()
+        cube.pbc = False
+        i, d = neighbor_list("id", cube, natural_cutoffs(cube, mult=bond_mult))
+        inner = np.all((atoms.positions >= edge_A) & (atoms.positions <= length_A - edge_A), axis=1)
+        bonded = np.zeros(n, bool)
+        bonded[i[d >= contact_A]] = True
+        tree = cKDTree(atoms.positions.reshape(-1, 3))
+        contact = np.zeros(n, bool)
+        contact[tree.query_pairs(contact_A, output_type="ndarray").ravel()] = True
+        nn = tree.query(atoms.positions[inner], k=2)[0][:, 1] if n > 1 and inner.any() else []
+        p10, median, p90 = np.percentile(nn, [10, 50, 90]) if len(nn) else (math.nan,) * 3
+        row.update(n_inner=int(inner.sum()), nn_median_A=median, nn_p10_A=p10, nn_p90_A=p90,
+                   bonded_fraction=float(bonded[inner].mean()) if inner.any() else math.nan,
+                   contact_fraction=float(contact.mean()) if n else math.nan)
+        if energy is not None:
+            cut = min(length_A / 4, grid_cutoff_A) if cutoff_A is None else cutoff_A
+            r, mae, voxels = _energy_consistency(atoms, energy, probe, cut, grid_cutoff_A, cap_K, e_scale_K)
+            row.update(energy_r=r, energy_mae_K=mae, energy_voxels=voxels)
+        rows.append(row)
+    return pd.DataFrame(rows, index=names)
+
+
+def structure_targets(generated, real):
+    """Issue 14's targets from two structure_report tables (generated, held-out real decoded the same way):
+    pandas DataFrame of the generated and real medians (contact_fraction: means) per figure, and whether
+    the target is met."""
+    import pandas as pd
+    g, r = generated.median(numeric_only=True), real.median(numeric_only=True)
+    rows = [("atoms_per_nm3", g["atoms_per_nm3"], r["atoms_per_nm3"], "within 15%",
+             abs(g["atoms_per_nm3"] / r["atoms_per_nm3"] - 1) <= 0.15),
+            ("nn_median_A", g["nn_median_A"], r["nn_median_A"], "within 10%",
+             abs(g["nn_median_A"] / r["nn_median_A"] - 1) <= 0.10),
+            ("bonded_fraction", g["bonded_fraction"], r["bonded_fraction"], ">= 0.9 x real",
+             g["bonded_fraction"] >= 0.9 * r["bonded_fraction"]),
+            ("contact_fraction", generated["contact_fraction"].mean(), real["contact_fraction"].mean(), "<= 0.01",
+             generated["contact_fraction"].mean() <= 0.01)]
+    if "energy_r" in generated and "energy_r" in real:
+        rows.append(("energy_r", g["energy_r"], r["energy_r"], "reported", None))
+        rows.append(("energy_mae_K", g["energy_mae_K"], r["energy_mae_K"], "reported", None))
+    return pd.DataFrame(rows, columns=["figure", "generated", "real", "target", "met"]).set_index("figure")
 
 
 
@@ -3663,7 +4365,7 @@ def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", 
 
 
 def main(argv=None):
-    """python mofkit.py {notebook, voxelize, shards, train, sample} ... (each with --help).
+    """python mofkit.py {notebook, voxelize, shards, train, sample, evaluate} ... (each with --help).
 
     Every error ends the command with ONE line on stderr, `mofkit: error: ...`, and exit status 1 (2 for bad
     arguments, 130 for Ctrl-C); `--debug` anywhere on the line shows the full traceback instead.
@@ -3709,8 +4411,14 @@ def _main(argv):
     sh.add_argument("--limit", type=int, default=None)
     sh.add_argument("--shard-size", type=int, default=100)
     sub.add_parser("train", help="train the GAN on a shard folder (see: mofkit.py train --help)")
-    sm = sub.add_parser("sample", help="generate grids from a checkpoint -> .npy + slice PNGs")
-    sm.add_argument("checkpoint")
+    sm = sub.add_parser("sample", help="generate grids from a checkpoint or generator file -> .npy + slice PNGs")
+    sm.add_argument("checkpoint", help="a training checkpoint (last.pt) or a generator file (weights/*.pt)")
+    ev = sub.add_parser("evaluate", help="score a generator against held-out shards (the kit's one protocol)")
+    ev.add_argument("generator", help="a training checkpoint or a generator file")
+    ev.add_argument("--heldout", required=True, help="folder of held-out shards (same grid settings)")
+    ev.add_argument("--train", required=True, help="folder of the generator's training shards")
+    ev.add_argument("--n", type=int, default=500, help="grids per compared set")
+    ev.add_argument("--plot", default=None, help="also save the 1-NN bar chart here (PNG)")
     sm.add_argument("--n", type=int, default=4)
     sm.add_argument("--seed", type=int, default=0)
     for q in (vx, sm):
@@ -3765,6 +4473,14 @@ def _main(argv):
         for i, g in enumerate(grids):
             plot_slices(g, path=out / f"generated_{i}.png")
         print(f"{len(grids)} grids: {out / 'generated.npy'} and generated_*.png")
+    elif args.command == "evaluate":
+        heldout, _ = read_grids(args.heldout, args.n)
+        train, meta = read_grids(args.train, args.n)
+        report = evaluate(args.generator, heldout, train, n=min(args.n, len(heldout), len(train)),
+                          density_kg_m3=float(np.median(meta["density_kg_m3"])))
+        print(report)
+        if args.plot:
+            plot_evaluation(report, path=args.plot)
 
 
 if __name__ == "__main__":

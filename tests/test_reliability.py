@@ -54,10 +54,11 @@ BAD_CELLS = [
 
 @pytest.mark.parametrize("kw, reason", BAD_CELLS)
 def test_impossible_cells_are_refused_fast_with_the_reason(kw, reason):
-    start = time.perf_counter()
+    mofkit.read_structure(cif(FOUR), name="warm-up")  # imports and tables, outside the timing
+    start = time.process_time()  # CPU time: a hang burns it; a busy shared machine does not inflate it
     with pytest.raises(mofkit.StructureError, match=f"^bad-cell: .*({reason})"):
         mofkit.read_structure(cif(FOUR, **kw), name="bad-cell")
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "?", "."])
@@ -71,9 +72,10 @@ def test_non_numeric_coordinates_are_named(value):
 
 def test_a_huge_skewed_cell_is_checked_in_bounded_time():
     # lengths 1e4 A at 120/120/119.9999 deg: legal, nearly flat; the overlap search runs on the reduced cell
-    start = time.perf_counter()
+    mofkit.read_structure(cif(FOUR), name="warm-up")
+    start = time.process_time()
     atoms = mofkit.read_structure(cif(FOUR, a=1e4, angles=(120, 120, 119.9999)), name="skewed")
-    assert len(atoms) == 4 and time.perf_counter() - start < 5.0
+    assert len(atoms) == 4 and time.process_time() - start < 5.0
     # an atom within 0.5 A of its own periodic image is an overlap, whatever the cell looks like
     from ase import Atoms
     with pytest.raises(mofkit.StructureError, match="tiny: every atom overlaps its own periodic image"):
@@ -152,9 +154,9 @@ def test_batches_never_stop_on_one_bad_file_and_read_upper_case_names(tmp_path):
     (folder / "f_good.cif").write_text(cif())
     (folder / "notes.txt").write_text("not a structure")
     failures = []
-    start = time.perf_counter()
+    start = time.process_time()
     names = [n for n, _ in mofkit.iter_cifs(folder, failures)]
-    assert time.perf_counter() - start < 10
+    assert time.process_time() - start < 10
     assert names == ["a_good", "e_upper", "f_good"]
     assert [f[0] for f in failures] == ["b_nan_cell", "c_flat", "d_garbage", "e_upper"]
     assert "not a finite number" in failures[0][1] and "second file named 'e_upper'" in failures[3][1]
@@ -487,7 +489,8 @@ def _tiny(**kw):
                                         device="cpu", checkpoint_every_steps=1000), **kw})
 
 
-@pytest.mark.parametrize("change", [dict(d_sigmoid=False), dict(batch_size=4), dict(lr=1e-4), dict(seed=1),
+@pytest.mark.parametrize("change", [dict(d_sigmoid=not mofkit.TrainConfig().d_sigmoid), dict(batch_size=4),
+                                    dict(lr=1e-4), dict(seed=1),
                                    dict(betas=(0.9, 0.999)), dict(precision="bf16")])
 def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path, change):
     mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=1, progress=False)
@@ -509,12 +512,16 @@ def test_resume_allows_run_length_and_logging_changes_and_compares_unknown_field
                  _grids(4), tmp_path, max_steps=2, progress=False)
     ckpt = mofkit.load_checkpoint(tmp_path / "last.pt")
     assert ckpt["step"] == 2 and ckpt["config_changes"] == []
-    # a field the checkpoint predates counts as its default; one it has that differs is a change
+    # a field the checkpoint predates counts as _config_from_checkpoint reads it (legacy value, else default);
+    # one it has that differs is a change
     saved = {**ckpt["config"]}
     assert mofkit._config_changes(saved, _tiny()) == {}
-    saved.pop("d_sigmoid")
-    assert mofkit._config_changes(saved, _tiny(d_sigmoid=not mofkit.TrainConfig().d_sigmoid)) != {}
-    assert mofkit._config_changes({**ckpt["config"], "lr": 1.0}, _tiny()) == {"lr": [1.0, _tiny().lr]}
+    legacy = mofkit._config_from_checkpoint({"config": {}})
+    for name in ("seed", "d_sigmoid"):
+        predates = {k: v for k, v in saved.items() if k != name}
+        assert mofkit._config_changes(predates, _tiny(**{name: getattr(legacy, name)})) == {}
+    assert mofkit._config_changes({**saved, "lr": 1.0}, _tiny()) == {"lr": [1.0, _tiny().lr]}
+    assert mofkit._config_changes({**saved, "future_field": 3}, _tiny()) == {}  # unknown to this version
 
 
 def test_training_diverged_says_truly_which_checkpoint_is_kept(tmp_path):
