@@ -75,16 +75,55 @@ tqdm = _progress_class()
 # 1. Downloads: verified files over HTTP / Google Drive, NIST ISODB, MOFX-DB
 # =============================================================================
 
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # another user's live process
+    except (OverflowError, ValueError):
+        return False  # a number no process can have
+    return True
+
+
+def remove_orphans(path, suffix=".tmp", min_age_s=60.0) -> list:
+    """Delete the leftovers of killed writers of `path`: `.NAME.PID.*.tmp` files (atomic_write) or
+    `.NAME.PID.*.part` folders (download) whose process is gone and which nobody touched for min_age_s (a writer
+    on another machine sharing the folder keeps its file fresh); leftovers without a PID (older versions) after
+    an hour. Returns what was removed. Called by atomic_write and download for their own target."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[^/]*{re.escape(suffix)}$")
+    removed, now = [], time.time()
+    with contextlib.suppress(FileNotFoundError):
+        for p in path.parent.iterdir():
+            match = pattern.match(p.name)
+            if match is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                age_s = now - p.stat().st_mtime
+                pid = match.group(1)
+                if (pid is None and age_s > 3600) or (pid is not None and int(pid) != os.getpid()
+                                                      and age_s > min_age_s and not _pid_alive(int(pid))):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+                    removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open a temp file beside `path` and rename it into place on success.
 
     Readers (and a Colab session that dies mid-write) never see half a file: either the old
-    file or the complete new one is there. On any error the temp file is removed.
+    file or the complete new one is there. On any error the temp file is removed; the temp files of writers that
+    were killed (a kill skips that cleanup) are removed by the next write (see `remove_orphans`).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; give a file path to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_orphans(path, ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -125,9 +164,14 @@ def _with_retries(attempt, what, hint, retries, backoff_s):
     """
     import requests
     transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Transient)
+    bad_url = (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema)
     for i in range(retries + 1):
         try:
             return attempt()
+        except requests.TooManyRedirects as e:
+            raise DownloadError(f"{what}: the server redirects in a loop ({e}); check the URL. {hint}") from None
+        except bad_url as e:
+            raise DownloadError(f"{what}: not a usable URL ({type(e).__name__}: {e})") from None
         except transient as e:
             if i == retries:
                 raise DownloadError(f"{what}: failed after {retries + 1} attempts; last error: {e}. {hint}") from e
@@ -156,13 +200,19 @@ def download(url, dest, sha256=None, *, timeout_s=30.0, retries=4, backoff_s=1.0
     is how long the server may stay silent (connecting, or between bytes) before a try counts as failed.
     """
     dest = Path(dest)
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme not in ("http", "https"):
         raise DownloadError(f"{url}: only http(s) URLs (Google Drive links included) can be downloaded")
+    if not parts.hostname:
+        raise DownloadError(f"{url}: no host name in the URL")
+    if dest.is_dir():
+        raise DownloadError(f"{dest}: is a folder; give the file path to download {url} to")
     if sha256 is not None and dest.is_file() and sha256_file(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(dest, ".part")  # what killed downloads left behind
     # Same folder as dest, so the final rename is atomic; gdown also puts its own partial files in here.
-    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".part"))
     try:
         tmp = work / dest.name
         retry = dict(what=f"downloading {url} to {dest}", retries=retries, backoff_s=backoff_s,
@@ -200,6 +250,12 @@ def _http_to_file(url, path, dest, timeout_s, progress, retry):
                 raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason} (for {dest}); check the URL.")
             if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
                 raise DownloadError(f"{url}: asked for bytes {have}- but got {r.headers.get('Content-Range')!r}.")
+            # A server may compress anyway: Content-Length then counts the encoded bytes on the wire, which
+            # Range offsets cannot address, so such a body is checked by its wire size and never resumed.
+            encoded = r.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", "")
+            if encoded and r.status_code == 206:
+                path.write_bytes(b"")
+                raise _Transient("a compressed partial body cannot be resumed; starting over")
             start = have if r.status_code == 206 else 0  # a 200 is the whole body: start over
             length = r.headers.get("Content-Length")
             total = start + int(length) if length is not None else None
@@ -215,7 +271,9 @@ def _http_to_file(url, path, dest, timeout_s, progress, retry):
                 except requests.exceptions.ChunkedEncodingError:
                     if total is None:  # no Content-Length to say how much is missing: report it as it is
                         raise
-                size = f.tell()
+                size = r.raw.tell() if encoded else f.tell()
+        if encoded and total is not None and size != total:
+            path.write_bytes(b"")
         if total is not None and size != total:
             raise _Transient(f"truncated body: {size} of the {total} bytes announced by Content-Length arrived")
 
@@ -279,11 +337,13 @@ def _gas(name):
     return None
 
 
-def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, backoff_s=1.0):
+def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, backoff_s=1.0, expect=None):
     """GET a JSON document with timeouts and retries; with `cache_dir`, a copy on disk answers later calls.
 
     The cache file name is a hash of the full URL (query included) plus its last path part; only documents
-    that parsed as JSON are cached, written atomically. Delete the folder to refresh.
+    that parsed as JSON and passed `expect` are cached, written atomically. Delete the folder to refresh.
+    `expect(data)` returns None for the document wanted, else why not (e.g. a 200 answer holding an error
+    document): a DownloadError naming the URL, and nothing cached (a cached copy that fails is deleted).
     """
     import requests
     full_url = requests.Request("GET", url, params=params).prepare().url
@@ -291,7 +351,10 @@ def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, b
     cache = None if cache_dir is None else (
         Path(cache_dir).expanduser() / f"{hashlib.sha256(full_url.encode()).hexdigest()[:16]}-{name}")
     if cache is not None and cache.is_file():
-        return _parse_json(cache.read_bytes(), cache)
+        data = _parse_json(cache.read_bytes(), cache)
+        if expect is None or expect(data) is None:
+            return data
+        cache.unlink()  # an error document cached by an older version: fetch it again
 
     def attempt():
         r = requests.get(full_url, timeout=timeout_s)
@@ -303,6 +366,9 @@ def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, b
 
     body = _with_retries(attempt, f"fetching {full_url}", "The service may be down: retry later.", retries, backoff_s)
     data = _parse_json(body, full_url)
+    if expect is not None and (problem := expect(data)) is not None:
+        raise DownloadError(f"{full_url}: not the document expected ({problem}); it starts with {body[:120]!r}. "
+                            "Check the name or query; nothing was cached")
     if cache is not None:
         with atomic_write(cache) as f:
             f.write(body)
@@ -321,9 +387,42 @@ def _parse_record(parse, record, kind):
     """parse(record), or a ValueError that shows the record when it is not in the expected schema."""
     try:
         return parse(record)
-    except (KeyError, IndexError, TypeError, AttributeError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
         raise ValueError(f"{kind} record not in the expected schema ({type(e).__name__}: {e}): "
                          f"{str(record)[:200]}") from None
+
+
+def _parse_records(parse, records, kind, failures):
+    """[parse(r) for r in records], skipping the records not in the expected schema: (label, reason) goes to
+    `failures` if a list is given, and a warning counts them, so one malformed record never fails a table."""
+    rows, bad = [], []
+    for i, record in enumerate(records):
+        try:
+            rows.append(_parse_record(parse, record, kind))
+        except ValueError as e:
+            label = (record.get("filename") or record.get("name")) if isinstance(record, dict) else None
+            bad.append((str(label or f"record {i}"), str(e)))
+    if bad:
+        warnings.warn(f"skipped {len(bad)} malformed {kind} record(s), first: {bad[0][1]}", stacklevel=3)
+        if failures is not None:
+            failures.extend(bad)
+    return rows
+
+
+def _is_isotherm(doc):
+    ok = isinstance(doc, dict) and isinstance(doc.get("isotherm_data"), list)
+    return None if ok else "no isotherm_data list: an error document?"
+
+
+def _is_list(doc):
+    return None if isinstance(doc, list) else f"a JSON {type(doc).__name__}, not a list"
+
+
+def _is_mofxdb_page(doc):
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        return "no 'results' list: not a MOF-X-DB page"
+    pages = doc.get("pages")
+    return None if isinstance(pages, int) and not isinstance(pages, bool) and pages >= 0 else f"pages={pages!r}"
 
 
 def _isotherm_fields(record):
@@ -368,19 +467,20 @@ def _isotherm_fields(record):
     }
 
 
-def isodb_table(records):
+def isodb_table(records, failures=None):
     """ISODB isotherm records (parsed JSON) -> a tidy pandas table, one row per isotherm, as in the study.
 
     Columns: filename, doi, adsorbent, adsorbate, temperature_K, pressure_units, adsorption_units, pressure and
     adsorption (raw lists; adsorption is total_adsorption), pressure_bar and adsorption_mmol_g (lists, or None
-    where the units do not allow it), note ('' when converted, else why not).
+    where the units do not allow it), note ('' when converted, else why not). Records not in the ISODB schema are
+    skipped with a warning; (filename, reason) goes to `failures` if a list is given.
     """
     import pandas as pd
 
     def parse(r):
         return {"filename": r["filename"], "doi": r["DOI"], "adsorbent": r["adsorbent"]["name"], **_isotherm_fields(r)}
 
-    rows = [_parse_record(parse, record, "ISODB isotherm") for record in records]
+    rows = _parse_records(parse, records, "ISODB isotherm", failures)
     return pd.DataFrame(rows, columns=["filename", "doi", "adsorbent", "adsorbate", "temperature_K",
                                        "pressure_units", "adsorption_units", "pressure", "adsorption",
                                        "pressure_bar", "adsorption_mmol_g", "note"])
@@ -393,17 +493,19 @@ def _named(entry, query):
 
 
 def fetch_isodb(adsorbent=None, adsorbate=None, temperature_K=None, *, doi=None, filenames=None,
-                base_url=ISODB_URL, cache_dir=CACHE_DIR / "isodb", progress=True, **http):
+                base_url=ISODB_URL, cache_dir=CACHE_DIR / "isodb", progress=True, failures=None, **http):
     """List and fetch NIST/ARPA-E ISODB isotherms; returns `isodb_table` of them.
 
     Either give `filenames` (e.g. "10.1002adem.200500223.isotherm1"), or filter the isotherm index by
     `adsorbent` (material name or synonym, e.g. "CuBTC" or "HKUST-1"), `adsorbate` (gas name, synonym or a
     formula from GASES), `temperature_K` (within 0.5 K) and `doi`. `http` takes fetch_json's timeout_s, retries
-    and backoff_s. Everything fetched is cached under `cache_dir` (None: no cache).
+    and backoff_s. Everything fetched is cached under `cache_dir` (None: no cache), except answers that are not
+    the document asked for (an error document served with HTTP 200): those raise DownloadError. Malformed
+    isotherm records are skipped and recorded as in `isodb_table` (`failures`).
     """
 
-    def get(path):
-        return fetch_json(f"{base_url}{path}", cache_dir=cache_dir, **http)
+    def get(path, expect=_is_list):
+        return fetch_json(f"{base_url}{path}", cache_dir=cache_dir, expect=expect, **http)
 
     if filenames is None:
         if adsorbent is None and adsorbate is None and temperature_K is None and doi is None:
@@ -427,9 +529,9 @@ def fetch_isodb(adsorbent=None, adsorbate=None, temperature_K=None, *, doi=None,
         if doi is not None:
             index = [e for e in index if e["DOI"].casefold() == doi.casefold()]
         filenames = [e["filename"] for e in index]
-    records = [get(f"/isodb/api/isotherm/{name}.json")
+    records = [get(f"/isodb/api/isotherm/{name}.json", _is_isotherm)
                for name in tqdm(filenames, desc="ISODB isotherms", disable=not progress)]
-    return isodb_table(records)
+    return isodb_table(records, failures)
 
 
 def isodb_doi_stub(doi):
@@ -440,15 +542,17 @@ def isodb_doi_stub(doi):
 
 def isodb_biblio(doi, *, base_url=ISODB_URL, cache_dir=CACHE_DIR / "isodb", **http):
     """The ISODB bibliography record of an article (title, authors, its isotherms' filenames...)."""
-    return fetch_json(f"{base_url}/isodb/api/biblio/{isodb_doi_stub(doi)}.json", cache_dir=cache_dir, **http)
+    return fetch_json(f"{base_url}/isodb/api/biblio/{isodb_doi_stub(doi)}.json", cache_dir=cache_dir,
+                      expect=lambda d: None if isinstance(d, dict) and "DOI" in d else "no DOI: an error document?",
+                      **http)
 
 
-def mofxdb_table(results):
+def mofxdb_table(results, failures=None):
     """MOFX-DB results (entries of mofs.json pages) -> a tidy pandas table, one row per (MOF, isotherm).
 
     Columns: name, mofkey, database, then the isotherm columns of `isodb_table` (adsorbate ... note), then cif
     (the entry's CIF text). A MOF without isotherms keeps one row, with note 'no isotherms', so its CIF is
-    not lost.
+    not lost. Entries not in the MOFX-DB schema are skipped with a warning ((name, reason) to `failures`).
     """
     import pandas as pd
 
@@ -457,33 +561,43 @@ def mofxdb_table(results):
         isotherms = [_isotherm_fields(iso) for iso in mof["isotherms"]] or [{"note": "no isotherms"}]
         return [{**head, **iso, "cif": mof["cif"]} for iso in isotherms]
 
-    rows = [row for mof in results for row in _parse_record(parse, mof, "MOFX-DB MOF")]
+    rows = [row for mof_rows in _parse_records(parse, results, "MOFX-DB MOF", failures) for row in mof_rows]
     return pd.DataFrame(rows, columns=["name", "mofkey", "database", "adsorbate", "temperature_K",
                                        "pressure_units", "adsorption_units", "pressure", "adsorption",
                                        "pressure_bar", "adsorption_mmol_g", "note", "cif"])
 
 
 def fetch_mofxdb(name=None, mofkey=None, database=None, *, base_url=MOFXDB_URL, cache_dir=CACHE_DIR / "mofxdb",
-                 max_pages=None, progress=True, **http):
+                 max_pages=None, progress=True, failures=None, **http):
     """Query MOFX-DB (mofs.json: by MOF name, MOFkey and/or database such as "CoREMOF 2019"), following its
-    pages up to `max_pages`; returns `mofxdb_table` of the MOFs with their CIFs and computed isotherms.
+    pages up to `max_pages` (a whole number >= 1; None: 20 with a warning when more exist, and a filter is
+    required); returns `mofxdb_table` of the MOFs with their CIFs and computed isotherms.
 
-    `http` takes fetch_json's timeout_s, retries and backoff_s; pages are cached under `cache_dir`.
+    `http` takes fetch_json's timeout_s, retries and backoff_s; pages are cached under `cache_dir`. A page that
+    is not a MOFX-DB page raises DownloadError; malformed entries are skipped and recorded (`failures`).
     """
     params = {k: v for k, v in {"name": name, "mofkey": mofkey, "database": database}.items() if v is not None}
     if not params and max_pages is None:
         raise ValueError("fetch_mofxdb: give name, mofkey or database, or max_pages; the whole database is "
                          "over 100,000 MOFs with CIFs")
+    by_default = max_pages is None
+    max_pages = 20 if by_default else max_pages  # a server that keeps raising 'pages' is not followed far
+    if isinstance(max_pages, bool) or not isinstance(max_pages, (int, np.integer)) or max_pages < 1:
+        raise ValueError(f"fetch_mofxdb: max_pages={max_pages!r} must be a whole number >= 1")
     results, page, pages = [], 1, 1
     with tqdm(desc="MOFX-DB pages", disable=not progress) as bar:
-        while page <= min(pages, max_pages or pages):
-            doc = fetch_json(f"{base_url}/mofs.json", {**params, "page": page}, cache_dir=cache_dir, **http)
+        while page <= min(pages, max_pages):
+            doc = fetch_json(f"{base_url}/mofs.json", {**params, "page": page}, cache_dir=cache_dir,
+                             expect=_is_mofxdb_page, **http)
             results += doc["results"]
             pages = doc["pages"]
-            bar.total = min(pages, max_pages or pages)
+            bar.total = min(pages, max_pages)
             bar.update(1)
             page += 1
-    return mofxdb_table(results)
+    if pages > max_pages and by_default:
+        warnings.warn(f"fetch_mofxdb: fetched {max_pages} of {pages} pages ({len(results)} MOFs); pass a larger "
+                      f"max_pages for more", stacklevel=2)
+    return mofxdb_table(results, failures)
 
 
 def mofxdb_structures(table, failures=None):
@@ -493,11 +607,10 @@ def mofxdb_structures(table, failures=None):
     """
     structures = {}
     for name, cif in table.drop_duplicates("name")[["name", "cif"]].itertuples(index=False):
-        try:
-            structures[name] = read_structure(cif, name=name)
-        except ValueError as e:  # StructureError is a ValueError
-            if failures is not None:
-                failures.append((name, str(e)))
+        atoms = _read_or_record(lambda: read_structure(cif if isinstance(cif, (str, bytes)) else "", name=name),
+                                name, failures)
+        if atoms is not None:
+            structures[name] = atoms
     return structures
 
 
@@ -520,70 +633,250 @@ def _coremof_archive(dataset):
     return resources.files(CoRE_MOF.data) / f"{dataset}.tar.xz"
 
 
+def _cell_problem(cellpar) -> str | None:
+    """Why six cell parameters (a, b, c in A; alpha, beta, gamma in degrees) make no 3D cell, or None.
+
+    Checked before ase builds the cell: ase takes |a| of a negative length and 360 - alpha of an angle above
+    180, and an all-NaN or flat cell sends the overlap check into unbounded work.
+    """
+    tags = ("a", "b", "c", "alpha", "beta", "gamma")
+    values = []
+    for tag, v in zip(tags, cellpar):
+        try:
+            values.append(float(v))
+        except (TypeError, ValueError):
+            return f"cell {tag} is {v!r}, not a number"
+        if not math.isfinite(values[-1]):
+            return f"cell {tag} is {v!r}, not a finite number"
+    lengths, angles = values[:3], values[3:]
+    for tag, v in zip(tags, lengths):
+        if v <= 0:
+            return f"cell length {tag} = {v:g} A must be positive" + (" (zero volume)" if v == 0 else "")
+    for tag, v in zip(tags[3:], angles):
+        if not 0 < v < 180:
+            return f"cell angle {tag} = {v:g} deg must lie strictly between 0 and 180"
+    al, be, ga = angles
+    # Three lattice vectors span a volume only if each angle is below the sum of the other two and all three
+    # sum below 360 (the spherical triangle inequalities); on the boundary the cell is flat.
+    if not (al < be + ga and be < al + ga and ga < al + be and al + be + ga < 360):
+        return (f"cell angles {al:g}/{be:g}/{ga:g} deg cannot form a 3D cell (each must be below the sum of the "
+                f"other two, and all three below 360)")
+    return None
+
+
 def check_structure(atoms, name, min_distance_A=0.5):
-    """Raise StructureError unless `atoms` is a 3D-periodic cell with known elements and no overlaps."""
+    """Raise StructureError unless `atoms` is a 3D-periodic cell with finite positions, known elements and no
+    overlaps (closer than min_distance_A, periodic images included).
+
+    The work is bounded whatever the cell: a cell too small to hold its atoms min_distance_A apart is refused
+    from its volume, and the neighbour search runs on the Minkowski-reduced cell (the same lattice, with the
+    shortest basis), so a nearly flat cell never multiplies the periodic images to search.
+    """
     if len(atoms) == 0:
         raise StructureError(f"{name}: no atoms")
-    if not atoms.pbc.all() or abs(atoms.cell.volume) < 1e-6:
-        raise StructureError(f"{name}: cell has zero volume or is not periodic in 3D (cell={atoms.cell.cellpar().round(3).tolist()})")
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    if not np.isfinite(cell).all():
+        raise StructureError(f"{name}: cell is not finite ({cell.tolist()})")
+    bad = np.flatnonzero(~np.isfinite(atoms.positions).all(1))
+    if len(bad):
+        raise StructureError(f"{name}: atom(s) {bad[:5].tolist()} have non-finite coordinates")
+    volume = abs(float(np.linalg.det(cell)))
+    if not atoms.pbc.all() or volume < 1e-6:
+        raise StructureError(f"{name}: cell has zero volume or is not periodic in 3D "
+                             f"(cell={atoms.cell.cellpar().round(3).tolist()}, volume {volume:.3g} A^3)")
     unknown = sorted(set(atoms.get_chemical_symbols()) - set(UFF))
     if unknown:
         raise StructureError(f"{name}: no force-field parameters for element(s) {', '.join(unknown)}")
+    if min_distance_A <= 0:
+        return
+    # Balls of diameter min_distance_A fill at most pi/sqrt(18) = 0.7405 of space (Kepler): more atoms than that
+    # in the cell means some pair is closer, whatever the positions.
+    ball_A3 = math.pi / 6 * min_distance_A ** 3
+    if len(atoms) * ball_A3 > 0.7405 * volume:
+        raise StructureError(f"{name}: {len(atoms)} atoms cannot fit in a cell of {volume:.3g} A^3 at least "
+                             f"{min_distance_A} A apart (cell {atoms.cell.cellpar().round(3).tolist()}: nearly flat?)")
+    from ase.geometry import minkowski_reduce
     from ase.neighborlist import neighbor_list
-    i, j, d = neighbor_list("ijd", atoms, min_distance_A)
+    reduced = minkowski_reduce(cell)[0]
+    shortest = float(np.linalg.norm(reduced, axis=1).min())
+    if shortest < min_distance_A:
+        raise StructureError(f"{name}: every atom overlaps its own periodic image (shortest lattice vector "
+                             f"{shortest:.3g} A < {min_distance_A} A)")
+    probe = atoms.copy()
+    probe.set_cell(reduced, scale_atoms=False)
+    i, j, d = neighbor_list("ijd", probe, min_distance_A)
     if len(d):
         k = int(np.argmin(d))
         raise StructureError(f"{name}: overlapping atoms {atoms[i[k]].symbol}{i[k]} and {atoms[j[k]].symbol}{j[k]} "
                              f"only {d[k]:.3f} A apart (< {min_distance_A} A)")
 
 
+def _formula_counts(formula) -> dict:
+    """'C24 H12 Cu3 O15' -> {'C': 24.0, ...} (a CIF's _chemical_formula_sum)."""
+    counts = {}
+    for symbol, n in re.findall(r"([A-Z][a-z]?)\s*(\d*\.?\d*)", str(formula)):
+        counts[symbol] = counts.get(symbol, 0.0) + (float(n) if n else 1.0)
+    return counts
+
+
+def _declared_content_problem(block, atoms) -> str | None:
+    """Why the atoms read disagree with what the CIF itself declares about its content, or None.
+
+    Checked where declared: _chemical_formula_sum (times _cell_formula_units_Z when given, else up to a common
+    factor) and the _atom_type_number_in_cell loop. A CIF that declares neither (all of CoRE MOF 2019) cannot
+    show a file cut at a line end inside its atom loop, or a deleted atom row: CIF has no end marker or count.
+    """
+    have = {}
+    for s in atoms.get_chemical_symbols():
+        have[s] = have.get(s, 0) + 1
+    declared = None
+    types, in_cell = block.get("_atom_type_symbol"), block.get("_atom_type_number_in_cell")
+    if isinstance(types, list) and isinstance(in_cell, list) and len(types) == len(in_cell):
+        try:
+            declared = {re.match(r"[A-Z][a-z]?", str(t)).group(0): float(n) for t, n in zip(types, in_cell)}
+            where = "_atom_type_number_in_cell"
+        except (AttributeError, TypeError, ValueError):
+            declared = None  # '?' entries: nothing declared
+    formula = block.get("_chemical_formula_sum")
+    if declared is None and isinstance(formula, str) and _formula_counts(formula):
+        declared, where = _formula_counts(formula), f"_chemical_formula_sum '{formula}'"
+        z = block.get("_cell_formula_units_z")
+        if isinstance(z, (int, float)) and z > 0:
+            declared, where = {k: v * z for k, v in declared.items()}, f"{where} x Z={z:g}"
+        elif set(declared) == set(have):  # no Z: the cell holds a whole multiple of the formula
+            factor = have[next(iter(have))] / declared[next(iter(have))]
+            declared, where = {k: v * factor for k, v in declared.items()}, f"{where} (x{factor:g})"
+    if declared is None:
+        return None
+    if set(declared) != set(have) or any(abs(have[k] - v) > 0.01 * v + 1e-9 for k, v in declared.items()):
+        diff = {k: (have.get(k, 0), round(declared.get(k, 0), 2)) for k in sorted(set(declared) | set(have))
+                if abs(have.get(k, 0) - declared.get(k, 0)) > 0.01 * declared.get(k, 0) + 1e-9}
+        return (f"the atoms read disagree with the declared {where}: (read, declared) per element {diff} "
+                f"(file truncated, rows missing, or partial occupancy?)")
+    return None
+
+
+def _finite_number(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_identity_only(sitesym) -> bool:
+    return sitesym is None or all(re.sub(r"[\s']", "", str(op)).lower() in ("x,y,z", "+x,+y,+z") for op in
+                                  ([sitesym] if isinstance(sitesym, str) else sitesym))
+
+
 def read_structure(source, name=None, min_distance_A=0.5):
     """A CIF (file path, CIF text or bytes) as a checked P1 ase.Atoms with atoms.info["name"] set.
 
-    ase applies the CIF's symmetry operations, so the result always holds every atom of the cell.
+    ase applies the CIF's symmetry operations, so the result always holds every atom of the cell. Before any
+    expensive step the cell parameters and coordinates are validated, and the file is refused (StructureError
+    naming it and why) when it holds more than one structure, a loop row with missing or extra values, or atoms
+    that disagree with a formula or cell content the CIF declares; see `_declared_content_problem` for what
+    cannot be detected.
     """
     import io
     from ase.io.cif import parse_cif
     if isinstance(source, bytes):
         text = source.decode("utf-8", errors="replace")
-    elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and not source.lstrip().startswith("data_")):
-        path = Path(source)
+    elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                      and (Path(source).is_file() or not source.lstrip().startswith("data_"))):
+        path = Path(source)   # a one-line string is a path when such a file exists ("data_mof.cif"), else CIF text
+        if path.is_dir():
+            raise StructureError(f"{source}: is a folder, not a CIF file (use iter_cifs for a folder)")
         if not path.is_file():
             raise StructureError(f"{source}: no such CIF file")
         text, name = path.read_text(errors="replace"), name or path.stem
     else:
         text = source
     name = name or "structure"
+    if not re.search(r"^\s*data_", text, re.M | re.I):
+        raise StructureError(f"{name}: malformed CIF (no 'data_' block header, so not a CIF; it starts with "
+                             f"{text[:40]!r})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ase warns on every CIF without occupancies/spacegroup tags
-            block = next(b for b in parse_cif(io.StringIO(text)) if b.has_structure())
-            # P1 files (all of CoRE MOF) skip ase's O(N^2) symmetry expansion: 15 s -> 0.05 s for 2,000 atoms
-            p1 = block.get_spacegroup(True).no == 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # ase warns on every CIF without occupancies/spacegroup tags
+            blocks = [b for b in parse_cif(io.StringIO(text)) if b.has_structure()]
+            rows = [str(w.message) for w in caught if str(w.message).startswith("Wrong number")]
+            if rows:  # ase drops such rows and the rest of the loop with them
+                raise StructureError(f"{name}: a loop row has missing or extra values ({rows[0][:160]}); "
+                                     f"{len(rows)} row(s) affected")
+            if not blocks:
+                raise StructureError(f"{name}: malformed CIF (no cell and atom sites found)")
+            if len(blocks) > 1:
+                raise StructureError(f"{name}: {len(blocks)} data blocks with atoms "
+                                     f"({', '.join('data_' + b.name for b in blocks[:4])}); give one structure "
+                                     f"per file")
+            block = blocks[0]
+            cellpar = block.get_cellpar()
+            if cellpar is None:
+                raise StructureError(f"{name}: no cell (_cell_length_a/b/c and _cell_angle_alpha/beta/gamma)")
+            if (problem := _cell_problem(cellpar)) is not None:
+                raise StructureError(f"{name}: {problem}")
+            coords = block._get_site_coordinates()[1]
+            bad = [str(v) for v in np.ravel(coords) if not _finite_number(v)]
+            if bad:
+                raise StructureError(f"{name}: atom coordinates that are not finite numbers: {sorted(set(bad))[:5]}")
+            # P1 files (all of CoRE MOF) skip ase's O(N^2) symmetry expansion: 15 s -> 0.05 s for 2,000 atoms.
+            # The operations listed decide, as in ase.io.read: a 'P 1' label over more operations is expanded.
+            p1 = block.get_spacegroup(True).no == 1 and _is_identity_only(block._get_sitesym())
             atoms = block.get_unsymmetrized_structure() if p1 else block.get_atoms()
-    except StopIteration:
-        raise StructureError(f"{name}: malformed CIF (no cell and atom sites found)") from None
+    except StructureError:
+        raise
     except Exception as err:
-        raise StructureError(f"{name}: malformed CIF ({type(err).__name__}: {err})") from None
+        reason = str(err) or "the CIF parser's own consistency check failed"
+        raise StructureError(f"{name}: malformed CIF ({type(err).__name__}: {reason})") from None
     atoms.pbc = True
+    if (problem := _declared_content_problem(block, atoms)) is not None:
+        raise StructureError(f"{name}: {problem}")
     check_structure(atoms, name, min_distance_A)
     atoms.info["name"] = name
     return atoms
 
 
+def _cif_paths(folder) -> list:
+    """The *.cif files of a folder (any case of the suffix: *.CIF too), sorted; ValueError for a missing or empty
+    folder, so a typo never reads as '0 structures'."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder of CIF files")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".cif" and p.is_file())
+    if not paths:
+        raise ValueError(f"{folder}: no *.cif files in this folder")
+    return paths
+
+
+def _read_or_record(read, name, failures):
+    """read() or, when it fails, None with (name, reason) appended to failures: the one place where batch loops
+    catch, so one bad structure never stops a batch (anything but a StructureError keeps its type name)."""
+    try:
+        return read()
+    except Exception as err:
+        if failures is not None:
+            reason = str(err) if isinstance(err, StructureError) else f"{name}: {type(err).__name__}: {err}"
+            failures.append((name, reason))
+        return None
+
+
 def iter_cifs(source, failures=None, min_distance_A=0.5):
-    """Yield (name, atoms) for a folder of *.cif files (sorted by name) or an iterable of CIF paths.
+    """Yield (name, atoms) for a folder of *.cif files (any case, sorted by name) or an iterable of CIF paths.
 
     Broken files are skipped; (name, reason) is appended to `failures` if given, so one bad file never
-    stops a batch.
+    stops a batch. Two files with the same name (a.cif, a.CIF) keep the first; the second is recorded.
     """
-    paths = sorted(Path(source).glob("*.cif")) if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    paths = _cif_paths(source) if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    seen = set()
     for path in paths:
-        try:
-            yield path.stem, read_structure(path, path.stem, min_distance_A)
-        except StructureError as err:
+        if path.stem in seen:
             if failures is not None:
-                failures.append((path.stem, str(err)))
+                failures.append((path.stem, f"{path}: a second file named {path.stem!r} (skipped)"))
+            continue
+        seen.add(path.stem)
+        atoms = _read_or_record(lambda: read_structure(path, path.stem, min_distance_A), path.stem, failures)
+        if atoms is not None:
+            yield path.stem, atoms
 
 
 def coremof_names(dataset="2019-ASR"):
@@ -617,13 +910,10 @@ def iter_coremof(dataset="2019-ASR", names=None, failures=None, min_distance_A=0
             if wanted is not None and name not in wanted:
                 continue
             seen.add(name)
-            try:
-                atoms = read_structure(tar.extractfile(member).read(), name, min_distance_A)
-            except StructureError as err:
-                if failures is not None:
-                    failures.append((name, str(err)))
-                continue
-            yield name, atoms
+            atoms = _read_or_record(lambda: read_structure(tar.extractfile(member).read(), name, min_distance_A),
+                                    name, failures)
+            if atoms is not None:
+                yield name, atoms
             if wanted is not None and len(seen) == len(wanted):
                 return
     if failures is not None and wanted is not None:
@@ -801,6 +1091,18 @@ def grid_points(atoms, size=64, frame="cube", spacing_A=0.5, count=None):
     raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
 
 
+def _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K):
+    """ValueError naming the setting unless the grid is non-empty and its spacing, cutoff and cap positive
+    (spacing 0 puts every voxel on one point; size 0 makes an empty grid)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size={size!r}: the grid edge must be a whole number of voxels >= 1")
+    if frame not in ("cube", "cell"):
+        raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
+    for setting, value in (("spacing_A", spacing_A), ("cutoff_A", cutoff_A), ("cap_K", cap_K)):
+        if not (_finite_number(value) and float(value) > 0):
+            raise ValueError(f"{setting}={value!r}: must be a positive finite number")
+
+
 def _default_device(device):
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -826,6 +1128,7 @@ def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=
 def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0,
                   device=None, block=8, pairs_per_batch=None):
     """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays."""
+    _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K)
     device = _default_device(device)
     nblk = -(-size // block)
     n = nblk * block
@@ -1067,7 +1370,7 @@ def _line(x, y):
 
 
 def _start_freundlich(P, q, fixed):
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # ln of a zero or slightly negative uptake: left out
         a, s = _line(np.log(P), np.log(q))  # ln q = ln K + (1/n) ln P
     return {"K": math.exp(a) if math.isfinite(a) else q.max(), "n": 1.0 / s if s > 0 else 1.0}
 
@@ -1118,6 +1421,10 @@ class IsothermFit:
     `fit.K_se` (NaN for parameters held fixed). r2 = 1 - SS_res/SS_tot, rmse and aic = m ln(SS_res/m)
     + 2 k (k free parameters) are in linear adsorption units over the n_points used; AIC compares
     models only when fitted to the same points. pressure_range is (min, max) of the pressures used.
+    `degenerate` is '' for a fit whose free parameters the data determine, else why not (a standard error that
+    is infinite or over 1000 times its parameter, or a saturation capacity the data come nowhere near, e.g.
+    a Sips g_inf of 1e10 mmol/g with K 1e-132: only a Freundlich-like product is determined); the fitters warn
+    with it. Such parameters are not to be reported.
     """
     model: str
     params: dict
@@ -1129,6 +1436,7 @@ class IsothermFit:
     pressure_range: tuple
     fixed: tuple = ()
     log_space: bool = False
+    degenerate: str = ""
 
     def __getattr__(self, name):
         params, se = self.__dict__.get("params", {}), self.__dict__.get("se", {})
@@ -1145,7 +1453,12 @@ class IsothermFit:
 
 def _isotherm_points(pressure, adsorption, drop_zero_pressure=False, drop_zero_adsorption=False,
                      why=""):
-    """Validated float64 (P, q); ValueError naming the bad input, a warning for each dropped point."""
+    """Validated float64 (P, q); ValueError naming the bad input, a warning naming each dropped point.
+
+    Negative pressures are dropped everywhere; zero pressures where `drop_zero_pressure` (power laws in P).
+    Adsorption may be slightly negative (digitisation noise near P = 0: 13 of 175 real ISODB isotherms) in a
+    linear-space fit; zero and negative uptakes are dropped where `drop_zero_adsorption` (log-space fits).
+    """
     P = np.asarray(pressure, dtype=np.float64)
     q = np.asarray(adsorption, dtype=np.float64)
     if P.ndim != 1 or q.ndim != 1:
@@ -1155,17 +1468,20 @@ def _isotherm_points(pressure, adsorption, drop_zero_pressure=False, drop_zero_a
     for name, a in (("pressure", P), ("adsorption", q)):
         if not np.isfinite(a).all():
             raise ValueError(f"{name} has NaN/inf at index {np.flatnonzero(~np.isfinite(a)).tolist()}")
-        if (a < 0).any():
-            raise ValueError(f"{name} has negative values at index {np.flatnonzero(a < 0).tolist()}")
-    if P.size and not q.any():
-        raise ValueError("adsorption is zero at every point: nothing to fit")
+    if P.size and not (q > 0).any():
+        raise ValueError("adsorption is zero at every point (or negative): nothing to fit")
     keep = np.ones(P.size, dtype=bool)
-    for name, a, drop in (("pressure", P, drop_zero_pressure), ("adsorption", q, drop_zero_adsorption)):
-        zero = drop & (a == 0) & keep
-        if zero.any():
-            warnings.warn(f"dropped {int(zero.sum())} zero-{name} point(s) at index "
-                          f"{np.flatnonzero(zero).tolist()}: {why}", stacklevel=3)
-            keep &= ~zero
+    for name, a, drop, reason in (
+            ("pressure", P, P < 0, "a negative pressure"),
+            ("pressure", P, drop_zero_pressure & (P == 0), why),
+            ("adsorption", q, drop_zero_adsorption & (q < 0), why),
+            ("adsorption", q, drop_zero_adsorption & (q == 0), why)):
+        gone = drop & keep
+        if gone.any():
+            kind = "negative" if (a[gone] < 0).all() else "zero"
+            warnings.warn(f"dropped {int(gone.sum())} {kind}-{name} point(s) at index {np.flatnonzero(gone).tolist()} "
+                          f"({name} {a[gone][:5].tolist()}): {reason}", stacklevel=3)
+            keep &= ~gone
     if keep.sum() < 3:
         raise ValueError(f"only {int(keep.sum())} usable points; at least 3 are needed")
     return P[keep], q[keep]
@@ -1211,7 +1527,29 @@ def _fit_model(model, P, q, fixed=None, log_space=False) -> IsothermFit:
     params = {p: (fixed[p] if p in fixed else float(values[free.index(p)])) for p in spec.params}
     return IsothermFit(model, params, {p: float(se.get(p, np.nan)) for p in spec.params},
                        float(r2), math.sqrt(ss_res / m), aic, m, (float(P.min()), float(P.max())),
-                       tuple(fixed), log_space)
+                       tuple(fixed), log_space, _degenerate(model, params, se, P, q))
+
+
+def _degenerate(model, params, se, P, q) -> str:
+    """Why a fit's free parameters are not determined by its data, or '' (see IsothermFit.degenerate)."""
+    reasons = []
+    capacity = {"sips": "g_inf", "langmuir": "Q_max"}.get(model)
+    if capacity in se and params[capacity] > 1e3 * np.abs(q).max():
+        reasons.append(f"{capacity} = {params[capacity]:.3g} is over 1000 times the largest uptake "
+                       f"{np.abs(q).max():.3g}: the data do not approach saturation")
+    for p, s in se.items():
+        if not math.isfinite(s) and len(q) > len(se):
+            reasons.append(f"{p} has no finite standard error")
+        elif math.isfinite(s) and s > 1e3 * abs(params[p]):
+            reasons.append(f"{p} = {params[p]:.3g} +- {s:.3g}")
+    return "; ".join(reasons)
+
+
+def _warn_degenerate(fit, stacklevel=3):
+    if fit.degenerate:
+        warnings.warn(f"degenerate {fit.model} fit, its parameters are not determined by the data: "
+                      f"{fit.degenerate}", stacklevel=stacklevel)
+    return fit
 
 
 def fit_freundlich(pressure, adsorption, log_space=False) -> IsothermFit:
@@ -1223,7 +1561,7 @@ def fit_freundlich(pressure, adsorption, log_space=False) -> IsothermFit:
     """
     P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=True, drop_zero_adsorption=log_space,
                             why="Freundlich is a power law in P")
-    return _fit_model("freundlich", P, q, log_space=log_space)
+    return _warn_degenerate(_fit_model("freundlich", P, q, log_space=log_space))
 
 
 def fit_sips(pressure, adsorption, fix_K=None, fix_n=None, fix_g_inf=None, log_space=False) -> IsothermFit:
@@ -1235,14 +1573,14 @@ def fit_sips(pressure, adsorption, fix_K=None, fix_n=None, fix_g_inf=None, log_s
     """
     P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=True, drop_zero_adsorption=log_space,
                             why="Sips is a power law in P")
-    return _fit_model("sips", P, q, {"g_inf": fix_g_inf, "K": fix_K, "n": fix_n}, log_space)
+    return _warn_degenerate(_fit_model("sips", P, q, {"g_inf": fix_g_inf, "K": fix_K, "n": fix_n}, log_space))
 
 
 def fit_langmuir(pressure, adsorption, log_space=False) -> IsothermFit:
     """Langmuir q = Q_max b P / (1 + b P); b in 1/(pressure unit), Q_max in adsorption units."""
     P, q = _isotherm_points(pressure, adsorption, drop_zero_pressure=log_space,
                             drop_zero_adsorption=log_space, why="log-space fit")
-    return _fit_model("langmuir", P, q, log_space=log_space)
+    return _warn_degenerate(_fit_model("langmuir", P, q, log_space=log_space))
 
 
 def fit_bet(pressure, adsorption, p0=None, adsorbate=None, temperature_K=None,
@@ -1279,7 +1617,7 @@ def fit_bet(pressure, adsorption, p0=None, adsorbate=None, temperature_K=None,
     if use.sum() < 3 or not q[use].any():
         raise ValueError(f"only {int(use.sum())} nonzero points with P/P0 in BET range {p_range}; "
                          "at least 3 are needed")
-    fit = _fit_model("bet", P[use], q[use], {"P0": p0})
+    fit = _warn_degenerate(_fit_model("bet", P[use], q[use], {"P0": p0}))
     x_m = 1.0 / (math.sqrt(fit.C) + 1.0)
     if p_range == "rouquerol" and not x[use].min() <= x_m <= x[use].max():
         warnings.warn(f"BET monolayer point P/P0 = {x_m:.3g} lies outside the fitted range "
@@ -1311,7 +1649,9 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
       * one row per point with scalar `pressure`/`adsorption` (or `pressure_bar`/`adsorption_mmol_g`)
         columns, grouped into isotherms by `filename` (or `isotherm`), else one isotherm.
     Returns a new table, one row per isotherm, with columns <param> and <param>_se for the model's
-    parameters, r2, rmse, aic, n_points and fit_error ('' when fitted). fit_kwargs go to the fitter,
+    parameters, r2, rmse, aic, n_points, fit_error ('' when fitted), degenerate ('' unless the fitted
+    parameters are not determined, see IsothermFit) and fit_warning (the fit's warnings, e.g. dropped points,
+    collected here instead of raised). fit_kwargs go to the fitter,
     e.g. `fit_isotherm_table(df, "sips", fix_K=2.5)` for the study's own table.
     """
     import pandas as pd
@@ -1333,14 +1673,19 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
     for _, row in tqdm(df.iterrows(), total=len(df), disable=not progress, desc=f"fit {model}"):
         out = dict.fromkeys([c for p in names for c in (p, f"{p}_se")] + ["r2", "rmse", "aic"], np.nan)
         note = row.get("note")
-        out.update(n_points=0, fit_error="" if note is None or pd.isna(note) else str(note))
+        out.update(n_points=0, fit_error="" if note is None or pd.isna(note) else str(note), degenerate="",
+                   fit_warning="")
         if not out["fit_error"]:
-            try:
-                fit = FITTERS[model](_cell_points(row[p_col]), _cell_points(row[q_col]), **fit_kwargs)
-                out.update({**fit.params, **{f"{p}_se": s for p, s in fit.se.items()}},
-                           r2=fit.r2, rmse=fit.rmse, aic=fit.aic, n_points=fit.n_points)
-            except (ValueError, TypeError, RuntimeError) as e:
-                out["fit_error"] = f"{type(e).__name__}: {e}"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    fit = FITTERS[model](_cell_points(row[p_col]), _cell_points(row[q_col]), **fit_kwargs)
+                    out.update({**fit.params, **{f"{p}_se": s for p, s in fit.se.items()}},
+                               r2=fit.r2, rmse=fit.rmse, aic=fit.aic, n_points=fit.n_points,
+                               degenerate=fit.degenerate)
+                except (ValueError, TypeError, RuntimeError) as e:
+                    out["fit_error"] = f"{type(e).__name__}: {e}"
+            out["fit_warning"] = "; ".join(str(w.message) for w in caught)
         rows.append(out)
     result = df.reset_index(drop=True).copy()
     for col, values in pd.DataFrame(rows).items():
@@ -1633,10 +1978,13 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 # names of the stored grids in order, the failures, the voxelizer parameters and per-structure properties
 # (computed from the float32 grid before rounding). Channel 0 is the energy in kelvin; with
 # ShardParams.density_classes the atom-density channels follow, in [0, 1] (float16 keeps 2^-11 near 1); the footer's
-# "channels" names each.
+# "channels" names each. The footer also makes the file self-verifying: its own file name and the sha256 of the
+# grid bytes and of the footer, so a shard built here and one downloaded without a published sha256 are equally
+# safe (checked on first open; cost in README, Reliability).
 
 SHARD_MAGIC = b"MOFSHRD1"
-SHARD_FORMAT = "mofkit-shard-1"
+SHARD_FORMAT = "mofkit-shard-2"     # footer holds the file's name and the sha256 of its grids and of itself
+SHARD_FORMAT_V1 = "mofkit-shard-1"  # no checksums: still read, with a warning
 MANIFEST_COLUMNS = ["shard", "n_names", "n_grids", "bytes", "sha256", "source", "params_hash", "params", "url",
                     "names", "kind"]  # kind: "shard", or "weights" for a shipped generator (see load_generator)
 FAILURE_COLUMNS = ["shard", "name", "reason"]
@@ -1664,6 +2012,9 @@ class ShardParams:
             object.__setattr__(self, "temperature_K", PROBE_TEMPERATURE_K[self.probe])
         for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
             object.__setattr__(self, f.name, (float if f.default is None else type(f.default))(getattr(self, f.name)))
+        _check_grid_settings(self.size, self.frame, self.spacing_A, self.cutoff_A, self.cap_K)
+        if not (math.isfinite(self.temperature_K) and self.temperature_K > 0):
+            raise ValueError(f"temperature_K={self.temperature_K}: must be a positive finite temperature")
         if not 0 < self.cap_K <= 60000:
             raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
         if self.density_classes:
@@ -1695,31 +2046,53 @@ class ShardParams:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
+def _footer_digest(meta) -> str:
+    """sha256 of a footer's JSON without its own digest, re-serialised canonically (json round-trips floats)."""
+    body = {k: v for k, v in meta.items() if k != "footer_sha256"}
+    return hashlib.sha256(json.dumps(body, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
 def write_shard(path, grids, meta):
-    """Write grids (N, C, D, D, D) as float16 followed by the JSON footer `meta`, atomically."""
+    """Write grids (N, C, D, D, D) as float16 followed by the JSON footer `meta`, atomically.
+
+    The footer also records the file's own name and the sha256 of the grid bytes and of the footer, so the
+    file verifies itself (see `verify_shard`).
+    """
+    path = Path(path)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "shard", "shape", "data_offset", "data_sha256",
+                                                       "footer_sha256")}  # a footer read back is written afresh
     with np.errstate(over="ignore"):  # overflow is reported below, naming the file
         grids16 = np.ascontiguousarray(grids, dtype=np.float16)
     if grids16.ndim != 5 or not np.isfinite(grids16).all():
         raise ValueError(f"{path}: grids must be finite (N, C, D, D, D) below 65504, got shape {grids16.shape}")
-    footer = json.dumps({"format": SHARD_FORMAT, **meta}, separators=(",", ":"), allow_nan=False).encode()
+    full = {"format": SHARD_FORMAT, "shard": path.name, **meta,
+            "data_sha256": hashlib.sha256(grids16.reshape(-1).view(np.uint8)).hexdigest()}
+    full["footer_sha256"] = _footer_digest(full)
+    footer = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
     with atomic_write(path) as f:
         np.lib.format.write_array(f, grids16, allow_pickle=False)
         f.write(footer)
         f.write(struct.pack("<Q", len(footer)) + SHARD_MAGIC)
 
 
-def read_shard_meta(path) -> dict:
-    """A shard's footer (members, names, failures, params, properties, source), after checking the file is whole.
+def _shard_broken(path, reason):
+    return ShardError(f"{path}: {reason}; it is not a complete, intact mofkit shard: delete it and rerun "
+                      f"ensure_shards (or build_shards)")
 
-    Reads only the .npy header and the footer. Raises ShardError naming the file if it is truncated or not a
-    shard.
+
+def read_shard_meta(path) -> dict:
+    """A shard's footer (members, names, failures, params, properties, source), after checking the file is whole,
+    its footer matches its own sha256 and the file name it was written under.
+
+    Reads only the .npy header and the footer (the grid bytes are checked by `verify_shard`, which `open_shard`
+    runs once per file and process). Raises ShardError naming the file if it is truncated, altered, copied over
+    another shard, or not a shard. Files of the first format (mofkit-shard-1, no checksums) are still read, with
+    a warning.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ShardError(f"{path}: is a folder, not a shard file")
     size = path.stat().st_size
-
-    def broken(reason):
-        return ShardError(f"{path}: {reason}; it is not a complete mofkit shard: delete it and rerun "
-                          f"ensure_shards (or build_shards)")
 
     with open(path, "rb") as f:
         try:
@@ -1728,29 +2101,77 @@ def read_shard_meta(path) -> dict:
                            (2, 0): np.lib.format.read_array_header_2_0}[version]
             shape, fortran_order, dtype = read_header(f)
         except (ValueError, KeyError) as e:
-            raise broken(f"no .npy header ({e})") from None
-        data_end = f.tell() + math.prod(shape) * dtype.itemsize
+            raise _shard_broken(path, f"no .npy header ({e})") from None
+        data_start = f.tell()
+        data_end = data_start + math.prod(shape) * dtype.itemsize
         if size < data_end + 16:
-            raise broken(f"{size} bytes, too short for its {shape} array and footer (truncated?)")
+            raise _shard_broken(path, f"{size} bytes, too short for its {shape} array and footer (truncated?)")
         f.seek(size - 16)
         footer_bytes, magic = struct.unpack("<Q8s", f.read(16))
         if magic != SHARD_MAGIC or size != data_end + footer_bytes + 16:
-            raise broken(f"{size} bytes and no footer where one should end (truncated?)")
+            raise _shard_broken(path, f"{size} bytes and no footer where one should end (truncated?)")
         f.seek(data_end)
         try:
             meta = json.loads(f.read(footer_bytes))
         except ValueError as e:
-            raise broken(f"unreadable footer ({e})") from None
-    if (meta.get("format") != SHARD_FORMAT or dtype != np.float16 or fortran_order or len(shape) != 5
-            or shape[0] != len(meta["names"])):
-        raise broken(f"unexpected layout {dtype} {shape} for format {meta.get('format')!r}")
+            raise _shard_broken(path, f"unreadable footer ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") not in (SHARD_FORMAT, SHARD_FORMAT_V1):
+        raise _shard_broken(path, f"unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if meta["format"] == SHARD_FORMAT:
+        if meta.get("footer_sha256") != _footer_digest(meta):
+            raise _shard_broken(path, "its footer (names, properties, parameters) does not match the footer's "
+                                      "own sha256: it was altered")
+        if meta.get("shard") != path.name:
+            raise _shard_broken(path, f"it was written as {meta.get('shard')!r}: another shard copied or renamed "
+                                      f"over this one")
+    elif path not in _WARNED_V1:
+        _WARNED_V1.add(path)
+        warnings.warn(f"{path}: a {SHARD_FORMAT_V1} shard without checksums; it is read as is: rebuild it "
+                      f"(delete it and rerun build_shards) to make it self-verifying", stacklevel=2)
+    if dtype != np.float16 or fortran_order or len(shape) != 5 or shape[0] != len(meta["names"]):
+        raise _shard_broken(path, f"unexpected layout {dtype} {shape} for format {meta.get('format')!r}")
     meta["shape"] = list(shape)
+    meta["data_offset"] = data_start
+    return meta
+
+
+_WARNED_V1 = set()
+_VERIFIED = {}   # (path, inode, size, mtime_ns) of files whose grid bytes matched their footer in this process
+
+
+def verify_shard(path, meta=None) -> dict:
+    """Check a shard completely: `read_shard_meta`, then the sha256 of its grid bytes against the footer's
+    (streamed, no copy in memory). A file is hashed once per process while it is unchanged on disk (same inode,
+    size and mtime). Returns the footer; raises ShardError naming the file (flipped bytes, NaN/inf written into
+    the grids, a changed footer, a shard copied over another)."""
+    path = Path(path)
+    meta = read_shard_meta(path) if meta is None else meta
+    if meta["format"] != SHARD_FORMAT:
+        return meta
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(key) != meta["data_sha256"]:
+        h = hashlib.sha256()
+        remaining = math.prod(meta["shape"]) * 2
+        with open(path, "rb") as f:
+            f.seek(meta["data_offset"])
+            while remaining:
+                block = f.read(min(remaining, 1 << 22))
+                if not block:
+                    break
+                h.update(block)
+                remaining -= len(block)
+        if h.hexdigest() != meta["data_sha256"]:
+            raise _shard_broken(path, "its grid bytes do not match the sha256 in its footer (corrupted on disk or "
+                                      "in transfer)")
+        _VERIFIED[key] = meta["data_sha256"]
     return meta
 
 
 def open_shard(path):
-    """(grids, meta): grids is a (N, C, D, D, D) float16 memory map (nothing is read until indexed)."""
-    meta = read_shard_meta(path)
+    """(grids, meta): grids is a (N, C, D, D, D) float16 memory map (nothing is read until indexed), after
+    `verify_shard` (once per process and unchanged file)."""
+    meta = verify_shard(path)
     # copy-on-write map: torch only wraps writable arrays; the pages are never written, so nothing is copied
     return np.load(path, mmap_mode="c"), meta
 
@@ -1781,7 +2202,7 @@ def _source_names(label) -> list:
     kind, where = label.split(":", 1)
     if kind == "coremof":
         return coremof_names(where)
-    return sorted(p.stem for p in Path(where).glob("*.cif"))
+    return list(dict.fromkeys(p.stem for p in _cif_paths(where)))  # a.cif and a.CIF: one name (iter_cifs records it)
 
 
 def _source_structures(label, names, failures):
@@ -1789,7 +2210,10 @@ def _source_structures(label, names, failures):
     kind, where = label.split(":", 1)
     if kind == "coremof":
         return iter_coremof(where, names=names, failures=failures)
-    return iter_cifs([Path(where) / f"{name}.cif" for name in names], failures=failures)
+    found = {}
+    for p in _cif_paths(where):
+        found.setdefault(p.stem, p)
+    return iter_cifs([found.get(name, Path(where) / f"{name}.cif") for name in names], failures=failures)
 
 
 def _source_table(label):
@@ -1899,7 +2323,7 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
     """Voxelize `members` into one shard file; a structure that fails is recorded in the footer and skipped."""
     failures, grids, props = [], {}, {}
     structures = _source_structures(label, members, failures)
-    device = _default_device(device)
+    device = usable_device(device)
     per_call = 16 if device.type == "cuda" else 1          # a GPU wants many structures in one batch
     with tqdm(total=len(members), desc=path.name, leave=False, disable=not progress) as bar:
         while chunk := list(itertools.islice(structures, per_call)):
@@ -1932,13 +2356,34 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
     return meta
 
 
-def _finished_shard(path, members, params):
-    """The footer of a finished shard at `path` for exactly these members and params, else None (a broken file
-    is deleted so it gets rebuilt; a good shard of other structures is an error, never overwritten)."""
+def usable_device(device=None) -> torch.device:
+    """torch.device for `device` (None: cuda if available, else cpu), or ValueError saying why it cannot run here
+    (not a device name, no CUDA/MPS on this machine, no such GPU index), before any work starts."""
+    try:
+        dev = _default_device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: not a torch device name ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: mofkit runs on cpu, cuda or mps")
+    return dev
+
+
+def _reuse_shard_or_delete(path, members, params):
+    """The footer of a finished shard at `path` for exactly these members and params, else None. DELETES a file
+    that is broken (truncated, altered, failed its checksum) or holds no grid, so it gets rebuilt; RAISES
+    ShardError for an intact shard of other structures or parameters, which is never overwritten."""
     if not path.exists():
         return None
     try:
-        meta = read_shard_meta(path)
+        meta = verify_shard(path)
     except ShardError as e:
         warnings.warn(f"{e} -- deleting it and building it again")
         path.unlink()
@@ -1946,6 +2391,10 @@ def _finished_shard(path, members, params):
     if meta["members"] != list(members) or ShardParams(**meta["params"]) != params:
         raise ShardError(f"{path} holds other structures or voxelizer parameters than requested: build into "
                          f"another folder, or delete it")
+    if members and not meta["names"]:  # a failed build (wrong device, missing files): never counted as done
+        warnings.warn(f"{path}: holds 0 of its {len(members)} grids -- deleting it and building it again")
+        path.unlink()
+        return None
     return meta
 
 
@@ -1959,8 +2408,8 @@ def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) ->
         if time.monotonic() >= deadline:
             break
         path = out_dir / shard
-        meta = _finished_shard(path, members, params) or _build_shard(path, members, label, params, table, device,
-                                                                      progress)
+        meta = _reuse_shard_or_delete(path, members, params) or _build_shard(path, members, label, params, table,
+                                                                              device, progress)
         rows.append(_manifest_row(shard, members, label, params, path=path))
         _merge_csv(out_dir / "data_manifest.csv", MANIFEST_COLUMNS, [rows[-1]], {shard})
         _merge_csv(out_dir / "failures.csv", FAILURE_COLUMNS,
@@ -1968,54 +2417,76 @@ def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) ->
     return rows
 
 
+def build_summary(rows, out_dir) -> str:
+    """One line for the end of a build: shards, grids, structures that failed, where the failures are listed."""
+    grids = sum(int(r["n_grids"] or 0) for r in rows)
+    failed = sum(int(r["n_names"]) for r in rows) - grids
+    return (f"{len(rows)} shards, {grids} grids, {failed} failed structures in {out_dir}"
+            + (f" (reasons: {Path(out_dir) / 'failures.csv'})" if failed else ""))
+
+
 def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=None, limit=None, device=None,
                  progress=True, max_minutes=None) -> list:
     """Voxelize a source into shard files shard_00000.npy, shard_00001.npy, ... in out_dir; resumable.
 
-    source: None (CoRE MOF 2019-ASR), 'coremof:<dataset>', or a folder of .cif files (name = file stem).
-    params: ShardParams (voxelizer settings, property temperature). names/limit pick the structures.
+    source: None (CoRE MOF 2019-ASR), 'coremof:<dataset>', or a folder of .cif files (any case, name = file stem).
+    params: ShardParams (voxelizer settings, property temperature). names/limit (>= 1) pick the structures.
     Shard k holds the members names[k*shard_size:(k+1)*shard_size] -- membership comes from the name list, not
-    from which structures succeed -- so a rerun skips finished shards. A structure that fails is listed in
-    out_dir/failures.csv and its shard holds one grid fewer. Each shard stores per structure PROPERTY_COLUMNS
-    (the whole crystal's K_H, Q_st and He void fraction, and the stored window's) and the source's table.
-    Returns the manifest rows, also merged into out_dir/data_manifest.csv (url blank, ready to publish).
+    from which structures succeed -- so a rerun skips finished shards (a shard with no grid is never finished:
+    it is built again). A structure that fails is listed in out_dir/failures.csv and its shard holds one grid
+    fewer. Each shard stores per structure PROPERTY_COLUMNS (the whole crystal's K_H, Q_st and He void fraction,
+    and the stored window's) and the source's table. The device is checked before any work.
+    Returns the manifest rows, also merged into out_dir/data_manifest.csv (url blank, ready to publish); with
+    progress, ends with the one-line `build_summary`.
     `max_minutes` starts no new shard after that much time (for fixed-length sessions): fewer rows come back
     than planned, and the next call continues.
     """
     params = params or ShardParams()
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ValueError(f"limit={limit!r}: must be a whole number >= 1 (or None for every structure)")
+    device = usable_device(device)
     label = _source_label(source)
     names = list(_source_names(label) if names is None else names)[:limit]
+    if not names:
+        raise ValueError(f"{label}: no structures to build")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
-    return _build(_shard_plan(names, shard_size), Path(out_dir), label, params, device, progress, deadline)
+    rows = _build(_shard_plan(names, shard_size), Path(out_dir), label, params, device, progress, deadline)
+    if progress:
+        print(build_summary(rows, out_dir))
+    return rows
 
 
 def _verified(path, row, local_row) -> bool:
-    """Is `path` byte-identical to the published shard of `row`, or to the one this machine built or fetched
-    (local_row, from dest_dir/data_manifest.csv)? With no checksum anywhere, a whole file with the row's
-    members and params passes."""
-    same = [r for r in (row, local_row) if r and r["names"] == row["names"] and r["params_hash"] == row["params_hash"]]
-    known = {r["sha256"] for r in same if r["sha256"]}
-    if known:
-        return sha256_file(path) in known
+    """Is `path` an intact shard (its own checksums) with the row's members and params, and, where a sha256 is
+    recorded, byte-identical to the published shard of `row` or to the one this machine built or fetched
+    (local_row, from dest_dir/data_manifest.csv)?"""
     try:
-        meta = read_shard_meta(path)
+        meta = verify_shard(path)
     except ShardError:
         return False
-    return ";".join(meta["members"]) == row["names"] and ShardParams(**meta["params"]).hash == row["params_hash"]
+    if ";".join(meta["members"]) != row["names"] or ShardParams(**meta["params"]).hash != row["params_hash"]:
+        return False
+    same = [r for r in (row, local_row) if r and r["names"] == row["names"] and r["params_hash"] == row["params_hash"]]
+    known = {r["sha256"] for r in same if r["sha256"]}
+    return not known or sha256_file(path) in known
 
 
 def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progress=True) -> list:
     """Make every shard of a manifest present and verified in dest_dir; return the paths in manifest order.
 
-    Per row: a present file is used if its sha256 matches the manifest (or dest_dir/data_manifest.csv, for a
-    shard this machine built); otherwise it is deleted, never used. A missing shard is downloaded from the row's
-    url (sha256-verified, see `download`); if there is no url or the download fails (e.g. Google Drive's daily
-    quota), it is built locally from the row's source, members and parameters (build_missing=True).
+    Per row: a present file is used if it verifies (its own checksums, and the manifest's sha256 where one is
+    recorded, or dest_dir/data_manifest.csv's for a shard this machine built); otherwise it is deleted, never used.
+    A missing shard is downloaded from the row's url (sha256-verified, see `download`, and then self-verified, so
+    an error page saved under the shard's name is caught); if there is no url or the download fails (e.g. Google
+    Drive's daily quota), it is built locally from the row's source, members and parameters (build_missing=True).
+    A local build that yields no grid (e.g. the CIF folder is gone) is an error, never a success.
     """
     dest_dir = Path(dest_dir)
+    if dest_dir.exists() and not dest_dir.is_dir():
+        raise ShardError(f"{dest_dir}: is a file, not a folder for shards")
     local_csv = dest_dir / "data_manifest.csv"
     local = {r["shard"]: r for r in read_manifest(local_csv)} if local_csv.exists() else {}
-    paths = []
+    paths, built = [], []
     for row in tqdm(read_manifest(manifest_csv), desc="checking shards", disable=not progress):
         shard, path = row["shard"], dest_dir / row["shard"]
         params, members = ShardParams(**json.loads(row["params"])), row["names"].split(";")
@@ -2026,21 +2497,35 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
         if not path.exists() and row["url"]:
             try:
                 download(row["url"], path, sha256=row["sha256"] or None, progress=progress)
+                verify_shard(path)
                 _merge_csv(local_csv, MANIFEST_COLUMNS,
                            [_manifest_row(shard, members, row["source"], params, path=path, url=row["url"])], {shard})
-            except DownloadError as e:
+            except (DownloadError, ShardError) as e:
+                with contextlib.suppress(FileNotFoundError):
+                    if isinstance(e, ShardError):
+                        path.unlink()  # e.g. an HTML page served in place of the shard
                 warnings.warn(f"shard {shard}: download failed: {e}" + (" Building it locally instead."
                                                                         if build_missing else ""))
         if not path.exists():
             if not build_missing:
                 raise ShardError(f"shard {shard} is not in {dest_dir} and could not be downloaded: rerun "
                                  f"ensure_shards later, or with build_missing=True to build it locally")
-            _build([(shard, members)], dest_dir, row["source"], params, device, progress)
+            try:
+                built += _build([(shard, members)], dest_dir, row["source"], params, usable_device(device), progress)
+            except ValueError as e:  # ShardError is a ValueError: a missing source folder, an unusable device
+                raise ShardError(f"shard {shard} is not in {dest_dir} and cannot be built: {e}") from e
+            if not read_shard_meta(path)["names"]:
+                reasons = read_shard_meta(path)["failures"][:2]
+                path.unlink()
+                raise ShardError(f"shard {shard}: building it locally gave 0 of its {len(members)} grids (e.g. "
+                                 f"{reasons}); nothing was kept. Restore its source {row['source']} or fetch it")
         meta = read_shard_meta(path)
         if meta["members"] != members or ShardParams(**meta["params"]) != params:
             raise ShardError(f"shard {shard}: {path} passed its checksum but holds other structures or parameters "
                              f"than its manifest row: the manifest {manifest_csv} is inconsistent, fix its row")
         paths.append(path)
+    if built and progress:
+        print(f"built locally: {build_summary(built, dest_dir)}")
     return paths
 
 
@@ -2358,7 +2843,7 @@ class CheckpointError(RuntimeError):
 
 
 class TrainingDiverged(FloatingPointError):
-    """A loss became NaN/Inf; the last good checkpoint was kept."""
+    """A loss became NaN/Inf; nothing is saved from then on (the message says which checkpoint, if any, is kept)."""
 
 
 LOSSES = ("lsgan", "hinge", "nonsat")
@@ -2483,6 +2968,9 @@ def load_checkpoint(path, map_location="cpu"):
     missing = required - set(ckpt) if isinstance(ckpt, dict) else required
     if missing:
         raise CheckpointError(f"{path}: not a mofkit GAN checkpoint (missing {sorted(missing)})")
+    if not (_finite_number(ckpt["e_scale_K"]) and float(ckpt["e_scale_K"]) > 0):
+        raise CheckpointError(f"{path}: e_scale_K={ckpt['e_scale_K']!r} is not a positive finite energy in kelvin "
+                              f"(a corrupted or hand-edited checkpoint)")
     return ckpt
 
 
@@ -2759,8 +3247,36 @@ def load_history(path):
     return pd.read_csv(path / "history.csv" if path.is_dir() else path)
 
 
-def _resume_from(resume, last, config):
-    """The checkpoint to continue from (or None), checked against `config`; never silently starts over."""
+# TrainConfig fields a resumed run may change: they do not alter the sequence of updates. Every other field (those
+# added later included) must match the checkpoint, or the caller says allow_config_change=True.
+RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "log_every", "checkpoint_every_steps", "checkpoint_every_min")
+
+
+def _config_changes(saved, config) -> dict:
+    """{field: [checkpoint's value, config's value]} for the fields of `config` that differ from a checkpoint's
+    config and would change the run (a field the checkpoint predates counts as `_config_from_checkpoint` reads
+    it: its legacy value, else its default)."""
+    def norm(v):
+        return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+    try:
+        saved = asdict(_config_from_checkpoint({"config": saved}))
+    except (TypeError, ValueError):  # a config today's TrainConfig refuses: compare what was stored
+        pass
+    changes = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUME_MAY_CHANGE or f.name in ARCH_FIELDS or f.name == "e_scale_K":
+            continue  # architecture and E_scale are checked on their own: they can never change
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        old, new = saved.get(f.name, default), getattr(config, f.name)
+        if norm(old) != norm(new):
+            changes[f.name] = [old, new]
+    return changes
+
+
+def _resume_from(resume, last, config, allow_config_change=False):
+    """The checkpoint to continue from (or None), checked against `config`; never silently starts over, and never
+    silently continues with a config that changes the run (see RESUME_MAY_CHANGE): that needs
+    allow_config_change=True, and is then recorded in the checkpoint's "config_changes"."""
     if resume is False or resume is None:
         if last.exists():
             raise CheckpointError(f"{last}: a checkpoint is already there; pass resume=True to continue it "
@@ -2778,6 +3294,17 @@ def _resume_from(resume, last, config):
     if config.e_scale_K is not None and config.e_scale_K != ckpt["e_scale_K"]:
         raise CheckpointError(f"{path}: checkpoint has e_scale_K={ckpt['e_scale_K']} but the config asks "
                               f"for {config.e_scale_K}")
+    changes = _config_changes(ckpt["config"], config)
+    described = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    if changes and not allow_config_change:
+        raise CheckpointError(f"{path}: the config differs from the checkpoint's ({described}), so the run would "
+                              f"not continue exactly; use the checkpoint's config, another out_dir, or "
+                              f"train(..., allow_config_change=True) to continue with the change recorded")
+    ckpt["config_changes"] = list(ckpt.get("config_changes") or [])
+    if changes:
+        warnings.warn(f"{path}: continuing at step {ckpt['step']} with a changed config ({described}); recorded "
+                      f"in the checkpoint's config_changes", stacklevel=3)
+        ckpt["config_changes"].append({"step": ckpt["step"], "changes": changes})
     ckpt["path"] = str(path)
     return ckpt
 
@@ -2804,7 +3331,7 @@ def _grid_params_of(dataset):
 
 
 def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True,
-          max_minutes=None):
+          max_minutes=None, allow_config_change=False):
     """Train the GAN on `dataset` (kelvin grids (C, D, D, D): a list, torch Dataset or ShardDataset).
 
     Writes `out_dir/last.pt` (every `checkpoint_every_steps` steps or `checkpoint_every_min` minutes and at the
@@ -2812,11 +3339,13 @@ def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_s
     `resume="path.pt"` continues that file, `resume=False` refuses to touch an existing checkpoint.
     `max_steps` stops after that many optimizer steps in total (counting resumed ones); `max_minutes` stops
     (and checkpoints) after that much wall-clock time in this call, for fixed-length sessions. Under torchrun
-    every process calls this and rank 0 writes the files.
+    every process calls this and rank 0 writes the files. Resuming with a config that changes the run (any field
+    but those in RESUME_MAY_CHANGE) raises CheckpointError unless allow_config_change=True; the change is then
+    recorded in the checkpoint ("config_changes": step and old/new values).
     """
     out_dir = Path(out_dir)
     last, history_csv = out_dir / "last.pt", out_dir / "history.csv"
-    ckpt = _resume_from(resume, last, config)
+    ckpt = _resume_from(resume, last, config, allow_config_change)
     rank, world, device, created_group = _distributed(config)
     try:
         return _train(config, _as_dataset(dataset), ckpt, last, history_csv, rank, world, device,
@@ -2858,8 +3387,11 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     stop_at = max_steps if max_steps is not None else float("inf")
     saved_config = {**asdict(config), "e_scale_K": e_scale}
     grid_params = _grid_params_of(dataset) if ckpt is None else ckpt.get("grid_params")
+    config_changes = ckpt["config_changes"] if ckpt is not None else []
+    saved_step = None  # the step of the checkpoint this call wrote last
 
     def save():
+        nonlocal saved_step
         states = [None] * world
         if world > 1:
             dist.all_gather_object(states, _rng_state())
@@ -2872,9 +3404,11 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
                      "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(),
                      "opt_d": run.opt_d.state_dict(), "scaler": run.scaler.state_dict(), "rng": states,
                      "step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
-                     "time_s": time_s + time.perf_counter() - t_start, "history": history, "world_size": world}
+                     "time_s": time_s + time.perf_counter() - t_start, "history": history, "world_size": world,
+                     "config_changes": config_changes}
             with atomic_write(last) as f:
                 torch.save(state, f)
+        saved_step = step
 
     acc, acc_steps = torch.zeros(4, device=device), 0
     t_start = t_log = time.perf_counter()
@@ -2896,8 +3430,15 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
         out_of_time = late > 0
         if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
-            raise TrainingDiverged(f"non-finite loss at step {step} (loss_d={loss_d}, loss_g={loss_g}); "
-                                   f"stopped without saving, the last good checkpoint {last} is kept")
+            if saved_step is not None:
+                kept = f"the last good checkpoint {last} (step {saved_step}) is kept"
+            elif ckpt is not None:
+                kept = f"the last good checkpoint {ckpt['path']} (step {ckpt['step']}) is kept; this call saved none"
+            else:
+                kept = "no checkpoint exists for this run (none was due yet)"
+            raise TrainingDiverged(f"non-finite loss at step {step} (losses are checked every {config.log_every} "
+                                   f"steps: it appeared after step {step - acc_steps}; loss_d={loss_d}, "
+                                   f"loss_g={loss_g}); stopped without saving: {kept}")
         row = dict(step=step, epoch=epoch, loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake,
                    samples_per_s=acc_steps * config.batch_size * world / (now - t_log),
                    time_s=time_s + now - t_start)
@@ -2959,6 +3500,8 @@ def main_train(argv=None):
     preset.add_argument("--study", action="store_true", help="start from TrainConfig.study(): the study's exact recipe")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config changes the run (recorded in the checkpoint)")
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
     for f in fields:
         kind = type(f.default) if f.default is not None else float
@@ -2970,7 +3513,8 @@ def main_train(argv=None):
     dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
     _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
     config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
-    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress)
+    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress,
+                   allow_config_change=args.allow_config_change)
     print(f"checkpoint: {result.checkpoint}")
     return result
 
@@ -3017,6 +3561,10 @@ def _generator_from(state, ema=True):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"generator weights hold NaN or Inf ({name}): the run diverged; use an "
                                   "earlier checkpoint")
+    try:
+        _check_e_scale(float(state["e_scale_K"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"generator file or checkpoint records an unusable E_scale ({e})") from None
     G.e_scale_K = float(state["e_scale_K"])
     G.grid_params = state.get("grid_params")
     return G.eval()
@@ -4199,9 +4747,37 @@ def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", 
 
 
 def main(argv=None):
-    """python mofkit.py {notebook, voxelize, shards, train, sample, evaluate} ... (each with --help)."""
+    """python mofkit.py {notebook, voxelize, shards, train, sample, evaluate} ... (each with --help).
+
+    Every error ends the command with ONE line on stderr, `mofkit: error: ...`, and exit status 1 (2 for bad
+    arguments, 130 for Ctrl-C); `--debug` anywhere on the line shows the full traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mofkit: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or "(no message)"
+        print(f"mofkit: error: {message if isinstance(e, _CLEAR_ERRORS) else f'{type(e).__name__}: {message}'} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# Errors whose message already says what is wrong with which input (the CLI prints them without a type name).
+_CLEAR_ERRORS = (ValueError, DownloadError, CheckpointError, TrainingDiverged, FileNotFoundError,
+                 IsADirectoryError, PermissionError)
+
+
+def _main(argv):
     import argparse
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:                   # its flags mirror TrainConfig; torchrun-friendly
         return main_train(argv[1:])
     p = argparse.ArgumentParser(prog="mofkit.py", description=__doc__.split("\n")[0])
@@ -4249,25 +4825,40 @@ def main(argv=None):
         print(run_notebook(out_dir=args.out, mode=args.mode, timeout_s=args.timeout))
     elif args.command == "voxelize":
         out = Path(args.out)
-        for src in args.structures:
-            atoms = read_structure(src) if src.endswith(".cif") else load_coremof(src)
-            grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=args.device)
+        _check_grid_settings(args.size, args.frame, args.spacing, 12.8, 5000.0)
+        device = usable_device(args.device)
+        failures = []
+
+        def one(src):
+            atoms = read_structure(src) if src.lower().endswith(".cif") else load_coremof(src)
+            grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=device)
             name = atoms.info["name"]
             with atomic_write(out / f"{name}.npy") as f:
                 np.save(f, grid)
-            cell = cell_properties(atoms, args.probe, args.temperature, device=args.device, name=name)
+            cell = cell_properties(atoms, args.probe, args.temperature, device=device, name=name)
             window = window_properties(grid, cell["density_kg_m3"], cell["temperature_K"], name=name)
             print(f"{name}: {out / (name + '.npy')}  {args.probe} at {cell['temperature_K']:g} K, whole cell: "
                   f"log10 K_H = {cell['log10_KH_mol_kg_Pa']:.3f} (mol/kg/Pa), Q_st = {cell['Qst_kJ_mol']:.2f} kJ/mol, "
                   f"He void fraction = {cell['void_fraction_He']:.3f}; this grid (window): log10 K_H = "
                   f"{window['window_log10_KH_mol_kg_Pa']:.3f}, Q_st = {window['window_Qst_kJ_mol']:.2f} kJ/mol")
+
+        for src in args.structures:  # one bad input never stops the others
+            _read_or_record(lambda: one(src), src, failures)
+        if failures:
+            _write_csv(out / "failures.csv", ["name", "reason"], [{"name": n, "reason": r} for n, r in failures])
+            raise ValueError(f"{len(failures)} of {len(args.structures)} structures failed, listed in "
+                             f"{out / 'failures.csv'}; first: {failures[0][1]}")
     elif args.command == "shards":
         params = ShardParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe,
                              temperature_K=args.temperature)
         rows = build_shards(args.out_dir, args.source, params=params, shard_size=args.shard_size,
-                            limit=args.limit, device=args.device)
-        print(f"{len(rows)} shards in {args.out_dir} (manifest: {Path(args.out_dir) / 'data_manifest.csv'})")
+                            limit=args.limit, device=args.device, progress=False)
+        print(f"{build_summary(rows, args.out_dir)}; manifest: {Path(args.out_dir) / 'data_manifest.csv'}")
+        if not sum(int(r["n_grids"] or 0) for r in rows):
+            raise ValueError(f"no grid was built: every structure failed (see {Path(args.out_dir) / 'failures.csv'})")
     elif args.command == "sample":
+        if args.n < 1:
+            raise ValueError(f"--n {args.n}: the number of grids must be >= 1")
         out = Path(args.out)
         grids = sample(args.checkpoint, args.n, seed=args.seed, device=args.device)
         with atomic_write(out / "generated.npy") as f:
