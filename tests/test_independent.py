@@ -51,6 +51,20 @@ def test_probe_energy_of_each_coremof_element_matches_the_reference(uff_referenc
                                    brute_force_lj(atoms, points, probe="CH4"), rtol=1e-10, err_msg=element)
 
 
+def test_grid_voxels_sit_where_the_frames_say(brute_force_lj):
+    """cell frame: voxel [i, j, k] at fractions (i, j, k) / size of the cell; cube frame: at (i, j, k) x spacing.
+    Points computed here, energies from the brute-force reference (not from grid_points)."""
+    atoms = mofkit.load_coremof("ABAVIJ_clean")
+    rng = np.random.default_rng(5)
+    for frame, size, to_A in [("cell", 10, lambda ijk: (ijk / 10) @ atoms.cell.array),
+                              ("cube", 12, lambda ijk: ijk * 0.8)]:
+        grid = mofkit.voxelize(atoms, size, frame, spacing_A=0.8, cap_K=1e9)
+        ijk = np.argwhere(grid < 0)
+        ijk = ijk[rng.choice(len(ijk), 12, replace=False)]
+        ref = brute_force_lj(atoms, to_A(ijk.astype(np.float64)))
+        np.testing.assert_allclose(grid[tuple(ijk.T)], ref, rtol=1e-3, atol=1e-2, err_msg=frame)
+
+
 # =============================================================================
 # 4. Isotherms
 # =============================================================================
@@ -150,6 +164,10 @@ def test_shard_file_size_must_be_exact(tmp_path):
     extra.write_bytes(data[:-16] + b"\0" * 8 + data[-16:])  # 8 more bytes before the length word
     with pytest.raises(mofkit.ShardError, match=r"shard_00002\.npy: .*no footer where one should end"):
         mofkit.read_shard_meta(extra)
+    other = tmp_path / "shard_00003.npy"  # the right size, another format's magic
+    other.write_bytes(data[:-8] + b"MOFSHRD2")
+    with pytest.raises(mofkit.ShardError, match=r"shard_00003\.npy: .*no footer where one should end"):
+        mofkit.read_shard_meta(other)
 
 
 @pytest.mark.parametrize("names", [["m0", "m1"], ["m0", "m1", "m2", "m3"]])
@@ -247,6 +265,10 @@ def test_density_threshold_drops_an_image_beyond_a_face_and_keeps_an_atom_just_i
     inside = mofkit.grid_to_atoms(mofkit.density_channels(_one_atom("C", [0.05, 3.1, 4.2]), size, spacing), spacing)
     assert inside.get_chemical_symbols() == ["C"]
     np.testing.assert_allclose(inside.positions[0], [0.05, 3.1, 4.2], atol=0.02)
+    # an image only 0.3 A beyond the face passes the threshold (0.84 on the face) but its peak, refined, lies
+    # outside the cube: an image, dropped
+    near = mofkit.density_channels(_one_atom("C", [19.7, 3.0, 4.0]), size, spacing)
+    assert near[1].max() > 0.8 and len(mofkit.grid_to_atoms(near, spacing)) == 0
     # the far face (x = 7.5 A) alike
     beyond = mofkit.density_channels(_one_atom("O", [8.05, 3.0, 4.0]), size, spacing)
     assert len(mofkit.grid_to_atoms(beyond, spacing)) == 0
@@ -263,6 +285,18 @@ def test_density_default_threshold_is_0_6():
     found = mofkit.grid_to_atoms(channels, spacing)
     np.testing.assert_allclose(found.positions, [[2.0, 2.0, 2.0]], atol=0.02)
     assert len(mofkit.grid_to_atoms(channels, spacing, threshold=0.5)) == 2
+
+
+def test_density_class_is_the_strongest_channel():
+    """One atom seen in two channels (as a generator may smear it): one atom, of the stronger channel's class."""
+    size, spacing = 16, 0.5
+    atom = mofkit.density_channels(_one_atom("C", [3.2, 3.9, 4.1]), size, spacing)[1]
+    for strong, weak, symbol in [(1, 2, "C"), (2, 1, "N"), (0, 3, "Zn")]:
+        channels = np.zeros((6, size, size, size), np.float32)
+        channels[strong], channels[weak] = atom, 0.8 * atom
+        decoded = mofkit.grid_to_atoms(channels, spacing)
+        assert decoded.get_chemical_symbols() == [symbol]
+        np.testing.assert_allclose(decoded.positions, [[3.2, 3.9, 4.1]], atol=0.02)
 
 
 @pytest.mark.parametrize("symbol, other", [("O", "Zn"), ("Zn", "O")])
