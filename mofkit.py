@@ -1853,7 +1853,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # The study's network (after Wu et al. 2016): a latent vector is projected by a Linear layer to a
 # 4^3 x `channels` volume and doubled in size by k4 s2 p1 transposed convolutions, halving the channels
 # each time; the discriminator mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm
-# follows them); both nets end in a Sigmoid. At dim 64, latent 200, 512 channels this is exactly the
+# follows them). In the study both nets end in a Sigmoid; here the discriminator's is optional (`sigmoid=`)
+# and the generator's output squashing follows the input transform. At dim 64, latent 200, 512 channels this is exactly the
 # study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer
 # layout is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it),
 # the last transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
@@ -1869,19 +1870,22 @@ def _widths(dim, channels):
 
 
 class Generator(torch.nn.Module):
-    """z (N, latent) -> grids (N, out_channels, dim, dim, dim) in [0, 1] (GAN space, see `to_gan_input`)."""
+    """z (N, latent) -> grids (N, out_channels, dim, dim, dim) in GAN space (see `to_gan_input`): a Sigmoid
+    output in [0, 1] for the study's "wells" transform, Tanh in [-1, 1] for "signed"."""
 
-    def __init__(self, dim=64, latent=200, channels=512, out_channels=1):
+    def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells"):
         super().__init__()
         nn = torch.nn
         widths = _widths(dim, channels)
         self.dim, self.latent, self.channels, self.out_channels = dim, latent, channels, out_channels
+        self.transform = _check_transform(transform)
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out),
                        nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose3d(widths[-1], out_channels, 4, 2, 1, bias=False), nn.Sigmoid()]
+        layers += [nn.ConvTranspose3d(widths[-1], out_channels, 4, 2, 1, bias=False),
+                   nn.Sigmoid() if transform == "wells" else nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -1910,9 +1914,22 @@ class Discriminator(torch.nn.Module):
         return torch.sigmoid(score) if self.sigmoid else score
 
 
-# The study's input transform: attractive wells (E < 0) become positive values in (0, 1], everything
-# repulsive becomes 0, wells deeper than E_scale saturate at 1. Extra channels (atom densities already in
-# [0, 1]) pass through unchanged; the channel axis is -4 for inputs with 4 or more dimensions.
+# Input transforms (kelvin -> GAN space), on channel 0; extra channels (atom densities already in [0, 1])
+# pass through unchanged; the channel axis is -4 for inputs with 4 or more dimensions.
+#   "wells"  (the study's): x = clip(-E, 0, E_scale) / E_scale in [0, 1]: every repulsive voxel becomes 0,
+#            so the atom cores that locate the framework are invisible to both networks.
+#   "signed" x = clip(-E / E_scale, -1, 1): wells as above, and repulsion up to +E_scale K kept as negative
+#            values (the cores' edges), in the spirit of ZeoGAN, which keeps energies up to +5000 K scaled.
+# Either way `from_gan_output` gives kelvin back, and comparisons with real grids are made on the attractive
+# part (`gan_round_trip`), the only part both transforms keep.
+TRANSFORMS = ("wells", "signed")
+
+
+def _check_transform(transform):
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform={transform!r}: use one of {TRANSFORMS}")
+    return transform
+
 
 def _map_energy_channel(x, fn):
     if x.ndim < 4 or x.shape[-4] == 1:
@@ -1930,16 +1947,27 @@ def _float32(x):
     return x.float() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
 
 
-def to_gan_input(grid_K, e_scale_K):
-    """Kelvin grid(s) -> GAN space: clip(-E, 0, E_scale) / E_scale on channel 0 (numpy or torch, float32)."""
+def to_gan_input(grid_K, e_scale_K, transform="wells"):
+    """Kelvin grid(s) -> GAN space on channel 0 (numpy or torch, float32); see TRANSFORMS above."""
     _check_e_scale(e_scale_K)
-    return _map_energy_channel(_float32(grid_K), lambda e: (-e).clip(0, e_scale_K) / e_scale_K)
+    lo = {"wells": 0.0, "signed": -1.0}[_check_transform(transform)]
+    return _map_energy_channel(_float32(grid_K), lambda e: (-e / e_scale_K).clip(lo, 1.0))
 
 
 def from_gan_output(x, e_scale_K):
-    """GAN space -> kelvin: E = -x * E_scale on channel 0 (repulsive regions come back as 0 K)."""
+    """GAN space -> kelvin: E = -x * E_scale on channel 0 (either transform; "wells" has no repulsion to give back)."""
     _check_e_scale(e_scale_K)
     return _map_energy_channel(_float32(x), lambda v: -v * e_scale_K)
+
+
+def gan_round_trip(grid_K, e_scale_K):
+    """Kelvin grid(s) as every comparison sees them: energies clipped to [-E_scale, 0] K on channel 0.
+
+    Real grids and generated grids (of either transform) both go through this before they are compared:
+    the wells are the part every transform represents, so a comparison measures the generator, not the clip.
+    """
+    _check_e_scale(e_scale_K)
+    return _map_energy_channel(_float32(grid_K), lambda e: e.clip(-e_scale_K, 0.0))
 
 
 def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
@@ -1988,21 +2016,35 @@ class TrainingDiverged(FloatingPointError):
     """A loss became NaN/Inf; the last good checkpoint was kept."""
 
 
+LOSSES = ("lsgan", "hinge", "nonsat")
+
+
 @dataclass
 class TrainConfig:
-    """Defaults are the study's best run (48 epochs, batch 2, latent 200, Adam 2e-4 (0.5, 0.999), fp32 eager).
-
-    `TrainConfig.fast_gpu()` is the kit's GPU preset (bf16/fp16 autocast, channels_last_3d, torch.compile,
-    batch 64 with the same lr: DCGAN's own recipe). A bigger batch means fewer updates per epoch.
+    """One training run. Defaults are the kit's recipe, chosen by the ablation in README (benchmarks/ablation.py);
+    `TrainConfig.study()` is the study's exact recipe and `TrainConfig.fast_gpu()` the kit's recipe with GPU
+    speed settings. The architecture defaults are the study's (dim 64, latent 200, 512 channels).
     """
     dim: int = 64                   # grid edge in voxels (8, 16, 32, 64, 128, ...)
     channels: int = 512             # feature channels at the 4^3 bottleneck
     latent: int = 200
     grid_channels: int = 1          # channel 0 = energy (K); more channels = atom densities in [0, 1]
     epochs: int = 48
-    batch_size: int = 2             # per process
+    batch_size: int = 8             # per process
     lr: float = 2e-4
     betas: tuple = (0.5, 0.999)
+    loss: str = "lsgan"             # "lsgan": least squares to targets 1 (real) / 0 (fake) on D's output;
+                                    # "hinge"; "nonsat": non-saturating logistic. See `gan_losses`.
+    d_sigmoid: bool = False         # the study's D ends in a Sigmoid; under least squares its gradient vanishes
+                                    # once D wins and G freezes (README, "The study's recipe"). False: D's raw
+                                    # score, as LSGAN's authors (Mao et al. 2017) use it.
+    transform: str = "wells"        # kelvin -> GAN space on channel 0: "wells" (the study's) or "signed"
+    ema: float = 0.999              # decay of the generator's exponential moving average used for sampling
+                                    # (Yazici et al. 2019); 0 = sample the raw generator
+    r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
+    r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
+    augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
+                                    # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
     seed: int = 0
     device: str = "auto"            # "auto": cuda:LOCAL_RANK when available, else cpu
@@ -2014,13 +2056,34 @@ class TrainConfig:
     log_every: int = 10             # steps per history row (and per NaN check)
     checkpoint_every_steps: int = 1000
     checkpoint_every_min: float = 10.0
-    d_sigmoid: bool = True          # the study's D ends in a Sigmoid. Under the least-squares loss its gradient
-                                    # vanishes once D wins (D(fake) ~ 1e-7 within ~100 steps on the cpu32
-                                    # benchmark, G frozen); False: LSGAN on D's raw score, as Mao et al.
+
+    def __post_init__(self):
+        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "latent": self.latent >= 1,
+                  "lr": self.lr > 0, "ema": 0 <= self.ema < 1, "r1_gamma": self.r1_gamma >= 0,
+                  "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
+                  "log_every": self.log_every >= 1, "checkpoint_every_steps": self.checkpoint_every_steps >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig: {name}={getattr(self, name)!r} is out of range")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig: loss={self.loss!r}: use one of {LOSSES}")
+        if self.d_sigmoid and self.loss != "lsgan":
+            raise ValueError(f"TrainConfig: loss={self.loss!r} needs D's raw score (d_sigmoid=False)")
+        _check_transform(self.transform)
+        _widths(self.dim, self.channels)
+
+    @classmethod
+    def study(cls, **overrides):
+        """The study's recipe exactly: Sigmoid D under MSE (targets 1/0), batch 2, 48 epochs, Adam 2e-4
+        (0.5, 0.999), the "wells" transform, no EMA, no regulariser, no augmentation."""
+        preset = dict(batch_size=2, epochs=48, loss="lsgan", d_sigmoid=True, transform="wells", ema=0.0,
+                      r1_gamma=0.0, augment=False)
+        return cls(**{**preset, **overrides})
 
     @classmethod
     def fast_gpu(cls, **overrides):
-        """The kit's default GPU preset; any field can still be overridden."""
+        """The kit's recipe with GPU speed settings (autocast, channels_last_3d, torch.compile, batch 64 with the
+        same lr: DCGAN's own setting); any field can still be overridden."""
         preset = dict(batch_size=64, precision="auto", channels_last=True, compile=True,
                       num_workers=min(4, os.cpu_count() or 1))  # Colab: 2 vCPUs
         return cls(**{**preset, **overrides})
@@ -2079,12 +2142,66 @@ def load_checkpoint(path, map_location="cpu"):
 
 def _config_from_checkpoint(ckpt):
     names = TrainConfig.__dataclass_fields__.keys()
-    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+    # checkpoints written before a field existed ran with the behaviour its study-preset value names
+    legacy = {"batch_size": 2, "ema": 0.0, "transform": "wells", "d_sigmoid": True}
+    return TrainConfig(**{**legacy, **{k: v for k, v in ckpt["config"].items() if k in names}})
 
 
 def _models(config):
-    return (Generator(config.dim, config.latent, config.channels, config.grid_channels),
+    return (Generator(config.dim, config.latent, config.channels, config.grid_channels, config.transform),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid))
+
+
+# --- the objective -------------------------------------------------------------
+
+def discriminator_loss(loss, d_real, d_fake):
+    """The loss D minimises, from its outputs on real and generated batches (`loss` as in TrainConfig):
+    lsgan 0.5 (mean (D(x) - 1)^2 + mean D(G(z))^2); hinge mean relu(1 - D(x)) + mean relu(1 + D(G(z)));
+    nonsat mean softplus(-D(x)) + mean softplus(D(G(z))) (the logistic loss on raw scores)."""
+    F = torch.nn.functional
+    if loss == "lsgan":
+        return 0.5 * (F.mse_loss(d_real, torch.ones_like(d_real)) + F.mse_loss(d_fake, torch.zeros_like(d_fake)))
+    if loss == "hinge":
+        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    if loss == "nonsat":
+        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
+
+
+def generator_loss(loss, d_gen):
+    """The loss G minimises from D's output on its batch: lsgan mean (D(G(z)) - 1)^2; hinge -mean D(G(z));
+    nonsat mean softplus(-D(G(z))) (Goodfellow et al.'s non-saturating form)."""
+    F = torch.nn.functional
+    if loss == "lsgan":
+        return F.mse_loss(d_gen, torch.ones_like(d_gen))
+    if loss == "hinge":
+        return -d_gen.mean()
+    if loss == "nonsat":
+        return F.softplus(-d_gen).mean()
+    raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
+
+
+CUBE_SYMMETRIES = 48  # 6 axis permutations x 8 sign flips: the cube's rotations and reflections
+
+
+def cube_symmetry(grid, index):
+    """`grid` (..., D, D, D) under symmetry `index` of the cube (0 = identity): the three spatial axes
+    permuted (index // 8 picks one of the 6 orders) and flipped (bits of index % 8). On a cube cut from a
+    crystal this is the cube cut from the crystal rotated or reflected about the cube's centre."""
+    import itertools
+    if not 0 <= index < CUBE_SYMMETRIES:
+        raise ValueError(f"index={index}: a cube symmetry is 0..{CUBE_SYMMETRIES - 1}")
+    lead = grid.ndim - 3
+    perm = list(itertools.permutations(range(3)))[index // 8]
+    grid = grid.permute(*range(lead), *(lead + a for a in perm))
+    flips = [lead + a for a in range(3) if index % 8 >> a & 1]
+    return grid.flip(flips) if flips else grid
+
+
+def _augment(batch):
+    """Each grid of (N, C, D, D, D) under its own random cube symmetry (global torch RNG: resumes exactly)."""
+    picks = torch.randint(CUBE_SYMMETRIES, (len(batch),)).tolist()
+    return torch.stack([cube_symmetry(g, i) for g, i in zip(batch, picks)])
 
 
 # --- one step ----------------------------------------------------------------
@@ -2092,11 +2209,14 @@ def _models(config):
 @dataclass
 class _Run:
     """The live training objects: raw modules (for state_dicts), the callables to run them, optimizers."""
+    config: TrainConfig
     G: torch.nn.Module
     D: torch.nn.Module
+    G_ema: torch.nn.Module | None    # the moving average of G's weights that `sample` uses (None: ema = 0)
     g: object                        # G, maybe DDP- and/or compile-wrapped
     d: object                        # D for the D step (DDP-wrapped under torchrun)
     d_for_g: object                  # D for the G step: no DDP, its weight grads are never needed
+    d_r1: object                     # D for R1 steps: never compiled (torch.compile has no double backward)
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     scaler: object
@@ -2121,11 +2241,13 @@ def _resolve_precision(precision, device):
 
 def _build_run(config, device, ddp=False):
     """Models, optimizers and wrappers for `config` on `device` (DDP when running under torchrun)."""
+    import copy
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     G, D = (m.to(device) for m in _models(config))
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
+    G_ema = copy.deepcopy(G).requires_grad_(False) if config.ema > 0 else None
     adam = dict(lr=config.lr, betas=tuple(config.betas))
     opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     precision = _resolve_precision(config.precision, device)
@@ -2135,34 +2257,49 @@ def _build_run(config, device, ddp=False):
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
         g, d = DDP(G, device_ids=ids, broadcast_buffers=True), DDP(D, device_ids=ids, broadcast_buffers=True)
+    d_r1 = d
     if config.compile:
         g, d = torch.compile(g), torch.compile(d)
         d_for_g = torch.compile(D) if ddp else d
-    return _Run(G, D, g, d, d_for_g, opt_g, opt_d, scaler, precision, memory_format)
+    return _Run(config, G, D, G_ema, g, d, d_for_g, d_r1, opt_g, opt_d, scaler, precision, memory_format)
 
 
-def _gan_step(run, real):
-    """One LSGAN update of D, then of G, on a batch of GAN-space grids; returns [loss_d, loss_g, D(real), D(fake)]."""
-    mse = torch.nn.functional.mse_loss
-    device_type = real.device.type
+def _gan_step(run, real, step):
+    """One update of D, then of G, on a batch of GAN-space grids (`run.config.loss`; lazy R1 on D every
+    `r1_every` steps; then the EMA of G); returns [loss_d, loss_g, D(real), D(fake)] (loss_d without R1)."""
+    config, device_type = run.config, real.device.type
+    r1 = config.r1_gamma > 0 and step % config.r1_every == 0
     z = torch.randn(real.shape[0], run.G.latent, device=real.device)
+    if r1:
+        real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
         fake = run.g(z)
-        d_real, d_fake = run.d(real).float(), run.d(fake.detach()).float()
-        loss_d = 0.5 * (mse(d_real, torch.ones_like(d_real)) + mse(d_fake, torch.zeros_like(d_fake)))
+        d_real = (run.d_r1 if r1 else run.d)(real).float()
+        d_fake = run.d(fake.detach()).float()
+        loss_d = discriminator_loss(config.loss, d_real, d_fake)
+    total_d = loss_d
+    if r1:  # zero-centred gradient penalty on real data, scaled by the interval (lazy regularisation)
+        grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+        total_d = loss_d + 0.5 * config.r1_gamma * config.r1_every * grad.float().pow(2).flatten(1).sum(1).mean()
     run.opt_d.zero_grad(set_to_none=True)
-    run.scaler.scale(loss_d).backward()
+    run.scaler.scale(total_d).backward()
     run.scaler.step(run.opt_d)
 
     run.D.requires_grad_(False)  # the G step needs D's input gradients only
     with run.autocast(device_type):
         d_gen = run.d_for_g(fake).float()
-        loss_g = mse(d_gen, torch.ones_like(d_gen))
+        loss_g = generator_loss(config.loss, d_gen)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)
     run.scaler.update()
     run.D.requires_grad_(True)
+    if run.G_ema is not None:
+        decay = min(config.ema, (1 + step) / (10 + step))  # short warm-up: early averages forget the init
+        with torch.no_grad():
+            torch._foreach_lerp_(list(run.G_ema.parameters()), list(run.G.parameters()), 1 - decay)
+            for b_ema, b in zip(run.G_ema.buffers(), run.G.buffers()):
+                b_ema.copy_(b)
     return torch.stack([loss_d, loss_g, d_real.mean(), d_fake.mean()]).detach()
 
 
@@ -2314,6 +2451,12 @@ def _e_scale(config, dataset, world, device):
     return float(e_scale)
 
 
+def _grid_params_of(dataset):
+    """The voxelize settings of a shard dataset's grids (recorded with the weights), else None."""
+    shards = getattr(dataset, "shards", None)
+    return read_shard_meta(shards[0]).get("params") if shards else None
+
+
 def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True,
           max_minutes=None):
     """Train the GAN on `dataset` (kelvin grids (C, D, D, D): a list, torch Dataset or ShardDataset).
@@ -2354,6 +2497,8 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
             run.opt_g.load_state_dict(ckpt["opt_g"])
             run.opt_d.load_state_dict(ckpt["opt_d"])
             run.scaler.load_state_dict(ckpt["scaler"])
+            if run.G_ema is not None:
+                run.G_ema.load_state_dict(ckpt.get("generator_ema") or ckpt["generator"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt['path']}: does not fit this model/optimizer ({e})") from e
         rng = ckpt["rng"]
@@ -2367,6 +2512,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         _write_history_csv(history_csv, history)  # drops rows logged after the checkpoint we resume from
     stop_at = max_steps if max_steps is not None else float("inf")
     saved_config = {**asdict(config), "e_scale_K": e_scale}
+    grid_params = _grid_params_of(dataset) if ckpt is None else ckpt.get("grid_params")
 
     def save():
         states = [None] * world
@@ -2375,7 +2521,9 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         else:
             states = [_rng_state()]
         if rank == 0:
-            state = {"config": saved_config, "e_scale_K": e_scale, "generator": run.G.state_dict(),
+            state = {"config": saved_config, "e_scale_K": e_scale, "grid_params": grid_params,
+                     "generator": run.G.state_dict(),
+                     "generator_ema": run.G_ema.state_dict() if run.G_ema is not None else None,
                      "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(),
                      "opt_d": run.opt_d.state_dict(), "scaler": run.scaler.state_dict(), "rng": states,
                      "step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
@@ -2426,8 +2574,9 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         epoch_start = step
         batches = _epoch_batches(dataset, config, epoch, samples_in_epoch, rank, world, pin)
         for real in batches:
-            real = to_gan_input(real.to(device, non_blocking=True), e_scale)
-            acc += _gan_step(run, real.contiguous(memory_format=run.memory_format))
+            real = _augment(real) if config.augment else real
+            real = to_gan_input(real.to(device, non_blocking=True), e_scale, config.transform)
+            acc += _gan_step(run, real.contiguous(memory_format=run.memory_format), step)
             acc_steps += 1
             step += 1
             samples_in_epoch += config.batch_size
@@ -2460,7 +2609,9 @@ def main_train(argv=None):
     p = argparse.ArgumentParser(prog="mofkit.py train", description="Train the 3D GAN on a folder of shards.")
     p.add_argument("shards", help="folder of shard_*.npy files (from build_shards / ensure_shards)")
     p.add_argument("--out", default="mofkit_run", help="run folder: last.pt, history.csv (resumed if present)")
-    p.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() instead of the study's")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() (GPU speed settings)")
+    preset.add_argument("--study", action="store_true", help="start from TrainConfig.study(): the study's exact recipe")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
@@ -2470,7 +2621,7 @@ def main_train(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
-    config = TrainConfig.fast_gpu(**overrides) if args.fast_gpu else TrainConfig(**overrides)
+    config = (TrainConfig.fast_gpu if args.fast_gpu else TrainConfig.study if args.study else TrainConfig)(**overrides)
     dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
     _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
     config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
@@ -2479,23 +2630,81 @@ def main_train(argv=None):
     return result
 
 
-def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_scale_K=None):
+def _recalibrate_batchnorm(G, n=256, batch_size=16, seed=0):
+    """Set G's BatchNorm running statistics to their plain average over `n` seeded samples (train-mode batches).
+
+    An EMA generator's weights never ran a forward pass with the running statistics copied from the raw
+    generator; re-estimating them is what makes its eval-mode samples match what it was averaged from.
+    """
+    norms = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return G
+    was_training, momenta = G.training, [m.momentum for m in norms]
+    device = next(G.parameters()).device
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+    z = torch.randn(n, G.latent, generator=torch.Generator().manual_seed(seed))
+    G.train()
+    with torch.no_grad():
+        for batch in z.split(batch_size):
+            G(batch.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return G.train(was_training)
+
+
+def _generator_from(state, ema=True):
+    """A float32 Generator from a checkpoint or generator-file dict: the EMA weights when present (BatchNorm
+    statistics re-estimated), with `.e_scale_K` and `.grid_params` set."""
+    config = _config_from_checkpoint(state)
+    G = _models(config)[0]
+    weights = state.get("generator_ema") if ema else None
+    try:
+        G.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in (weights or state["generator"]).items()})
+    except RuntimeError as e:
+        raise CheckpointError(f"generator weights do not fit the recorded model (dim={config.dim}, "
+                              f"channels={config.channels}, latent={config.latent}): {e}") from None
+    if weights is not None:
+        _recalibrate_batchnorm(G)
+    for name, t in G.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"generator weights hold NaN or Inf ({name}): the run diverged; use an "
+                                  "earlier checkpoint")
+    G.e_scale_K = float(state["e_scale_K"])
+    G.grid_params = state.get("grid_params")
+    return G.eval()
+
+
+def _load_any_generator(path):
+    """A training checkpoint or an exported generator file -> Generator (see `_generator_from`)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable generator or checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(state, dict) and state.get("format") == GENERATOR_FORMAT:
+        return load_generator(path)
+    return _generator_from(load_checkpoint(path))
+
+
+def sample(generator_or_path, n, batch_size=16, seed=0, device=None, e_scale_K=None):
     """n generated grids in kelvin, np.float32 (n, C, D, D, D); channel 0 energy, others densities in [0, 1].
 
-    Pass a checkpoint path (E_scale is read from it), a Generator from `load_generator`, or a Generator plus
-    `e_scale_K`. The generator runs in
-    eval mode (BatchNorm running statistics), so a grid depends only on its latent vector.
+    Pass a training checkpoint or a generator file from `export_generator` (path; the EMA weights when the run
+    kept them), or a Generator (with `.e_scale_K` as `load_generator` sets it, or pass `e_scale_K`). The
+    generator runs in eval mode (BatchNorm running statistics), so a grid depends only on its latent vector
+    and `seed`, not on `batch_size`.
     """
-    if isinstance(generator_or_checkpoint, torch.nn.Module):
-        G = generator_or_checkpoint
-        e_scale_K = getattr(G, "e_scale_K", None) if e_scale_K is None else e_scale_K  # set by load_generator
-        if e_scale_K is None:
-            raise ValueError("sample: pass e_scale_K (kelvin) with a Generator, or give a checkpoint path")
-    else:
-        ckpt = load_checkpoint(generator_or_checkpoint)
-        G = _models(_config_from_checkpoint(ckpt))[0]
-        G.load_state_dict(ckpt["generator"])
-        e_scale_K = ckpt["e_scale_K"] if e_scale_K is None else e_scale_K
+    if not (isinstance(n, int) and n >= 0):
+        raise ValueError(f"sample: n={n!r} must be a whole number >= 0")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"sample: batch_size={batch_size!r} must be a whole number >= 1")
+    G = generator_or_path if isinstance(generator_or_path, torch.nn.Module) else _load_any_generator(generator_or_path)
+    e_scale_K = getattr(G, "e_scale_K", None) if e_scale_K is None else e_scale_K
+    if e_scale_K is None:
+        raise ValueError("sample: pass e_scale_K (kelvin) with a Generator, or give a checkpoint path")
     device = torch.device(device) if device else next(G.parameters()).device
     G = G.to(device)
     was_training = G.training
@@ -2509,17 +2718,19 @@ def sample(generator_or_checkpoint, n, batch_size=16, seed=0, device=None, e_sca
     return np.concatenate(out) if out else np.empty((0, G.out_channels) + (G.dim,) * 3, np.float32)
 
 
-
 GENERATOR_FORMAT = "mofkit-generator-1"
 
 
 def export_generator(checkpoint, path, dtype=torch.float16) -> Path:
-    """Write what `sample` needs from a training checkpoint -- generator weights, config, E_scale -- and no
-    optimizer or discriminator state: a few MB to ship (float16 halves it again; the rounding, ~1e-3 of a
-    weight, moves generated energies by far less than a kelvin's worth of the GAN's own noise). Returns path."""
+    """Write what `sample` needs from a training checkpoint -- the generator's weights (the EMA's, BatchNorm
+    statistics re-estimated, when the run kept one), config, E_scale and the grid parameters it was trained on
+    -- and no optimizer or discriminator state: a few MB to ship (float16 halves it again; the rounding, ~1e-3
+    of a weight, moves generated energies by far less than the GAN's own noise). Returns path."""
     ckpt = load_checkpoint(checkpoint)
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["generator"].items()}
+    G = _generator_from(ckpt)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in G.state_dict().items()}
     state = {"format": GENERATOR_FORMAT, "config": ckpt["config"], "e_scale_K": ckpt["e_scale_K"],
+             "grid_params": ckpt.get("grid_params"), "ema": ckpt.get("generator_ema") is not None,
              "step": ckpt["step"], "epoch": ckpt["epoch"], "generator": weights}
     with atomic_write(path) as f:
         torch.save(state, f)
@@ -2527,7 +2738,8 @@ def export_generator(checkpoint, path, dtype=torch.float16) -> Path:
 
 
 def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.csv")):
-    """A Generator saved by `export_generator`, in eval mode and float32, with `.e_scale_K` set, so
+    """A Generator saved by `export_generator`, in eval mode and float32, with `.e_scale_K` and `.grid_params`
+    (the `voxelize` settings of its training grids: compare its samples with grids made the same way) set, so
     `sample(load_generator(path), n)` works. When the manifest has a "weights" row for this file name, the
     file's sha256 must match it (a stale or corrupted download is refused, never used)."""
     path = Path(path)
@@ -2542,10 +2754,10 @@ def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.cs
         raise CheckpointError(f"{path}: not a readable generator file ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != GENERATOR_FORMAT:
         raise CheckpointError(f"{path}: not a {GENERATOR_FORMAT} file (write one with export_generator)")
-    G = _models(_config_from_checkpoint(state))[0]
-    G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["generator"].items()})
-    G.e_scale_K = float(state["e_scale_K"])
-    return G.eval()
+    try:
+        return _generator_from({k: v for k, v in state.items() if k != "generator_ema"}, ema=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # =============================================================================
@@ -2718,6 +2930,227 @@ def memorisation(generated, train, heldout, features="raw", device=None, dtype=t
             "generated_to_train": gen_d, "heldout_to_train": held_d, "nearest_train": nearest.numpy()}
 
 
+# --- the evaluation protocol ----------------------------------------------------------------------------
+# One protocol scores every generator (notebook, benchmarks/reproduce.py, command line):
+#   * real grids come from a refcode-grouped split: near-duplicates (FUVDEH, FUVDEH01, ...) never straddle
+#     train and held-out; held-out grids are exactly as `voxelize` makes them (no augmentation);
+#   * every grid, real or generated, goes through `gan_round_trip` (the attractive part, clipped at E_scale);
+#   * leave-one-out 1-NN accuracy, with a bootstrap 95% interval and per-class accuracies, in three feature
+#     spaces (raw voxels, 4x average-pooled voxels, energy histograms: Xu et al. 2018 show 1-NN is only as
+#     good as its features), over several sampling seeds;
+#   * references measured in the same call: real train vs held-out (the floor: what "indistinguishable"
+#     scores), near-blank grids, the mean training grid plus noise, and the untrained generator;
+#   * memorisation and property distances (log10 K_H, Q_st, core-voxel fraction, roughness).
+
+CSD_REFCODE = re.compile(r"^([A-Z]{6})\d{0,2}$")
+FEATURES = ("raw", "pooled", "histogram")
+
+
+def refcode(name: str) -> str:
+    """The group a CoRE MOF name belongs to: its CSD refcode without the 2-digit polymorph/redetermination
+    suffix (FUVDEH12_clean -> FUVDEH), or, for structures named after a paper's supporting information,
+    the paper (ja4015666_si_002_clean -> ja4015666): conservative, so near-duplicates share a group."""
+    head = name.split("_")[0]
+    match = CSD_REFCODE.match(head)
+    return match.group(1) if match else head
+
+
+def make_split(names, n_heldout, n_train=None, seed=0, parses=None):
+    """[(name, refcode, 'train'|'heldout')]: refcode groups in a seeded random order fill held-out first
+    (until n_heldout structures), then train (until n_train, or all). `parses(name) -> bool` drops
+    structures that fail; whole groups are assigned, so the counts are reached or passed by one group."""
+    groups = {}
+    for name in sorted(names):
+        groups.setdefault(refcode(name), []).append(name)
+    order = sorted(groups)
+    rng = np.random.default_rng(seed)
+    rows, counts = [], {"heldout": 0, "train": 0}
+    for g in rng.permutation(len(order)):
+        split = "heldout" if counts["heldout"] < n_heldout else "train"
+        if split == "train" and n_train is not None and counts["train"] >= n_train:
+            break
+        members = [n for n in groups[order[g]] if parses is None or parses(n)]
+        rows += [(n, order[g], split) for n in members]
+        counts[split] += len(members)
+    return rows
+
+
+def write_split(path, rows):
+    with atomic_write(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "refcode", "split"])
+        w.writerows(rows)
+
+
+def read_split(path) -> dict:
+    """{'train': [names], 'heldout': [names]} from a split CSV (name, refcode, split), in file order."""
+    out = {"train": [], "heldout": []}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out[row["split"]].append(row["name"])
+    return out
+
+
+def _one_nn_scores(real, generated, features, n_boot, seed, device):
+    """1-NN accuracy, bootstrap 95% interval over the per-sample leave-one-out outcomes, per-class accuracies."""
+    mode = "downsampled" if features == "pooled" else features
+    details = one_nn_accuracy(real, generated, features=mode, return_details=True, device=device)
+    labels = np.r_[np.zeros(len(real), bool), np.ones(len(generated), bool)]
+    correct = (labels[details["nearest"]] == labels).astype(float)
+    boot = correct[np.random.default_rng(seed).integers(0, len(correct), (n_boot, len(correct)))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"accuracy": details["accuracy"], "ci_low": lo, "ci_high": hi,
+            "real_accuracy": details["real_accuracy"], "generated_accuracy": details["generated_accuracy"]}
+
+
+def core_fraction(grids_K, e_scale_K):
+    """Per grid: the fraction of voxels that are repulsive or negligible (E > -1% of E_scale, on channel 0),
+    the atom cores; one definition for real grids and for generated ones of either transform."""
+    e = _float32(gan_round_trip(grids_K, e_scale_K))
+    e = e[:, 0] if e.ndim == 5 else e
+    return (e > -0.01 * e_scale_K).reshape(len(e), -1).mean(1)
+
+
+def roughness_K(grids_K, e_scale_K):
+    """Per grid: the mean absolute energy difference between neighbouring voxels (K, three axes, channel 0)."""
+    e = np.asarray(gan_round_trip(grids_K, e_scale_K), dtype=np.float64)
+    e = e[:, 0] if e.ndim == 5 else e
+    diffs = [np.abs(np.diff(e, axis=a)).reshape(len(e), -1).mean(1) for a in (1, 2, 3)]
+    return sum(diffs) / 3
+
+
+def read_grids(shard_dir, n=None, seed=0):
+    """n grids (kelvin, float32 (n, C, D, D, D)) drawn without replacement, seeded, from a folder of shards (all
+    when n is None or larger), in storage order, and their metadata rows (name, density, ...)."""
+    dataset = ShardDataset(shard_dir, shuffle=False, with_index=True)
+    total = dataset.num_grids
+    chosen = np.arange(total) if n is None or n >= total else np.sort(
+        np.random.default_rng(seed).choice(total, n, replace=False))
+    keep, grids = set(chosen.tolist()), {}
+    for grid, i in dataset:
+        if i in keep:
+            grids[i] = grid.numpy()
+    return np.stack([grids[i] for i in chosen]), dataset.metadata().iloc[chosen].reset_index(drop=True)
+
+
+@dataclass
+class EvalReport:
+    """What `evaluate` measured. `one_nn`: one row per (compared set, feature space) with accuracy, 95% interval
+    and per-class accuracies; `properties`: one row per set with distances to the held-out grids."""
+    one_nn: object                 # pandas DataFrame
+    properties: object             # pandas DataFrame
+    memorisation: dict
+    n: int
+    e_scale_K: float
+    sampling_seeds: tuple
+
+    @property
+    def accuracy(self) -> float:
+        """The headline: raw-voxel 1-NN accuracy of generated vs held-out, mean over sampling seeds."""
+        rows = self.one_nn[(self.one_nn["features"] == "raw") & self.one_nn["set"].str.startswith("generated")]
+        return float(rows["accuracy"].mean())
+
+    @property
+    def table(self):
+        """1-NN accuracy per set (rows) and feature space (columns), as percentages with 95% intervals."""
+        t = self.one_nn.assign(cell=[f"{100 * a:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for a, lo, hi in
+                                     zip(self.one_nn["accuracy"], self.one_nn["ci_low"], self.one_nn["ci_high"])])
+        return t.pivot(index="set", columns="features", values="cell").reindex(
+            index=list(dict.fromkeys(self.one_nn["set"])), columns=list(dict.fromkeys(self.one_nn["features"])))
+
+    def __str__(self):
+        import pandas as pd
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            props = self.properties.round(3).to_string()
+            return (f"1-NN accuracy, %, 95% interval ({self.n} held-out vs {self.n} per set; 50% = indistinguishable; "
+                    f"'real train' is the floor):\n{self.table.to_string()}\n\nproperties (W1 = Wasserstein distance "
+                    f"to the held-out grids):\n{props}\n\nmemorisation: {self.memorisation['fraction_closer']:.3f} "
+                    f"of generated grids closer to the training set than any held-out grid (fresh samples: "
+                    f"~{1 / (self.n + 1):.4f}; copies: 1)")
+
+    __repr__ = __str__
+
+
+def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_scale_K=None, features=FEATURES,
+             baselines=True, temperature_K=77.0, density_kg_m3=None, n_boot=1000, seed=0, device=None) -> EvalReport:
+    """Score a generator against held-out real grids by the kit's one protocol (see the comment above).
+
+    generator: a Generator (`load_generator`), a checkpoint or generator-file path, or an array of generated
+    kelvin grids (then one set, `sampling_seeds` unused). heldout_K, train_K: real kelvin grids (n, C, D, D, D)
+    or (n, D, D, D) exactly as `voxelize` makes them, from the generator's own refcode split. n: grids per
+    compared set (default: all held-out grids; generated grids are cheap, so use n >= 200 for a meaningful
+    interval). Returns an EvalReport; `print(report)` shows it, `plot_evaluation(report)` draws it.
+    """
+    import pandas as pd
+    from scipy.stats import wasserstein_distance
+
+    def five_d(x, name):
+        x = _as_samples(x, name).numpy()
+        return x if x.ndim == 5 else x[:, None]
+
+    heldout, train = five_d(heldout_K, "heldout_K"), five_d(train_K, "train_K")
+    if isinstance(generator, (str, Path)):
+        generator = _load_any_generator(generator)
+    is_model = isinstance(generator, torch.nn.Module)
+    if e_scale_K is None:
+        e_scale_K = getattr(generator, "e_scale_K", None) if is_model else None
+        if e_scale_K is None:
+            raise ValueError("evaluate: pass e_scale_K (kelvin) with generated grids")
+    n = min(len(heldout), len(train)) if n is None else n
+    if n < 2 or n > len(heldout) or n > len(train):
+        raise ValueError(f"evaluate: n={n} needs 2 <= n <= the held-out ({len(heldout)}) and train ({len(train)}) "
+                         "grids given")
+    rng = np.random.default_rng(seed)
+    pick = lambda x: x[np.sort(rng.choice(len(x), n, replace=False))] if len(x) > n else x
+    clip = lambda x: np.asarray(gan_round_trip(x, e_scale_K), dtype=np.float32)
+    heldout, train = clip(pick(heldout)), clip(pick(train))
+    if is_model:
+        sets = {f"generated (seed {s})": clip(sample(generator, n, seed=1000 + s, device=device))
+                for s in sampling_seeds}
+    else:
+        sets = {"generated": clip(pick(five_d(generator, "generated")))}
+        sampling_seeds = ()
+    first = next(iter(sets.values()))
+    if first.shape[1:] != heldout.shape[1:]:
+        raise ValueError(f"evaluate: generated grids are {first.shape[1:]} but held-out grids {heldout.shape[1:]}: "
+                         "voxelize the real grids with the generator's grid_params")
+    sets["real train (floor)"] = train
+    if baselines:
+        noise = np.random.default_rng(seed + 1).normal(0, 0.002 * e_scale_K, heldout.shape).astype(np.float32)
+        sets["near-blank"] = clip(-np.abs(noise))  # a collapsed generator's output: ~0 K everywhere
+        noise = np.random.default_rng(seed + 2).normal(0, 0.05 * e_scale_K, heldout.shape).astype(np.float32)
+        sets["mean train grid + noise"] = clip(train.mean(0, keepdims=True) + noise)
+        if is_model:
+            torch.manual_seed(seed)
+            fresh = Generator(generator.dim, generator.latent, generator.channels, generator.out_channels,
+                              generator.transform)
+            sets["untrained generator"] = clip(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K))
+    rows = [{"set": name, "features": f, **_one_nn_scores(heldout, grids, f, n_boot, seed, device)}
+            for f in features for name, grids in sets.items()]
+
+    def props(x):
+        table = grid_properties(x, temperature_K, density_kg_m3)
+        return {"log10": table["log10_widom" if density_kg_m3 is None else "log10_henry"].to_numpy(),
+                "Q_st": table["heat_kJ_mol"].to_numpy(),
+                "core": core_fraction(x, e_scale_K), "rough": roughness_K(x, e_scale_K)}
+
+    real = props(heldout)
+    log_name = "log10_widom" if density_kg_m3 is None else "log10_henry"
+    prop_rows = {}
+    for name, grids in sets.items():
+        p = props(grids)
+        prop_rows[name] = {f"W1 {log_name}": wasserstein_distance(real["log10"], p["log10"]),
+                           "W1 Q_st kJ/mol": wasserstein_distance(real["Q_st"], p["Q_st"]),
+                           "core fraction": p["core"].mean(), "roughness K": p["rough"].mean(),
+                           "spread K": float(grids[:, 0].std(0).mean())}
+    prop_rows["held-out (reference)"] = {f"W1 {log_name}": 0.0, "W1 Q_st kJ/mol": 0.0,
+                                         "core fraction": real["core"].mean(), "roughness K": real["rough"].mean(),
+                                         "spread K": float(heldout[:, 0].std(0).mean())}
+    mem = memorisation(first, train, heldout)
+    return EvalReport(pd.DataFrame(rows), pd.DataFrame(prop_rows).T, {"fraction_closer": mem["fraction_closer"],
+                      "threshold": mem["threshold"]}, n, float(e_scale_K), tuple(sampling_seeds))
+
+
 def grid_properties(grids_K, temperature_K=77.0, density_kg_m3=None):
     """Widom factor, log10 of it (or of K_H when a density is given) and isosteric heat for each grid.
 
@@ -2843,6 +3276,31 @@ def plot_history(history, path=None):
         ax.set_ylabel(ylabel)
         if columns:
             ax.legend()
+    return _save_figure(fig, path)
+
+
+def plot_evaluation(report, path=None):
+    """Bar chart of an EvalReport's 1-NN accuracies: one group per feature space, one bar per compared set,
+    95% intervals as error bars, 50% (indistinguishable) as a dashed line."""
+    import matplotlib.pyplot as plt
+    t = report.one_nn
+    sets, feats = list(dict.fromkeys(t["set"])), list(dict.fromkeys(t["features"]))
+    fig, ax = plt.subplots(figsize=(3.6 + 0.55 * len(feats) * len(sets), 4.2))
+    width = 0.8 / len(sets)
+    colours = plt.get_cmap("tab10")
+    for k, name in enumerate(sets):
+        rows = t[t["set"] == name].set_index("features").reindex(feats)
+        x = np.arange(len(feats)) + (k - (len(sets) - 1) / 2) * width
+        err = [100 * (rows["accuracy"] - rows["ci_low"]), 100 * (rows["ci_high"] - rows["accuracy"])]
+        ax.bar(x, 100 * rows["accuracy"], width, yerr=err, capsize=2, label=name, color=colours(k % 10))
+    ax.axhline(50, color="k", ls="--", lw=1)
+    ax.set_xticks(np.arange(len(feats)), [{"raw": "raw voxels", "pooled": "pooled voxels (4x)",
+                                           "histogram": "energy histograms"}.get(f, f) for f in feats])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("1-NN accuracy vs held-out grids (%)")
+    ax.set_title(f"1-NN two-sample test ({report.n} held-out vs {report.n} per set; 50% = indistinguishable)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="compared with held-out")
+    fig.tight_layout()
     return _save_figure(fig, path)
 
 
@@ -3124,7 +3582,7 @@ def run_notebook(path="MOF_3DGAN.ipynb", out_dir="mofkit_outputs", mode="auto", 
 
 
 def main(argv=None):
-    """python mofkit.py {notebook, voxelize, shards, train, sample} ... (each with --help)."""
+    """python mofkit.py {notebook, voxelize, shards, train, sample, evaluate} ... (each with --help)."""
     import argparse
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:                   # its flags mirror TrainConfig; torchrun-friendly
@@ -3142,8 +3600,14 @@ def main(argv=None):
     sh.add_argument("--limit", type=int, default=None)
     sh.add_argument("--shard-size", type=int, default=100)
     sub.add_parser("train", help="train the GAN on a shard folder (see: mofkit.py train --help)")
-    sm = sub.add_parser("sample", help="generate grids from a checkpoint -> .npy + slice PNGs")
-    sm.add_argument("checkpoint")
+    sm = sub.add_parser("sample", help="generate grids from a checkpoint or generator file -> .npy + slice PNGs")
+    sm.add_argument("checkpoint", help="a training checkpoint (last.pt) or a generator file (weights/*.pt)")
+    ev = sub.add_parser("evaluate", help="score a generator against held-out shards (the kit's one protocol)")
+    ev.add_argument("generator", help="a training checkpoint or a generator file")
+    ev.add_argument("--heldout", required=True, help="folder of held-out shards (same grid settings)")
+    ev.add_argument("--train", required=True, help="folder of the generator's training shards")
+    ev.add_argument("--n", type=int, default=500, help="grids per compared set")
+    ev.add_argument("--plot", default=None, help="also save the 1-NN bar chart here (PNG)")
     sm.add_argument("--n", type=int, default=4)
     sm.add_argument("--seed", type=int, default=0)
     for q in (vx, sm):
@@ -3183,6 +3647,14 @@ def main(argv=None):
         for i, g in enumerate(grids):
             plot_slices(g, path=out / f"generated_{i}.png")
         print(f"{len(grids)} grids: {out / 'generated.npy'} and generated_*.png")
+    elif args.command == "evaluate":
+        heldout, _ = read_grids(args.heldout, args.n)
+        train, meta = read_grids(args.train, args.n)
+        report = evaluate(args.generator, heldout, train, n=min(args.n, len(heldout), len(train)),
+                          density_kg_m3=float(np.median(meta["density_kg_m3"])))
+        print(report)
+        if args.plot:
+            plot_evaluation(report, path=args.plot)
 
 
 if __name__ == "__main__":

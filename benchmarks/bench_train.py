@@ -38,7 +38,7 @@ def flops_per_sample(config):
         real = torch.rand(1, cfg.grid_channels, cfg.dim, cfg.dim, cfg.dim)
     counter = FlopCounterMode(display=False)
     with counter:
-        mofkit._gan_step(run, real)
+        mofkit._gan_step(run, real, step=1)
     return counter.get_total_flops()
 
 
@@ -50,9 +50,9 @@ def step_throughput(config, device, steps, warmup):
     grids_K = torch.rand(shape, device=device) * 1500 - 1000
     e_scale = 800.0
 
-    def step():
-        real = mofkit.to_gan_input(grids_K, e_scale).contiguous(memory_format=run.memory_format)
-        return mofkit._gan_step(run, real)
+    def step(step=1):
+        real = mofkit.to_gan_input(grids_K, e_scale, config.transform).contiguous(memory_format=run.memory_format)
+        return mofkit._gan_step(run, real, step)
 
     for _ in range(warmup):  # cudnn.benchmark autotuning, torch.compile
         step()
@@ -104,7 +104,7 @@ def main(argv=None):
     steps = args.steps or (50 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
     common = dict(dim=args.dim, channels=args.channels, device=str(device))
-    study = mofkit.TrainConfig(**common)  # fp32, eager, batch 2, contiguous: the study's regime
+    study = mofkit.TrainConfig.study(**common)  # fp32, eager, batch 2, contiguous: the study's regime
     preset = mofkit.TrainConfig.fast_gpu(**common, precision=args.precision, compile=not args.no_compile,
                                          **({"batch_size": args.batch} if args.batch else {}))
     if gpu:

@@ -48,6 +48,7 @@ PROPERTIES = "property_comparison"
 DENSITY = "density or round_trip or grid_to_atoms"
 CLUSTER = "cluster_route"
 CLI = "cli_"
+GAN = "gan_losses or gan_step_minimises"
 
 MUTANTS = [
     # LJ kernel, force field and periodic images
@@ -143,8 +144,14 @@ MUTANTS = [
            CLI),
     Mutant("cli_sample_ignores_seed", "CLI", "grids = sample(args.checkpoint, args.n, seed=args.seed,",
            "grids = sample(args.checkpoint, args.n, seed=0,", CLI),
-    # GAN losses (issue 13): the lead adds these with the new loss tests, e.g.
-    # Mutant("d_fake_target_flipped", "GAN loss", "<the line of the D loss on fakes>", "<target 1>", "gan_objective"),
+    # GAN objective (issue 13's tests)
+    Mutant("d_fake_target_flipped", "GAN loss", "F.mse_loss(d_fake, torch.zeros_like(d_fake)))",
+           "F.mse_loss(d_fake, torch.ones_like(d_fake)))", GAN),
+    Mutant("g_target_flipped", "GAN loss", "return F.mse_loss(d_gen, torch.ones_like(d_gen))",
+           "return F.mse_loss(d_gen, torch.zeros_like(d_gen))", GAN),
+    Mutant("hinge_fake_sign", "GAN loss", "F.relu(1 + d_fake).mean()", "F.relu(1 - d_fake).mean()", GAN),
+    Mutant("nonsat_g_saturating", "GAN loss", "return F.softplus(-d_gen).mean()", "return -F.softplus(d_gen).mean()",
+           GAN),
 ]
 
 

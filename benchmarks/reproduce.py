@@ -12,30 +12,26 @@ Both scales do the same steps, each resumable (re-running the same command conti
   2. grids   voxelize both sets in the cube frame into shards (`build_shards`; finished shards are skipped).
   3. train   the study's GAN family with LSGAN (`train`), checkpointing every few minutes, until the wall-clock
              budget (cpu) or the epoch target (gpu) is reached.
-  4. score   1-NN accuracy of generated vs held-out grids beside two references measured the same way (train
-             vs held-out real: what "indistinguishable" looks like; the untrained generator: a trivial baseline),
-             with a bootstrap interval; memorisation; Wasserstein distances of log10 K_H. Writes results.json,
-             slice montages (real vs generated) and the loss curve, and (cpu) the shippable generator weights.
+  4. score   mofkit.evaluate on held-out grids (see below). Writes results.json, one_nn.png, slice montages
+             (real vs generated) and the loss curve, and (cpu) the shippable generator weights.
 
 Scales:
   cpu  ~2,000 train + ~500 held-out structures (benchmarks/split_cpu32.csv), 32^3 grids at 1.0 A (the same
-       32 A cube as the 64^3 default), dim 32, 64 channels, batch 8, for --budget-min minutes of training,
-       LSGAN on D's raw score (--d-sigmoid 0): with the study's sigmoid output D won within ~100 steps and the
-       generator stopped learning (--d-sigmoid 1 reproduces that).
+       32 A cube as the 64^3 default), dim 32, 64 channels, batch 8, the kit's recipe (TrainConfig defaults,
+       chosen by benchmarks/ablation.py), for --budget-min minutes of training; --study 1 trains the study's
+       exact recipe instead (TrainConfig.study()).
        On a machine shared with other jobs run it with OMP_NUM_THREADS=1: torch's OpenMP threads spin-wait,
        and with another process holding one of 2 cores, 2 threads voxelized 18x and trained 3-5x slower than
        1 thread (measured on the 2-core dev machine, 2026-11-25).
   gpu  every structure that parses (benchmarks/split_gpu64.csv: ~1,200 held-out names, the rest train), 64^3
-       at 0.5 A, the study's model (dim 64, 512 channels, sigmoid D output; --d-sigmoid 0 for LSGAN on D's raw
-       score, as the cpu scale uses), TrainConfig.fast_gpu(), 48 epochs, voxelized on the
-       GPU. Each call stops after --chunk-min minutes (checkpointed); the call after training reached its
-       target evaluates 1,000 generated vs 1,000 held-out grids.
+       at 0.5 A, the study's model (dim 64, 512 channels) with the kit's recipe and TrainConfig.fast_gpu()'s
+       speed settings, 48 epochs, voxelized on the GPU. Each call stops after --chunk-min minutes
+       (checkpointed); the call after training reached its target evaluates 1,000 generated vs 1,000 held-out.
 
-Properties: generated grids exist only in GAN space, where energies are clipped to [-E_scale, 0] K (repulsion
-is lost). Every real grid that is compared with generated ones (1-NN, memorisation, K_H) is therefore first
-sent through the same to_gan_input/from_gan_output round trip, so the comparison measures the generator and
-not the clipping. log10 K_H uses one nominal density (the training set's median framework density) for all
-grids, as `property_comparison` explains: the Wasserstein distance does not depend on that choice.
+Scoring is mofkit.evaluate, the kit's one protocol (1-NN in three feature spaces with intervals, the
+references, memorisation, property distances; every grid through `gan_round_trip`). log10 K_H uses one
+nominal density (the training set's median framework density) for all grids, as `property_comparison`
+explains: the Wasserstein distance does not depend on that choice.
 
 A bare GPU machine without network: a stock CUDA PyTorch image has numpy, scipy, pandas, matplotlib, tqdm and
 requests, and lacks two pure-Python wheels (checked 2026-11 against the device image's package list):
@@ -55,7 +51,6 @@ import dataclasses
 import json
 import math
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -68,9 +63,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import mofkit  # noqa: E402
 
-CSD_REFCODE = re.compile(r"^([A-Z]{6})\d{0,2}$")
-
-
 @dataclass
 class Scale:
     """One reproduction setting; every field can be overridden from the command line (tests use tiny ones)."""
@@ -82,8 +74,8 @@ class Scale:
     batch_size: int
     epochs: int                     # training target; the cpu run is bounded by --budget-min first
     n_eval: int                     # generated grids (and held-out/train grids) per comparison
-    fast_gpu: bool                  # TrainConfig.fast_gpu() instead of the study's eager fp32 settings
-    d_sigmoid: bool                 # the study's sigmoid D output; False: LSGAN on D's raw score (TrainConfig)
+    fast_gpu: bool                  # TrainConfig.fast_gpu() (GPU speed settings) instead of eager fp32
+    study: bool                     # TrainConfig.study(): the study's exact recipe instead of the kit's
     split_csv: str                  # committed split, relative to the repository root
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
@@ -92,58 +84,13 @@ class Scale:
 
 SCALES = {
     "cpu": Scale(size=32, spacing_A=1.0, n_heldout=500, n_train=2000, channels=64, batch_size=8, epochs=1000,
-                 n_eval=500, fast_gpu=False, d_sigmoid=False, split_csv="benchmarks/split_cpu32.csv"),
+                 n_eval=500, fast_gpu=False, study=False, split_csv="benchmarks/split_cpu32.csv"),
     "gpu": Scale(size=64, spacing_A=0.5, n_heldout=1200, n_train=None, channels=512, batch_size=64, epochs=48,
-                 n_eval=1000, fast_gpu=True, d_sigmoid=True, split_csv="benchmarks/split_gpu64.csv"),
+                 n_eval=1000, fast_gpu=True, study=False, split_csv="benchmarks/split_gpu64.csv"),
 }
 
 
 # --- 1. split ----------------------------------------------------------------
-
-def refcode(name: str) -> str:
-    """The group a CoRE MOF name belongs to: its CSD refcode without the 2-digit polymorph/redetermination
-    suffix (FUVDEH12_clean -> FUVDEH), or, for structures named after a paper's supporting information,
-    the paper (ja4015666_si_002_clean -> ja4015666): conservative, so near-duplicates share a group."""
-    head = name.split("_")[0]
-    match = CSD_REFCODE.match(head)
-    return match.group(1) if match else head
-
-
-def make_split(names, n_heldout, n_train=None, seed=0, parses=None):
-    """[(name, refcode, 'train'|'heldout')]: refcode groups in a seeded random order fill held-out first
-    (until n_heldout structures), then train (until n_train, or all). `parses(name) -> bool` drops
-    structures that fail; whole groups are assigned, so the counts are reached or passed by one group."""
-    groups = {}
-    for name in sorted(names):
-        groups.setdefault(refcode(name), []).append(name)
-    order = sorted(groups)
-    rng = np.random.default_rng(seed)
-    rows, counts = [], {"heldout": 0, "train": 0}
-    for g in rng.permutation(len(order)):
-        split = "heldout" if counts["heldout"] < n_heldout else "train"
-        if split == "train" and n_train is not None and counts["train"] >= n_train:
-            break
-        members = [n for n in groups[order[g]] if parses is None or parses(n)]
-        rows += [(n, order[g], split) for n in members]
-        counts[split] += len(members)
-    return rows
-
-
-def write_split(path, rows):
-    with mofkit.atomic_write(path, "w") as f:
-        w = csv.writer(f)
-        w.writerow(["name", "refcode", "split"])
-        w.writerows(rows)
-
-
-def read_split(path) -> dict:
-    """{'train': [names], 'heldout': [names]} in file order."""
-    out = {"train": [], "heldout": []}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            out[row["split"]].append(row["name"])
-    return out
-
 
 def ensure_split(scale: Scale, source=None, check_parses=True):
     """The scale's committed split CSV, made (seeded, deterministic) when it does not exist yet.
@@ -158,17 +105,17 @@ def ensure_split(scale: Scale, source=None, check_parses=True):
         parses = None
         if check_parses and scale.n_train is not None:
             spare = int(1.25 * (scale.n_heldout + scale.n_train)) + 1
-            candidates = [n for n, _, _ in make_split(names, 0, spare, scale.seed)]
+            candidates = [n for n, _, _ in mofkit.make_split(names, 0, spare, scale.seed)]
             failures = []
             ok = {n for n, _ in mofkit._source_structures(label, candidates, failures)}
             print(f"{len(failures)} of {len(candidates)} candidate structures fail to read, left out")
             parses = ok.__contains__
-        rows = make_split(names, scale.n_heldout, scale.n_train, scale.seed, parses)
+        rows = mofkit.make_split(names, scale.n_heldout, scale.n_train, scale.seed, parses)
         counts = {s: sum(r[2] == s for r in rows) for s in ("heldout", "train")}
         if counts["heldout"] < scale.n_heldout or (scale.n_train and counts["train"] < scale.n_train):
             raise RuntimeError(f"split {path}: only {counts} structures read; too many failures in {label}")
-        write_split(path, rows)
-    return read_split(path)
+        mofkit.write_split(path, rows)
+    return mofkit.read_split(path)
 
 
 # --- 2. grids ----------------------------------------------------------------
@@ -192,10 +139,13 @@ def build_grids(out, split, scale, source=None, device=None, deadline=math.inf, 
 
 # --- 3. train ----------------------------------------------------------------
 
-def train_config(scale: Scale, device="auto") -> mofkit.TrainConfig:
+def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
+    """The scale's TrainConfig: the kit's recipe (or the study's with scale.study), `recipe` overriding fields."""
     fields = dict(dim=scale.size, channels=scale.channels, batch_size=scale.batch_size, epochs=scale.epochs,
-                  seed=scale.seed, checkpoint_every_min=scale.checkpoint_every_min, device=device,
-                  d_sigmoid=bool(scale.d_sigmoid))
+                  seed=scale.seed, checkpoint_every_min=scale.checkpoint_every_min, device=device, **recipe)
+    if scale.study:
+        fields.pop("batch_size")  # the study's batch of 2
+        return mofkit.TrainConfig.study(**{**fields, **recipe})
     return mofkit.TrainConfig.fast_gpu(**fields) if scale.fast_gpu else mofkit.TrainConfig(**fields)
 
 
@@ -231,63 +181,27 @@ def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", p
 
 # --- 4. score ----------------------------------------------------------------
 
-def load_grids(shard_dir, n, seed=0):
-    """n grids (kelvin, (n, 1, D, D, D) float32) drawn without replacement, seeded (all when fewer), and
-    their metadata rows (name, density, ...)."""
-    dataset = mofkit.ShardDataset(shard_dir, shuffle=False, with_index=True)
-    total = dataset.num_grids
-    chosen = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-    keep, grids = set(chosen.tolist()), {}
-    for grid, i in dataset:
-        if i in keep:
-            grids[i] = grid.numpy()
-    return np.stack([grids[i] for i in chosen]), dataset.metadata().iloc[chosen].reset_index(drop=True)
+def report_dict(report) -> dict:
+    """An EvalReport as JSON-ready dicts (the tables keep every number; results.json holds them)."""
+    return {"accuracy": report.accuracy, "n": report.n, "e_scale_K": report.e_scale_K,
+            "sampling_seeds": list(report.sampling_seeds),
+            "one_nn": report.one_nn.to_dict(orient="records"),
+            "properties": {k: {c: float(v) for c, v in row.items()} for k, row in report.properties.iterrows()},
+            "memorisation": report.memorisation}
 
 
-def round_trip(grids_K, e_scale_K):
-    """Real grids as the GAN can represent them: energies clipped to [-E_scale, 0] K (see the docstring)."""
-    return mofkit.from_gan_output(mofkit.to_gan_input(torch.from_numpy(grids_K), e_scale_K), e_scale_K).numpy()
-
-
-def one_nn(real, generated, n_boot=1000, seed=0) -> dict:
-    """1-NN accuracy with a 95% bootstrap interval over the per-sample leave-one-out outcomes."""
-    details = mofkit.one_nn_accuracy(real, generated, return_details=True)
-    labels = np.r_[np.zeros(len(real), bool), np.ones(len(generated), bool)]
-    correct = (labels[details["nearest"]] == labels).astype(float)
-    boot = correct[np.random.default_rng(seed).integers(0, len(correct), (n_boot, len(correct)))].mean(1)
-    return {"accuracy": details["accuracy"], "ci95": np.percentile(boot, [2.5, 97.5]).round(4).tolist(),
-            "real_accuracy": details["real_accuracy"], "generated_accuracy": details["generated_accuracy"],
-            "n_real": details["n_real"], "n_generated": details["n_generated"]}
-
-
-def wasserstein(real, other, density_kg_m3) -> dict:
-    table = mofkit.property_comparison(real, other, density_kg_m3=density_kg_m3)
-    return {prop: {k: float(v) for k, v in row.items()} for prop, row in table.iterrows()}
-
-
-def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None) -> dict:
-    """Score out/run/last.pt against the held-out grids; write results.json and pictures into out."""
-    ckpt_path = out / "run" / "last.pt"
+def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None, run_dir=None) -> dict:
+    """Score a run's last.pt against the held-out grids by mofkit.evaluate; write results.json and pictures."""
+    run_dir = Path(run_dir or out / "run")
+    ckpt_path = run_dir / "last.pt"
     ckpt = mofkit.load_checkpoint(ckpt_path)
-    e_scale = ckpt["e_scale_K"]
-    heldout, _ = load_grids(out / "heldout", scale.n_eval, seed=scale.seed)
-    train_real, train_meta = load_grids(out / "train", scale.n_eval, seed=scale.seed)
+    heldout, _ = mofkit.read_grids(out / "heldout", scale.n_eval, seed=scale.seed)
+    train_real, train_meta = mofkit.read_grids(out / "train", scale.n_eval, seed=scale.seed)
     n = min(len(heldout), len(train_real), scale.n_eval)
-    heldout, train_real = round_trip(heldout[:n], e_scale), round_trip(train_real[:n], e_scale)
     density = float(np.median(train_meta["density_kg_m3"]))  # one nominal density: see the docstring
-
-    generated = {s: mofkit.sample(ckpt_path, n, seed=1000 + s, device=device) for s in sampling_seeds}
-    torch.manual_seed(scale.seed)  # the trivial baseline: the same network, freshly initialised
-    untrained = mofkit.sample(mofkit.Generator(scale.size, ckpt["config"]["latent"], scale.channels), n,
-                              seed=999, device=device, e_scale_K=e_scale)
-    # the other trivial baseline: the mean training grid plus noise (5% of E_scale), in the GAN's range
-    noise = np.random.default_rng(scale.seed).normal(0, 0.05 * e_scale, train_real.shape).astype(np.float32)
-    mean_grid = np.clip(train_real.mean(0, keepdims=True) + noise, -e_scale, 0)
-    per_seed = [one_nn(heldout, generated[s]) for s in sampling_seeds]
-    accuracies = [r["accuracy"] for r in per_seed]
-    first = generated[sampling_seeds[0]]
-    mem = mofkit.memorisation(first, train_real, heldout)
-    history = mofkit.load_history(out / "run")
+    report = mofkit.evaluate(ckpt_path, heldout, train_real, n=n, sampling_seeds=sampling_seeds,
+                             density_kg_m3=density, seed=scale.seed, device=device)
+    history = mofkit.load_history(run_dir)
     n_train = mofkit.ShardDataset(out / "train").num_grids
     results = {
         "scale": dataclasses.asdict(scale),
@@ -297,29 +211,16 @@ def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None) -> dict:
                     "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "data": {"train_grids": n_train, "heldout_grids": mofkit.ShardDataset(out / "heldout").num_grids,
-                 "n_eval": n, "nominal_density_kg_m3": density, "e_scale_K": e_scale},
+                 "n_eval": n, "nominal_density_kg_m3": density, "e_scale_K": ckpt["e_scale_K"]},
         "training": {"steps": ckpt["step"], "epochs": ckpt["epoch"] + ckpt["samples_in_epoch"] / n_train,
                      "train_time_min": ckpt["time_s"] / 60,
                      "samples_per_s": float(np.median(history["samples_per_s"])) if len(history) else None,
                      "config": ckpt["config"]},
-        "one_nn": {"generated_vs_heldout": {**per_seed[0], "sampling_seeds": list(sampling_seeds),
-                                            "accuracy_per_seed": accuracies,
-                                            "accuracy_mean": float(np.mean(accuracies)),
-                                            "accuracy_std": float(np.std(accuracies, ddof=1))
-                                            if len(accuracies) > 1 else 0.0},
-                   "train_vs_heldout": one_nn(heldout, train_real),
-                   "untrained_vs_heldout": one_nn(heldout, untrained),
-                   "mean_grid_vs_heldout": one_nn(heldout, mean_grid)},
-        # a generator drawing fresh samples from the training distribution scores ~1/(n+1); copies score 1
-        "memorisation": {"fraction_closer": mem["fraction_closer"], "fresh_expectation": 1 / (n + 1)},
-        "properties": {"generated_vs_heldout": wasserstein(heldout, first, density),
-                       "train_vs_heldout": wasserstein(heldout, train_real, density),
-                       "untrained_vs_heldout": wasserstein(heldout, untrained, density),
-                       "mean_grid_vs_heldout": wasserstein(heldout, mean_grid, density)},
-        # spread of the grids around their own mean voxel by voxel (K): a collapsed generator has almost none
-        "spread_K": {"heldout": float(heldout.std(0).mean()), "generated": float(first.std(0).mean())},
+        "evaluation": report_dict(report),
     }
-    write_pictures(out, heldout, first, history)
+    print(report)
+    clip = lambda x: mofkit.gan_round_trip(x, ckpt["e_scale_K"])
+    write_pictures(out, clip(heldout), clip(mofkit.sample(ckpt_path, 2, seed=1000)), history, report)
     with mofkit.atomic_write(out / "results.json", "w") as f:
         json.dump(results, f, indent=2)
     return results
@@ -330,12 +231,14 @@ def _cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def write_pictures(out, real, generated, history, pairs=2):
+def write_pictures(out, real, generated, history, report=None, pairs=2):
     for k in range(min(pairs, len(real), len(generated))):
         mofkit.plot_slices([real[k, 0], generated[k, 0]], titles=["held-out (clipped to GAN range)", "generated"],
                            path=out / f"slices_{k}.png")
     if len(history):
         mofkit.plot_history(history, path=out / "loss.png")
+    if report is not None:
+        mofkit.plot_evaluation(report, path=out / "one_nn.png")
 
 
 # --- ship ---------------------------------------------------------------------
@@ -409,7 +312,7 @@ def main(argv=None):
         results["weights"] = ship(out / "run" / "last.pt", args.ship, args.manifest, results["command"])
         with mofkit.atomic_write(out / "results.json", "w") as f:
             json.dump(results, f, indent=2)
-    print(json.dumps({k: v["accuracy"] for k, v in results["one_nn"].items()}), f"-> {out / 'results.json'}")
+    print(f"1-NN (raw voxels) {100 * results['evaluation']['accuracy']:.1f}% -> {out / 'results.json'}")
     return results
 
 

@@ -385,14 +385,14 @@ def test_cli_shards_sample_and_notebook_options_reach_their_functions(tmp_path, 
 
 def _train_value(field):
     """A valid non-default value for a TrainConfig field, or None where none is known."""
-    known = {"device": "cpu", "precision": "bf16"}
+    known = {"device": "cpu", "precision": "bf16", "transform": "signed"}  # loss: its choices depend on d_sigmoid
     if field.name in known:
         return known[field.name]
     default = field.default
     if isinstance(default, bool):
         return not default
     if isinstance(default, int):
-        return default + 3
+        return 2 * default if default else 3  # doubling keeps widths divisible
     if default is None or isinstance(default, float):
         return 0.375 if default is None else default * 0.5 + 0.125
     return None
@@ -431,3 +431,7 @@ def test_cli_train_every_config_flag_reaches_train(tmp_path, monkeypatch, capsys
     preset = mofkit.TrainConfig.fast_gpu(lr=0.001)
     assert dataclasses.replace(config, dim=preset.dim, grid_channels=preset.grid_channels) == preset
     assert train.calls[1][1]["progress"] is True and train.calls[1][0][2] == "mofkit_run"
+    mofkit.main(["train", str(shards), "--study", "--epochs", "2"])
+    config = train.calls[2][0][0]
+    preset = mofkit.TrainConfig.study(epochs=2)
+    assert dataclasses.replace(config, dim=preset.dim, grid_channels=preset.grid_channels) == preset
