@@ -144,6 +144,8 @@ MUTANTS = [
            CLI),
     Mutant("cli_sample_ignores_seed", "CLI", "grids = sample(args.checkpoint, args.n, seed=args.seed,",
            "grids = sample(args.checkpoint, args.n, seed=0,", CLI),
+    Mutant("cli_evaluate_ignores_n", "CLI", "heldout, _ = read_grids(args.heldout, args.n)",
+           "heldout, _ = read_grids(args.heldout, 500)", CLI),
     # GAN objective (issue 13's tests)
     Mutant("d_fake_target_flipped", "GAN loss", "F.mse_loss(d_fake, torch.zeros_like(d_fake)))",
            "F.mse_loss(d_fake, torch.ones_like(d_fake)))", GAN),

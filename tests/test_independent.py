@@ -383,6 +383,20 @@ def test_cli_shards_sample_and_notebook_options_reach_their_functions(tmp_path, 
     assert notebook.calls[0][1] == {"out_dir": str(tmp_path / "nb"), "mode": "quick"}
 
 
+def test_cli_evaluate_options_reach_read_grids_evaluate_and_the_plot(tmp_path, monkeypatch, capsys):
+    sets = {"held": np.full((5, 1, 4, 4, 4), -1.0), "trn": np.full((6, 1, 4, 4, 4), -2.0)}
+    read = _Spy(lambda folder, n: (sets[folder][:n], {"density_kg_m3": np.array([900.0, 1100.0, 1500.0])}))
+    evaluate, plot = _Spy("REPORT"), _Spy()
+    for name, spy in [("read_grids", read), ("evaluate", evaluate), ("plot_evaluation", plot)]:
+        monkeypatch.setattr(mofkit, name, spy)
+    mofkit.main(["evaluate", "g.pt", "--heldout", "held", "--train", "trn", "--n", "4", "--plot", "p.png"])
+    assert [c[0] for c in read.calls] == [("held", 4), ("trn", 4)]
+    (generator, heldout, train), kwargs = evaluate.calls[0]
+    assert generator == "g.pt" and (heldout == -1).all() and (train == -2).all() and len(heldout) == 4
+    assert kwargs == {"n": 4, "density_kg_m3": 1100.0}  # the training shards' median density
+    assert plot.calls[0] == (("REPORT",), {"path": "p.png"}) and "REPORT" in capsys.readouterr().out
+
+
 def _train_value(field):
     """A valid non-default value for a TrainConfig field, or None where none is known."""
     known = {"device": "cpu", "precision": "bf16", "transform": "signed"}  # loss: its choices depend on d_sigmoid
