@@ -141,3 +141,65 @@ def http_server():
     server = LocalServer()
     yield server
     server.close()
+
+
+# --- independent references (tests/fixtures/forcefield): never read from mofkit ----------------------------------
+
+FORCEFIELD = __import__("pathlib").Path(__file__).resolve().parent / "fixtures" / "forcefield"
+# 1 kcal/mol / k_B = 4184 / 8.314462618 = 503.2195 K; the kit (and RASPA-style UFF tables) round it to 503.22,
+# which test_uff_matches_a_second_transcription pins to 1e-5 of the exact value
+KCAL_PER_MOL_IN_K = 503.22
+
+
+def _table(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+@pytest.fixture(scope="session")
+def uff_reference():
+    """element -> (epsilon_K, sigma_A) from lammps-interface's transcription of Rappe et al. 1992 (not mofkit's)."""
+    return {row["element"]: (float(row["D1_kcal_mol"]) * KCAL_PER_MOL_IN_K, float(row["x1_A"]) / 2 ** (1 / 6))
+            for row in _table(FORCEFIELD / "uff_lammps_interface.csv")}
+
+
+@pytest.fixture(scope="session")
+def probe_reference():
+    """probe -> (epsilon_K, sigma_A) as published (tests/fixtures/forcefield/probes.csv names each source)."""
+    return {row["probe"]: (float(row["epsilon_K"]), float(row["sigma_A"])) for row in _table(FORCEFIELD / "probes.csv")}
+
+
+@pytest.fixture(scope="session")
+def coremof_elements():
+    """The 77 elements that occur in CoRE MOF 2019-ASR."""
+    text = (FORCEFIELD / "coremof_2019_elements.txt").read_text()
+    return " ".join(line for line in text.splitlines() if not line.startswith("#")).split()
+
+
+@pytest.fixture(scope="session")
+def brute_force_lj(uff_reference, probe_reference):
+    """Independent float64 LJ reference: explicit loop over every image within the cutoff, no neighbour lists,
+    parameters from the fixtures. brute_force_lj(atoms, points_A, probe="H2", cutoff_A=12.8) -> energies (K)."""
+    import itertools
+    import numpy as np
+
+    def energy(atoms, points, probe="H2", cutoff_A=12.8):
+        eps_p, sig_p = probe_reference[probe]
+        symbols = atoms.get_chemical_symbols()
+        eps = np.array([np.sqrt(uff_reference[s][0] * eps_p) for s in symbols])
+        sig = np.array([(uff_reference[s][1] + sig_p) / 2 for s in symbols])
+        cell, pos = atoms.cell.array, atoms.get_positions()
+        widths = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(np.roll(cell, -1, 0), np.roll(cell, -2, 0)),
+                                                           axis=1)
+        frac_pts, frac_atoms = points @ np.linalg.inv(cell), pos @ np.linalg.inv(cell)
+        lo = np.floor(frac_pts.min(0) - frac_atoms.max(0) - cutoff_A / widths) - 1
+        hi = np.ceil(frac_pts.max(0) - frac_atoms.min(0) + cutoff_A / widths) + 1
+        total = np.zeros(len(points))
+        for shift in itertools.product(*[range(int(l), int(h) + 1) for l, h in zip(lo, hi)]):
+            r = np.linalg.norm(points[:, None, :] - (pos + np.array(shift) @ cell)[None], axis=-1)
+            sr6 = (sig / r) ** 6
+            total += np.where(r < cutoff_A, 4 * eps * (sr6 ** 2 - sr6), 0.0).sum(1)
+        return total
+
+    return energy

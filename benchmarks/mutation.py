@@ -1,0 +1,228 @@
+"""Mutation check: plant single-line bugs in a copy of mofkit.py and see whether the tests notice.
+
+    python3 benchmarks/mutation.py                  # every mutant (one thread, a few minutes on 2 cores)
+    python3 benchmarks/mutation.py -m bet se_dof    # only mutants whose name contains one of these words
+    python3 benchmarks/mutation.py --list           # the mutants and their test selections
+
+A habit, not a CI step: run it after changing a critical function or its tests. Each mutant replaces ONE
+line fragment of mofkit.py (it must occur exactly once, else the mutant is reported "stale" and needs
+updating), then runs only the tests its selection names (pytest -k) in a temporary copy of the repository.
+"caught" means a selected test failed; "NOT CAUGHT" means every selected test passed with the bug in place.
+Before the mutants, each selection is run once on the unmodified code (a selection that fails there would
+catch every mutant and prove nothing). To add a mutant, append a Mutant(...) to MUTANTS.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    area: str
+    old: str        # a fragment occurring exactly once in mofkit.py
+    new: str
+    tests: str      # pytest -k expression: the tests that check this behaviour directly
+
+
+# --- test selections -------------------------------------------------------------------------------------------
+LJ = ("uff_and_probe or analytic_lennard or brute_force or energy_of_each_coremof_element or "
+      "translation_and_supercell or frames_say")
+HENRY = "henry or heat or framework_density or widom"
+FIT = ("noiseless or standard_errors or fit_statistics or curve_fit or aic or bet or freundlich or sips or "
+       "study_isotherm or fit_isotherm_table")
+SHARD_FORMAT = "shard_round_trip or truncated_shard or shard_file_size or grid_count_must_equal"
+CHECKPOINT = ("train_resume_is_bit_identical or main_train_on_shards_resumes or max_minutes_stops_at_a_checkpoint "
+              "or corrupt_or_mismatched")
+ONE_NN = "one_nn or memorisation"
+PROPERTIES = "property_comparison"
+DENSITY = "density or round_trip or grid_to_atoms"
+CLUSTER = "cluster_route"
+CLI = "cli_"
+GAN = "gan_losses or gan_step_minimises"
+
+MUTANTS = [
+    # LJ kernel, force field and periodic images
+    Mutant("uff_oxygen_eps_x10", "force field", "O 3.500 0.060", "O 3.500 0.600", LJ),
+    Mutant("uff_zinc_sigma", "force field", "Zn 2.763 0.124", "Zn 2.863 0.124", LJ),
+    Mutant("kcal_to_K", "force field", "KCAL_PER_MOL_IN_K = 503.22", "KCAL_PER_MOL_IN_K = 500.0", LJ),
+    Mutant("probe_h2_sigma", "force field", '"H2": (34.2, 2.96)', '"H2": (34.2, 2.86)', LJ),
+    Mutant("mixing_geometric_sigma", "LJ kernel", "sig = np.array([(UFF[s][1] + sig_p) / 2 for s in symbols])",
+           "sig = np.array([math.sqrt(UFF[s][1] * sig_p) for s in symbols])", LJ),
+    Mutant("lj_attraction_x2", "LJ kernel", "return 4 * eps * sig ** 12, 4 * eps * sig ** 6",
+           "return 4 * eps * sig ** 12, 2 * eps * sig ** 6", LJ),
+    Mutant("cutoff_mask_dropped", "LJ kernel", "e.sub_(B[nbr][:, None, :]).mul_(inv3).masked_fill_(far, 0.0)",
+           "e.sub_(B[nbr][:, None, :]).mul_(inv3)", LJ),
+    Mutant("neighbour_radius_dropped", "LJ kernel", "< cutoff_A + radius + 1e-3).nonzero", "< cutoff_A + 1e-3).nonzero",
+           LJ),
+    Mutant("images_half_reach", "images", "keep = (gap ** 2).sum(1) < reach_A ** 2",
+           "keep = (gap ** 2).sum(1) < (reach_A / 2) ** 2", LJ),
+    Mutant("images_no_negative_shift", "images", "np.arange(math.floor(fc[:, d].min()) - 1,",
+           "np.arange(max(0, math.floor(fc[:, d].min()) - 1),", LJ),
+    Mutant("cell_frame_off_by_one", "grid", "return (ijk / size) @ atoms.cell.array",
+           "return (ijk / (size - 1)) @ atoms.cell.array", LJ),
+    Mutant("cap_ignored", "grid", "e = e.clamp_(max=cap_K)", "e = e.clamp_(max=2 * cap_K)", LJ),
+    # Henry coefficient, heat of adsorption, density
+    Mutant("widom_sign", "Henry/Q_st", "return float(np.mean(np.exp(-e / temperature_K)))",
+           "return float(np.mean(np.exp(e / temperature_K)))", HENRY),
+    Mutant("henry_without_T", "Henry/Q_st",
+           "return widom_factor(grid_K, temperature_K) / (R_J_PER_MOL_K * temperature_K * density_kg_m3)",
+           "return widom_factor(grid_K, temperature_K) / (R_J_PER_MOL_K * density_kg_m3)", HENRY),
+    Mutant("heat_without_RT", "Henry/Q_st", "R_J_PER_MOL_K * (temperature_K - (e * w).sum() / w.sum())",
+           "R_J_PER_MOL_K * (0.0 - (e * w).sum() / w.sum())", HENRY),
+    Mutant("density_units", "Henry/Q_st", "AMU_KG / (atoms.cell.volume * 1e-30))", "AMU_KG / (atoms.cell.volume * 1e-27))",
+           HENRY),
+    # the isotherm fit core and models
+    Mutant("se_dof_m", "fit core", "s2 = np.sum(info[\"fvec\"] ** 2) / (m - k) if m > k else np.nan",
+           "s2 = np.sum(info[\"fvec\"] ** 2) / m if m > k else np.nan", FIT),
+    Mutant("se_no_delta_method", "fit core", "se = dict(zip(free, values * np.sqrt(var)))",
+           "se = dict(zip(free, np.sqrt(var)))", FIT),
+    Mutant("aic_counts_fixed", "fit core", "aic = m * math.log(ss_res / m) + 2 * k if",
+           "aic = m * math.log(ss_res / m) + 2 * len(spec.params) if", FIT),
+    Mutant("rmse_dof", "fit core", "float(r2), math.sqrt(ss_res / m), aic", "float(r2), math.sqrt(ss_res / (m - k)), aic",
+           FIT),
+    Mutant("log_space_ignored", "fit core", "return (np.log(m) if log_space else m) - target", "return m - q", FIT),
+    Mutant("bet_denominator", "models", "(1.0 - x) * (1.0 - x + C * x))", "(1.0 - x) * (1.0 + C * x))", FIT),
+    Mutant("sips_power_of_P_only", "models", "x = (K * P) ** (1.0 / n)", "x = K * P ** (1.0 / n)", FIT),
+    Mutant("freundlich_power", "models", "return K * P ** (1.0 / n)", "return K * P ** n", FIT),
+    # shard format checks
+    Mutant("shard_exact_size_dropped", "shards", "if magic != SHARD_MAGIC or size != data_end + footer_bytes + 16:",
+           "if magic != SHARD_MAGIC:", SHARD_FORMAT),
+    Mutant("shard_names_count_dropped", "shards", "or shape[0] != len(meta[\"names\"])):", "or False):", SHARD_FORMAT),
+    Mutant("shard_float16_overflow_allowed", "shards", "if grids16.ndim != 5 or not np.isfinite(grids16).all():",
+           "if grids16.ndim != 5:", SHARD_FORMAT),
+    Mutant("shard_magic_unchecked", "shards", "if magic != SHARD_MAGIC or size", "if size", SHARD_FORMAT),
+    # checkpoint save / restore
+    Mutant("resume_rng_not_restored", "checkpoint", "            _set_rng_state(rng[rank])", "            pass",
+           CHECKPOINT),
+    Mutant("resume_opt_d_not_restored", "checkpoint", "            run.opt_d.load_state_dict(ckpt[\"opt_d\"])",
+           "            pass", CHECKPOINT),
+    Mutant("resume_position_lost", "checkpoint",
+           "step, epoch, samples_in_epoch = ckpt[\"step\"], ckpt[\"epoch\"], ckpt[\"samples_in_epoch\"]",
+           "step, epoch, samples_in_epoch = ckpt[\"step\"], ckpt[\"epoch\"], 0", CHECKPOINT),
+    Mutant("save_without_generator", "checkpoint", "\"generator\": run.G.state_dict(),",
+           "\"generator\": _models(config)[0].state_dict(),", CHECKPOINT),
+    # 1-NN and the other scores
+    Mutant("nn_ties_to_later_block", "1-NN", "better = block_best < best_d[q0:q0 + len(q)]",
+           "better = block_best <= best_d[q0:q0 + len(q)]", ONE_NN),
+    Mutant("nn_self_not_excluded", "1-NN",
+           "dist[qi == torch.arange(r0, r0 + len(r), device=device)[None, :]] = math.inf", "pass", ONE_NN),
+    Mutant("nn_no_exact_recheck", "1-NN", "rel_tol = 64 * torch.finfo(dtype).eps", "rel_tol = -1.0", ONE_NN),
+    Mutant("nn_labels_inverted", "1-NN", "correct = (labels[nearest] == labels).double()",
+           "correct = (labels[nearest] != labels).double()", ONE_NN),
+    Mutant("memorisation_threshold_max", "1-NN", "threshold = float(held_d.min())", "threshold = float(held_d.max())",
+           ONE_NN),
+    Mutant("noise_floor_half_with_itself", "scores", "real[c].iloc[second])}", "real[c].iloc[first])}", PROPERTIES),
+    # density decoder and cluster route
+    Mutant("density_threshold_0_3", "decoder", "0.6 if threshold is None else threshold",
+           "0.3 if threshold is None else threshold", DENSITY),
+    Mutant("density_outside_peaks_kept", "decoder",
+           "inside = np.all((centre > -1e-6) & (centre < size - 1 + 1e-6), axis=1)",
+           "inside = np.all(centre > -1e9, axis=1)", DENSITY),
+    Mutant("density_refinement_sign", "decoder", "centre[:, axis] += np.clip(-slope / kappa, -0.5, 0.5)",
+           "centre[:, axis] += np.clip(slope / kappa, -0.5, 0.5)", DENSITY),
+    Mutant("density_weakest_channel_wins", "decoder", "order = np.argsort(-height, kind=\"stable\")",
+           "order = np.argsort(height, kind=\"stable\")", DENSITY),
+    Mutant("density_sigma_x2", "decoder", "torch.exp(-r2 / (2 * sigma_A ** 2))", "torch.exp(-r2 / (4 * sigma_A ** 2))",
+           DENSITY),
+    Mutant("cluster_farthest_core", "decoder", "symbols.append(min(elements, key=lambda e: abs(radii[e] - r)))",
+           "symbols.append(max(elements, key=lambda e: abs(radii[e] - r)))", CLUSTER),
+    # command line
+    Mutant("cli_voxelize_ignores_spacing", "CLI",
+           "grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=args.device)",
+           "grid = voxelize(atoms, args.size, args.frame, 0.5, args.probe, device=args.device)", CLI),
+    Mutant("cli_shards_ignores_probe", "CLI", "spacing_A=args.spacing, probe=args.probe)", "spacing_A=args.spacing)",
+           CLI),
+    Mutant("cli_sample_ignores_seed", "CLI", "grids = sample(args.checkpoint, args.n, seed=args.seed,",
+           "grids = sample(args.checkpoint, args.n, seed=0,", CLI),
+    Mutant("cli_evaluate_ignores_n", "CLI", "heldout, _ = read_grids(args.heldout, args.n)",
+           "heldout, _ = read_grids(args.heldout, 500)", CLI),
+    # GAN objective (issue 13's tests)
+    Mutant("d_fake_target_flipped", "GAN loss", "F.mse_loss(d_fake, torch.zeros_like(d_fake)))",
+           "F.mse_loss(d_fake, torch.ones_like(d_fake)))", GAN),
+    Mutant("g_target_flipped", "GAN loss", "return F.mse_loss(d_gen, torch.ones_like(d_gen))",
+           "return F.mse_loss(d_gen, torch.zeros_like(d_gen))", GAN),
+    Mutant("hinge_fake_sign", "GAN loss", "F.relu(1 + d_fake).mean()", "F.relu(1 - d_fake).mean()", GAN),
+    Mutant("nonsat_g_saturating", "GAN loss", "return F.softplus(-d_gen).mean()", "return -F.softplus(d_gen).mean()",
+           GAN),
+]
+
+
+def _copy_repo(dest):
+    """The repository without .git: tests/ copied (they locate mofkit.py through their own path), the rest
+    linked; mofkit.py is written per mutant."""
+    for entry in REPO.iterdir():
+        if entry.name in (".git", "mofkit.py", "tests", "__pycache__", ".pytest_cache"):
+            continue
+        (dest / entry.name).symlink_to(entry)
+    shutil.copytree(REPO / "tests", dest / "tests", ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"))
+
+
+def _run_tests(dest, source, selection, timeout_s):
+    (dest / "mofkit.py").write_text(source)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests", "-k", selection]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return "timeout", "", time.perf_counter() - start
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.M)
+    counts = re.findall(r"(\d+) (passed|failed|error)", done.stdout)
+    return done.returncode, (failed[0].split("::")[-1] if failed else " ".join(f"{n} {w}" for n, w in counts)), \
+        time.perf_counter() - start
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--match", nargs="*", help="run only mutants whose name contains one of these")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--no-baseline", action="store_true", help="skip running each selection on the unmodified code")
+    p.add_argument("--timeout-s", type=int, default=600, help="per pytest run")
+    args = p.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.match or any(w in m.name for w in args.match)]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:32s} {m.area:12s} -k {m.tests!r}")
+        return
+    source = (REPO / "mofkit.py").read_text()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="mofkit_mutation_") as tmp:
+        dest = Path(tmp)
+        _copy_repo(dest)
+        if not args.no_baseline:
+            for selection in dict.fromkeys(m.tests for m in mutants):
+                rc, detail, seconds = _run_tests(dest, source, selection, args.timeout_s)
+                print(f"baseline  {'ok' if rc == 0 else 'FAILS'}  ({seconds:.0f} s, {detail})  -k {selection!r}",
+                      flush=True)
+                if rc != 0:
+                    sys.exit(f"the selection {selection!r} fails on the unmodified code: fix that first")
+        for m in mutants:
+            if source.count(m.old) != 1:
+                results[m.name] = "stale"
+                print(f"{'stale':11s} {m.name:32s} the fragment occurs {source.count(m.old)} times in mofkit.py",
+                      flush=True)
+                continue
+            rc, detail, seconds = _run_tests(dest, source.replace(m.old, m.new), m.tests, args.timeout_s)
+            verdict = {0: "NOT CAUGHT", 1: "caught", 5: "no tests"}.get(rc, "caught" if rc == 2 else str(rc))
+            results[m.name] = verdict
+            print(f"{verdict:11s} {m.name:32s} {m.area:12s} {seconds:4.0f} s  {detail}", flush=True)
+    caught = sum(v == "caught" for v in results.values())
+    print(f"\n{caught}/{len(results)} mutants caught" + "".join(
+        f"; {sum(v == k for v in results.values())} {k}" for k in ("NOT CAUGHT", "stale", "no tests", "timeout")
+        if k in results.values()))
+    return results
+
+
+if __name__ == "__main__":
+    main()
