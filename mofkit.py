@@ -2977,7 +2977,7 @@ def load_checkpoint(path, map_location="cpu"):
 def _config_from_checkpoint(ckpt):
     names = TrainConfig.__dataclass_fields__.keys()
     # checkpoints written before a field existed ran with the behaviour its study-preset value names
-    legacy = {"batch_size": 2, "ema": 0.0, "transform": "wells", "d_sigmoid": True}
+    legacy = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True, "r1_gamma": 0.0}
     return TrainConfig(**{**legacy, **{k: v for k, v in ckpt["config"].items() if k in names}})
 
 

@@ -34,11 +34,13 @@ nominal density (the training set's median framework density) for all grids, as 
 explains: the Wasserstein distance does not depend on that choice.
 
 A bare GPU machine without network: a stock CUDA PyTorch image has numpy, scipy, pandas, matplotlib, tqdm and
-requests, and lacks two pure-Python wheels (checked 2026-11 against the device image's package list):
-ase (3.29.0) and core-mof (2019.1, 45 MB: the CoRE MOF CIFs; its pymatgen dependency is only for its own
-loaders, which mofkit does not use, hence --no-deps). Fetch them where pip works, carry the folder, install:
+requests, and lacks ase (3.29.0), core-mof (2019.1, 45 MB: the CoRE MOF CIFs; its pymatgen dependency is only
+for its own loaders, which mofkit does not use, hence --no-deps) and CoolProp (8.0.0, the equation of state of
+the stored adsorption properties; a manylinux wheel). Fetch them where pip works, carry the folder, install:
     pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels ase==3.29.0 core-mof==2019.1
-    pip install --no-index --no-deps --find-links wheels ase core-mof
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d wheels CoolProp==8.0.0
+    pip install --no-index --no-deps --find-links wheels ase core-mof CoolProp
 (gdown, beautifulsoup4 and soupsieve only matter for downloading published shards, which this script never
 does.) Then, once per session of at most ~10 minutes, until it prints the results:
     python benchmarks/reproduce.py --scale gpu --chunk-min 9 --out runs/gpu64

@@ -1520,9 +1520,12 @@ def test_train_config_refuses_bad_values_naming_the_field(bad):
 
 
 def test_train_one_step_changes_weights_finite_losses(tmp_path):
-    mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=1, progress=False)
+    # least squares: under the hinge loss D's output bias has zero gradient while every score is inside the
+    # margin (-1 from the real term, +1 from the fake one), so "every weight moves" holds only for lsgan
+    config = _tiny(loss="lsgan")
+    mofkit.train(config, _grids(4), tmp_path, max_steps=1, progress=False)
     before = mofkit.load_checkpoint(tmp_path / "last.pt")
-    res = mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=2, progress=False)  # one more step
+    res = mofkit.train(config, _grids(4), tmp_path, max_steps=2, progress=False)  # one more step
     h = res.history[-1]
     assert h["step"] == 2 and all(np.isfinite(h[k]) for k in ("loss_d", "loss_g", "d_real", "d_fake"))
     for name, module in [("generator", res.generator), ("discriminator", res.discriminator)]:
@@ -1816,7 +1819,7 @@ def test_sample_from_checkpoint_in_kelvin(tmp_path):
     res = mofkit.train(_tiny(grid_channels=2, ema=0.0), _grids(4, channels=2), tmp_path, max_steps=1, progress=False)
     grids = mofkit.sample(tmp_path / "last.pt", 5, batch_size=2, seed=3)
     assert grids.shape == (5, 2, 16, 16, 16) and grids.dtype == np.float32
-    assert grids[:, 0].max() <= 0 and grids[:, 0].min() >= -800.0  # energies in K, within [-E_scale, 0]
+    assert grids[:, 0].max() <= 800.0 and grids[:, 0].min() >= -800.0  # K, "signed": within [-E_scale, E_scale]
     assert 0 <= grids[:, 1:].min() and grids[:, 1:].max() <= 1      # density channel untouched
     same = mofkit.sample(res.generator, 5, batch_size=5, seed=3, e_scale_K=800.0)
     np.testing.assert_allclose(grids, same, rtol=1e-5, atol=1e-3)  # batching changes only float rounding
@@ -2380,7 +2383,8 @@ def test_reproduce_cpu_pipeline_end_to_end_resumes_and_ships(tmp_path, coremof_c
     assert {f for _, f in rows} == {"raw", "pooled", "histogram"}
     for key, r in rows.items():
         assert r["ci_low"] <= r["accuracy"] <= r["ci_high"], key
-    assert rows[("untrained generator", "raw")]["accuracy"] >= 0.75  # the trivial baseline is easy to tell
+    props = ev["properties"]  # an untrained generator barely varies from sample to sample
+    assert props["untrained generator"]["spread K"] < 0.5 * props["held-out (reference)"]["spread K"]
     assert rows[("mean train grid + noise", "raw")]["generated_accuracy"] == 1.0  # near-copies find each other
     assert ev["accuracy"] == pytest.approx(np.mean([rows[(f"generated (seed {k})", "raw")]["accuracy"]
                                                     for k in range(3)]))

@@ -489,7 +489,7 @@ def _tiny(**kw):
                                         device="cpu", checkpoint_every_steps=1000), **kw})
 
 
-@pytest.mark.parametrize("change", [dict(d_sigmoid=not mofkit.TrainConfig().d_sigmoid), dict(batch_size=4),
+@pytest.mark.parametrize("change", [dict(loss="lsgan"), dict(transform="wells"), dict(batch_size=4),
                                     dict(lr=1e-4), dict(seed=1),
                                    dict(betas=(0.9, 0.999)), dict(precision="bf16")])
 def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path, change):
@@ -517,7 +517,7 @@ def test_resume_allows_run_length_and_logging_changes_and_compares_unknown_field
     saved = {**ckpt["config"]}
     assert mofkit._config_changes(saved, _tiny()) == {}
     legacy = mofkit._config_from_checkpoint({"config": {}})
-    for name in ("seed", "d_sigmoid"):
+    for name in ("seed", "transform"):
         predates = {k: v for k, v in saved.items() if k != name}
         assert mofkit._config_changes(predates, _tiny(**{name: getattr(legacy, name)})) == {}
     assert mofkit._config_changes({**saved, "lr": 1.0}, _tiny()) == {"lr": [1.0, _tiny().lr]}
