@@ -154,6 +154,15 @@ MUTANTS = [
     Mutant("hinge_fake_sign", "GAN loss", "F.relu(1 + d_fake).mean()", "F.relu(1 - d_fake).mean()", GAN),
     Mutant("nonsat_g_saturating", "GAN loss", "return F.softplus(-d_gen).mean()", "return -F.softplus(d_gen).mean()",
            GAN),
+    # the kit's recipe and the evaluation protocol
+    Mutant("ema_weights_swapped", "recipe", "list(run.G.parameters()), 1 - decay)", "list(run.G.parameters()), decay)",
+           "moving_average"),
+    Mutant("signed_drops_repulsion", "recipe", '{"wells": 0.0, "signed": -1.0}', '{"wells": 0.0, "signed": 0.0}',
+           "signed_transform"),
+    Mutant("cube_symmetry_no_flip", "recipe", "return grid.flip(flips) if flips else grid", "return grid",
+           "cube_symmetries"),
+    Mutant("evaluate_skips_round_trip", "evaluation", "clip = lambda x: np.asarray(gan_round_trip(x, e_scale_K), "
+           "dtype=np.float32)", "clip = lambda x: np.asarray(x, dtype=np.float32)", "both_sides_through"),
 ]
 
 
