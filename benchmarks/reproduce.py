@@ -1,10 +1,10 @@
 """Reproduce the kit's measured result: CoRE MOF grids -> a trained 3D GAN -> held-out scores, in one command.
 
-    OMP_NUM_THREADS=1 python benchmarks/reproduce.py --scale cpu --budget-min 27 --ship weights/generator_cpu32.pt
+    OMP_NUM_THREADS=1 python benchmarks/reproduce.py --scale cpu --epochs 10 --ship weights/generator_cpu32.pt
     python benchmarks/reproduce.py --scale gpu --chunk-min 9 [--out runs/gpu64]         # repeat until it says done
 
-(the first line made benchmarks/results_cpu32/ and the shipped weights: ~10 min voxelizing, 27 min training,
-~2 min scoring on 2 shared cores; the default budget is 60 min).
+(the first line made benchmarks/results_cpu32/ and the shipped weights: ~25 min voxelizing on 2 shared cores,
+5 min training, ~4 min scoring; without --epochs the cpu scale trains for --budget-min, default 60 min).
 
 Both scales do the same steps, each resumable (re-running the same command continues where it stopped):
   1. split   CoRE MOF 2019-ASR by CSD refcode (seeded), so near-duplicates (FUVDEH, FUVDEH01, ...) never
