@@ -142,13 +142,13 @@ def build_grids(out, split, scale, source=None, device=None, deadline=math.inf, 
 # --- 3. train ----------------------------------------------------------------
 
 def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
-    """The scale's TrainConfig: the kit's recipe (or the study's with scale.study), `recipe` overriding fields."""
-    fields = dict(dim=scale.size, channels=scale.channels, batch_size=scale.batch_size, epochs=scale.epochs,
-                  seed=scale.seed, checkpoint_every_min=scale.checkpoint_every_min, device=device, **recipe)
+    """The scale's TrainConfig: the kit's recipe (or the study's with scale.study, batch 2), `recipe` overriding fields."""
+    fields = dict(dim=scale.size, channels=scale.channels, epochs=scale.epochs, seed=scale.seed,
+                  checkpoint_every_min=scale.checkpoint_every_min, device=device)
     if scale.study:
-        fields.pop("batch_size")  # the study's batch of 2
         return mofkit.TrainConfig.study(**{**fields, **recipe})
-    return mofkit.TrainConfig.fast_gpu(**fields) if scale.fast_gpu else mofkit.TrainConfig(**fields)
+    preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig
+    return preset(**{**fields, "batch_size": scale.batch_size, **recipe})
 
 
 def training_state(run_dir):

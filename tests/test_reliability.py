@@ -332,19 +332,15 @@ def test_ensure_shards_never_replaces_a_corrupt_shard_by_an_empty_one(tmp_path):
     assert not (dest / "shard_00000.npy").exists()
 
 
-def test_ensure_shards_html_instead_of_a_shard_falls_back_to_a_local_build(tmp_path, http_server):
-    http_server.route("/shard_00000.npy", Reply(200, b"<html><body>Quota exceeded</body></html>",
-                                                {"Content-Type": "text/html"}))
-    manifest, _, good = _manifest(tmp_path, url=f"{http_server.url}/shard_00000.npy")
-    with pytest.warns(UserWarning, match="download failed: .*no .npy header.* Building it locally"):
-        (path,) = mofkit.ensure_shards(manifest, tmp_path / "dest", progress=False)
-    assert mofkit.verify_shard(path)["names"] == ["m0", "m1"]
-
-
-def test_ensure_shards_redirect_loop_falls_back_to_a_local_build(tmp_path, http_server):
-    http_server.route("/loop", Reply(302, headers={"Location": "/loop"}))
-    manifest, _, _ = _manifest(tmp_path, url=f"{http_server.url}/loop")
-    with pytest.warns(UserWarning, match="redirects in a loop"):
+@pytest.mark.parametrize("route,reply,warning", [
+    ("/shard_00000.npy", Reply(200, b"<html><body>Quota exceeded</body></html>", {"Content-Type": "text/html"}),
+     "download failed: .*no .npy header.* Building it locally"),   # HTML instead of a shard
+    ("/loop", Reply(302, headers={"Location": "/loop"}), "redirects in a loop"),
+])
+def test_ensure_shards_bad_download_falls_back_to_a_local_build(tmp_path, http_server, route, reply, warning):
+    http_server.route(route, reply)
+    manifest, _, _ = _manifest(tmp_path, url=f"{http_server.url}{route}")
+    with pytest.warns(UserWarning, match=warning):
         (path,) = mofkit.ensure_shards(manifest, tmp_path / "dest", progress=False)
     assert mofkit.verify_shard(path)["names"] == ["m0", "m1"]
 
