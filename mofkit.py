@@ -2006,6 +2006,10 @@ class ShardParams:
     cap_K: float = 5000.0
     temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
     density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
+    # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost 2-20x the cube grid itself
+    # (grids over the full cell at 0.3 A); False stores NaN for them (density and window columns stay), for
+    # datasets made only to train on.
+    cell_properties: bool = True
 
     def __post_init__(self):
         if self.temperature_K is None:
@@ -2028,14 +2032,17 @@ class ShardParams:
         return ["energy_K"] + [f"density:{c}" for c in self.density_classes]
 
     def voxelize_kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes")}
+        return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes",
+                                                                   "cell_properties")}
 
     def to_dict(self) -> dict:
-        """The fields; without density channels exactly those (and so the hash) of the parameters before density
-        channels existed."""
+        """The fields; at the defaults of density_classes and cell_properties exactly those (and so the hash) of
+        the parameters before these fields existed."""
         fields = asdict(self)
         if not self.density_classes:
             del fields["density_classes"]
+        if self.cell_properties:
+            del fields["cell_properties"]
         return fields
 
     def to_json(self) -> str:
@@ -2313,8 +2320,12 @@ PROPERTY_COLUMNS = ("density_kg_m3", "log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_f
 
 
 def _structure_properties(name, atoms, grid_K, params, device) -> list:
-    cell = cell_properties(atoms, params.probe, params.temperature_K, CELL_SPACING_A, params.cutoff_A, params.cap_K,
-                           device, name, VOID_FRACTION_SPACING_A)
+    if params.cell_properties:
+        cell = cell_properties(atoms, params.probe, params.temperature_K, CELL_SPACING_A, params.cutoff_A,
+                               params.cap_K, device, name, VOID_FRACTION_SPACING_A)
+    else:
+        cell = {"density_kg_m3": framework_density(atoms), "log10_KH_mol_kg_Pa": math.nan, "Qst_kJ_mol": math.nan,
+                "void_fraction_He": math.nan}
     window = window_properties(grid_K, cell["density_kg_m3"], params.temperature_K, params.cap_K, name)
     return [{**cell, **window}[c] for c in PROPERTY_COLUMNS]
 
@@ -2595,8 +2606,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
     @property
     def params(self) -> ShardParams:
         """How the first shard's grids were made: .channels says what each channel is, .density_classes and
-        .spacing_A are what grid_to_atoms / structure_report need to decode them."""
-        return ShardParams(**read_shard_meta(self.shards[0])["params"])
+        .spacing_A are what grid_to_atoms / structure_report need to decode them. With channels=[0] of
+        multi-channel shards (the energy alone) density_classes is ()."""
+        params = ShardParams(**read_shard_meta(self.shards[0])["params"])
+        picked = np.arange(len(params.channels))[self.channels if self.channels is not None else slice(None)]
+        if picked.reshape(-1).tolist() == [0]:
+            return dataclasses.replace(params, density_classes=())
+        if picked.reshape(-1).tolist() != list(range(len(params.channels))):
+            raise ValueError(f"ShardDataset channels={self.channels}: grid parameters describe every channel or "
+                             f"the energy alone ([0])")
+        return params
 
     def set_epoch(self, epoch, start=0):
         """Select the epoch's order; start=k skips its first k samples (of this rank) to resume mid-epoch."""
@@ -3326,8 +3345,7 @@ def _e_scale(config, dataset, world, device):
 
 def _grid_params_of(dataset):
     """The voxelize settings of a shard dataset's grids (recorded with the weights), else None."""
-    shards = getattr(dataset, "shards", None)
-    return read_shard_meta(shards[0]).get("params") if shards else None
+    return dataset.params.to_dict() if isinstance(dataset, ShardDataset) else None
 
 
 def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True,
@@ -3967,21 +3985,25 @@ class EvalReport:
 
 
 def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_scale_K=None, features=FEATURES,
-             baselines=True, temperature_K=77.0, density_kg_m3=None, n_boot=1000, seed=0, device=None) -> EvalReport:
+             baselines=True, temperature_K=77.0, density_kg_m3=None, n_boot=1000, seed=0, device=None,
+             channels=None) -> EvalReport:
     """Score a generator against held-out real grids by the kit's one protocol (see the comment above).
 
     generator: a Generator (`load_generator`), a checkpoint or generator-file path, or an array of generated
     kelvin grids (then one set, `sampling_seeds` unused). heldout_K, train_K: real kelvin grids (n, C, D, D, D)
     or (n, D, D, D) exactly as `voxelize` makes them, from the generator's own refcode split. n: grids per
     compared set (default: all held-out grids; generated grids are cheap, so use n >= 200 for a meaningful
-    interval). Returns an EvalReport; `print(report)` shows it, `plot_evaluation(report)` draws it.
+    interval). channels: the grid channels compared (default all); (0,) scores the energy alone, e.g. of a
+    generator with atom-density channels against an energy-only one.
+    Returns an EvalReport; `print(report)` shows it, `plot_evaluation(report)` draws it.
     """
     import pandas as pd
     from scipy.stats import wasserstein_distance
 
     def five_d(x, name):
         x = _as_samples(x, name).numpy()
-        return x if x.ndim == 5 else x[:, None]
+        x = x if x.ndim == 5 else x[:, None]
+        return x if channels is None else x[:, list(channels)]
 
     heldout, train = five_d(heldout_K, "heldout_K"), five_d(train_K, "train_K")
     if isinstance(generator, (str, Path)):
@@ -4000,7 +4022,7 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
     clip = lambda x: np.asarray(gan_round_trip(x, e_scale_K), dtype=np.float32)
     heldout, train = clip(pick(heldout)), clip(pick(train))
     if is_model:
-        sets = {f"generated (seed {s})": clip(sample(generator, n, seed=1000 + s, device=device))
+        sets = {f"generated (seed {s})": clip(five_d(sample(generator, n, seed=1000 + s, device=device), "generated"))
                 for s in sampling_seeds}
     else:
         sets = {"generated": clip(pick(five_d(generator, "generated")))}
@@ -4019,7 +4041,8 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
             torch.manual_seed(seed)
             fresh = Generator(generator.dim, generator.latent, generator.channels, generator.out_channels,
                               generator.transform)
-            sets["untrained generator"] = clip(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K))
+            sets["untrained generator"] = clip(five_d(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K),
+                                                      "untrained generator"))
     rows = [{"set": name, "features": f, **_one_nn_scores(heldout, grids, f, n_boot, seed, device)}
             for f in features for name, grids in sets.items()]
 

@@ -2,6 +2,7 @@
 import os
 import sys
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import asdict
@@ -2262,6 +2263,48 @@ def test_shards_with_density_channels_round_trip(tmp_path):
     generated = mofkit.sample(tmp_path / "run" / "last.pt", 2)
     assert generated.shape == (2, 1 + len(classes), 16, 16, 16)
     assert len(mofkit.structure_report(generated, spacing_A=0.5, classes=classes, e_scale_K=800.0)) == 2
+
+
+def test_training_shards_without_cell_properties_and_energy_only_views(tmp_path):
+    """cell_properties=False skips the whole-cell grids (NaN in their columns, density kept); channels=[0] of
+    multi-channel shards is an energy-only dataset, recorded as such with the weights; evaluate(channels=(0,))
+    scores a multi-channel generator's energy alone."""
+    classes = mofkit.METAL_DENSITY_CLASSES
+    params = mofkit.ShardParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=classes, cell_properties=False)
+    full = dataclasses.replace(params, cell_properties=True)
+    assert "cell_properties" not in full.to_json() and params.hash != full.hash
+    assert _params_from_json(params) == params
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for k in range(4):
+        (folder / f"s{k}.cif").write_text(make_cif([("Cu", 0.1, 0.1, 0.1 + 0.1 * k), ("O", 0.3, 0.1, 0.1),
+                                                    ("C", 0.1, 0.35, 0.2)], a=9.0 + k))
+    mofkit.build_shards(tmp_path / "out", folder, params=params, shard_size=4, progress=False)
+    table = mofkit.ShardDataset(tmp_path / "out").metadata()
+    atoms = mofkit.read_structure(folder / "s0.cif")
+    assert table["density_kg_m3"].iloc[0] == pytest.approx(mofkit.framework_density(atoms))
+    assert table[["log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_fraction_He"]].isna().all().all()
+    assert table["window_log10_KH_mol_kg_Pa"].notna().all()
+    with pytest.raises(mofkit.ShardError, match="other structures or voxelizer parameters"):
+        mofkit.build_shards(tmp_path / "out", folder, params=full, shard_size=4, progress=False)
+
+    energy = mofkit.ShardDataset(tmp_path / "out", channels=[0])
+    assert energy.params.density_classes == () and energy.params.channels == ["energy_K"]
+    assert mofkit.ShardDataset(tmp_path / "out", channels=list(range(1 + len(classes)))).params == params
+    with pytest.raises(ValueError, match="energy alone"):
+        mofkit.ShardDataset(tmp_path / "out", channels=[0, 2]).params
+    res = mofkit.train(_tiny(grid_channels=1), energy, tmp_path / "energy", max_steps=1, progress=False)
+    assert mofkit.load_checkpoint(res.checkpoint)["grid_params"] == energy.params.to_dict()
+
+    data = mofkit.ShardDataset(tmp_path / "out", shuffle=False)
+    res = mofkit.train(_tiny(grid_channels=1 + len(classes)), data, tmp_path / "multi", max_steps=1, progress=False)
+    real = torch.stack(list(data)).numpy()
+    report = mofkit.evaluate(res.checkpoint, real, real, sampling_seeds=(0,), channels=(0,), n_boot=50)
+    energy_only = mofkit.evaluate(mofkit.sample(res.checkpoint, 4, seed=1000)[:, :1], real[:, :1], real[:, :1],
+                                  e_scale_K=report.e_scale_K, n_boot=50, baselines=False)
+    rows = report.one_nn.set_index(["set", "features"])
+    assert rows.loc[("generated (seed 0)", "raw"), "accuracy"] == \
+        energy_only.one_nn.set_index(["set", "features"]).loc[("generated", "raw"), "accuracy"]
 
 
 def _params_from_json(params):
