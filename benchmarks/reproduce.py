@@ -79,6 +79,7 @@ class Scale:
     fast_gpu: bool                  # TrainConfig.fast_gpu() (GPU speed settings) instead of eager fp32
     study: bool                     # TrainConfig.study(): the study's exact recipe instead of the kit's
     split_csv: str                  # committed split, relative to the repository root
+    atoms: bool = False             # energy + atom-density channels, and an energy-only comparator on channel 0
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -89,7 +90,10 @@ SCALES = {
                  n_eval=500, fast_gpu=False, study=False, split_csv="benchmarks/split_cpu32.csv"),
     "gpu": Scale(size=64, spacing_A=0.5, n_heldout=1200, n_train=None, channels=512, batch_size=64, epochs=48,
                  n_eval=1000, fast_gpu=True, study=False, split_csv="benchmarks/split_gpu64.csv"),
+    "atoms": Scale(size=32, spacing_A=0.5, n_heldout=500, n_train=2000, channels=64, batch_size=8, epochs=10,
+                   n_eval=500, fast_gpu=False, study=False, split_csv="benchmarks/split_cpu32.csv", atoms=True),
 }
+N_STRUCTURES = 64  # generated and held-out grids decoded to atoms for the structure report (atoms scale)
 
 
 # --- 1. split ----------------------------------------------------------------
@@ -123,7 +127,18 @@ def ensure_split(scale: Scale, source=None, check_parses=True):
 # --- 2. grids ----------------------------------------------------------------
 
 def shard_params(scale: Scale) -> mofkit.ShardParams:
+    """The scale's grids. atoms: energy + METAL_DENSITY_CLASSES channels, without the whole-cell properties
+    (nothing here reads them, and they cost 2-20x the grids)."""
+    if scale.atoms:
+        return mofkit.ShardParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A,
+                                  density_classes=mofkit.METAL_DENSITY_CLASSES, cell_properties=False)
     return mofkit.ShardParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A)
+
+
+def runs(scale: Scale) -> dict:
+    """Training runs of the scale: folder -> the shard channels it trains on (None: all). The atoms scale adds
+    an energy-only generator on the same grids' channel 0: the reference its energy channel is scored against."""
+    return {"run": None, "run_energy": [0]} if scale.atoms else {"run": None}
 
 
 def build_grids(out, split, scale, source=None, device=None, deadline=math.inf, progress=True) -> bool:
@@ -144,7 +159,8 @@ def build_grids(out, split, scale, source=None, device=None, deadline=math.inf, 
 def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
     """The scale's TrainConfig: the kit's recipe (or the study's with scale.study, batch 2), `recipe` overriding fields."""
     fields = dict(dim=scale.size, channels=scale.channels, epochs=scale.epochs, seed=scale.seed,
-                  checkpoint_every_min=scale.checkpoint_every_min, device=device)
+                  checkpoint_every_min=scale.checkpoint_every_min, device=device,
+                  grid_channels=len(shard_params(scale).channels))
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig
@@ -167,18 +183,25 @@ def training_done(run_dir, scale, budget_min) -> bool:
 
 
 def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", progress=True):
-    """Train (resuming out/run/last.pt) until the epoch target, the total training budget or the call's
-    deadline, whichever comes first."""
-    run_dir = out / "run"
-    _, time_s = training_state(run_dir)
-    minutes = (deadline - time.monotonic()) / 60
-    if budget_min is not None:
-        minutes = min(minutes, budget_min - time_s / 60)
-    if minutes <= 0:
-        return
-    config = train_config(scale, device)
-    dataset = mofkit.ShardDataset(out / "train", seed=scale.seed, batch_size=config.batch_size)
-    mofkit.train(config, dataset, run_dir, resume=True, progress=progress, max_minutes=minutes)
+    """Train each of the scale's runs in turn (resuming out/<run>/last.pt) until the epoch target, the total
+    training budget or the call's deadline, whichever comes first."""
+    for name, channels in runs(scale).items():
+        run_dir = out / name
+        if training_done(run_dir, scale, budget_min):
+            continue
+        _, time_s = training_state(run_dir)
+        minutes = (deadline - time.monotonic()) / 60
+        if budget_min is not None:
+            minutes = min(minutes, budget_min - time_s / 60)
+        if minutes <= 0:
+            return
+        config = train_config(scale, device, **({"grid_channels": len(channels)} if channels else {}))
+        dataset = mofkit.ShardDataset(out / "train", seed=scale.seed, batch_size=config.batch_size, channels=channels)
+        mofkit.train(config, dataset, run_dir, resume=True, progress=progress, max_minutes=minutes)
+
+
+def all_trained(out, scale, budget_min) -> bool:
+    return all(training_done(out / name, scale, budget_min) for name in runs(scale))
 
 
 # --- 4. score ----------------------------------------------------------------
@@ -201,8 +224,10 @@ def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None, run_dir=None) ->
     train_real, train_meta = mofkit.read_grids(out / "train", scale.n_eval, seed=scale.seed)
     n = min(len(heldout), len(train_real), scale.n_eval)
     density = float(np.median(train_meta["density_kg_m3"]))  # one nominal density: see the docstring
-    report = mofkit.evaluate(ckpt_path, heldout, train_real, n=n, sampling_seeds=sampling_seeds,
-                             density_kg_m3=density, seed=scale.seed, device=device)
+    energy = (0,) if scale.atoms else None  # the atoms scale scores its energy channel against run_energy's
+    score = lambda path: mofkit.evaluate(path, heldout, train_real, n=n, sampling_seeds=sampling_seeds,
+                                         density_kg_m3=density, seed=scale.seed, device=device, channels=energy)
+    report = score(ckpt_path)
     history = mofkit.load_history(run_dir)
     n_train = mofkit.ShardDataset(out / "train").num_grids
     results = {
@@ -214,18 +239,67 @@ def evaluate(out, scale, sampling_seeds=(0, 1, 2), device=None, run_dir=None) ->
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "data": {"train_grids": n_train, "heldout_grids": mofkit.ShardDataset(out / "heldout").num_grids,
                  "n_eval": n, "nominal_density_kg_m3": density, "e_scale_K": ckpt["e_scale_K"]},
-        "training": {"steps": ckpt["step"], "epochs": ckpt["epoch"] + ckpt["samples_in_epoch"] / n_train,
-                     "train_time_min": ckpt["time_s"] / 60,
-                     "samples_per_s": float(np.median(history["samples_per_s"])) if len(history) else None,
-                     "config": ckpt["config"]},
+        "training": training_summary(ckpt, history, n_train),
         "evaluation": report_dict(report),
     }
     print(report)
+    if scale.atoms:
+        energy_only = out / "run_energy" / "last.pt"
+        results["training_energy_only"] = training_summary(mofkit.load_checkpoint(energy_only),
+                                                           mofkit.load_history(energy_only.parent), n_train)
+        results["evaluation_energy_only"] = report_dict(score(energy_only))
+        results["structures"] = structure_results(out, ckpt_path, heldout, ckpt["e_scale_K"], seed=scale.seed)
     clip = lambda x: mofkit.gan_round_trip(x, ckpt["e_scale_K"])
     write_pictures(out, clip(heldout), clip(mofkit.sample(ckpt_path, 2, seed=1000)), history, report)
     with mofkit.atomic_write(out / "results.json", "w") as f:
         json.dump(results, f, indent=2)
     return results
+
+
+def training_summary(ckpt, history, n_train) -> dict:
+    return {"steps": ckpt["step"], "epochs": ckpt["epoch"] + ckpt["samples_in_epoch"] / n_train,
+            "train_time_min": ckpt["time_s"] / 60,
+            "samples_per_s": float(np.median(history["samples_per_s"])) if len(history) else None,
+            "config": ckpt["config"]}
+
+
+def structure_results(out, checkpoint, heldout, e_scale_K, n=N_STRUCTURES, seed=0) -> dict:
+    """Generated and held-out grids decoded to atoms the same way (density route) and compared by
+    mofkit.structure_report / structure_targets; writes two generated structures as XYZ and a picture."""
+    params = mofkit.ShardDataset(out / "heldout").params
+    kw = dict(spacing_A=params.spacing_A, classes=params.density_classes, e_scale_K=e_scale_K)
+    real = heldout[:n]
+    generated = mofkit.sample(checkpoint, len(real), seed=2000 + seed)
+    tables = {"generated": mofkit.structure_report(generated, **kw), "real": mofkit.structure_report(real, **kw)}
+    targets = mofkit.structure_targets(tables["generated"], tables["real"])
+    print(targets)
+    decode = lambda g: mofkit.grid_to_atoms(g, params.spacing_A, classes=params.density_classes)
+    for k in range(2):
+        mofkit.write_xyz(decode(generated[k]), out / f"generated_{k}.xyz")
+    write_atoms_picture(decode(real[0]), decode(generated[0]), out / "atoms.png")
+    as_json = lambda frame: json.loads(frame.to_json(orient="records"))  # numpy types and NaN -> JSON
+    return {"n": len(real), "targets": as_json(targets.reset_index()),
+            "medians": {name: as_json(t.median(numeric_only=True).to_frame().T)[0] for name, t in tables.items()}}
+
+
+def write_atoms_picture(real, generated, path):
+    """Held-out and generated cubes decoded to atoms, side by side (ase's plot_atoms, looking down z)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from ase.visualize.plot import plot_atoms
+    matplotlib.use("Agg")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    for ax, atoms, title in zip(axes, (real, generated), ("held-out, decoded", "generated, decoded")):
+        if len(atoms):
+            plot_atoms(atoms, ax, radii=0.4)
+        else:  # ase cannot draw an empty structure
+            ax.text(0.5, 0.5, "no atom decoded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{title}: {len(atoms)} atoms in a {atoms.cell[0, 0]:.0f} Å cube")
+        ax.set_xlabel("x (Å)")
+        ax.set_ylabel("y (Å)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _cpus():
@@ -300,10 +374,10 @@ def main(argv=None):
     if not build_grids(out, split, scale, args.source, device, deadline, progress):
         print(f"stopped after {chunk_min} min while voxelizing: run the same command again to continue")
         return None
-    if not training_done(out / "run", scale, budget_min):
+    if not all_trained(out, scale, budget_min):
         train_chunk(out, scale, budget_min, deadline - checkpoint_s, device, progress)
     epoch, time_s = training_state(out / "run")
-    if not training_done(out / "run", scale, budget_min):
+    if not all_trained(out, scale, budget_min):
         print(f"trained {time_s / 60:.1f} min, {epoch} epochs so far: run the same command again to continue")
         return None
     if deadline - time.monotonic() < evaluate_s:

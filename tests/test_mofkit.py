@@ -2483,6 +2483,35 @@ def test_reproduce_gpu_scale_runs_in_chunks_on_cpu(tmp_path, coremof_cifs):
     results = rp.main(tiny + ["--epochs", "1", "--chunk-min", "1"])  # target already reached: evaluates
     assert results["training"]["steps"] == mofkit.load_checkpoint(out / "run" / "last.pt")["step"]
     assert results["data"]["n_eval"] == 4 and (out / "results.json").exists()
+def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp_path, coremof_cifs):
+    """--scale atoms: energy + density shards without cell properties, the multi-channel run and the energy-only
+    comparator on channel 0, energy 1-NN for both by the same protocol, the structure report and targets."""
+    rp, out = _reproduce(), tmp_path / "out"
+    tiny = ["--scale", "atoms", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
+            str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "1.0",
+            "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--epochs", "1",
+            "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"), "--manifest", str(tmp_path / "m.csv")]
+    results = rp.main(tiny)
+    params = mofkit.ShardDataset(out / "train").params
+    assert params.density_classes == mofkit.METAL_DENSITY_CLASSES and not params.cell_properties
+    multi, energy = (mofkit.load_checkpoint(out / run / "last.pt") for run in ("run", "run_energy"))
+    assert multi["config"]["grid_channels"] == 1 + len(params.density_classes)
+    assert energy["config"]["grid_channels"] == 1 and energy["grid_params"]["size"] == 16
+    assert "density_classes" not in energy["grid_params"] and multi["grid_params"] == params.to_dict()
+    assert results["training"]["epochs"] >= 1 and results["training_energy_only"]["epochs"] >= 1
+    for key in ("evaluation", "evaluation_energy_only"):
+        sets = {r["set"] for r in results[key]["one_nn"]}
+        assert "generated (seed 0)" in sets and "real train (floor)" in sets, key
+    floor = lambda k: [r for r in results[k]["one_nn"] if r["set"] == "real train (floor)"]
+    assert floor("evaluation") == floor("evaluation_energy_only")  # the same real energies on both sides
+    targets = {row["figure"]: row for row in results["structures"]["targets"]}
+    assert {"atoms_per_nm3", "nn_median_A", "bonded_fraction", "contact_fraction", "energy_r"} <= set(targets)
+    assert results["structures"]["n"] == 4 and targets["atoms_per_nm3"]["real"] > 0
+    assert (out / "generated_0.xyz").exists() and (out / "atoms.png").exists()
+    G = mofkit.load_generator(tmp_path / "w" / "atoms.pt", tmp_path / "m.csv")
+    assert G.out_channels == 1 + len(params.density_classes)
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 
