@@ -1,6 +1,7 @@
 """mofkit: MOF crystal structures -> periodic Lennard-Jones energy grids -> a 3D GAN that makes new ones.
 
-One flat module, in pipeline order:
+One flat module, in pipeline order, after a preamble of units, constants, gas data and kit-wide utilities
+(atomic writes, checksums, CSV tables, progress bars):
 
   1. Downloads        verified HTTP / Google Drive files, NIST-ARPA-E ISODB and MOFX-DB clients
   2. Structures       CIF files and the embedded CoRE MOF 2019 dataset as ase.Atoms
@@ -44,36 +45,85 @@ import torch
 from tqdm.std import tqdm as _text_tqdm
 
 
-class _TextBar(_text_tqdm):
-    """Text progress bars that stay readable in a saved notebook: inner bars (leave=False) are not drawn, since
-    nesting needs cursor-moving escape codes that a saved stream keeps as garbage, and redraws come at most
-    every few seconds."""
-
-    def __init__(self, *args, **kwargs):
-        if kwargs.get("leave") is False:
-            kwargs["disable"] = True
-        kwargs.setdefault("mininterval", 5.0)
-        super().__init__(*args, **kwargs)
-
-
-def _progress_class():
-    """tqdm.auto (widgets in a notebook front end, text in a terminal), except in a kernel nobody watches
-    (run_notebook sets MOFKIT_PROGRESS=text) or one without ipywidgets (tqdm.auto would warn "IProgress not
-    found" on every bar): there _TextBar."""
-    import importlib.util
-    no_widgets = "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is None
-    if os.environ.get("MOFKIT_PROGRESS") == "text" or no_widgets:
-        return _TextBar
-    from tqdm.auto import tqdm as auto
-    return auto
-
-
-tqdm = _progress_class()
-
-
 # =============================================================================
-# 1. Downloads: verified files over HTTP / Google Drive, NIST ISODB, MOFX-DB
+# Units, constants, gas data and kit-wide utilities (used by every section below)
 # =============================================================================
+
+R_J_PER_MOL_K = 8.314462618
+AMU_KG = 1.66053906660e-27
+ATM_BAR = 1.01325
+CM3_STP_PER_MMOL = 22.414       # ideal-gas molar volume at 273.15 K and 1 atm
+STUDY_CM3_STP_PER_MMOL = 22.4   # the study's, for reading measured cm3(STP)/g exactly as it did
+
+# Molar masses (g/mol) of common adsorbates, to turn mg/g and wt% into mmol/g; keyed by formula, with the
+# names ISODB and MOFX-DB use.
+GASES = {
+    "H2": ("Hydrogen", 2.01588), "He": ("Helium", 4.002602), "CH4": ("Methane", 16.04246),
+    "N2": ("Nitrogen", 28.0134), "CO": ("Carbon monoxide", 28.0101), "O2": ("Oxygen", 31.9988),
+    "Ar": ("Argon", 39.948), "CO2": ("Carbon dioxide", 44.0095), "Kr": ("Krypton", 83.798),
+    "Xe": ("Xenon", 131.293),
+}
+PRESSURE_TO_BAR = {"bar": 1.0, "pa": 1e-5, "kpa": 1e-2, "mpa": 10.0, "mbar": 1e-3, "atm": ATM_BAR,
+                   "torr": ATM_BAR / 760, "mmhg": ATM_BAR / 760, "psi": 0.0689475729}
+# Amount-based adsorption units -> mmol/g. Measured cm3(STP)/g are read with the study's 22.4 cm3(STP)/mmol (the
+# 0.06% from the ideal gas's 22.414 is below digitisation error); grid isotherms report with the ideal gas's.
+AMOUNT_TO_MMOL_G = {"mmol/g": 1.0, "mol/kg": 1.0, "mol/g": 1000.0, "mmol/kg": 1e-3,
+                    "cm3(stp)/g": 1 / STUDY_CM3_STP_PER_MMOL}
+# Mass-based units -> mg of adsorbate per g of adsorbent (then / molar mass). wt% is read as g per 100 g of
+# adsorbent, as ISODB's other units are per gram of adsorbent; some H2-storage papers mean per 100 g of
+# adsorbent plus H2, which differs by the wt% value itself in relative terms (1% at 1 wt%).
+MASS_TO_MG_G = {"mg/g": 1.0, "g/g": 1000.0, "wt%": 10.0}
+
+
+def _gas(name):
+    """(formula, name, molar mass g/mol) for a formula or name in GASES (any case), else None."""
+    for formula, (gas_name, molar_mass) in GASES.items():
+        if name.casefold() in (formula.casefold(), gas_name.casefold()):
+            return formula, gas_name, molar_mass
+    return None
+
+
+# Saturated-liquid density of each probe (kg/m^3) at its normal boiling point (CO2: at its triple point,
+# 216.59 K; it has no liquid at 1 atm), from the reference equations of state as implemented in NIST
+# REFPROP / CoolProp 8.0: H2 Leachman et al. 2009 (normal hydrogen), N2 Span et al. 2000, Ar Tegeler et
+# al. 1999, CH4 Setzmann & Wagner 1991, Kr and Xe Lemmon & Span 2006, CO2 Span & Wagner 1996.
+# Molar masses come from GASES.
+LIQUID_DENSITY_KG_M3 = {"H2": 70.85, "N2": 806.08, "Ar": 1395.40, "CH4": 422.36, "Kr": 2416.6, "Xe": 2942.0,
+                        "CO2": 1178.5}
+
+# BET needs the saturation pressure P0. Known here near the normal boiling point Tb (P0 = 1 atm) as
+# ln P0 = ln(1 atm) - (L/R)(1/T - 1/Tb), with L = R dln P0/d(1/T) at Tb taken from the reference
+# equations of state above (an effective enthalpy of vaporisation, kJ/mol): within 0.4% of those
+# equations for |T - Tb| <= 5 K. CO2 sublimes at 1 atm: 194.686 K with the enthalpy of sublimation
+# 25.23 kJ/mol (Giauque & Egan 1937), not checked against an equation of state. Else pass p0.
+_BOILING_POINTS = {  # name -> (Tb in K, L in kJ/mol)
+    "N2": (77.355, 5.8646),
+    "Ar": (87.302, 6.6925),
+    "CH4": (111.667, 8.539),
+    "Kr": (119.735, 9.3092),
+    "Xe": (165.051, 13.0016),
+    "CO2": (194.686, 25.23),
+}
+
+
+def _formula(adsorbate):
+    """'Nitrogen', 'n2', 'N2' -> 'N2' via GASES (ISODB spells adsorbates out in words)."""
+    gas = _gas(str(adsorbate).strip())
+    return gas[0] if gas else str(adsorbate)
+
+
+# Critical constants and acentric factors of the bulk fluids (grid isotherms' equations of state): CoolProp
+# 8.0's own (tested against it).
+_CRITICAL = {  # formula -> (Tc K, Pc Pa, acentric factor)
+    "H2": (33.145, 1.2964e6, -0.219), "He": (5.1953, 2.2832e5, -0.38354), "CH4": (190.564, 4.5992e6, 0.01142),
+    "N2": (126.192, 3.3958e6, 0.0372), "Ar": (150.687, 4.8630e6, -0.00219), "Kr": (209.48, 5.5254e6, -0.00089),
+    "Xe": (289.733, 5.8419e6, 0.00363), "CO2": (304.128, 7.3773e6, 0.22394), "CO": (132.86, 3.4982e6, 0.0497),
+    "O2": (154.599, 5.0464e6, 0.0222)}
+_COOLPROP_NAMES = {"H2": "Hydrogen", "He": "Helium", "CH4": "Methane", "N2": "Nitrogen", "Ar": "Argon",
+                   "Kr": "Krypton", "Xe": "Xenon", "CO2": "CarbonDioxide", "CO": "CarbonMonoxide", "O2": "Oxygen"}
+
+
+# --- files, tables and progress bars ------------------------------------------------------------------------
 
 def _pid_alive(pid) -> bool:
     try:
@@ -147,6 +197,73 @@ def sha256_file(path, chunk_bytes=1 << 20) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+def _finite_number(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _json_value(v):
+    """A table cell as JSON: numpy scalars as Python numbers, NaN/inf as null."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+
+def _write_csv(path, columns, rows):
+    """Write rows (dicts) as CSV atomically."""
+    import io
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path) as f:
+        f.write(text.getvalue().encode())
+
+
+def _merge_csv(path, columns, rows, shards):
+    """Rewrite `path` with `rows` replacing its old rows for `shards`; kept sorted by shard."""
+    old = []
+    if Path(path).exists():
+        with open(path, newline="") as f:
+            old = [r for r in csv.DictReader(f) if r["shard"] not in shards]
+    _write_csv(path, columns, sorted(old + rows, key=lambda r: r["shard"]))
+
+
+class _TextBar(_text_tqdm):
+    """Text progress bars that stay readable in a saved notebook: inner bars (leave=False) are not drawn, since
+    nesting needs cursor-moving escape codes that a saved stream keeps as garbage, and redraws come at most
+    every few seconds."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("leave") is False:
+            kwargs["disable"] = True
+        kwargs.setdefault("mininterval", 5.0)
+        super().__init__(*args, **kwargs)
+
+
+def _progress_class():
+    """tqdm.auto (widgets in a notebook front end, text in a terminal), except in a kernel nobody watches
+    (run_notebook sets MOFKIT_PROGRESS=text) or one without ipywidgets (tqdm.auto would warn "IProgress not
+    found" on every bar): there _TextBar."""
+    import importlib.util
+    no_widgets = "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is None
+    if os.environ.get("MOFKIT_PROGRESS") == "text" or no_widgets:
+        return _TextBar
+    from tqdm.auto import tqdm as auto
+    return auto
+
+
+tqdm = _progress_class()
+
+
+# =============================================================================
+# 1. Downloads: verified files over HTTP / Google Drive, NIST ISODB, MOFX-DB
+# =============================================================================
 
 class DownloadError(RuntimeError):
     """A file or API document could not be fetched or failed verification (the message says what to do)."""
@@ -309,33 +426,6 @@ def _drive_to_file(url, file_id, path, dest, timeout_s, progress, retry):
 ISODB_URL = "https://adsorption.nist.gov"        # /isodb/api/... and /matdb/api/...
 MOFXDB_URL = "https://mof.tech.northwestern.edu"  # /mofs.json?...
 CACHE_DIR = Path("~/.cache/mofkit").expanduser()
-
-# Molar masses (g/mol) of common adsorbates, to turn mg/g and wt% into mmol/g; keyed by formula, with the
-# names ISODB and MOFX-DB use.
-GASES = {
-    "H2": ("Hydrogen", 2.01588), "He": ("Helium", 4.002602), "CH4": ("Methane", 16.04246),
-    "N2": ("Nitrogen", 28.0134), "CO": ("Carbon monoxide", 28.0101), "O2": ("Oxygen", 31.9988),
-    "Ar": ("Argon", 39.948), "CO2": ("Carbon dioxide", 44.0095), "Kr": ("Krypton", 83.798),
-    "Xe": ("Xenon", 131.293),
-}
-PRESSURE_TO_BAR = {"bar": 1.0, "pa": 1e-5, "kpa": 1e-2, "mpa": 10.0, "mbar": 1e-3, "atm": 1.01325,
-                   "torr": 1.01325 / 760, "mmhg": 1.01325 / 760, "psi": 0.0689475729}
-# Amount-based adsorption units -> mmol/g. cm3(STP)/g uses 22.4 cm3(STP)/mmol as the study did (the ideal gas
-# at 0 °C and 1 atm: 22.414; the 0.06% difference is below digitisation error).
-AMOUNT_TO_MMOL_G = {"mmol/g": 1.0, "mol/kg": 1.0, "mol/g": 1000.0, "mmol/kg": 1e-3, "cm3(stp)/g": 1 / 22.4}
-# Mass-based units -> mg of adsorbate per g of adsorbent (then / molar mass). wt% is read as g per 100 g of
-# adsorbent, as ISODB's other units are per gram of adsorbent; some H2-storage papers mean per 100 g of
-# adsorbent plus H2, which differs by the wt% value itself in relative terms (1% at 1 wt%).
-MASS_TO_MG_G = {"mg/g": 1.0, "g/g": 1000.0, "wt%": 10.0}
-
-
-def _gas(name):
-    """(formula, name, molar mass g/mol) for a formula or name in GASES (any case), else None."""
-    for formula, (gas_name, molar_mass) in GASES.items():
-        if name.casefold() in (formula.casefold(), gas_name.casefold()):
-            return formula, gas_name, molar_mass
-    return None
-
 
 def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, backoff_s=1.0, expect=None):
     """GET a JSON document with timeouts and retries; with `cache_dir`, a copy on disk answers later calls.
@@ -756,13 +846,6 @@ def _declared_content_problem(block, atoms) -> str | None:
     return None
 
 
-def _finite_number(v) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
-
-
 def _is_identity_only(sitesym) -> bool:
     return sitesym is None or all(re.sub(r"[\s']", "", str(op)).lower() in ("x,y,z", "+x,+y,+z") for op in
                                   ([sitesym] if isinstance(sitesym, str) else sitesym))
@@ -967,8 +1050,6 @@ PROBES = {
     "Xe": (221.0, 4.10),    # as in Sikora et al. 2012
     "He": (10.9, 2.64),     # Hirschfelder; the probe of helium void fractions (Talu & Myers 2001)
 }
-R_J_PER_MOL_K = 8.314462618
-AMU_KG = 1.66053906660e-27
 
 
 def pair_coefficients(symbols, probe="H2"):
@@ -1299,37 +1380,6 @@ def window_properties(grid_K, density_kg_m3, temperature_K=77.0, cap_K=5000.0, n
 # 77 K: g_inf 16.466949, K 2.5, n 1.328632, R^2 0.996919) is a Sips fit with K held at 2.5:
 # `fit_sips(P, q, fix_K=2.5)` reproduces it; `fit_freundlich` is the true Freundlich fit.
 
-CM3_STP_PER_MMOL = 22.414  # ideal-gas molar volume at 273.15 K and 1 atm
-
-# Saturated-liquid density of each probe (kg/m^3) at its normal boiling point (CO2: at its triple point,
-# 216.59 K; it has no liquid at 1 atm), from the reference equations of state as implemented in NIST
-# REFPROP / CoolProp 8.0: H2 Leachman et al. 2009 (normal hydrogen), N2 Span et al. 2000, Ar Tegeler et
-# al. 1999, CH4 Setzmann & Wagner 1991, Kr and Xe Lemmon & Span 2006, CO2 Span & Wagner 1996.
-# Molar masses come from GASES (section 1).
-LIQUID_DENSITY_KG_M3 = {"H2": 70.85, "N2": 806.08, "Ar": 1395.40, "CH4": 422.36, "Kr": 2416.6, "Xe": 2942.0,
-                        "CO2": 1178.5}
-
-# BET needs the saturation pressure P0. Known here near the normal boiling point Tb (P0 = 1 atm) as
-# ln P0 = ln(1 atm) - (L/R)(1/T - 1/Tb), with L = R dln P0/d(1/T) at Tb taken from the reference
-# equations of state above (an effective enthalpy of vaporisation, kJ/mol): within 0.4% of those
-# equations for |T - Tb| <= 5 K. CO2 sublimes at 1 atm: 194.686 K with the enthalpy of sublimation
-# 25.23 kJ/mol (Giauque & Egan 1937), not checked against an equation of state. Else pass p0.
-_BOILING_POINTS = {  # name -> (Tb in K, L in kJ/mol)
-    "N2": (77.355, 5.8646),
-    "Ar": (87.302, 6.6925),
-    "CH4": (111.667, 8.539),
-    "Kr": (119.735, 9.3092),
-    "Xe": (165.051, 13.0016),
-    "CO2": (194.686, 25.23),
-}
-
-
-def _formula(adsorbate):
-    """'Nitrogen', 'n2', 'N2' -> 'N2' via GASES (ISODB spells adsorbates out in words)."""
-    gas = _gas(str(adsorbate).strip())
-    return gas[0] if gas else str(adsorbate)
-
-
 def saturation_pressure_bar(adsorbate, temperature_K, window_K=5.0) -> float:
     """Saturation (vapour) pressure P0 of `adsorbate` near its normal boiling point, in bar."""
     key = _formula(adsorbate)
@@ -1339,7 +1389,7 @@ def saturation_pressure_bar(adsorbate, temperature_K, window_K=5.0) -> float:
     if abs(temperature_K - tb_K) > window_K:
         raise ValueError(f"P0 of {key} is known here only within {window_K} K of {tb_K} K, "
                          f"not at {temperature_K} K; pass p0 explicitly")
-    return 1.01325 * math.exp(-dh_kJ_mol * 1e3 / R_J_PER_MOL_K * (1 / temperature_K - 1 / tb_K))
+    return ATM_BAR * math.exp(-dh_kJ_mol * 1e3 / R_J_PER_MOL_K * (1 / temperature_K - 1 / tb_K))
 
 
 def _freundlich(P, K, n):
@@ -1775,17 +1825,10 @@ def _grid_isotherm_result(model, probe, T, P_bar, absolute, bulk_mol_m3, E, cap_
                         float(henry), float(np.mean(E < cap_K)), void)
 
 
-# Bulk fluids. The default equation of state is CoolProp's (the reference multiparameter equations cited above;
+# Bulk fluids. The default equation of state is CoolProp's (the reference equations cited at LIQUID_DENSITY_KG_M3;
 # < 0.1-0.5% in density over their range); Peng-Robinson is the documented cubic alternative (Peng & Robinson,
 # Ind. Eng. Chem. Fundam. 15, 59 (1976)), needs nothing installed and is several % off in dense fluid
-# (README compares them). Critical constants and acentric factors: CoolProp 8.0's own (tested against it).
-_CRITICAL = {  # formula -> (Tc K, Pc Pa, acentric factor)
-    "H2": (33.145, 1.2964e6, -0.219), "He": (5.1953, 2.2832e5, -0.38354), "CH4": (190.564, 4.5992e6, 0.01142),
-    "N2": (126.192, 3.3958e6, 0.0372), "Ar": (150.687, 4.8630e6, -0.00219), "Kr": (209.48, 5.5254e6, -0.00089),
-    "Xe": (289.733, 5.8419e6, 0.00363), "CO2": (304.128, 7.3773e6, 0.22394), "CO": (132.86, 3.4982e6, 0.0497),
-    "O2": (154.599, 5.0464e6, 0.0222)}
-_COOLPROP_NAMES = {"H2": "Hydrogen", "He": "Helium", "CH4": "Methane", "N2": "Nitrogen", "Ar": "Argon",
-                   "Kr": "Krypton", "Xe": "Xenon", "CO2": "CarbonDioxide", "CO": "CarbonMonoxide", "O2": "Oxygen"}
+# (README compares them).
 EOS_NAMES = ("coolprop", "peng-robinson")
 _EOS_P_MIN_PA = 1e-5  # below it the fluid is an ideal gas to < 1e-11 (second virial term), and is taken as one
 
@@ -2183,15 +2226,6 @@ def open_shard(path):
     return np.load(path, mmap_mode="c"), meta
 
 
-def _json_value(v):
-    """A table cell as JSON: numpy scalars as Python numbers, NaN/inf as null."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
-
-
 def _source_label(source) -> str:
     """'coremof:<dataset>' or 'cifs:<folder>': how a manifest row names where its structures come from."""
     if source is None:
@@ -2262,26 +2296,6 @@ def read_manifest(path, kind="shard") -> list:
     for row in rows:
         row["kind"] = row.get("kind") or "shard"
     return [r for r in rows if kind is None or r["kind"] == kind]
-
-
-def _write_csv(path, columns, rows):
-    """Write rows (dicts) as CSV atomically."""
-    import io
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_write(path) as f:
-        f.write(text.getvalue().encode())
-
-
-def _merge_csv(path, columns, rows, shards):
-    """Rewrite `path` with `rows` replacing its old rows for `shards`; kept sorted by shard."""
-    old = []
-    if Path(path).exists():
-        with open(path, newline="") as f:
-            old = [r for r in csv.DictReader(f) if r["shard"] not in shards]
-    _write_csv(path, columns, sorted(old + rows, key=lambda r: r["shard"]))
 
 
 def coremof_manifest(path=None, dataset="2019-ASR", shard_size=100, params=None) -> list:
