@@ -37,7 +37,7 @@ import tempfile
 import contextlib
 import dataclasses
 import urllib.parse
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 import numpy as np
@@ -2989,6 +2989,71 @@ def _seed_all(seed):
     torch.manual_seed(seed)
 
 
+# What a checkpoint holds, in the order `_checkpoint` writes it; `_restore` reads it back. Keys that the first
+# checkpoints lacked are optional when reading (their absence means: no EMA, no grid parameters, one process).
+CHECKPOINT_KEYS = ("config", "e_scale_K", "grid_params", "generator", "generator_ema", "discriminator", "opt_g",
+                   "opt_d", "scaler", "rng", "step", "epoch", "samples_in_epoch", "time_s", "history", "world_size",
+                   "config_changes")
+_CHECKPOINT_KEYS_ADDED_LATER = ("grid_params", "generator_ema", "world_size", "config_changes")
+
+
+@dataclass
+class _TrainState:
+    """Where a run stands: with `_Run`'s weights, optimizers and the RNG states, what a checkpoint stores."""
+    e_scale_K: float
+    grid_params: dict | None = None                     # the training grids' GridParams.to_dict(), if known
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0                           # of this process, for an exact mid-epoch resume
+    time_s: float = 0.0                                 # training time of the calls before this one
+    history: list = field(default_factory=list)         # dicts with HISTORY_COLUMNS
+    config_changes: list = field(default_factory=list)  # see _resume_from
+
+
+def _checkpoint(run, state, rng_states, time_s, world) -> dict:
+    """The checkpoint of a run: the one place its schema (CHECKPOINT_KEYS) is written."""
+    return {"config": {**asdict(run.config), "e_scale_K": state.e_scale_K}, "e_scale_K": state.e_scale_K,
+            "grid_params": state.grid_params, "generator": run.G.state_dict(),
+            "generator_ema": run.G_ema.state_dict() if run.G_ema is not None else None,
+            "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
+            "scaler": run.scaler.state_dict(), "rng": rng_states, "step": state.step, "epoch": state.epoch,
+            "samples_in_epoch": state.samples_in_epoch, "time_s": time_s, "history": state.history,
+            "world_size": world, "config_changes": state.config_changes}
+
+
+def _restore(run, ckpt, rank) -> _TrainState:
+    """Load a checkpoint (from `_resume_from`) into `run` and this process's RNGs; return where the run stands."""
+    try:
+        run.G.load_state_dict(ckpt["generator"])
+        run.D.load_state_dict(ckpt["discriminator"])
+        run.opt_g.load_state_dict(ckpt["opt_g"])
+        run.opt_d.load_state_dict(ckpt["opt_d"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        if run.G_ema is not None:
+            run.G_ema.load_state_dict(ckpt.get("generator_ema") or ckpt["generator"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt['path']}: does not fit this model/optimizer ({e})") from e
+    if rank < len(ckpt["rng"]):
+        _set_rng_state(ckpt["rng"][rank])
+    else:  # more processes than when saved: exact continuation is impossible anyway
+        _seed_all(run.config.seed + rank + 7919 * ckpt["step"])
+    return _TrainState(ckpt["e_scale_K"], ckpt.get("grid_params"), ckpt["step"], ckpt["epoch"],
+                       ckpt["samples_in_epoch"], ckpt["time_s"], list(ckpt["history"]), ckpt["config_changes"])
+
+
+def _save(run, state, path, rank, world, time_s) -> int:
+    """Write the checkpoint atomically (rank 0; every rank's RNG states gathered into it); return its step."""
+    rng_states = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rng_states, _rng_state())
+    else:
+        rng_states = [_rng_state()]
+    if rank == 0:
+        with atomic_write(path) as f:
+            torch.save(_checkpoint(run, state, rng_states, time_s, world), f)
+    return state.step
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a training checkpoint with torch.load(weights_only=True); CheckpointError names the file and why."""
     path = Path(path)
@@ -2996,8 +3061,7 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable mofkit checkpoint ({type(e).__name__}: {e})") from e
-    required = {"config", "e_scale_K", "generator", "discriminator", "opt_g", "opt_d", "scaler", "rng",
-                "step", "epoch", "samples_in_epoch", "time_s", "history"}
+    required = set(CHECKPOINT_KEYS) - set(_CHECKPOINT_KEYS_ADDED_LATER)
     missing = required - set(ckpt) if isinstance(ckpt, dict) else required
     if missing:
         raise CheckpointError(f"{path}: not a mofkit GAN checkpoint (missing {sorted(missing)})")
@@ -3389,133 +3453,100 @@ def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_s
 
 
 def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress, max_minutes=None):
-    import time
-    import torch.distributed as dist
     _seed_all(config.seed + rank)
     run = _build_run(config, device, ddp=world > 1)
-    step, epoch, samples_in_epoch, time_s, history = 0, 0, 0, 0.0, []
     if ckpt is None:
-        e_scale = _e_scale(config, dataset, world, device)
+        state = _TrainState(_e_scale(config, dataset, world, device), _grid_params_of(dataset))
     else:
-        try:
-            run.G.load_state_dict(ckpt["generator"])
-            run.D.load_state_dict(ckpt["discriminator"])
-            run.opt_g.load_state_dict(ckpt["opt_g"])
-            run.opt_d.load_state_dict(ckpt["opt_d"])
-            run.scaler.load_state_dict(ckpt["scaler"])
-            if run.G_ema is not None:
-                run.G_ema.load_state_dict(ckpt.get("generator_ema") or ckpt["generator"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{ckpt['path']}: does not fit this model/optimizer ({e})") from e
-        rng = ckpt["rng"]
-        if rank < len(rng):
-            _set_rng_state(rng[rank])
-        else:  # more processes than when saved: exact continuation is impossible anyway
-            _seed_all(config.seed + rank + 7919 * ckpt["step"])
-        step, epoch, samples_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["samples_in_epoch"]
-        time_s, history, e_scale = ckpt["time_s"], list(ckpt["history"]), ckpt["e_scale_K"]
+        state = _restore(run, ckpt, rank)
     if rank == 0:
-        _write_history_csv(history_csv, history)  # drops rows logged after the checkpoint we resume from
+        _write_history_csv(history_csv, state.history)  # drops rows logged after the checkpoint we resume from
     stop_at = max_steps if max_steps is not None else float("inf")
-    saved_config = {**asdict(config), "e_scale_K": e_scale}
-    grid_params = _grid_params_of(dataset) if ckpt is None else ckpt.get("grid_params")
-    config_changes = ckpt["config_changes"] if ckpt is not None else []
-    saved_step = None  # the step of the checkpoint this call wrote last
-
-    def save():
-        nonlocal saved_step
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, _rng_state())
-        else:
-            states = [_rng_state()]
-        if rank == 0:
-            state = {"config": saved_config, "e_scale_K": e_scale, "grid_params": grid_params,
-                     "generator": run.G.state_dict(),
-                     "generator_ema": run.G_ema.state_dict() if run.G_ema is not None else None,
-                     "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(),
-                     "opt_d": run.opt_d.state_dict(), "scaler": run.scaler.state_dict(), "rng": states,
-                     "step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
-                     "time_s": time_s + time.perf_counter() - t_start, "history": history, "world_size": world,
-                     "config_changes": config_changes}
-            with atomic_write(last) as f:
-                torch.save(state, f)
-        saved_step = step
-
-    acc, acc_steps = torch.zeros(4, device=device), 0
+    per_epoch = _steps_per_epoch(dataset, config, world)
+    total = min(stop_at, config.epochs * per_epoch) if per_epoch is not None else stop_at
+    bar = tqdm(total=None if total == float("inf") else total, initial=state.step,
+               disable=not progress or rank != 0, desc="train", unit="step")
+    sums, n_summed = torch.zeros(4, device=device), 0  # [loss_d, loss_g, D(real), D(fake)] since the last log
+    saved_step = None                                   # the step of the checkpoint this call wrote last
     t_start = t_log = time.perf_counter()
     t_saved = time.monotonic()
     deadline = t_saved + 60 * max_minutes if max_minutes is not None else math.inf
-    out_of_time = False
-
-    def log():
-        """Average the metrics since the last log over steps and processes; stop on NaN/Inf; return 'save now'.
-        Rank 0's clock decides both "checkpoint due" and "out of time", so all ranks stop at the same step."""
-        nonlocal acc, acc_steps, t_log, out_of_time
-        now = time.perf_counter()
-        time_due = rank == 0 and time.monotonic() - t_saved >= 60 * config.checkpoint_every_min
-        late = rank == 0 and time.monotonic() >= deadline
-        stats = torch.cat([acc / acc_steps, torch.tensor([float(time_due), float(late)], device=device)])
-        if world > 1:
-            dist.all_reduce(stats)
-            stats[:4] /= world
-        loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
-        out_of_time = late > 0
-        if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
-            if saved_step is not None:
-                kept = f"the last good checkpoint {last} (step {saved_step}) is kept"
-            elif ckpt is not None:
-                kept = f"the last good checkpoint {ckpt['path']} (step {ckpt['step']}) is kept; this call saved none"
-            else:
-                kept = "no checkpoint exists for this run (none was due yet)"
-            raise TrainingDiverged(f"non-finite loss at step {step} (losses are checked every {config.log_every} "
-                                   f"steps: it appeared after step {step - acc_steps}; loss_d={loss_d}, "
-                                   f"loss_g={loss_g}); stopped without saving: {kept}")
-        row = dict(step=step, epoch=epoch, loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake,
-                   samples_per_s=acc_steps * config.batch_size * world / (now - t_log),
-                   time_s=time_s + now - t_start)
-        history.append(row)
-        if rank == 0:
-            with open(history_csv, "a") as f:
-                f.write(",".join(repr(row[c]) for c in HISTORY_COLUMNS) + "\n")
-        bar.set_postfix(loss_d=f"{loss_d:.4f}", loss_g=f"{loss_g:.4f}", refresh=False)
-        acc, acc_steps, t_log = torch.zeros(4, device=device), 0, now
-        return bool(time_due)
-
-    pin = device.type == "cuda"
-    per_epoch = _steps_per_epoch(dataset, config, world)
-    total = min(stop_at, config.epochs * per_epoch) if per_epoch is not None else stop_at
-    bar = tqdm(total=None if total == float("inf") else total, initial=step,
-               disable=not progress or rank != 0, desc="train", unit="step")
-    first_step = step
-    while epoch < config.epochs and step < stop_at and not out_of_time:
-        epoch_start = step
-        batches = _epoch_batches(dataset, config, epoch, samples_in_epoch, rank, world, pin)
-        for real in batches:
+    out_of_time, first_step = False, state.step
+    while state.epoch < config.epochs and state.step < stop_at and not out_of_time:
+        epoch_start = state.step
+        for real in _epoch_batches(dataset, config, state.epoch, state.samples_in_epoch, rank, world,
+                                   device.type == "cuda"):
             real = _augment(real) if config.augment else real
-            real = to_gan_input(real.to(device, non_blocking=True), e_scale, config.transform)
-            acc += _gan_step(run, real.contiguous(memory_format=run.memory_format), step)
-            acc_steps += 1
-            step += 1
-            samples_in_epoch += config.batch_size
+            real = to_gan_input(real.to(device, non_blocking=True), state.e_scale_K, config.transform)
+            sums += _gan_step(run, real.contiguous(memory_format=run.memory_format), state.step)
+            n_summed += 1
+            state.step += 1
+            state.samples_in_epoch += config.batch_size
             bar.update()
-            ckpt_due = step % config.checkpoint_every_steps == 0
-            if ckpt_due or step % config.log_every == 0:
-                if log() or ckpt_due:
-                    save()
+            ckpt_due = state.step % config.checkpoint_every_steps == 0
+            if ckpt_due or state.step % config.log_every == 0:
+                now = time.perf_counter()
+                time_due, out_of_time = _log(state, sums, n_summed, _rank0_clock(rank, t_saved, deadline, config),
+                                             now - t_log, state.time_s + now - t_start, config, rank, world,
+                                             history_csv, bar, _kept_checkpoint(saved_step, last, ckpt))
+                sums, n_summed, t_log = torch.zeros(4, device=device), 0, now
+                if time_due or ckpt_due:
+                    saved_step = _save(run, state, last, rank, world, state.time_s + time.perf_counter() - t_start)
                     t_saved = time.monotonic()
-            if step >= stop_at or out_of_time:
+            if state.step >= stop_at or out_of_time:
                 break
         else:
-            if step == epoch_start and samples_in_epoch == 0:
+            if state.step == epoch_start and state.samples_in_epoch == 0:
                 raise ValueError(f"dataset gives no full batch of {config.batch_size} grids per process")
-            epoch, samples_in_epoch = epoch + 1, 0
-    if acc_steps:
-        log()
-    if step > first_step:
-        save()
+            state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+    if n_summed:
+        now = time.perf_counter()
+        _log(state, sums, n_summed, _rank0_clock(rank, t_saved, deadline, config), now - t_log,
+             state.time_s + now - t_start, config, rank, world, history_csv, bar,
+             _kept_checkpoint(saved_step, last, ckpt))
+    if state.step > first_step:
+        _save(run, state, last, rank, world, state.time_s + time.perf_counter() - t_start)
     bar.close()
-    return TrainResult(run.G, run.D, last, history)
+    return TrainResult(run.G, run.D, last, state.history)
+
+
+def _rank0_clock(rank, t_saved, deadline, config) -> tuple:
+    """(checkpoint due by the clock, out of time) by rank 0's clock; other ranks say (False, False) and learn
+    rank 0's answer in `_log`, so every rank saves and stops at the same step."""
+    return (rank == 0 and time.monotonic() - t_saved >= 60 * config.checkpoint_every_min,
+            rank == 0 and time.monotonic() >= deadline)
+
+
+def _log(state, sums, n_summed, flags, seconds, time_s, config, rank, world, history_csv, bar, kept) -> tuple:
+    """Append one history row: `sums` over `n_summed` steps averaged over steps and processes, with rank 0's
+    `flags` (checkpoint due by the clock, out of time) shared so all ranks act alike; returns those two.
+    A non-finite loss raises TrainingDiverged before anything is written (`kept`: which checkpoint survives)."""
+    stats = torch.cat([sums / n_summed, torch.tensor([float(f) for f in flags], device=sums.device)])
+    if world > 1:
+        torch.distributed.all_reduce(stats)
+        stats[:4] /= world
+    loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
+    if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
+        raise TrainingDiverged(f"non-finite loss at step {state.step} (losses are checked every {config.log_every} "
+                               f"steps: it appeared after step {state.step - n_summed}; loss_d={loss_d}, "
+                               f"loss_g={loss_g}); stopped without saving: {kept}")
+    row = dict(step=state.step, epoch=state.epoch, loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake,
+               samples_per_s=n_summed * config.batch_size * world / seconds, time_s=time_s)
+    state.history.append(row)
+    if rank == 0:
+        with open(history_csv, "a") as f:
+            f.write(",".join(repr(row[c]) for c in HISTORY_COLUMNS) + "\n")
+    bar.set_postfix(loss_d=f"{loss_d:.4f}", loss_g=f"{loss_g:.4f}", refresh=False)
+    return bool(time_due), late > 0
+
+
+def _kept_checkpoint(saved_step, last, ckpt) -> str:
+    """Which checkpoint survives a divergence, for TrainingDiverged's message."""
+    if saved_step is not None:
+        return f"the last good checkpoint {last} (step {saved_step}) is kept"
+    if ckpt is not None:
+        return f"the last good checkpoint {ckpt['path']} (step {ckpt['step']}) is kept; this call saved none"
+    return "no checkpoint exists for this run (none was due yet)"
 
 
 def main_train(argv=None):

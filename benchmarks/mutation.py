@@ -104,13 +104,13 @@ MUTANTS = [
            "if grids16.ndim != 5:", SHARD_FORMAT),
     Mutant("shard_magic_unchecked", "shards", "if magic != SHARD_MAGIC or size", "if size", SHARD_FORMAT),
     # checkpoint save / restore
-    Mutant("resume_rng_not_restored", "checkpoint", "            _set_rng_state(rng[rank])", "            pass",
+    Mutant("resume_rng_not_restored", "checkpoint", "        _set_rng_state(ckpt[\"rng\"][rank])", "        pass",
            CHECKPOINT),
-    Mutant("resume_opt_d_not_restored", "checkpoint", "            run.opt_d.load_state_dict(ckpt[\"opt_d\"])",
-           "            pass", CHECKPOINT),
+    Mutant("resume_opt_d_not_restored", "checkpoint", "        run.opt_d.load_state_dict(ckpt[\"opt_d\"])",
+           "        pass", CHECKPOINT),
     Mutant("resume_position_lost", "checkpoint",
-           "step, epoch, samples_in_epoch = ckpt[\"step\"], ckpt[\"epoch\"], ckpt[\"samples_in_epoch\"]",
-           "step, epoch, samples_in_epoch = ckpt[\"step\"], ckpt[\"epoch\"], 0", CHECKPOINT),
+           "ckpt[\"step\"], ckpt[\"epoch\"],\n                       ckpt[\"samples_in_epoch\"],",
+           "ckpt[\"step\"], ckpt[\"epoch\"],\n                       0,", CHECKPOINT),
     Mutant("save_without_generator", "checkpoint", "\"generator\": run.G.state_dict(),",
            "\"generator\": _models(config)[0].state_dict(),", CHECKPOINT),
     # 1-NN and the other scores
