@@ -9,9 +9,9 @@ One flat module, in pipeline order, after a preamble of units, constants, gas da
   4. Isotherms        Freundlich / Sips / Langmuir / BET fits, isotherm tables, grid isotherm estimate
   5. Shards           sharded grid datasets, data_manifest.csv, streaming torch dataset
   6. Models           the study's 3D GAN generator and discriminator
-  7. Training         LSGAN training with checkpoints that resume exactly, AMP, DDP
+  7. Training         LSGAN training with checkpoints that resume exactly, AMP, DDP; sampling trained generators
   8. Scoring          1-NN two-sample accuracy, memorisation, adsorption-property distances
-  9. Pictures         CT-style slice montages, loss curves, property histograms
+  9. Pictures         CT-style slice montages, loss curves, property histograms, isotherm fits
  10. Inverse          energy / density grid -> atoms -> XYZ
  11. Command line     python mofkit.py ...
 
@@ -1743,53 +1743,6 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
     return result
 
 
-# Units of each model's parameters for q in mmol/g and P in bar (plot_isotherm_fits' inputs); "" = dimensionless.
-_PARAM_UNITS = {"freundlich": {"K": "mmol g⁻¹ bar^(−1/n)", "n": ""},
-                "sips": {"g_inf": "mmol/g", "K": "bar⁻¹", "n": ""},
-                "langmuir": {"Q_max": "mmol/g", "b": "bar⁻¹"},
-                "bet": {"q_m": "mmol/g", "C": "", "P0": "bar"}}
-
-
-def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
-    """Measured points with each fitted curve above a table of the fits -> (figure, table DataFrame).
-
-    fits: {label: IsothermFit}, e.g. the study's Sips (K fixed), free Sips and Freundlich. The table has one
-    row per fit: model, parameters with units and standard errors ("fixed" for held parameters), R², AIC.
-    The figure is written atomically to `path` (format from its suffix) when given.
-    """
-    import pandas as pd
-    from matplotlib.figure import Figure
-    P, q = np.asarray(pressure_bar, dtype=np.float64), np.asarray(q_mmol_g, dtype=np.float64)
-
-    def parameter(f, name, value):
-        unit = _PARAM_UNITS[f.model][name]
-        unit = f" {unit}" if unit else ""
-        if name in f.fixed:
-            return f"{name} = {value:.6g}{unit} (fixed)"
-        return f"{name} = {value:.6g} ± {f.se[name]:.2g}{unit}"
-
-    table = pd.DataFrame({label: {"model": f.model,
-                                  "parameters": "; ".join(parameter(f, k, v) for k, v in f.params.items()),
-                                  "R²": f"{f.r2:.6f}", "AIC": f"{f.aic:.2f}"}
-                          for label, f in fits.items()}).T
-    fig = Figure(figsize=(10, 5.2 + 0.28 * len(table)), layout="constrained")
-    ax, ax_table = fig.subplots(2, 1, height_ratios=[5, 0.45 + 0.28 * len(table)])
-    ax.plot(P, q, "ko", label="measured")
-    P_fine = np.linspace(P.min(), P.max(), 200)
-    for label, f in fits.items():
-        ax.plot(P_fine, f.predict(P_fine), label=f"{label} (R² {f.r2:.4f})")
-    ax.set(xlabel="pressure (bar)", ylabel="adsorption (mmol/g)", title=title or "")
-    ax.legend(fontsize=9)
-    ax_table.axis("off")
-    cells = ax_table.table(cellText=table.values, rowLabels=table.index, colLabels=table.columns, loc="center",
-                           cellLoc="left")
-    cells.auto_set_font_size(False)
-    cells.set_fontsize(9)
-    cells.auto_set_column_width(list(range(-1, len(table.columns))))  # widths from the text: no overlaps
-    _save_figure(fig, path)
-    return fig, table
-
-
 @dataclass(frozen=True)
 class GridIsotherm:
     """ESTIMATE of an isotherm from an energy grid, never a measurement. Uptakes per mass of framework."""
@@ -2856,7 +2809,7 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 
 
 # =============================================================================
-# 7. Training: LSGAN with exact-resume checkpoints, mixed precision, DDP
+# 7. Training: LSGAN with exact-resume checkpoints, mixed precision, DDP; sampling a trained generator
 # =============================================================================
 
 # Training runs one LSGAN update of D and then of G on EVERY batch (the study's script ran D over all
@@ -3549,38 +3502,7 @@ def _kept_checkpoint(saved_step, last, ckpt) -> str:
     return "no checkpoint exists for this run (none was due yet)"
 
 
-def main_train(argv=None):
-    """`python mofkit.py train SHARDS_DIR --out RUN_DIR [--fast-gpu] [--epochs 48 ...]` (every TrainConfig field
-    is a flag); under `torchrun --nproc_per_node=N` each process runs it and ShardDataset splits by rank.
-    The grid size and channel count come from the shards."""
-    import argparse
-    import dataclasses
-    p = argparse.ArgumentParser(prog="mofkit.py train", description="Train the 3D GAN on a folder of shards.")
-    p.add_argument("shards", help="folder of shard_*.npy files (from build_shards / ensure_shards)")
-    p.add_argument("--out", default="mofkit_run", help="run folder: last.pt, history.csv (resumed if present)")
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() (GPU speed settings)")
-    preset.add_argument("--study", action="store_true", help="start from TrainConfig.study(): the study's exact recipe")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="resume even though the config changes the run (recorded in the checkpoint)")
-    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
-    for f in fields:
-        kind = type(f.default) if f.default is not None else float
-        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
-    args = p.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
-    config = (TrainConfig.fast_gpu if args.fast_gpu else TrainConfig.study if args.study else TrainConfig)(**overrides)
-    dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
-    _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
-    config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
-    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress,
-                   allow_config_change=args.allow_config_change)
-    print(f"checkpoint: {result.checkpoint}")
-    return result
-
+# --- trained generators: sample, export_generator, load_generator -----------------------------------------
 
 def _recalibrate_batchnorm(G, n=256, batch_size=16, seed=0):
     """Set G's BatchNorm running statistics to their plain average over `n` seeded samples (train-mode batches).
@@ -4341,6 +4263,53 @@ def plot_property_histograms(real_vals, gen_vals, label="value", bins=30, path=N
     return _save_figure(fig, path)
 
 
+# Units of each model's parameters for q in mmol/g and P in bar (plot_isotherm_fits' inputs); "" = dimensionless.
+_PARAM_UNITS = {"freundlich": {"K": "mmol g⁻¹ bar^(−1/n)", "n": ""},
+                "sips": {"g_inf": "mmol/g", "K": "bar⁻¹", "n": ""},
+                "langmuir": {"Q_max": "mmol/g", "b": "bar⁻¹"},
+                "bet": {"q_m": "mmol/g", "C": "", "P0": "bar"}}
+
+
+def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
+    """Measured points with each fitted curve above a table of the fits -> (figure, table DataFrame).
+
+    fits: {label: IsothermFit}, e.g. the study's Sips (K fixed), free Sips and Freundlich. The table has one
+    row per fit: model, parameters with units and standard errors ("fixed" for held parameters), R², AIC.
+    The figure is written atomically to `path` (format from its suffix) when given.
+    """
+    import pandas as pd
+    from matplotlib.figure import Figure
+    P, q = np.asarray(pressure_bar, dtype=np.float64), np.asarray(q_mmol_g, dtype=np.float64)
+
+    def parameter(f, name, value):
+        unit = _PARAM_UNITS[f.model][name]
+        unit = f" {unit}" if unit else ""
+        if name in f.fixed:
+            return f"{name} = {value:.6g}{unit} (fixed)"
+        return f"{name} = {value:.6g} ± {f.se[name]:.2g}{unit}"
+
+    table = pd.DataFrame({label: {"model": f.model,
+                                  "parameters": "; ".join(parameter(f, k, v) for k, v in f.params.items()),
+                                  "R²": f"{f.r2:.6f}", "AIC": f"{f.aic:.2f}"}
+                          for label, f in fits.items()}).T
+    fig = Figure(figsize=(10, 5.2 + 0.28 * len(table)), layout="constrained")
+    ax, ax_table = fig.subplots(2, 1, height_ratios=[5, 0.45 + 0.28 * len(table)])
+    ax.plot(P, q, "ko", label="measured")
+    P_fine = np.linspace(P.min(), P.max(), 200)
+    for label, f in fits.items():
+        ax.plot(P_fine, f.predict(P_fine), label=f"{label} (R² {f.r2:.4f})")
+    ax.set(xlabel="pressure (bar)", ylabel="adsorption (mmol/g)", title=title or "")
+    ax.legend(fontsize=9)
+    ax_table.axis("off")
+    cells = ax_table.table(cellText=table.values, rowLabels=table.index, colLabels=table.columns, loc="center",
+                           cellLoc="left")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(9)
+    cells.auto_set_column_width(list(range(-1, len(table.columns))))  # widths from the text: no overlaps
+    _save_figure(fig, path)
+    return fig, table
+
+
 # =============================================================================
 # 10. Inverse: grid -> atoms -> XYZ
 # =============================================================================
@@ -4942,6 +4911,40 @@ def _main(argv):
         print(report)
         if args.plot:
             plot_evaluation(report, path=args.plot)
+
+
+
+def main_train(argv=None):
+    """`python mofkit.py train SHARDS_DIR --out RUN_DIR [--fast-gpu] [--epochs 48 ...]` (every TrainConfig field
+    is a flag); under `torchrun --nproc_per_node=N` each process runs it and ShardDataset splits by rank.
+    The grid size and channel count come from the shards."""
+    import argparse
+    import dataclasses
+    p = argparse.ArgumentParser(prog="mofkit.py train", description="Train the 3D GAN on a folder of shards.")
+    p.add_argument("shards", help="folder of shard_*.npy files (from build_shards / ensure_shards)")
+    p.add_argument("--out", default="mofkit_run", help="run folder: last.pt, history.csv (resumed if present)")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() (GPU speed settings)")
+    preset.add_argument("--study", action="store_true", help="start from TrainConfig.study(): the study's exact recipe")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config changes the run (recorded in the checkpoint)")
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
+    for f in fields:
+        kind = type(f.default) if f.default is not None else float
+        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
+    args = p.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    config = (TrainConfig.fast_gpu if args.fast_gpu else TrainConfig.study if args.study else TrainConfig)(**overrides)
+    dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
+    _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
+    config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
+    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress,
+                   allow_config_change=args.allow_config_change)
+    print(f"checkpoint: {result.checkpoint}")
+    return result
 
 
 if __name__ == "__main__":
