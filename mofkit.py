@@ -1052,7 +1052,100 @@ PROBES = {
 }
 
 
-def pair_coefficients(symbols, probe="H2"):
+# Property temperature per probe when none is given: H2 at 77 K (liquid-nitrogen storage, the study's and
+# MOFX-DB's H2 condition); CH4, Kr, Xe at 298 K (ambient storage and Xe/Kr separation, the conditions of the
+# DOE methane target and of Sikora et al. 2012); Ar at 87 K (its boiling point, the standard characterisation
+# isotherm); He at 298 K (the helium void-fraction convention of GCMC codes).
+PROBE_TEMPERATURE_K = {"H2": 77.0, "CH4": 298.0, "Kr": 298.0, "Xe": 298.0, "Ar": 87.0, "He": 298.0}
+
+
+def _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K):
+    """ValueError naming the setting unless the grid is non-empty and its spacing, cutoff and cap positive
+    (spacing 0 puts every voxel on one point; size 0 makes an empty grid)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size={size!r}: the grid edge must be a whole number of voxels >= 1")
+    if frame not in ("cube", "cell"):
+        raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
+    for setting, value in (("spacing_A", spacing_A), ("cutoff_A", cutoff_A), ("cap_K", cap_K)):
+        if not (_finite_number(value) and float(value) > 0):
+            raise ValueError(f"{setting}={value!r}: must be a positive finite number")
+
+
+@dataclass(frozen=True)
+class GridParams:
+    """A grid's parameters: the `voxelize` settings, the temperature of its stored properties and its atom-density
+    channels. Shards store them (their hash names a dataset) and generators record the ones they were trained
+    on; `voxelize(atoms, params=...)` makes a grid with them. DEFAULT_GRID holds the defaults every function of
+    the kit takes."""
+    size: int = 64
+    frame: str = "cube"
+    spacing_A: float = 0.5
+    probe: str = "H2"
+    cutoff_A: float = 12.8
+    cap_K: float = 5000.0
+    temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
+    density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
+    # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost 2-20x the cube grid itself
+    # (grids over the full cell at 0.3 A); False stores NaN for them (density and window columns stay), for
+    # datasets made only to train on.
+    cell_properties: bool = True
+
+    def __post_init__(self):
+        if self.temperature_K is None:
+            object.__setattr__(self, "temperature_K", PROBE_TEMPERATURE_K[self.probe])
+        for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
+            object.__setattr__(self, f.name, (float if f.default is None else type(f.default))(getattr(self, f.name)))
+        _check_grid_settings(self.size, self.frame, self.spacing_A, self.cutoff_A, self.cap_K)
+        if not (math.isfinite(self.temperature_K) and self.temperature_K > 0):
+            raise ValueError(f"temperature_K={self.temperature_K}: must be a positive finite temperature")
+        if not 0 < self.cap_K <= 60000:
+            raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
+        if self.density_classes:
+            check_density_classes(self.density_classes)
+            if self.frame != "cube":
+                raise ValueError(f"density_classes need frame='cube' (density_channels' frame), got {self.frame!r}")
+
+    @property
+    def channels(self) -> list:
+        """What each stored channel is: "energy_K", then "density:<class>" per density class."""
+        return ["energy_K"] + [f"density:{c}" for c in self.density_classes]
+
+    def voxelize_kwargs(self) -> dict:
+        """The `voxelize` keywords (size, frame, spacing_A, probe, cutoff_A, cap_K)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes",
+                                                                   "cell_properties")}
+
+    def to_dict(self) -> dict:
+        """The fields; at the defaults of density_classes and cell_properties exactly those (and so the hash) of
+        the parameters before these fields existed."""
+        fields = asdict(self)
+        if not self.density_classes:
+            del fields["density_classes"]
+        if self.cell_properties:
+            del fields["cell_properties"]
+        return fields
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+ShardParams = GridParams  # the name before GridParams (shards and published code use it); the same class
+DEFAULT_GRID = GridParams()  # 64^3 at 0.5 A, H2 probe, 12.8 A cutoff, capped at 5000 K; properties at 77 K
+
+
+def _grid_settings(params, size=None, frame=None, spacing_A=None, probe=None, cutoff_A=None, cap_K=None) -> tuple:
+    """(size, frame, spacing_A, probe, cutoff_A, cap_K): those of `params` (None: DEFAULT_GRID), each replaced by
+    the keyword given for it (not None)."""
+    base = (params or DEFAULT_GRID).voxelize_kwargs()
+    given = dict(size=size, frame=frame, spacing_A=spacing_A, probe=probe, cutoff_A=cutoff_A, cap_K=cap_K)
+    return tuple(base[k] if v is None else v for k, v in given.items())
+
+
+def pair_coefficients(symbols, probe=DEFAULT_GRID.probe):
     """Per-atom (A, B) in K*A^12 and K*A^6 with E = A/r^12 - B/r^6, by Lorentz-Berthelot mixing with the probe."""
     eps_p, sig_p = PROBES[probe] if isinstance(probe, str) else probe
     eps = np.array([math.sqrt(UFF[s][0] * eps_p) for s in symbols])
@@ -1155,14 +1248,16 @@ def _lj_blocks(jobs, probe, cutoff_A, device, dtype, pairs_per_batch):
     return list(torch.split(out, [len(b) for b, _ in jobs]))
 
 
-def grid_points(atoms, size=64, frame="cube", spacing_A=0.5, count=None):
-    """Cartesian points (size, size, size, 3) in A of a grid.
+def grid_points(atoms, size=None, frame=None, spacing_A=None, count=None, *, params=None):
+    """Cartesian points (size, size, size, 3) in A of a grid (settings: `params`, default DEFAULT_GRID, each
+    replaced by the keyword given for it).
 
     frame="cube": an axis-aligned cube from the origin, point [i,j,k] at (i,j,k)*spacing_A; periodic images fill
     it, so every voxel is spacing_A wide whatever the cell (generated grids decode back to atoms in A).
     frame="cell": the study's fractional grid over the unit cell, point [i,j,k] at (i,j,k)/size in fractions.
     count > size continues the same lattice past the grid (voxelize pads to whole blocks, then crops).
     """
+    size, frame, spacing_A = _grid_settings(params, size, frame, spacing_A)[:3]
     i = np.arange(size if count is None else count, dtype=np.float64)
     ijk = np.stack(np.meshgrid(i, i, i, indexing="ij"), -1)
     if frame == "cube":
@@ -1172,23 +1267,12 @@ def grid_points(atoms, size=64, frame="cube", spacing_A=0.5, count=None):
     raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
 
 
-def _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K):
-    """ValueError naming the setting unless the grid is non-empty and its spacing, cutoff and cap positive
-    (spacing 0 puts every voxel on one point; size 0 makes an empty grid)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size={size!r}: the grid edge must be a whole number of voxels >= 1")
-    if frame not in ("cube", "cell"):
-        raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
-    for setting, value in (("spacing_A", spacing_A), ("cutoff_A", cutoff_A), ("cap_K", cap_K)):
-        if not (_finite_number(value) and float(value) > 0):
-            raise ValueError(f"{setting}={value!r}: must be a positive finite number")
-
-
 def _default_device(device):
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=torch.float64):
+def probe_energy(atoms, points_A, probe=DEFAULT_GRID.probe, cutoff_A=DEFAULT_GRID.cutoff_A, device=None,
+                 dtype=torch.float64):
     """Probe-framework LJ energy (K, uncapped) at arbitrary Cartesian points (..., 3), summed over all images.
 
     Float64 by default: this is the reference the grids are checked against.
@@ -1206,9 +1290,12 @@ def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=
     return out.reshape(pts.shape[:-1])
 
 
-def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0,
-                  device=None, block=8, pairs_per_batch=None):
-    """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays."""
+def voxelize_many(structures, size=None, frame=None, spacing_A=None, probe=None, cutoff_A=None, cap_K=None,
+                  device=None, block=8, pairs_per_batch=None, *, params=None):
+    """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays.
+    Settings as in `voxelize`."""
+    size, frame, spacing_A, probe, cutoff_A, cap_K = _grid_settings(params, size, frame, spacing_A, probe, cutoff_A,
+                                                                    cap_K)
     _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K)
     device = _default_device(device)
     nblk = -(-size // block)
@@ -1229,14 +1316,17 @@ def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", 
     return grids
 
 
-def voxelize(atoms, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0, device=None,
-             block=8, pairs_per_batch=None):
+def voxelize(atoms, size=None, frame=None, spacing_A=None, probe=None, cutoff_A=None, cap_K=None, device=None,
+             block=8, pairs_per_batch=None, *, params=None):
     """Energy grid (size, size, size) of float32 kelvin: probe-framework LJ 12-6, periodic, capped at cap_K.
 
-    Grid points as in grid_points(). Points are processed in block^3 cubes of neighbouring voxels so each
-    block only visits the atoms within its reach (see _lj_blocks). CPU or CUDA (device=None picks CUDA if any).
+    Settings: `params` (a GridParams, default DEFAULT_GRID: 64^3 at 0.5 A, H2, 12.8 A cutoff, 5000 K cap), each
+    replaced by the keyword given for it. Grid points as in grid_points(). Points are processed in block^3 cubes of
+    neighbouring voxels so each block only visits the atoms within its reach (see _lj_blocks). CPU or CUDA
+    (device=None picks CUDA if any).
     """
-    return voxelize_many([atoms], size, frame, spacing_A, probe, cutoff_A, cap_K, device, block, pairs_per_batch)[0]
+    return voxelize_many([atoms], size, frame, spacing_A, probe, cutoff_A, cap_K, device, block, pairs_per_batch,
+                         params=params)[0]
 
 
 def framework_density(atoms):
@@ -1254,18 +1344,18 @@ def _boltzmann(grid_K, temperature_K, cap_K):
     return e, w
 
 
-def widom_factor(grid_K, temperature_K=77.0, cap_K=None):
+def widom_factor(grid_K, temperature_K=DEFAULT_GRID.temperature_K, cap_K=None):
     """<exp(-E/kT)> over the grid: the dimensionless Henry factor (Widom insertion on the grid).
     cap_K: voxels at or above it count as inside atoms (weight 0)."""
     return float(np.mean(_boltzmann(grid_K, temperature_K, cap_K)[1]))
 
 
-def henry_coefficient(grid_K, density_kg_m3, temperature_K=77.0, cap_K=None):
+def henry_coefficient(grid_K, density_kg_m3, temperature_K=DEFAULT_GRID.temperature_K, cap_K=None):
     """Henry coefficient K_H in mol kg^-1 Pa^-1: <exp(-E/kT)> / (R T rho_framework)."""
     return widom_factor(grid_K, temperature_K, cap_K) / (R_J_PER_MOL_K * temperature_K * density_kg_m3)
 
 
-def heat_of_adsorption(grid_K, temperature_K=77.0, cap_K=None):
+def heat_of_adsorption(grid_K, temperature_K=DEFAULT_GRID.temperature_K, cap_K=None):
     """Isosteric heat at infinite dilution in kJ/mol: R (T - <E exp(-E/kT)> / <exp(-E/kT)>).
 
     With cap_K, only voxels below it count; if there are none the heat is NaN, with a warning (a grid at the
@@ -1282,11 +1372,6 @@ def heat_of_adsorption(grid_K, temperature_K=77.0, cap_K=None):
     return float(R_J_PER_MOL_K * (temperature_K - (e * w).sum() / w.sum()) / 1000.0)
 
 
-# Property temperature per probe when none is given: H2 at 77 K (liquid-nitrogen storage, the study's and
-# MOFX-DB's H2 condition); CH4, Kr, Xe at 298 K (ambient storage and Xe/Kr separation, the conditions of the
-# DOE methane target and of Sikora et al. 2012); Ar at 87 K (its boiling point, the standard characterisation
-# isotherm); He at 298 K (the helium void-fraction convention of GCMC codes).
-PROBE_TEMPERATURE_K = {"H2": 77.0, "CH4": 298.0, "Kr": 298.0, "Xe": 298.0, "Ar": 87.0, "He": 298.0}
 # Cell-property grid spacing: K_H, Q_st and void_fraction_He within 0.1% of a 0.2 A grid on 20 CoRE MOFs (0.5 A:
 # 1.5%; README, "Properties of the whole crystal").
 CELL_SPACING_A = 0.3
@@ -1300,7 +1385,8 @@ def cell_grid_counts(atoms, spacing_A=CELL_SPACING_A, block=8):
     return tuple(int(block * max(1, math.ceil(length / (spacing_A * block)))) for length in lengths)
 
 
-def voxelize_cell(atoms, spacing_A=CELL_SPACING_A, probe="H2", cutoff_A=12.8, cap_K=5000.0, device=None, block=8):
+def voxelize_cell(atoms, spacing_A=CELL_SPACING_A, probe=DEFAULT_GRID.probe, cutoff_A=DEFAULT_GRID.cutoff_A,
+                  cap_K=DEFAULT_GRID.cap_K, device=None, block=8):
     """Energy grid (n1, n2, n3) in kelvin over the whole periodic cell, float32, capped at cap_K.
 
     Point [i,j,k] sits at fractions (i/n1, j/n2, k/n3), n_d = cell_grid_counts(): a uniform grid of a periodic
@@ -1320,8 +1406,8 @@ def voxelize_cell(atoms, spacing_A=CELL_SPACING_A, probe="H2", cutoff_A=12.8, ca
     return np.ascontiguousarray(e.reshape(*nb, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape(counts))
 
 
-def void_fraction_He(atoms, spacing_A=VOID_FRACTION_SPACING_A, cutoff_A=12.8, temperature_K=VOID_FRACTION_T_K,
-                     device=None):
+def void_fraction_He(atoms, spacing_A=VOID_FRACTION_SPACING_A, cutoff_A=DEFAULT_GRID.cutoff_A,
+                     temperature_K=VOID_FRACTION_T_K, device=None):
     """Helium void fraction: <exp(-E_He/kT)> over the cell at 298 K, as GCMC codes (RASPA) compute it by Widom
     insertion of a He probe; here on the cell grid instead of random points. Capped voxels weigh 0."""
     cap_K = 100.0 * temperature_K                   # exp(-100): nothing above it counts
@@ -1338,8 +1424,9 @@ def _properties(grid_K, density_kg_m3, temperature_K, cap_K, what):
     return (math.log10(kh) if kh > 0 else -math.inf), heat_of_adsorption(grid_K, temperature_K, cap_K)
 
 
-def cell_properties(atoms, probe="H2", temperature_K=None, spacing_A=CELL_SPACING_A, cutoff_A=12.8, cap_K=5000.0,
-                    device=None, name=None, void_spacing_A=VOID_FRACTION_SPACING_A) -> dict:
+def cell_properties(atoms, probe=DEFAULT_GRID.probe, temperature_K=None, spacing_A=CELL_SPACING_A,
+                    cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, device=None, name=None,
+                    void_spacing_A=VOID_FRACTION_SPACING_A) -> dict:
     """Properties of the whole crystal, from grids over its full periodic cell (`voxelize_cell`):
 
     density_kg_m3, temperature_K (default PROBE_TEMPERATURE_K[probe]), log10_KH_mol_kg_Pa (Henry coefficient
@@ -1358,13 +1445,37 @@ def cell_properties(atoms, probe="H2", temperature_K=None, spacing_A=CELL_SPACIN
             "Qst_kJ_mol": qst, "void_fraction_He": void_fraction_He(atoms, void_spacing_A, cutoff_A, device=device)}
 
 
-def window_properties(grid_K, density_kg_m3, temperature_K=77.0, cap_K=5000.0, name="grid") -> dict:
+def window_properties(grid_K, density_kg_m3, temperature_K=DEFAULT_GRID.temperature_K, cap_K=DEFAULT_GRID.cap_K,
+                      name="grid") -> dict:
     """log10 K_H and Q_st of a window grid (e.g. the 32 A cube frame), named as such: window_log10_KH_mol_kg_Pa,
     window_Qst_kJ_mol. A window covers part of a large cell, so these differ from `cell_properties`; they are
     what a generated cube grid can be compared with."""
     log_kh, qst = _properties(grid_K, density_kg_m3, temperature_K, cap_K, name)
     return {"window_log10_KH_mol_kg_Pa": log_kh, "window_Qst_kJ_mol": qst}
 
+
+
+# Per-structure properties (shard footers, `mofkit.py voxelize`): the whole crystal's (cell grid at CELL_SPACING_A,
+# at params.temperature_K; He void fraction at 298 K), then the stored window grid's own (for comparing generated
+# cube grids with real ones); shards add the source's table. NaN (null in JSON) where no voxel is accessible.
+PROPERTY_COLUMNS = ("density_kg_m3", "log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_fraction_He",
+                    "window_log10_KH_mol_kg_Pa", "window_Qst_kJ_mol")
+
+
+def structure_properties(atoms, grid_K, params=None, device=None, name=None) -> dict:
+    """PROPERTY_COLUMNS of a structure and its grid made with `params` (None: DEFAULT_GRID): the whole crystal's
+    (`cell_properties`; with params.cell_properties False its density alone, the rest NaN) and the window's
+    (`window_properties` of grid_K)."""
+    params = params or DEFAULT_GRID
+    name = name or atoms.info.get("name", "structure")
+    if params.cell_properties:
+        cell = cell_properties(atoms, params.probe, params.temperature_K, CELL_SPACING_A, params.cutoff_A,
+                               params.cap_K, device, name, VOID_FRACTION_SPACING_A)
+    else:
+        cell = {"density_kg_m3": framework_density(atoms), "log10_KH_mol_kg_Pa": math.nan, "Qst_kJ_mol": math.nan,
+                "void_fraction_He": math.nan}
+    window = window_properties(grid_K, cell["density_kg_m3"], params.temperature_K, params.cap_K, name)
+    return {c: {**cell, **window}[c] for c in PROPERTY_COLUMNS}
 
 
 # =============================================================================
@@ -1772,7 +1883,7 @@ def _isotherm_inputs(grid_K, temperature_K, pressures_bar, density_kg_m3):
 
 def _grid_isotherm_result(model, probe, T, P_bar, absolute, bulk_mol_m3, E, cap_K, density_kg_m3, void_fraction):
     void = math.nan if void_fraction is None else float(void_fraction)
-    henry = widom_factor(E, T, cap_K) / (R_J_PER_MOL_K * T * density_kg_m3) * 1e5
+    henry = henry_coefficient(E, density_kg_m3, T, cap_K) * 1e5  # mol/kg/Pa -> mmol/g/bar
     excess = absolute - bulk_mol_m3 * void / density_kg_m3
     return GridIsotherm(model, probe, float(T), P_bar, absolute, excess, absolute * CM3_STP_PER_MMOL, bulk_mol_m3,
                         float(henry), float(np.mean(E < cap_K)), void)
@@ -1884,8 +1995,8 @@ def _lda_density(x, table, RT):
     return out
 
 
-def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_kg_m3, cap_K=5000.0,
-                  void_fraction=None, eos="coolprop") -> GridIsotherm:
+def grid_isotherm(grid_K, temperature_K, pressures_bar, probe=DEFAULT_GRID.probe, *, density_kg_m3,
+                  cap_K=DEFAULT_GRID.cap_K, void_fraction=None, eos="coolprop") -> GridIsotherm:
     """ESTIMATE of an adsorption isotherm from a probe energy grid (kelvin): local density approximation.
 
     Each voxel holds the bulk fluid's density at the local fugacity f exp(-E/kT) (f: the bulk fugacity at P),
@@ -1910,7 +2021,8 @@ def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_k
                                  void_fraction)
 
 
-def lattice_gas_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_kg_m3, cap_K=5000.0,
+def lattice_gas_isotherm(grid_K, temperature_K, pressures_bar, probe=DEFAULT_GRID.probe, *, density_kg_m3,
+                         cap_K=DEFAULT_GRID.cap_K,
                          void_fraction=None, liquid_density_kg_m3=None, molar_mass_g_mol=None) -> GridIsotherm:
     """ESTIMATE of an adsorption isotherm from a probe energy grid (kelvin): ideal lattice gas (the kit's first
     estimate; `grid_isotherm` is the better one).
@@ -1944,8 +2056,8 @@ def lattice_gas_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, de
                                  E, cap_K, density_kg_m3, void_fraction)
 
 
-def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", *, density_kg_m3,
-                    cap_K=5000.0) -> IsothermFit:
+def grid_freundlich(grid_K, temperature_K=DEFAULT_GRID.temperature_K, pressures_bar=None, probe=DEFAULT_GRID.probe, *,
+                    density_kg_m3, cap_K=DEFAULT_GRID.cap_K) -> IsothermFit:
     """Freundlich (K in mmol/g/bar^(1/n), n) of a grid's ESTIMATED absolute isotherm (`grid_isotherm`).
 
     Lets real and generated grids be compared in the study's own terms. Default pressures: 12 points
@@ -1973,7 +2085,7 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 # 0.25 K near -1000 K); its largest value is 65504, hence cap_K <= 60000. The footer holds the requested members, the
 # names of the stored grids in order, the failures, the voxelizer parameters and per-structure properties
 # (computed from the float32 grid before rounding). Channel 0 is the energy in kelvin; with
-# ShardParams.density_classes the atom-density channels follow, in [0, 1] (float16 keeps 2^-11 near 1); the footer's
+# GridParams.density_classes the atom-density channels follow, in [0, 1] (float16 keeps 2^-11 near 1); the footer's
 # "channels" names each. The footer also makes the file self-verifying: its own file name and the sha256 of the
 # grid bytes and of the footer, so a shard built here and one downloaded without a published sha256 are equally
 # safe (checked on first open; cost in README, Reliability).
@@ -1989,64 +2101,6 @@ COREMOF_SOURCE = "coremof:2019-ASR"
 
 class ShardError(ValueError):
     """A shard file that is truncated, corrupted, or not what its manifest row says."""
-
-
-@dataclass(frozen=True)
-class ShardParams:
-    """How a dataset's grids are made: `voxelize` settings, and the temperature of the stored properties."""
-    size: int = 64
-    frame: str = "cube"
-    spacing_A: float = 0.5
-    probe: str = "H2"
-    cutoff_A: float = 12.8
-    cap_K: float = 5000.0
-    temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
-    density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
-    # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost 2-20x the cube grid itself
-    # (grids over the full cell at 0.3 A); False stores NaN for them (density and window columns stay), for
-    # datasets made only to train on.
-    cell_properties: bool = True
-
-    def __post_init__(self):
-        if self.temperature_K is None:
-            object.__setattr__(self, "temperature_K", PROBE_TEMPERATURE_K[self.probe])
-        for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
-            object.__setattr__(self, f.name, (float if f.default is None else type(f.default))(getattr(self, f.name)))
-        _check_grid_settings(self.size, self.frame, self.spacing_A, self.cutoff_A, self.cap_K)
-        if not (math.isfinite(self.temperature_K) and self.temperature_K > 0):
-            raise ValueError(f"temperature_K={self.temperature_K}: must be a positive finite temperature")
-        if not 0 < self.cap_K <= 60000:
-            raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
-        if self.density_classes:
-            check_density_classes(self.density_classes)
-            if self.frame != "cube":
-                raise ValueError(f"density_classes need frame='cube' (density_channels' frame), got {self.frame!r}")
-
-    @property
-    def channels(self) -> list:
-        """What each stored channel is: "energy_K", then "density:<class>" per density class."""
-        return ["energy_K"] + [f"density:{c}" for c in self.density_classes]
-
-    def voxelize_kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes",
-                                                                   "cell_properties")}
-
-    def to_dict(self) -> dict:
-        """The fields; at the defaults of density_classes and cell_properties exactly those (and so the hash) of
-        the parameters before these fields existed."""
-        fields = asdict(self)
-        if not self.density_classes:
-            del fields["density_classes"]
-        if self.cell_properties:
-            del fields["cell_properties"]
-        return fields
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 def _footer_digest(meta) -> str:
@@ -2257,7 +2311,7 @@ def coremof_manifest(path=None, dataset="2019-ASR", shard_size=100, params=None)
     Membership and parameters only (bytes, sha256 and url blank until someone builds and publishes the files).
     Written to `path` when given.
     """
-    params = params or ShardParams()
+    params = params or GridParams()
     label = f"coremof:{dataset}"
     rows = [_manifest_row(shard, members, label, params)
             for shard, members in _shard_plan(coremof_names(dataset), shard_size)]
@@ -2271,30 +2325,12 @@ def _voxelize_chunk(chunk, params, device, failures) -> dict:
     one, so only the structure at fault is lost (recorded in `failures`): one odd structure must not stop 12,000."""
     try:
         return dict(zip([n for n, _ in chunk], voxelize_many([a for _, a in chunk], device=device,
-                                                             **params.voxelize_kwargs())))
+                                                             params=params)))
     except Exception as e:
         if len(chunk) == 1:
             failures.append((chunk[0][0], f"{type(e).__name__}: {e}"))
             return {}
         return {k: v for item in chunk for k, v in _voxelize_chunk([item], params, device, failures).items()}
-
-
-# Per-structure properties in a shard footer: the whole crystal's (cell grid at CELL_SPACING_A, at
-# params.temperature_K; He void fraction at 298 K), then the stored window grid's own (for comparing generated
-# cube grids with real ones), then the source's table. NaN (null in JSON) where no voxel is accessible.
-PROPERTY_COLUMNS = ("density_kg_m3", "log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_fraction_He",
-                    "window_log10_KH_mol_kg_Pa", "window_Qst_kJ_mol")
-
-
-def _structure_properties(name, atoms, grid_K, params, device) -> list:
-    if params.cell_properties:
-        cell = cell_properties(atoms, params.probe, params.temperature_K, CELL_SPACING_A, params.cutoff_A,
-                               params.cap_K, device, name, VOID_FRACTION_SPACING_A)
-    else:
-        cell = {"density_kg_m3": framework_density(atoms), "log10_KH_mol_kg_Pa": math.nan, "Qst_kJ_mol": math.nan,
-                "void_fraction_He": math.nan}
-    window = window_properties(grid_K, cell["density_kg_m3"], params.temperature_K, params.cap_K, name)
-    return [{**cell, **window}[c] for c in PROPERTY_COLUMNS]
 
 
 def _build_shard(path, members, label, params, table, device=None, progress=True) -> dict:
@@ -2307,7 +2343,7 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
         while chunk := list(itertools.islice(structures, per_call)):
             atoms_by_name = dict(chunk)
             for name, grid_K in _voxelize_chunk(chunk, params, device, failures).items():
-                props[name] = _structure_properties(name, atoms_by_name[name], grid_K, params, device)
+                props[name] = list(structure_properties(atoms_by_name[name], grid_K, params, device, name).values())
                 atom_channels = [density_channels(atoms_by_name[name], params.size, params.spacing_A,
                                                   classes=params.density_classes)] if params.density_classes else []
                 grids[name] = np.concatenate([grid_K[None]] + atom_channels).astype(np.float16)
@@ -2366,7 +2402,7 @@ def _reuse_shard_or_delete(path, members, params):
         warnings.warn(f"{e} -- deleting it and building it again")
         path.unlink()
         return None
-    if meta["members"] != list(members) or ShardParams(**meta["params"]) != params:
+    if meta["members"] != list(members) or GridParams(**meta["params"]) != params:
         raise ShardError(f"{path} holds other structures or voxelizer parameters than requested: build into "
                          f"another folder, or delete it")
     if members and not meta["names"]:  # a failed build (wrong device, missing files): never counted as done
@@ -2408,7 +2444,7 @@ def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=Non
     """Voxelize a source into shard files shard_00000.npy, shard_00001.npy, ... in out_dir; resumable.
 
     source: None (CoRE MOF 2019-ASR), 'coremof:<dataset>', or a folder of .cif files (any case, name = file stem).
-    params: ShardParams (voxelizer settings, property temperature). names/limit (>= 1) pick the structures.
+    params: GridParams (voxelizer settings, property temperature). names/limit (>= 1) pick the structures.
     Shard k holds the members names[k*shard_size:(k+1)*shard_size] -- membership comes from the name list, not
     from which structures succeed -- so a rerun skips finished shards (a shard with no grid is never finished:
     it is built again). A structure that fails is listed in out_dir/failures.csv and its shard holds one grid
@@ -2419,7 +2455,7 @@ def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=Non
     `max_minutes` starts no new shard after that much time (for fixed-length sessions): fewer rows come back
     than planned, and the next call continues.
     """
-    params = params or ShardParams()
+    params = params or GridParams()
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
         raise ValueError(f"limit={limit!r}: must be a whole number >= 1 (or None for every structure)")
     device = usable_device(device)
@@ -2442,7 +2478,7 @@ def _verified(path, row, local_row) -> bool:
         meta = verify_shard(path)
     except ShardError:
         return False
-    if ";".join(meta["members"]) != row["names"] or ShardParams(**meta["params"]).hash != row["params_hash"]:
+    if ";".join(meta["members"]) != row["names"] or GridParams(**meta["params"]).hash != row["params_hash"]:
         return False
     same = [r for r in (row, local_row) if r and r["names"] == row["names"] and r["params_hash"] == row["params_hash"]]
     known = {r["sha256"] for r in same if r["sha256"]}
@@ -2467,7 +2503,7 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
     paths, built = [], []
     for row in tqdm(read_manifest(manifest_csv), desc="checking shards", disable=not progress):
         shard, path = row["shard"], dest_dir / row["shard"]
-        params, members = ShardParams(**json.loads(row["params"])), row["names"].split(";")
+        params, members = GridParams(**json.loads(row["params"])), row["names"].split(";")
         if path.exists() and not _verified(path, row, local.get(shard)):
             warnings.warn(f"shard {shard}: {path} does not match its manifest row (corrupted or truncated): "
                           f"deleted it, fetching it again")
@@ -2498,7 +2534,7 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
                 raise ShardError(f"shard {shard}: building it locally gave 0 of its {len(members)} grids (e.g. "
                                  f"{reasons}); nothing was kept. Restore its source {row['source']} or fetch it")
         meta = read_shard_meta(path)
-        if meta["members"] != members or ShardParams(**meta["params"]) != params:
+        if meta["members"] != members or GridParams(**meta["params"]) != params:
             raise ShardError(f"shard {shard}: {path} passed its checksum but holds other structures or parameters "
                              f"than its manifest row: the manifest {manifest_csv} is inconsistent, fix its row")
         paths.append(path)
@@ -2571,11 +2607,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return self.offsets[-1]
 
     @property
-    def params(self) -> ShardParams:
+    def params(self) -> GridParams:
         """How the first shard's grids were made: .channels says what each channel is, .density_classes and
         .spacing_A are what grid_to_atoms / structure_report need to decode them. With channels=[0] of
         multi-channel shards (the energy alone) density_classes is ()."""
-        params = ShardParams(**read_shard_meta(self.shards[0])["params"])
+        params = GridParams(**read_shard_meta(self.shards[0])["params"])
         picked = np.arange(len(params.channels))[self.channels if self.channels is not None else slice(None)]
         if picked.reshape(-1).tolist() == [0]:
             return dataclasses.replace(params, density_classes=())
@@ -3952,8 +3988,8 @@ class EvalReport:
 
 
 def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_scale_K=None, features=FEATURES,
-             baselines=True, temperature_K=77.0, density_kg_m3=None, n_boot=1000, seed=0, device=None,
-             channels=None) -> EvalReport:
+             baselines=True, temperature_K=DEFAULT_GRID.temperature_K, density_kg_m3=None, n_boot=1000, seed=0,
+             device=None, channels=None) -> EvalReport:
     """Score a generator against held-out real grids by the kit's one protocol (see the comment above).
 
     generator: a Generator (`load_generator`), a checkpoint or generator-file path, or an array of generated
@@ -4036,7 +4072,7 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
                       "threshold": mem["threshold"]}, n, float(e_scale_K), tuple(sampling_seeds))
 
 
-def grid_properties(grids_K, temperature_K=77.0, density_kg_m3=None):
+def grid_properties(grids_K, temperature_K=DEFAULT_GRID.temperature_K, density_kg_m3=None):
     """Widom factor, log10 of it (or of K_H when a density is given) and isosteric heat for each grid.
 
     Grids are (n, D, D, D) kelvin, or (n, C, D, D, D) with energy in channel 0. Returns a pandas
@@ -4057,7 +4093,8 @@ def grid_properties(grids_K, temperature_K=77.0, density_kg_m3=None):
     return pd.DataFrame(rows)
 
 
-def property_comparison(real_grids_K, generated_grids_K, temperature_K=77.0, density_kg_m3=None, seed=0):
+def property_comparison(real_grids_K, generated_grids_K, temperature_K=DEFAULT_GRID.temperature_K, density_kg_m3=None,
+                        seed=0):
     """Adsorption properties of real vs generated kelvin grids: medians and Wasserstein distances.
 
     Generated grids have no framework, hence no density: with `density_kg_m3=None` the comparison uses
@@ -4370,7 +4407,8 @@ def _cube_images(atoms, size, spacing_A, margin_A):
     return np.array(atoms.get_chemical_symbols())[index], positions
 
 
-def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=None, classes=DENSITY_CLASSES) -> np.ndarray:
+def density_channels(atoms, size=DEFAULT_GRID.size, spacing_A=DEFAULT_GRID.spacing_A, sigma_A=None,
+                     classes=DENSITY_CLASSES) -> np.ndarray:
     """Gaussian-smeared atom densities per element class on the cube-frame grid, float32 (C, D, D, D).
 
     Same frame as voxelize(atoms, size, "cube", spacing_A), so these stack onto the energy grid as extra
@@ -4481,8 +4519,9 @@ def _cluster_atoms(energy_K, spacing_A, threshold_K, probe, elements, seed):
     return symbols, np.array(positions).reshape(-1, 3)
 
 
-def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes=DENSITY_CLASSES,
-                  sigma_A=None, min_separation_A=0.5, probe="H2", elements=("H", "C", "N", "O", "Zn"), seed=0):
+def grid_to_atoms(grid, spacing_A=DEFAULT_GRID.spacing_A, method="density", threshold=None, classes=DENSITY_CLASSES,
+                  sigma_A=None, min_separation_A=0.5, probe=DEFAULT_GRID.probe, elements=("H", "C", "N", "O", "Zn"),
+                  seed=0):
     """Decode a cube-frame grid into atoms: ase.Atoms with positions in angstrom inside the cube.
 
     method="density": `grid` holds density_channels (C, D, D, D) of `classes`, optionally after an energy
@@ -4560,7 +4599,8 @@ def contact_count(atoms, min_A=0.7) -> int:
     return len(neighbor_list("i", atoms, min_A)) // 2
 
 
-def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes=DENSITY_CLASSES) -> dict:
+def round_trip_scores(decoded, atoms, size=DEFAULT_GRID.size, spacing_A=DEFAULT_GRID.spacing_A, tol_A=0.5,
+                      classes=DENSITY_CLASSES) -> dict:
     """Compare decoded atoms with the true non-hydrogen atoms of `atoms` in the cube frame.
 
     Decoded and true atoms are paired one-to-one (Hungarian, maximising the number of pairs within
@@ -4666,8 +4706,8 @@ def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, 
 
 
 def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DENSITY_CLASSES, sigma_A=None,
-                     names=None, edge_A=3.0, bond_mult=1.2, contact_A=0.7, probe="H2", cutoff_A=None,
-                     grid_cutoff_A=12.8, cap_K=5000.0, e_scale_K=None):
+                     names=None, edge_A=3.0, bond_mult=1.2, contact_A=0.7, probe=DEFAULT_GRID.probe, cutoff_A=None,
+                     grid_cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, e_scale_K=None):
     """Chemistry of decoded structures: pandas DataFrame, one row per structure.
 
     structures: ase.Atoms (decoded: cell = the cube, pbc False), a list of them, or grids (N, 1 + C, D, D, D)
@@ -4852,32 +4892,31 @@ def _main(argv):
     for q in (vx, sh):
         q.add_argument("--temperature", type=float, default=None,
                        help="K of the printed/stored K_H and Q_st (default per probe: H2 77, CH4/Kr/Xe 298, Ar 87)")
-        q.add_argument("--size", type=int, default=64)
-        q.add_argument("--frame", choices=["cube", "cell"], default="cube")
-        q.add_argument("--spacing", type=float, default=0.5, help="cube frame voxel size, A")
-        q.add_argument("--probe", choices=sorted(PROBES), default="H2")
+        q.add_argument("--size", type=int, default=DEFAULT_GRID.size)
+        q.add_argument("--frame", choices=["cube", "cell"], default=DEFAULT_GRID.frame)
+        q.add_argument("--spacing", type=float, default=DEFAULT_GRID.spacing_A, help="cube frame voxel size, A")
+        q.add_argument("--probe", choices=sorted(PROBES), default=DEFAULT_GRID.probe)
     args = p.parse_args(argv)
 
     if args.command == "notebook":
         print(run_notebook(out_dir=args.out, mode=args.mode, timeout_s=args.timeout))
     elif args.command == "voxelize":
         out = Path(args.out)
-        _check_grid_settings(args.size, args.frame, args.spacing, 12.8, 5000.0)
+        params = _cli_grid_params(args)
         device = usable_device(args.device)
         failures = []
 
         def one(src):
             atoms = read_structure(src) if src.lower().endswith(".cif") else load_coremof(src)
-            grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=device)
+            grid = voxelize(atoms, params=params, device=device)
             name = atoms.info["name"]
             with atomic_write(out / f"{name}.npy") as f:
                 np.save(f, grid)
-            cell = cell_properties(atoms, args.probe, args.temperature, device=device, name=name)
-            window = window_properties(grid, cell["density_kg_m3"], cell["temperature_K"], name=name)
-            print(f"{name}: {out / (name + '.npy')}  {args.probe} at {cell['temperature_K']:g} K, whole cell: "
-                  f"log10 K_H = {cell['log10_KH_mol_kg_Pa']:.3f} (mol/kg/Pa), Q_st = {cell['Qst_kJ_mol']:.2f} kJ/mol, "
-                  f"He void fraction = {cell['void_fraction_He']:.3f}; this grid (window): log10 K_H = "
-                  f"{window['window_log10_KH_mol_kg_Pa']:.3f}, Q_st = {window['window_Qst_kJ_mol']:.2f} kJ/mol")
+            props = structure_properties(atoms, grid, params, device, name)
+            print(f"{name}: {out / (name + '.npy')}  {params.probe} at {params.temperature_K:g} K, whole cell: "
+                  f"log10 K_H = {props['log10_KH_mol_kg_Pa']:.3f} (mol/kg/Pa), Q_st = {props['Qst_kJ_mol']:.2f} "
+                  f"kJ/mol, He void fraction = {props['void_fraction_He']:.3f}; this grid (window): log10 K_H = "
+                  f"{props['window_log10_KH_mol_kg_Pa']:.3f}, Q_st = {props['window_Qst_kJ_mol']:.2f} kJ/mol")
 
         for src in args.structures:  # one bad input never stops the others
             _read_or_record(lambda: one(src), src, failures)
@@ -4886,9 +4925,7 @@ def _main(argv):
             raise ValueError(f"{len(failures)} of {len(args.structures)} structures failed, listed in "
                              f"{out / 'failures.csv'}; first: {failures[0][1]}")
     elif args.command == "shards":
-        params = ShardParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe,
-                             temperature_K=args.temperature)
-        rows = build_shards(args.out_dir, args.source, params=params, shard_size=args.shard_size,
+        rows = build_shards(args.out_dir, args.source, params=_cli_grid_params(args), shard_size=args.shard_size,
                             limit=args.limit, device=args.device, progress=False)
         print(f"{build_summary(rows, args.out_dir)}; manifest: {Path(args.out_dir) / 'data_manifest.csv'}")
         if not sum(int(r["n_grids"] or 0) for r in rows):
@@ -4912,6 +4949,12 @@ def _main(argv):
         if args.plot:
             plot_evaluation(report, path=args.plot)
 
+
+
+def _cli_grid_params(args) -> GridParams:
+    """The GridParams of the voxelize and shards commands' flags."""
+    return GridParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe,
+                      temperature_K=args.temperature)
 
 
 def main_train(argv=None):

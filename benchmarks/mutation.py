@@ -139,11 +139,9 @@ MUTANTS = [
     Mutant("cluster_farthest_core", "decoder", "symbols.append(min(elements, key=lambda e: abs(radii[e] - r)))",
            "symbols.append(max(elements, key=lambda e: abs(radii[e] - r)))", CLUSTER),
     # command line
-    Mutant("cli_voxelize_ignores_spacing", "CLI",
-           "grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=device)",
-           "grid = voxelize(atoms, args.size, args.frame, 0.5, args.probe, device=device)", CLI),
-    Mutant("cli_shards_ignores_probe", "CLI", "spacing_A=args.spacing, probe=args.probe,\n", "spacing_A=args.spacing,\n",
+    Mutant("cli_ignores_spacing", "CLI", "frame=args.frame, spacing_A=args.spacing,", "frame=args.frame, spacing_A=0.5,",
            CLI),
+    Mutant("cli_ignores_probe", "CLI", "spacing_A=args.spacing, probe=args.probe,\n", "spacing_A=args.spacing,\n", CLI),
     Mutant("cli_sample_ignores_seed", "CLI", "grids = sample(args.checkpoint, args.n, seed=args.seed,",
            "grids = sample(args.checkpoint, args.n, seed=0,", CLI),
     Mutant("cli_evaluate_ignores_n", "CLI", "heldout, _ = read_grids(args.heldout, args.n)",

@@ -327,8 +327,11 @@ class _Spy:
 
 
 def _voxelize_args(args, kwargs):
+    """The settings a voxelize call ends up with: its GridParams (params=), overridden by loose arguments."""
     names = ["atoms", "size", "frame", "spacing_A", "probe", "cutoff_A", "cap_K", "device"]
-    return {**dict(zip(names, args)), **kwargs}
+    call = {**dict(zip(names, args)), **kwargs}
+    params = call.pop("params", None)
+    return {**(params.voxelize_kwargs() if params else {}), **{k: v for k, v in call.items() if v is not None}}
 
 
 def test_cli_voxelize_every_option_reaches_voxelize(tmp_path, monkeypatch, capsys):

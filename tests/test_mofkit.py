@@ -1175,10 +1175,24 @@ def test_shard_dataset_channels_transform_index_and_metadata(tmp_path):
 TINY = mofkit.ShardParams(size=8, spacing_A=1.0, cutoff_A=6.0)  # 8^3 grids and a short cutoff keep builds fast
 
 
-def test_shard_property_temperature_defaults_per_probe():
-    assert mofkit.ShardParams().temperature_K == 77.0 and mofkit.ShardParams(probe="CH4").temperature_K == 298.0
-    assert mofkit.ShardParams(probe="CH4", temperature_K=250).temperature_K == 250.0
-    assert mofkit.ShardParams(temperature_K=77).hash == mofkit.ShardParams().hash   # the default is explicit
+def test_grid_params_temperature_defaults_per_probe():
+    assert mofkit.GridParams().temperature_K == 77.0 and mofkit.GridParams(probe="CH4").temperature_K == 298.0
+    assert mofkit.GridParams(probe="CH4", temperature_K=250).temperature_K == 250.0
+    assert mofkit.GridParams(temperature_K=77).hash == mofkit.GridParams().hash   # the default is explicit
+
+
+def test_grid_params_drive_voxelize_and_the_old_name_and_hash_stay():
+    assert mofkit.ShardParams is mofkit.GridParams and mofkit.DEFAULT_GRID == mofkit.GridParams()
+    assert mofkit.DEFAULT_GRID.hash == "904594a35265850f"  # data_manifest.csv's: published shards keep their name
+    atoms = mofkit.read_structure(make_cif([("Cu", 0.1, 0.2, 0.3)], a=9.0))
+    params = mofkit.GridParams(size=4, spacing_A=1.5, probe="Xe", cutoff_A=6.0)
+    grid = mofkit.voxelize(atoms, params=params, device="cpu")
+    np.testing.assert_array_equal(grid, mofkit.voxelize(atoms, 4, "cube", 1.5, "Xe", 6.0, device="cpu"))
+    np.testing.assert_array_equal(mofkit.voxelize_many([atoms], params=params, device="cpu")[0], grid)
+    np.testing.assert_array_equal(mofkit.grid_points(atoms, params=params), mofkit.grid_points(atoms, 4, "cube", 1.5))
+    # a keyword given replaces that one setting of params
+    np.testing.assert_array_equal(mofkit.voxelize(atoms, probe="H2", params=params, device="cpu"),
+                                  mofkit.voxelize(atoms, 4, "cube", 1.5, "H2", 6.0, device="cpu"))
 
 
 def _cif_folder(folder):
