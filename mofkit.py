@@ -225,13 +225,13 @@ def _write_csv(path, columns, rows):
         f.write(text.getvalue().encode())
 
 
-def _merge_csv(path, columns, rows, shards):
-    """Rewrite `path` with `rows` replacing its old rows for `shards`; kept sorted by shard."""
+def _merge_csv(path, columns, rows, keys):
+    """Rewrite `path` with `rows` replacing its old rows whose first column is in `keys`; sorted by that column."""
     old = []
     if Path(path).exists():
         with open(path, newline="") as f:
-            old = [r for r in csv.DictReader(f) if r["shard"] not in shards]
-    _write_csv(path, columns, sorted(old + rows, key=lambda r: r["shard"]))
+            old = [r for r in csv.DictReader(f) if r[columns[0]] not in keys]
+    _write_csv(path, columns, sorted(old + rows, key=lambda r: r[columns[0]]))
 
 
 class _TextBar(_text_tqdm):
@@ -2093,8 +2093,13 @@ def grid_freundlich(grid_K, temperature_K=DEFAULT_GRID.temperature_K, pressures_
 SHARD_MAGIC = b"MOFSHRD1"
 SHARD_FORMAT = "mofkit-shard-2"     # footer holds the file's name and the sha256 of its grids and of itself
 SHARD_FORMAT_V1 = "mofkit-shard-1"  # no checksums: still read, with a warning
-MANIFEST_COLUMNS = ["shard", "n_names", "n_grids", "bytes", "sha256", "source", "params_hash", "params", "url",
-                    "names", "kind"]  # kind: "shard", or "weights" for a shipped generator (see load_generator)
+# data_manifest.csv: one row per file. kind "shard": file is the shard's name, members its structures (';'-separated,
+# the footer's "members"), params/params_hash its GridParams, url where it is published; kind "weights": a shipped
+# generator (`record_weights`), file its path relative to the manifest. Manifests written before 2026-11-25 name
+# three columns differently (_OLD_MANIFEST_COLUMNS); they are read, and rewritten, with today's names.
+MANIFEST_COLUMNS = ["file", "n_members", "n_grids", "bytes", "sha256", "source", "params_hash", "params", "url",
+                    "members", "kind"]
+_OLD_MANIFEST_COLUMNS = {"shard": "file", "n_names": "n_members", "names": "members"}
 FAILURE_COLUMNS = ["shard", "name", "reason"]
 COREMOF_SOURCE = "coremof:2019-ASR"
 
@@ -2246,16 +2251,18 @@ def _source_label(source) -> str:
                      f"of .cif files")
 
 
-def _source_names(label) -> list:
-    kind, where = label.split(":", 1)
+def source_names(source=None) -> list:
+    """The structure names of a source (as `build_shards` takes it: None, 'coremof:<dataset>' or a CIF folder)."""
+    kind, where = _source_label(source).split(":", 1)
     if kind == "coremof":
         return coremof_names(where)
     return list(dict.fromkeys(p.stem for p in _cif_paths(where)))  # a.cif and a.CIF: one name (iter_cifs records it)
 
 
-def _source_structures(label, names, failures):
-    """Yield (name, atoms) for `names`, appending (name, reason) to `failures` for those that cannot be read."""
-    kind, where = label.split(":", 1)
+def iter_source(source, names, failures=None):
+    """Yield (name, atoms) for `names` of a source (as in `source_names`), appending (name, reason) to `failures`
+    for those that cannot be read."""
+    kind, where = _source_label(source).split(":", 1)
     if kind == "coremof":
         return iter_coremof(where, names=names, failures=failures)
     found = {}
@@ -2283,8 +2290,8 @@ def _shard_plan(names, shard_size):
 
 def _manifest_row(shard, members, label, params, path=None, url=""):
     """One data_manifest.csv row; bytes/sha256/n_grids are filled from the file at `path` when there is one."""
-    row = {"shard": shard, "n_names": len(members), "n_grids": "", "bytes": "", "sha256": "", "source": label,
-           "params_hash": params.hash, "params": params.to_json(), "url": url, "names": ";".join(members),
+    row = {"file": shard, "n_members": len(members), "n_grids": "", "bytes": "", "sha256": "", "source": label,
+           "params_hash": params.hash, "params": params.to_json(), "url": url, "members": ";".join(members),
            "kind": "shard"}
     if path is not None:
         row.update(n_grids=read_shard_meta(path)["shape"][0], bytes=Path(path).stat().st_size,
@@ -2293,16 +2300,32 @@ def _manifest_row(shard, members, label, params, path=None, url=""):
 
 
 def read_manifest(path, kind="shard") -> list:
-    """The rows of data_manifest.csv of one kind ("shard", "weights"; None: all) as dicts of strings.
-    A manifest without a kind column (older files) lists shards only."""
+    """The rows of data_manifest.csv of one kind ("shard", "weights"; None: all) as dicts of strings, with
+    today's column names (MANIFEST_COLUMNS). A manifest without a kind column (older files) lists shards only."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [{_OLD_MANIFEST_COLUMNS.get(k, k): v for k, v in row.items()} for row in csv.DictReader(f)]
     missing = set(MANIFEST_COLUMNS) - {"kind"} - set(rows[0] if rows else MANIFEST_COLUMNS)
     if missing:
         raise ValueError(f"{path}: not a shard manifest, columns {sorted(missing)} are missing")
     for row in rows:
         row["kind"] = row.get("kind") or "shard"
     return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def _merge_manifest(path, rows):
+    """Rewrite the manifest `path` with `rows` replacing its rows of the same files; sorted by file."""
+    files = {r["file"] for r in rows}
+    old = [r for r in read_manifest(path, kind=None) if r["file"] not in files] if Path(path).exists() else []
+    _write_csv(path, MANIFEST_COLUMNS, sorted(old + rows, key=lambda r: r["file"]))
+
+
+def _members(row) -> list:
+    return row["members"].split(";")
+
+
+def _holds(meta, members, params_hash) -> bool:
+    """Does a shard footer say it holds exactly `members`, made with the GridParams of `params_hash`?"""
+    return meta["members"] == list(members) and GridParams(**meta["params"]).hash == params_hash
 
 
 def coremof_manifest(path=None, dataset="2019-ASR", shard_size=100, params=None) -> list:
@@ -2336,7 +2359,7 @@ def _voxelize_chunk(chunk, params, device, failures) -> dict:
 def _build_shard(path, members, label, params, table, device=None, progress=True) -> dict:
     """Voxelize `members` into one shard file; a structure that fails is recorded in the footer and skipped."""
     failures, grids, props = [], {}, {}
-    structures = _source_structures(label, members, failures)
+    structures = iter_source(label, members, failures)
     device = usable_device(device)
     per_call = 16 if device.type == "cuda" else 1          # a GPU wants many structures in one batch
     with tqdm(total=len(members), desc=path.name, leave=False, disable=not progress) as bar:
@@ -2402,7 +2425,7 @@ def _reuse_shard_or_delete(path, members, params):
         warnings.warn(f"{e} -- deleting it and building it again")
         path.unlink()
         return None
-    if meta["members"] != list(members) or GridParams(**meta["params"]) != params:
+    if not _holds(meta, members, params.hash):
         raise ShardError(f"{path} holds other structures or voxelizer parameters than requested: build into "
                          f"another folder, or delete it")
     if members and not meta["names"]:  # a failed build (wrong device, missing files): never counted as done
@@ -2425,7 +2448,7 @@ def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) ->
         meta = _reuse_shard_or_delete(path, members, params) or _build_shard(path, members, label, params, table,
                                                                               device, progress)
         rows.append(_manifest_row(shard, members, label, params, path=path))
-        _merge_csv(out_dir / "data_manifest.csv", MANIFEST_COLUMNS, [rows[-1]], {shard})
+        _merge_manifest(out_dir / "data_manifest.csv", [rows[-1]])
         _merge_csv(out_dir / "failures.csv", FAILURE_COLUMNS,
                    [{"shard": shard, "name": n, "reason": r} for n, r in meta["failures"]], {shard})
     return rows
@@ -2434,7 +2457,7 @@ def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) ->
 def build_summary(rows, out_dir) -> str:
     """One line for the end of a build: shards, grids, structures that failed, where the failures are listed."""
     grids = sum(int(r["n_grids"] or 0) for r in rows)
-    failed = sum(int(r["n_names"]) for r in rows) - grids
+    failed = sum(int(r["n_members"]) for r in rows) - grids
     return (f"{len(rows)} shards, {grids} grids, {failed} failed structures in {out_dir}"
             + (f" (reasons: {Path(out_dir) / 'failures.csv'})" if failed else ""))
 
@@ -2460,7 +2483,7 @@ def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=Non
         raise ValueError(f"limit={limit!r}: must be a whole number >= 1 (or None for every structure)")
     device = usable_device(device)
     label = _source_label(source)
-    names = list(_source_names(label) if names is None else names)[:limit]
+    names = list(source_names(label) if names is None else names)[:limit]
     if not names:
         raise ValueError(f"{label}: no structures to build")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
@@ -2478,9 +2501,10 @@ def _verified(path, row, local_row) -> bool:
         meta = verify_shard(path)
     except ShardError:
         return False
-    if ";".join(meta["members"]) != row["names"] or GridParams(**meta["params"]).hash != row["params_hash"]:
+    if not _holds(meta, _members(row), row["params_hash"]):
         return False
-    same = [r for r in (row, local_row) if r and r["names"] == row["names"] and r["params_hash"] == row["params_hash"]]
+    same = [r for r in (row, local_row) if r and r["members"] == row["members"]
+            and r["params_hash"] == row["params_hash"]]
     known = {r["sha256"] for r in same if r["sha256"]}
     return not known or sha256_file(path) in known
 
@@ -2499,11 +2523,11 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
     if dest_dir.exists() and not dest_dir.is_dir():
         raise ShardError(f"{dest_dir}: is a file, not a folder for shards")
     local_csv = dest_dir / "data_manifest.csv"
-    local = {r["shard"]: r for r in read_manifest(local_csv)} if local_csv.exists() else {}
+    local = {r["file"]: r for r in read_manifest(local_csv)} if local_csv.exists() else {}
     paths, built = [], []
     for row in tqdm(read_manifest(manifest_csv), desc="checking shards", disable=not progress):
-        shard, path = row["shard"], dest_dir / row["shard"]
-        params, members = GridParams(**json.loads(row["params"])), row["names"].split(";")
+        shard, path = row["file"], dest_dir / row["file"]
+        params, members = GridParams(**json.loads(row["params"])), _members(row)
         if path.exists() and not _verified(path, row, local.get(shard)):
             warnings.warn(f"shard {shard}: {path} does not match its manifest row (corrupted or truncated): "
                           f"deleted it, fetching it again")
@@ -2512,8 +2536,8 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
             try:
                 download(row["url"], path, sha256=row["sha256"] or None, progress=progress)
                 verify_shard(path)
-                _merge_csv(local_csv, MANIFEST_COLUMNS,
-                           [_manifest_row(shard, members, row["source"], params, path=path, url=row["url"])], {shard})
+                _merge_manifest(local_csv, [_manifest_row(shard, members, row["source"], params, path=path,
+                                                          url=row["url"])])
             except (DownloadError, ShardError) as e:
                 with contextlib.suppress(FileNotFoundError):
                     if isinstance(e, ShardError):
@@ -2534,7 +2558,7 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
                 raise ShardError(f"shard {shard}: building it locally gave 0 of its {len(members)} grids (e.g. "
                                  f"{reasons}); nothing was kept. Restore its source {row['source']} or fetch it")
         meta = read_shard_meta(path)
-        if meta["members"] != members or GridParams(**meta["params"]) != params:
+        if not _holds(meta, members, params.hash):
             raise ShardError(f"shard {shard}: {path} passed its checksum but holds other structures or parameters "
                              f"than its manifest row: the manifest {manifest_csv} is inconsistent, fix its row")
         paths.append(path)
@@ -3651,6 +3675,21 @@ def export_generator(checkpoint, path, dtype=torch.float16) -> Path:
     return Path(path)
 
 
+def record_weights(path, manifest_csv, source="") -> dict:
+    """Record a generator file (from `export_generator`) in a manifest as a "weights" row: its path relative to the
+    manifest's folder (its name when outside it), bytes and sha256, and `source` (e.g. the command that made it),
+    replacing an older row of that path. `load_generator` then refuses any other file under that name."""
+    path = Path(path)
+    try:
+        file = path.resolve().relative_to(Path(manifest_csv).resolve().parent).as_posix()
+    except ValueError:
+        file = path.name
+    row = {**dict.fromkeys(MANIFEST_COLUMNS, ""), "file": file, "bytes": path.stat().st_size,
+           "sha256": sha256_file(path), "source": source, "kind": "weights"}
+    _merge_manifest(manifest_csv, [row])
+    return row
+
+
 def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.csv")):
     """A Generator saved by `export_generator`, in eval mode and float32, with `.e_scale_K` and `.grid_params`
     (the `voxelize` settings of its training grids: compare its samples with grids made the same way) set, so
@@ -3659,7 +3698,7 @@ def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.cs
     path = Path(path)
     if manifest_csv is not None and Path(manifest_csv).exists():
         for row in read_manifest(manifest_csv, kind="weights"):
-            if Path(row["shard"]).name == path.name and sha256_file(path) != row["sha256"]:
+            if Path(row["file"]).name == path.name and sha256_file(path) != row["sha256"]:
                 raise CheckpointError(f"{path}: sha256 {sha256_file(path)} does not match {manifest_csv} "
                                       f"({row['sha256']}): corrupted or a different model; fetch it again")
     try:

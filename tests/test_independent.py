@@ -365,7 +365,7 @@ def test_cli_voxelize_spacing_changes_the_grid_and_the_printed_properties(tmp_pa
 
 
 def test_cli_shards_sample_and_notebook_options_reach_their_functions(tmp_path, monkeypatch, capsys):
-    build = _Spy([{"n_names": 7, "n_grids": 7}])
+    build = _Spy([{"n_members": 7, "n_grids": 7}])
     monkeypatch.setattr(mofkit, "build_shards", build)
     mofkit.main(["shards", str(tmp_path / "s"), "--source", str(tmp_path), "--limit", "7", "--shard-size", "3",
                  "--size", "12", "--frame", "cell", "--spacing", "0.8", "--probe", "Xe", "--device", "cpu"])

@@ -1223,7 +1223,7 @@ def test_build_shards_max_minutes_stops_between_shards_and_the_next_call_continu
     clock = iter(range(0, 10**6, 45))  # every look at the clock: 45 s later
     monkeypatch.setattr(mofkit.time, "monotonic", lambda: next(clock))
     rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False, max_minutes=1.0)
-    assert [r["shard"] for r in rows] == ["shard_00000.npy"]  # 45 s in: one more shard would start after 60 s
+    assert [r["file"] for r in rows] == ["shard_00000.npy"]  # 45 s in: one more shard would start after 60 s
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.npy"]
     rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
     assert [r["n_grids"] for r in rows] == [2, 1, 1]
@@ -1233,10 +1233,10 @@ def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_p
     cifs = _cif_folder(tmp_path / "cifs")
     out = tmp_path / "out"
     rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
-    assert [r["shard"] for r in rows] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
-    assert [r["names"] for r in rows] == ["mof0;mof1", "mof2;mof3", "mof4"]  # membership from the names
+    assert [r["file"] for r in rows] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    assert [r["members"] for r in rows] == ["mof0;mof1", "mof2;mof3", "mof4"]  # membership from the names
     assert [r["n_grids"] for r in rows] == [2, 1, 1]
-    assert all(r["sha256"] == mofkit.sha256_file(out / r["shard"]) and r["source"] == f"cifs:{cifs}" for r in rows)
+    assert all(r["sha256"] == mofkit.sha256_file(out / r["file"]) and r["source"] == f"cifs:{cifs}" for r in rows)
     assert [{k: str(v) for k, v in r.items()} for r in rows] == mofkit.read_manifest(out / "data_manifest.csv")
     failures = (out / "failures.csv").read_text().splitlines()
     assert len(failures) == 2 and failures[1].startswith("shard_00001.npy,mof2,") and "malformed CIF" in failures[1]
@@ -1275,10 +1275,10 @@ def _published(tmp_path, http_server):
     """Shards built into pub/ and served over HTTP; returns the manifest path and the files' bytes."""
     rows = mofkit.build_shards(tmp_path / "pub", _cif_folder(tmp_path / "cifs"), params=TINY, shard_size=2,
                                progress=False)
-    files = {r["shard"]: (tmp_path / "pub" / r["shard"]).read_bytes() for r in rows}
+    files = {r["file"]: (tmp_path / "pub" / r["file"]).read_bytes() for r in rows}
     for r in rows:
-        http_server.route(f"/{r['shard']}", ranged(files[r["shard"]]))
-        r["url"] = f"{http_server.url}/{r['shard']}"
+        http_server.route(f"/{r['file']}", ranged(files[r["file"]]))
+        r["url"] = f"{http_server.url}/{r['file']}"
     manifest = tmp_path / "data_manifest.csv"
     mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
     return manifest, files
@@ -1304,6 +1304,26 @@ def test_ensure_shards_downloads_verifies_and_replaces_bad_files(tmp_path, http_
     assert sorted(os.listdir(dest)) == sorted([*files, "data_manifest.csv"])
 
 
+def test_ensure_shards_reads_manifests_with_the_old_column_names(tmp_path, http_server, monkeypatch):
+    """Manifests from before file/n_members/members (published ones, an old local one) work and are rewritten
+    with today's names, keeping their other rows."""
+    manifest, files = _published(tmp_path, http_server)
+    rows = mofkit.read_manifest(manifest)
+    old = {new: old for old, new in mofkit._OLD_MANIFEST_COLUMNS.items()}
+    old_columns = [old.get(c, c) for c in mofkit.MANIFEST_COLUMNS]
+    mofkit._write_csv(manifest, old_columns, [{old.get(k, k): v for k, v in r.items()} for r in rows])
+    assert "shard,n_names" in manifest.read_text() and mofkit.read_manifest(manifest) == rows
+    dest = tmp_path / "dest"
+    other = {**rows[0], "file": "shard_09999.npy", "url": ""}
+    mofkit._write_csv(dest / "data_manifest.csv", old_columns, [{old.get(k, k): v for k, v in other.items()}])
+    calls = _counting_voxelize(monkeypatch)
+    paths = mofkit.ensure_shards(manifest, dest, progress=False)
+    assert [p.read_bytes() for p in paths] == list(files.values()) and calls == []
+    assert (dest / "data_manifest.csv").read_text().splitlines()[0] == ",".join(mofkit.MANIFEST_COLUMNS)
+    local = mofkit.read_manifest(dest / "data_manifest.csv")
+    assert [r["file"] for r in local] == [*files, "shard_09999.npy"] and local[-1] == other
+
+
 def test_ensure_shards_rejects_a_corrupted_download_and_builds_instead(tmp_path, http_server, monkeypatch):
     manifest, files = _published(tmp_path, http_server)
     bad = bytearray(files["shard_00000.npy"])
@@ -1316,7 +1336,7 @@ def test_ensure_shards_rejects_a_corrupted_download_and_builds_instead(tmp_path,
     assert calls == ["mof0", "mof1"]  # built, not downloaded
     assert mofkit.read_shard_meta(paths[0])["names"] == ["mof0", "mof1"]
     assert not any(p.name.startswith(".") for p in dest.iterdir())  # the bad download left nothing
-    local = {r["shard"]: r for r in mofkit.read_manifest(dest / "data_manifest.csv")}
+    local = {r["file"]: r for r in mofkit.read_manifest(dest / "data_manifest.csv")}
     assert local["shard_00000.npy"]["sha256"] == mofkit.sha256_file(paths[0])
     mofkit.ensure_shards(manifest, dest, progress=False)
     assert calls == ["mof0", "mof1"]  # the local build is verified by its recorded sha256 and kept
@@ -1355,8 +1375,8 @@ def test_ensure_shards_builds_coremof_rows_with_the_package_properties(tmp_path,
 
 def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed_one(tmp_path):
     rows = mofkit.coremof_manifest(tmp_path / "m.csv")
-    assert len(rows) == 121 and [r["n_names"] for r in rows[-2:]] == [100, 20]
-    assert sum((r["names"].split(";") for r in rows), []) == mofkit.coremof_names()
+    assert len(rows) == 121 and [r["n_members"] for r in rows[-2:]] == [100, 20]
+    assert sum((r["members"].split(";") for r in rows), []) == mofkit.coremof_names()
     assert {r["params_hash"] for r in rows} == {mofkit.ShardParams().hash} and not any(r["sha256"] for r in rows)
     assert (tmp_path / "m.csv").stat().st_size < 1_000_000
     committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"  # its shard rows; weights rows aside
@@ -1366,10 +1386,10 @@ def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed
 def test_manifest_weights_rows_are_not_shards_and_old_manifests_still_read(tmp_path):
     rows = mofkit.coremof_manifest(tmp_path / "m.csv")[:2]
     weights = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
-    weights.update(shard="weights/g.pt", bytes="3", sha256="ab" * 32, kind="weights")
+    weights.update(file="weights/g.pt", bytes="3", sha256="ab" * 32, kind="weights")
     mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, rows + [weights])
-    assert [r["shard"] for r in mofkit.read_manifest(tmp_path / "m.csv")] == [r["shard"] for r in rows]
-    assert [r["shard"] for r in mofkit.read_manifest(tmp_path / "m.csv", kind="weights")] == ["weights/g.pt"]
+    assert [r["file"] for r in mofkit.read_manifest(tmp_path / "m.csv")] == [r["file"] for r in rows]
+    assert [r["file"] for r in mofkit.read_manifest(tmp_path / "m.csv", kind="weights")] == ["weights/g.pt"]
     old_columns = [c for c in mofkit.MANIFEST_COLUMNS if c != "kind"]  # a manifest from before the kind column
     mofkit._write_csv(tmp_path / "old.csv", old_columns, [{c: r[c] for c in old_columns} for r in rows])
     assert mofkit.read_manifest(tmp_path / "old.csv") == [{k: str(v) for k, v in r.items()} for r in rows]
@@ -1577,13 +1597,18 @@ def test_export_and_load_generator_sample_like_the_checkpoint_and_check_the_mani
     shipped, full = mofkit.sample(G, 3, seed=5), mofkit.sample(res.checkpoint, 3, seed=5)
     assert shipped.shape == full.shape == (3, 1, 16, 16, 16)
     assert np.abs(shipped - full).max() < 800.0 * 0.01  # fp16 weights: within 1% of E_scale
-    row = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
-    row.update(shard="weights/g.pt", kind="weights", sha256=mofkit.sha256_file(path))
-    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [row])
+    row = mofkit.record_weights(path, tmp_path / "m.csv", source="a test")
+    assert mofkit.read_manifest(tmp_path / "m.csv", kind="weights") == [{k: str(v) for k, v in row.items()}]
+    assert (row["file"], row["sha256"], row["bytes"]) == ("g.pt", mofkit.sha256_file(path), path.stat().st_size)
     assert mofkit.load_generator(path, tmp_path / "m.csv").e_scale_K == 800.0
     mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [{**row, "sha256": "0" * 64}])
     with pytest.raises(mofkit.CheckpointError, match="does not match"):
         mofkit.load_generator(path, tmp_path / "m.csv")
+    old = {new: old for old, new in mofkit._OLD_MANIFEST_COLUMNS.items()}  # a manifest before file/members
+    mofkit._write_csv(tmp_path / "old.csv", [old.get(c, c) for c in mofkit.MANIFEST_COLUMNS],
+                      [{old.get(k, k): v for k, v in {**row, "sha256": "0" * 64}.items()}])
+    with pytest.raises(mofkit.CheckpointError, match="does not match"):
+        mofkit.load_generator(path, tmp_path / "old.csv")
     with pytest.raises(mofkit.CheckpointError, match="export_generator"):
         mofkit.load_generator(res.checkpoint, manifest_csv=None)  # a training checkpoint is not a generator file
 

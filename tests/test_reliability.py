@@ -167,7 +167,7 @@ def test_batches_never_stop_on_one_bad_file_and_read_upper_case_names(tmp_path):
         list(mofkit.iter_cifs(tmp_path / "nowhere"))
     # build_shards goes on past the same files and records why each failed
     rows = mofkit.build_shards(tmp_path / "out", folder, params=TINY, shard_size=10, progress=False)
-    assert rows[0]["n_grids"] == 3 and rows[0]["n_names"] == 6
+    assert rows[0]["n_grids"] == 3 and rows[0]["n_members"] == 6
     reasons = (tmp_path / "out" / "failures.csv").read_text()
     assert "b_nan_cell" in reasons and "c_flat" in reasons and "d_garbage" in reasons
 
@@ -312,7 +312,7 @@ def _manifest(tmp_path, url=""):
         r["url"], r["sha256"] = url, ""   # as the shipped manifest: no published checksum
     manifest = tmp_path / "data_manifest.csv"
     mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
-    return manifest, folder, (tmp_path / "pub" / rows[0]["shard"]).read_bytes()
+    return manifest, folder, (tmp_path / "pub" / rows[0]["file"]).read_bytes()
 
 
 def test_ensure_shards_never_replaces_a_corrupt_shard_by_an_empty_one(tmp_path):
