@@ -902,7 +902,7 @@ def read_structure(source, name=None, min_distance_A=0.5):
             bad = [str(v) for v in np.ravel(coords) if not _finite_number(v)]
             if bad:
                 raise StructureError(f"{name}: atom coordinates that are not finite numbers: {sorted(set(bad))[:5]}")
-            # P1 files (all of CoRE MOF) skip ase's O(N^2) symmetry expansion: 15 s -> 0.05 s for 2,000 atoms.
+            # P1 files (all of CoRE MOF) skip ase's O(N^2) symmetry expansion (README, "Voxelizer").
             # The operations listed decide, as in ase.io.read: a 'P 1' label over more operations is expanded.
             p1 = block.get_spacegroup(True).no == 1 and _is_identity_only(block._get_sitesym())
             atoms = block.get_unsymmetrized_structure() if p1 else block.get_atoms()
@@ -1035,7 +1035,7 @@ At 4.750 0.284  Rn 4.765 0.248  Fr 4.900 0.050  Ra 3.677 0.404  Ac 3.478 0.033  
 U 3.395 0.022  Np 3.424 0.019  Pu 3.424 0.016  Am 3.381 0.014  Cm 3.326 0.013  Bk 3.339 0.013  Cf 3.313 0.013
 Es 3.299 0.012  Fm 3.286 0.012  Md 3.274 0.011  No 3.248 0.011  Lr 3.236 0.011
 """
-KCAL_PER_MOL_IN_K = 503.22            # 1 kcal/mol / k_B, as the issue and RASPA-style UFF tables use
+KCAL_PER_MOL_IN_K = 503.22            # 1 kcal/mol / k_B, as RASPA-style UFF tables use
 _t = _UFF_TABLE.split()
 # element -> (epsilon_K, sigma_A): epsilon = D_i in kelvin, sigma = x_i / 2^(1/6) (x_i is the LJ minimum distance)
 UFF = {el: (float(d) * KCAL_PER_MOL_IN_K, float(x) / 2 ** (1 / 6)) for el, x, d in zip(_t[0::3], _t[1::3], _t[2::3])}
@@ -1085,8 +1085,8 @@ class GridParams:
     cap_K: float = 5000.0
     temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
     density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
-    # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost 2-20x the cube grid itself
-    # (grids over the full cell at 0.3 A); False stores NaN for them (density and window columns stay), for
+    # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost more than the cube grid itself
+    # (grids over the full cell at 0.3 A; README, "Properties of the whole crystal"); False stores NaN for them (density and window columns stay), for
     # datasets made only to train on.
     cell_properties: bool = True
 
@@ -1650,7 +1650,7 @@ def _isotherm_points(pressure, adsorption, drop_zero_pressure=False, drop_zero_a
 
 def _fit_model(model, P, q, fixed=None, log_space=False) -> IsothermFit:
     """The one fitting core: least squares over ln(free parameters), from linearised starting values."""
-    from scipy.optimize import leastsq  # MINPACK Levenberg-Marquardt; 5x less overhead than least_squares
+    from scipy.optimize import leastsq  # MINPACK Levenberg-Marquardt: less overhead than least_squares (README)
     spec = _MODELS[model]
     fixed = {k: float(v) for k, v in (fixed or {}).items() if v is not None}
     for k, v in fixed.items():
@@ -2573,8 +2573,8 @@ _COPY_CHUNK = 32768  # torch's parallel grain size: copies this small run on the
 def _half_to_float(src):
     """A new float32 tensor from a float16 one, converted in chunks on the calling thread.
 
-    A whole-grid .float() wakes torch's thread pool: with a trainer and a loader on 2 busy cores that took
-    ~8 ms per 64^3 grid instead of ~0.07 ms (measured on the 2-core dev machine).
+    A whole-grid .float() wakes torch's thread pool, which on busy cores costs far more than the copy itself
+    (README, "Shard streaming").
     """
     flat, out = src.reshape(-1), torch.empty(src.numel(), dtype=torch.float32)
     for a in range(0, flat.numel(), _COPY_CHUNK):
@@ -2585,8 +2585,8 @@ def _half_to_float(src):
 def _prefetch(path):
     """Ask the kernel to start reading a file into the page cache (returns at once; a no-op where unsupported).
 
-    Reading the next shard ahead while this one is decoded took cold streaming from ~1,100 to ~1,900 grids/s
-    (shuffled) and ~3,300 grids/s (in order) on the 2-core dev VM.
+    The next shard is read ahead while this one is decoded: cold streaming is bound by the disk (README, "Shard
+    streaming").
     """
     if hasattr(os, "posix_fadvise"):
         fd = os.open(path, os.O_RDONLY)
@@ -2711,8 +2711,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 x = self.transform(x) if self.transform is not None else x
                 yield (x, self.offsets[s] + k) if self.with_index else x
             del grids
-            # Between shards only, and the young generations only: they hold what reading one shard created
-            # (~1 ms); a full collection walks every object in the process (~0.1 s with torch loaded).
+            # Between shards only, and the young generations only: they hold what reading one shard created; a
+            # full collection walks every object in the process, ~100x longer with torch loaded (README).
             gc.collect(1)
 
 
@@ -2724,8 +2724,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # The study's network (after Wu et al. 2016): a latent vector is projected by a Linear layer to a
 # 4^3 x `channels` volume and doubled in size by k4 s2 p1 transposed convolutions, halving the channels
 # each time; the discriminator mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm
-# follows them). In the study both nets end in a Sigmoid; here the discriminator's is optional (`sigmoid=`)
-# and the generator's output squashing follows the input transform. At dim 64, latent 200, 512 channels this is exactly the
+# follows them). The study ends both nets in a Sigmoid; here the generator's last activation follows the input
+# transform (Sigmoid for "wells", Tanh for "signed") and the discriminator's Sigmoid is optional (`sigmoid=`). At dim 64, latent 200, 512 channels this is exactly the
 # study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer
 # layout is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it),
 # the last transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
@@ -3152,15 +3152,16 @@ def _augment(batch):
 
 @dataclass
 class _Run:
-    """The live training objects: raw modules (for state_dicts), the callables to run them, optimizers."""
+    """The live training objects: the modules themselves (G, D: their state_dicts and parameters), the callables
+    that run them in a step (*_step: maybe DDP- and/or compile-wrapped), optimizers."""
     config: TrainConfig
     G: torch.nn.Module
     D: torch.nn.Module
     G_ema: torch.nn.Module | None    # the moving average of G's weights that `sample` uses (None: ema = 0)
-    g: object                        # G, maybe DDP- and/or compile-wrapped
-    d: object                        # D for the D step (DDP-wrapped under torchrun)
-    d_for_g: object                  # D for the G step: no DDP, its weight grads are never needed
-    d_r1: object                     # D for R1 steps: never compiled (torch.compile has no double backward)
+    G_step: object                   # G, maybe DDP- and/or compile-wrapped
+    D_step: object                   # D for the D step (DDP-wrapped under torchrun)
+    D_step_for_G: object             # D for the G step: no DDP, its weight grads are never needed
+    D_step_r1: object                # D for R1 steps: never compiled (torch.compile has no double backward)
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     scaler: object
@@ -3196,16 +3197,17 @@ def _build_run(config, device, ddp=False):
     opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     precision = _resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    g, d, d_for_g = G, D, D
+    G_step, D_step, D_step_for_G = G, D, D
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
-        g, d = DDP(G, device_ids=ids, broadcast_buffers=True), DDP(D, device_ids=ids, broadcast_buffers=True)
-    d_r1 = d
+        G_step, D_step = DDP(G, device_ids=ids, broadcast_buffers=True), DDP(D, device_ids=ids, broadcast_buffers=True)
+    D_step_r1 = D_step
     if config.compile:
-        g, d = torch.compile(g), torch.compile(d)
-        d_for_g = torch.compile(D) if ddp else d
-    return _Run(config, G, D, G_ema, g, d, d_for_g, d_r1, opt_g, opt_d, scaler, precision, memory_format)
+        G_step, D_step = torch.compile(G_step), torch.compile(D_step)
+        D_step_for_G = torch.compile(D) if ddp else D_step
+    return _Run(config, G, D, G_ema, G_step, D_step, D_step_for_G, D_step_r1, opt_g, opt_d, scaler, precision,
+                memory_format)
 
 
 def _gan_step(run, real, step):
@@ -3217,9 +3219,9 @@ def _gan_step(run, real, step):
     if r1:
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
-        fake = run.g(z)
-        d_real = (run.d_r1 if r1 else run.d)(real).float()
-        d_fake = run.d(fake.detach()).float()
+        fake = run.G_step(z)
+        d_real = (run.D_step_r1 if r1 else run.D_step)(real).float()
+        d_fake = run.D_step(fake.detach()).float()
         loss_d = discriminator_loss(config.loss, d_real, d_fake)
     total_d = loss_d
     if r1:  # zero-centred gradient penalty on real data, scaled by the interval (lazy regularisation)
@@ -3231,7 +3233,7 @@ def _gan_step(run, real, step):
 
     run.D.requires_grad_(False)  # the G step needs D's input gradients only
     with run.autocast(device_type):
-        d_gen = run.d_for_g(fake).float()
+        d_gen = run.D_step_for_G(fake).float()
         loss_g = generator_loss(config.loss, d_gen)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
@@ -4799,7 +4801,7 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
 
 
 def structure_targets(generated, real):
-    """Issue 14's targets from two structure_report tables (generated, held-out real decoded the same way):
+    """The generation targets (README, "Atoms from grids") from two structure_report tables (generated, held-out real decoded the same way):
     pandas DataFrame of the generated and real medians (contact_fraction: means) per figure, and whether
     the target is met."""
     import pandas as pd
