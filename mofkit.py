@@ -2312,11 +2312,16 @@ def read_manifest(path, kind="shard") -> list:
     return [r for r in rows if kind is None or r["kind"] == kind]
 
 
+def write_manifest(path, rows):
+    """Write manifest rows (dicts with MANIFEST_COLUMNS, as `read_manifest` returns them) to `path` atomically."""
+    _write_csv(path, MANIFEST_COLUMNS, rows)
+
+
 def _merge_manifest(path, rows):
     """Rewrite the manifest `path` with `rows` replacing its rows of the same files; sorted by file."""
     files = {r["file"] for r in rows}
     old = [r for r in read_manifest(path, kind=None) if r["file"] not in files] if Path(path).exists() else []
-    _write_csv(path, MANIFEST_COLUMNS, sorted(old + rows, key=lambda r: r["file"]))
+    write_manifest(path, sorted(old + rows, key=lambda r: r["file"]))
 
 
 def _members(row) -> list:
@@ -2339,7 +2344,7 @@ def coremof_manifest(path=None, dataset="2019-ASR", shard_size=100, params=None)
     rows = [_manifest_row(shard, members, label, params)
             for shard, members in _shard_plan(coremof_names(dataset), shard_size)]
     if path is not None:
-        _write_csv(path, MANIFEST_COLUMNS, rows)
+        write_manifest(path, rows)
     return rows
 
 
