@@ -1086,8 +1086,8 @@ class GridParams:
     temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
     density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
     # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost more than the cube grid itself
-    # (grids over the full cell at 0.3 A; README, "Properties of the whole crystal"); False stores NaN for them (density and window columns stay), for
-    # datasets made only to train on.
+    # (grids over the full cell at 0.3 A; README, "Properties of the whole crystal"); False stores NaN for them
+    # (density and window columns stay), for datasets made only to train on.
     cell_properties: bool = True
 
     def __post_init__(self):
@@ -2137,7 +2137,7 @@ def write_shard(path, grids, meta):
         f.write(struct.pack("<Q", len(footer)) + SHARD_MAGIC)
 
 
-def _shard_broken(path, reason):
+def _broken_shard_error(path, reason):
     return ShardError(f"{path}: {reason}; it is not a complete, intact mofkit shard: delete it and rerun "
                       f"ensure_shards (or build_shards)")
 
@@ -2163,35 +2163,35 @@ def read_shard_meta(path) -> dict:
                            (2, 0): np.lib.format.read_array_header_2_0}[version]
             shape, fortran_order, dtype = read_header(f)
         except (ValueError, KeyError) as e:
-            raise _shard_broken(path, f"no .npy header ({e})") from None
+            raise _broken_shard_error(path, f"no .npy header ({e})") from None
         data_start = f.tell()
         data_end = data_start + math.prod(shape) * dtype.itemsize
         if size < data_end + 16:
-            raise _shard_broken(path, f"{size} bytes, too short for its {shape} array and footer (truncated?)")
+            raise _broken_shard_error(path, f"{size} bytes, too short for its {shape} array and footer (truncated?)")
         f.seek(size - 16)
         footer_bytes, magic = struct.unpack("<Q8s", f.read(16))
         if magic != SHARD_MAGIC or size != data_end + footer_bytes + 16:
-            raise _shard_broken(path, f"{size} bytes and no footer where one should end (truncated?)")
+            raise _broken_shard_error(path, f"{size} bytes and no footer where one should end (truncated?)")
         f.seek(data_end)
         try:
             meta = json.loads(f.read(footer_bytes))
         except ValueError as e:
-            raise _shard_broken(path, f"unreadable footer ({e})") from None
+            raise _broken_shard_error(path, f"unreadable footer ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") not in (SHARD_FORMAT, SHARD_FORMAT_V1):
-        raise _shard_broken(path, f"unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        raise _broken_shard_error(path, f"unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     if meta["format"] == SHARD_FORMAT:
         if meta.get("footer_sha256") != _footer_digest(meta):
-            raise _shard_broken(path, "its footer (names, properties, parameters) does not match the footer's "
+            raise _broken_shard_error(path, "its footer (names, properties, parameters) does not match the footer's "
                                       "own sha256: it was altered")
         if meta.get("shard") != path.name:
-            raise _shard_broken(path, f"it was written as {meta.get('shard')!r}: another shard copied or renamed "
+            raise _broken_shard_error(path, f"it was written as {meta.get('shard')!r}: another shard copied or renamed "
                                       f"over this one")
     elif path not in _WARNED_V1:
         _WARNED_V1.add(path)
         warnings.warn(f"{path}: a {SHARD_FORMAT_V1} shard without checksums; it is read as is: rebuild it "
                       f"(delete it and rerun build_shards) to make it self-verifying", stacklevel=2)
     if dtype != np.float16 or fortran_order or len(shape) != 5 or shape[0] != len(meta["names"]):
-        raise _shard_broken(path, f"unexpected layout {dtype} {shape} for format {meta.get('format')!r}")
+        raise _broken_shard_error(path, f"unexpected layout {dtype} {shape} for format {meta.get('format')!r}")
     meta["shape"] = list(shape)
     meta["data_offset"] = data_start
     return meta
@@ -2224,8 +2224,8 @@ def verify_shard(path, meta=None) -> dict:
                 h.update(block)
                 remaining -= len(block)
         if h.hexdigest() != meta["data_sha256"]:
-            raise _shard_broken(path, "its grid bytes do not match the sha256 in its footer (corrupted on disk or "
-                                      "in transfer)")
+            raise _broken_shard_error(path, "its grid bytes do not match the sha256 in its footer (corrupted on "
+                                      "disk or in transfer)")
         _VERIFIED[key] = meta["data_sha256"]
     return meta
 
@@ -2726,14 +2726,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # 6. Models: the study's 3D GAN (after Wu et al. 2016)
 # =============================================================================
 
-# The study's network (after Wu et al. 2016): a latent vector is projected by a Linear layer to a
-# 4^3 x `channels` volume and doubled in size by k4 s2 p1 transposed convolutions, halving the channels
-# each time; the discriminator mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm
-# follows them). The study ends both nets in a Sigmoid; here the generator's last activation follows the input
-# transform (Sigmoid for "wells", Tanh for "signed") and the discriminator's Sigmoid is optional (`sigmoid=`). At dim 64, latent 200, 512 channels this is exactly the
-# study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer
-# layout is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it),
-# the last transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
+# The study's network (after Wu et al. 2016): a latent vector is projected by a Linear layer to a 4^3 x `channels`
+# volume and doubled in size by k4 s2 p1 transposed convolutions, halving the channels each time; the discriminator
+# mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm follows them). The study ends both
+# nets in a Sigmoid; here the generator's last activation follows the input transform (Sigmoid for "wells", Tanh for
+# "signed") and the discriminator's Sigmoid is optional (`sigmoid=`). At dim 64, latent 200, 512 channels this is
+# exactly the study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer layout
+# is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it), the last
+# transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
 
 def _widths(dim, channels):
     """Feature channels from the 4^3 bottleneck outwards: channels, channels/2, ... (one per resolution step)."""
@@ -4806,9 +4806,9 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
 
 
 def structure_targets(generated, real):
-    """The generation targets (README, "Atoms from grids") from two structure_report tables (generated, held-out real decoded the same way):
-    pandas DataFrame of the generated and real medians (contact_fraction: means) per figure, and whether
-    the target is met."""
+    """The generation targets (README, "Atoms from grids") from two structure_report tables (generated, held-out
+    real decoded the same way): pandas DataFrame of the generated and real medians (contact_fraction: means) per
+    figure, and whether the target is met."""
     import pandas as pd
     g, r = generated.median(numeric_only=True), real.median(numeric_only=True)
     rows = [("atoms_per_nm3", g["atoms_per_nm3"], r["atoms_per_nm3"], "within 15%",
