@@ -3059,8 +3059,8 @@ def _restore(run, ckpt, rank) -> _TrainState:
                        ckpt["samples_in_epoch"], ckpt["time_s"], list(ckpt["history"]), ckpt["config_changes"])
 
 
-def _save(run, state, path, rank, world, time_s) -> int:
-    """Write the checkpoint atomically (rank 0; every rank's RNG states gathered into it); return its step."""
+def _save(run, state, meter, path, rank, world):
+    """Write the checkpoint atomically (rank 0; every rank's RNG states gathered into it); note it in the meter."""
     rng_states = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(rng_states, _rng_state())
@@ -3068,8 +3068,9 @@ def _save(run, state, path, rank, world, time_s) -> int:
         rng_states = [_rng_state()]
     if rank == 0:
         with atomic_write(path) as f:
-            torch.save(_checkpoint(run, state, rng_states, time_s, world), f)
-    return state.step
+            torch.save(_checkpoint(run, state, rng_states, state.time_s + time.perf_counter() - meter.started,
+                                   world), f)
+    meter.saved_step, meter.saved = state.step, time.monotonic()
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -3486,11 +3487,8 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     total = min(stop_at, config.epochs * per_epoch) if per_epoch is not None else stop_at
     bar = tqdm(total=None if total == float("inf") else total, initial=state.step,
                disable=not progress or rank != 0, desc="train", unit="step")
-    sums, n_summed = torch.zeros(4, device=device), 0  # [loss_d, loss_g, D(real), D(fake)] since the last log
-    saved_step = None                                   # the step of the checkpoint this call wrote last
-    t_start = t_log = time.perf_counter()
-    t_saved = time.monotonic()
-    deadline = t_saved + 60 * max_minutes if max_minutes is not None else math.inf
+    meter = _Meter(torch.zeros(4, device=device))
+    meter.deadline = meter.saved + 60 * max_minutes if max_minutes is not None else math.inf
     out_of_time, first_step = False, state.step
     while state.epoch < config.epochs and state.step < stop_at and not out_of_time:
         epoch_start = state.step
@@ -3498,75 +3496,77 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
                                    device.type == "cuda"):
             real = _augment(real) if config.augment else real
             real = to_gan_input(real.to(device, non_blocking=True), state.e_scale_K, config.transform)
-            sums += _gan_step(run, real.contiguous(memory_format=run.memory_format), state.step)
-            n_summed += 1
+            meter.sums += _gan_step(run, real.contiguous(memory_format=run.memory_format), state.step)
+            meter.steps += 1
             state.step += 1
             state.samples_in_epoch += config.batch_size
             bar.update()
             ckpt_due = state.step % config.checkpoint_every_steps == 0
             if ckpt_due or state.step % config.log_every == 0:
-                now = time.perf_counter()
-                time_due, out_of_time = _log(state, sums, n_summed, _rank0_clock(rank, t_saved, deadline, config),
-                                             now - t_log, state.time_s + now - t_start, config, rank, world,
-                                             history_csv, bar, _kept_checkpoint(saved_step, last, ckpt))
-                sums, n_summed, t_log = torch.zeros(4, device=device), 0, now
+                time_due, out_of_time = _log(state, meter, config, rank, world, history_csv, bar, last, ckpt)
                 if time_due or ckpt_due:
-                    saved_step = _save(run, state, last, rank, world, state.time_s + time.perf_counter() - t_start)
-                    t_saved = time.monotonic()
+                    _save(run, state, meter, last, rank, world)
             if state.step >= stop_at or out_of_time:
                 break
         else:
             if state.step == epoch_start and state.samples_in_epoch == 0:
                 raise ValueError(f"dataset gives no full batch of {config.batch_size} grids per process")
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
-    if n_summed:
-        now = time.perf_counter()
-        _log(state, sums, n_summed, _rank0_clock(rank, t_saved, deadline, config), now - t_log,
-             state.time_s + now - t_start, config, rank, world, history_csv, bar,
-             _kept_checkpoint(saved_step, last, ckpt))
+    if meter.steps:
+        _log(state, meter, config, rank, world, history_csv, bar, last, ckpt)
     if state.step > first_step:
-        _save(run, state, last, rank, world, state.time_s + time.perf_counter() - t_start)
+        _save(run, state, meter, last, rank, world)
     bar.close()
     return TrainResult(run.G, run.D, last, state.history)
 
 
-def _rank0_clock(rank, t_saved, deadline, config) -> tuple:
-    """(checkpoint due by the clock, out of time) by rank 0's clock; other ranks say (False, False) and learn
-    rank 0's answer in `_log`, so every rank saves and stops at the same step."""
-    return (rank == 0 and time.monotonic() - t_saved >= 60 * config.checkpoint_every_min,
-            rank == 0 and time.monotonic() >= deadline)
+@dataclass
+class _Meter:
+    """One call's figures since the last history row, and its clocks."""
+    sums: torch.Tensor                  # [loss_d, loss_g, D(real), D(fake)], summed over `steps`
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    logged: float = None                # time.perf_counter() of the last row (at first: started)
+    saved: float = field(default_factory=time.monotonic)  # time.monotonic() of the last save (at first: the start)
+    deadline: float = math.inf          # time.monotonic() past which the call stops (max_minutes)
+    saved_step: int | None = None       # the step of the checkpoint this call wrote last
+
+    def __post_init__(self):
+        self.logged = self.started if self.logged is None else self.logged
 
 
-def _log(state, sums, n_summed, flags, seconds, time_s, config, rank, world, history_csv, bar, kept) -> tuple:
-    """Append one history row: `sums` over `n_summed` steps averaged over steps and processes, with rank 0's
-    `flags` (checkpoint due by the clock, out of time) shared so all ranks act alike; returns those two.
-    A non-finite loss raises TrainingDiverged before anything is written (`kept`: which checkpoint survives)."""
-    stats = torch.cat([sums / n_summed, torch.tensor([float(f) for f in flags], device=sums.device)])
+def _log(state, meter, config, rank, world, history_csv, bar, last, ckpt) -> tuple:
+    """Append one history row: the meter's sums averaged over its steps and over processes; then reset the meter.
+    Returns (checkpoint due by the clock, out of time): rank 0's clock decides and the all-reduce tells the other
+    ranks, so every rank saves and stops at the same step. A non-finite loss raises TrainingDiverged first."""
+    now = time.perf_counter()
+    flags = (rank == 0 and time.monotonic() - meter.saved >= 60 * config.checkpoint_every_min,
+             rank == 0 and time.monotonic() >= meter.deadline)
+    stats = torch.cat([meter.sums / meter.steps, torch.tensor([float(f) for f in flags], device=meter.sums.device)])
     if world > 1:
         torch.distributed.all_reduce(stats)
         stats[:4] /= world
     loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
     if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
+        if meter.saved_step is not None:
+            kept = f"the last good checkpoint {last} (step {meter.saved_step}) is kept"
+        elif ckpt is not None:
+            kept = f"the last good checkpoint {ckpt['path']} (step {ckpt['step']}) is kept; this call saved none"
+        else:
+            kept = "no checkpoint exists for this run (none was due yet)"
         raise TrainingDiverged(f"non-finite loss at step {state.step} (losses are checked every {config.log_every} "
-                               f"steps: it appeared after step {state.step - n_summed}; loss_d={loss_d}, "
+                               f"steps: it appeared after step {state.step - meter.steps}; loss_d={loss_d}, "
                                f"loss_g={loss_g}); stopped without saving: {kept}")
     row = dict(step=state.step, epoch=state.epoch, loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake,
-               samples_per_s=n_summed * config.batch_size * world / seconds, time_s=time_s)
+               samples_per_s=meter.steps * config.batch_size * world / (now - meter.logged),
+               time_s=state.time_s + now - meter.started)
     state.history.append(row)
     if rank == 0:
         with open(history_csv, "a") as f:
             f.write(",".join(repr(row[c]) for c in HISTORY_COLUMNS) + "\n")
     bar.set_postfix(loss_d=f"{loss_d:.4f}", loss_g=f"{loss_g:.4f}", refresh=False)
+    meter.sums, meter.steps, meter.logged = torch.zeros_like(meter.sums), 0, now
     return bool(time_due), late > 0
-
-
-def _kept_checkpoint(saved_step, last, ckpt) -> str:
-    """Which checkpoint survives a divergence, for TrainingDiverged's message."""
-    if saved_step is not None:
-        return f"the last good checkpoint {last} (step {saved_step}) is kept"
-    if ckpt is not None:
-        return f"the last good checkpoint {ckpt['path']} (step {ckpt['step']}) is kept; this call saved none"
-    return "no checkpoint exists for this run (none was due yet)"
 
 
 # --- trained generators: sample, export_generator, load_generator -----------------------------------------
