@@ -2325,7 +2325,7 @@ def _merge_manifest(path, rows):
 
 
 def _members(row) -> list:
-    return row["members"].split(";")
+    return row["members"].split(";") if row["members"] else []
 
 
 def _holds(meta, members, params_hash) -> bool:

@@ -42,7 +42,7 @@ _atom_site_fract_z
 """
 STUDY_ISOTHERM = FIXTURES / "isodb" / "10.1002adem.200500223.isotherm1.json"
 H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3  # liquid H2 at 20.4 K, mol/m^3
-TINY = mofkit.ShardParams(size=8, spacing_A=1.0, cutoff_A=6.0)  # 8^3 grids and a short cutoff keep builds fast
+TINY = mofkit.GridParams(size=8, spacing_A=1.0, cutoff_A=6.0)  # 8^3 grids and a short cutoff keep builds fast
 
 
 def sha256_hex(data):
@@ -264,7 +264,7 @@ def small_framework():
 
 
 def params_from_json(params):
-    return mofkit.ShardParams(**json.loads(params.to_json()))
+    return mofkit.GridParams(**json.loads(params.to_json()))
 
 
 def colab_stand_in(folder):

@@ -372,7 +372,7 @@ def test_cli_shards_sample_and_notebook_options_reach_their_functions(tmp_path, 
     (out_dir, source), kwargs = build.calls[0]
     assert (out_dir, source) == (str(tmp_path / "s"), str(tmp_path))
     assert (kwargs["limit"], kwargs["shard_size"], kwargs["device"]) == (7, 3, "cpu")
-    assert kwargs["params"] == mofkit.ShardParams(size=12, frame="cell", spacing_A=0.8, probe="Xe")
+    assert kwargs["params"] == mofkit.GridParams(size=12, frame="cell", spacing_A=0.8, probe="Xe")
 
     sample = _Spy(lambda path, n, **k: np.zeros((n, 1, 4, 4, 4), np.float32) - 5.0)
     monkeypatch.setattr(mofkit, "sample", sample)

@@ -1100,7 +1100,7 @@ def test_build_shards_resumes_and_never_leaves_a_partial_shard(tmp_path, monkeyp
     assert calls == ["mof3", "mof4"]  # finished shard 0 was kept
     assert mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False) == rows and calls == ["mof3", "mof4"]
     with pytest.raises(mofkit.ShardError, match="shard_00000.npy holds other structures"):
-        mofkit.build_shards(out, cifs, params=mofkit.ShardParams(size=8, cutoff_A=5.0), shard_size=2, progress=False)
+        mofkit.build_shards(out, cifs, params=mofkit.GridParams(size=8, cutoff_A=5.0), shard_size=2, progress=False)
 
 
 def test_ensure_shards_downloads_verifies_and_replaces_bad_files(tmp_path, http_server, monkeypatch):
@@ -1196,7 +1196,7 @@ def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed
     rows = mofkit.coremof_manifest(tmp_path / "m.csv")
     assert len(rows) == 121 and [r["n_members"] for r in rows[-2:]] == [100, 20]
     assert sum((r["members"].split(";") for r in rows), []) == mofkit.coremof_names()
-    assert {r["params_hash"] for r in rows} == {mofkit.ShardParams().hash} and not any(r["sha256"] for r in rows)
+    assert {r["params_hash"] for r in rows} == {mofkit.GridParams().hash} and not any(r["sha256"] for r in rows)
     assert (tmp_path / "m.csv").stat().st_size < 1_000_000
     committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"  # its shard rows; weights rows aside
     assert mofkit.read_manifest(committed) == mofkit.read_manifest(tmp_path / "m.csv")
@@ -1220,7 +1220,7 @@ def test_batched_voxelization_for_shards_loses_only_the_bad_structure():
     bad = good.copy()
     bad.symbols[0] = "Rf"                      # no force-field parameters: fails inside voxelize
     failures = []
-    params = mofkit.ShardParams(size=8, spacing_A=1.0)
+    params = mofkit.GridParams(size=8, spacing_A=1.0)
     grids = mofkit._voxelize_chunk([("good", good), ("bad", bad), ("good2", good)], params, "cpu", failures)
     assert list(grids) == ["good", "good2"] and grids["good"].shape == (8, 8, 8)
     np.testing.assert_array_equal(grids["good"], mofkit.voxelize(good, **params.voxelize_kwargs()))
@@ -2006,18 +2006,18 @@ def test_density_classes_are_checked():
         with pytest.raises(ValueError, match="density classes"):
             mofkit.check_density_classes(bad)
     with pytest.raises(ValueError, match="density classes"):
-        mofkit.ShardParams(density_classes=("C", "N"))
+        mofkit.GridParams(density_classes=("C", "N"))
     with pytest.raises(ValueError, match="frame"):
-        mofkit.ShardParams(frame="cell", density_classes=mofkit.DENSITY_CLASSES)
+        mofkit.GridParams(frame="cell", density_classes=mofkit.DENSITY_CLASSES)
 
 
 def test_shards_with_density_channels_round_trip(tmp_path):
     from ase import Atoms
     classes = mofkit.METAL_DENSITY_CLASSES
-    params = mofkit.ShardParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=list(classes))
+    params = mofkit.GridParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=list(classes))
     assert params.density_classes == classes and params_from_json(params) == params
     # energy-only parameters serialise (and hash) exactly as before density channels existed
-    assert "density_classes" not in TINY.to_json() and params.hash != mofkit.ShardParams(
+    assert "density_classes" not in TINY.to_json() and params.hash != mofkit.GridParams(
         size=16, spacing_A=0.5, cutoff_A=5.0).hash
     folder = tmp_path / "cifs"
     folder.mkdir()
@@ -2057,7 +2057,7 @@ def test_training_shards_without_cell_properties_and_energy_only_views(tmp_path)
     multi-channel shards is an energy-only dataset, recorded as such with the weights; evaluate(channels=(0,))
     scores a multi-channel generator's energy alone."""
     classes = mofkit.METAL_DENSITY_CLASSES
-    params = mofkit.ShardParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=classes, cell_properties=False)
+    params = mofkit.GridParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=classes, cell_properties=False)
     full = dataclasses.replace(params, cell_properties=True)
     assert "cell_properties" not in full.to_json() and params.hash != full.hash
     assert params_from_json(params) == params

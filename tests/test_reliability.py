@@ -184,7 +184,7 @@ def test_voxelize_and_shard_params_refuse_empty_or_degenerate_grids(kw, message)
     with pytest.raises(ValueError, match=message):
         mofkit.voxelize(atoms, **{"size": 8, **kw})
     with pytest.raises(ValueError, match=message):
-        mofkit.ShardParams(**kw)
+        mofkit.GridParams(**kw)
 
 
 def test_build_shards_refuses_bad_limits_empty_folders_and_an_unusable_device(tmp_path):
