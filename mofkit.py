@@ -1,6 +1,7 @@
 """mofkit: MOF crystal structures -> periodic Lennard-Jones energy grids -> a 3D GAN that makes new ones.
 
-One flat module, in pipeline order:
+One flat module, in pipeline order, after a preamble of units, constants, gas data and kit-wide utilities
+(atomic writes, checksums, CSV tables, progress bars):
 
   1. Downloads        verified HTTP / Google Drive files, NIST-ARPA-E ISODB and MOFX-DB clients
   2. Structures       CIF files and the embedded CoRE MOF 2019 dataset as ase.Atoms
@@ -8,9 +9,9 @@ One flat module, in pipeline order:
   4. Isotherms        Freundlich / Sips / Langmuir / BET fits, isotherm tables, grid isotherm estimate
   5. Shards           sharded grid datasets, data_manifest.csv, streaming torch dataset
   6. Models           the study's 3D GAN generator and discriminator
-  7. Training         LSGAN training with checkpoints that resume exactly, AMP, DDP
+  7. Training         LSGAN training with checkpoints that resume exactly, AMP, DDP; sampling trained generators
   8. Scoring          1-NN two-sample accuracy, memorisation, adsorption-property distances
-  9. Pictures         CT-style slice montages, loss curves, property histograms
+  9. Pictures         CT-style slice montages, loss curves, property histograms, isotherm fits
  10. Inverse          energy / density grid -> atoms -> XYZ
  11. Command line     python mofkit.py ...
 
@@ -36,7 +37,7 @@ import tempfile
 import contextlib
 import dataclasses
 import urllib.parse
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 import numpy as np
@@ -44,36 +45,85 @@ import torch
 from tqdm.std import tqdm as _text_tqdm
 
 
-class _TextBar(_text_tqdm):
-    """Text progress bars that stay readable in a saved notebook: inner bars (leave=False) are not drawn, since
-    nesting needs cursor-moving escape codes that a saved stream keeps as garbage, and redraws come at most
-    every few seconds."""
-
-    def __init__(self, *args, **kwargs):
-        if kwargs.get("leave") is False:
-            kwargs["disable"] = True
-        kwargs.setdefault("mininterval", 5.0)
-        super().__init__(*args, **kwargs)
-
-
-def _progress_class():
-    """tqdm.auto (widgets in a notebook front end, text in a terminal), except in a kernel nobody watches
-    (run_notebook sets MOFKIT_PROGRESS=text) or one without ipywidgets (tqdm.auto would warn "IProgress not
-    found" on every bar): there _TextBar."""
-    import importlib.util
-    no_widgets = "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is None
-    if os.environ.get("MOFKIT_PROGRESS") == "text" or no_widgets:
-        return _TextBar
-    from tqdm.auto import tqdm as auto
-    return auto
-
-
-tqdm = _progress_class()
-
-
 # =============================================================================
-# 1. Downloads: verified files over HTTP / Google Drive, NIST ISODB, MOFX-DB
+# Units, constants, gas data and kit-wide utilities (used by every section below)
 # =============================================================================
+
+R_J_PER_MOL_K = 8.314462618
+AMU_KG = 1.66053906660e-27
+ATM_BAR = 1.01325
+CM3_STP_PER_MMOL = 22.414       # ideal-gas molar volume at 273.15 K and 1 atm
+STUDY_CM3_STP_PER_MMOL = 22.4   # the study's, for reading measured cm3(STP)/g exactly as it did
+
+# Molar masses (g/mol) of common adsorbates, to turn mg/g and wt% into mmol/g; keyed by formula, with the
+# names ISODB and MOFX-DB use.
+GASES = {
+    "H2": ("Hydrogen", 2.01588), "He": ("Helium", 4.002602), "CH4": ("Methane", 16.04246),
+    "N2": ("Nitrogen", 28.0134), "CO": ("Carbon monoxide", 28.0101), "O2": ("Oxygen", 31.9988),
+    "Ar": ("Argon", 39.948), "CO2": ("Carbon dioxide", 44.0095), "Kr": ("Krypton", 83.798),
+    "Xe": ("Xenon", 131.293),
+}
+PRESSURE_TO_BAR = {"bar": 1.0, "pa": 1e-5, "kpa": 1e-2, "mpa": 10.0, "mbar": 1e-3, "atm": ATM_BAR,
+                   "torr": ATM_BAR / 760, "mmhg": ATM_BAR / 760, "psi": 0.0689475729}
+# Amount-based adsorption units -> mmol/g. Measured cm3(STP)/g are read with the study's 22.4 cm3(STP)/mmol (the
+# 0.06% from the ideal gas's 22.414 is below digitisation error); grid isotherms report with the ideal gas's.
+AMOUNT_TO_MMOL_G = {"mmol/g": 1.0, "mol/kg": 1.0, "mol/g": 1000.0, "mmol/kg": 1e-3,
+                    "cm3(stp)/g": 1 / STUDY_CM3_STP_PER_MMOL}
+# Mass-based units -> mg of adsorbate per g of adsorbent (then / molar mass). wt% is read as g per 100 g of
+# adsorbent, as ISODB's other units are per gram of adsorbent; some H2-storage papers mean per 100 g of
+# adsorbent plus H2, which differs by the wt% value itself in relative terms (1% at 1 wt%).
+MASS_TO_MG_G = {"mg/g": 1.0, "g/g": 1000.0, "wt%": 10.0}
+
+
+def _gas(name):
+    """(formula, name, molar mass g/mol) for a formula or name in GASES (any case), else None."""
+    for formula, (gas_name, molar_mass) in GASES.items():
+        if name.casefold() in (formula.casefold(), gas_name.casefold()):
+            return formula, gas_name, molar_mass
+    return None
+
+
+# Saturated-liquid density of each probe (kg/m^3) at its normal boiling point (CO2: at its triple point,
+# 216.59 K; it has no liquid at 1 atm), from the reference equations of state as implemented in NIST
+# REFPROP / CoolProp 8.0: H2 Leachman et al. 2009 (normal hydrogen), N2 Span et al. 2000, Ar Tegeler et
+# al. 1999, CH4 Setzmann & Wagner 1991, Kr and Xe Lemmon & Span 2006, CO2 Span & Wagner 1996.
+# Molar masses come from GASES.
+LIQUID_DENSITY_KG_M3 = {"H2": 70.85, "N2": 806.08, "Ar": 1395.40, "CH4": 422.36, "Kr": 2416.6, "Xe": 2942.0,
+                        "CO2": 1178.5}
+
+# BET needs the saturation pressure P0. Known here near the normal boiling point Tb (P0 = 1 atm) as
+# ln P0 = ln(1 atm) - (L/R)(1/T - 1/Tb), with L = R dln P0/d(1/T) at Tb taken from the reference
+# equations of state above (an effective enthalpy of vaporisation, kJ/mol): within 0.4% of those
+# equations for |T - Tb| <= 5 K. CO2 sublimes at 1 atm: 194.686 K with the enthalpy of sublimation
+# 25.23 kJ/mol (Giauque & Egan 1937), not checked against an equation of state. Else pass p0.
+_BOILING_POINTS = {  # name -> (Tb in K, L in kJ/mol)
+    "N2": (77.355, 5.8646),
+    "Ar": (87.302, 6.6925),
+    "CH4": (111.667, 8.539),
+    "Kr": (119.735, 9.3092),
+    "Xe": (165.051, 13.0016),
+    "CO2": (194.686, 25.23),
+}
+
+
+def _formula(adsorbate):
+    """'Nitrogen', 'n2', 'N2' -> 'N2' via GASES (ISODB spells adsorbates out in words)."""
+    gas = _gas(str(adsorbate).strip())
+    return gas[0] if gas else str(adsorbate)
+
+
+# Critical constants and acentric factors of the bulk fluids (grid isotherms' equations of state): CoolProp
+# 8.0's own (tested against it).
+_CRITICAL = {  # formula -> (Tc K, Pc Pa, acentric factor)
+    "H2": (33.145, 1.2964e6, -0.219), "He": (5.1953, 2.2832e5, -0.38354), "CH4": (190.564, 4.5992e6, 0.01142),
+    "N2": (126.192, 3.3958e6, 0.0372), "Ar": (150.687, 4.8630e6, -0.00219), "Kr": (209.48, 5.5254e6, -0.00089),
+    "Xe": (289.733, 5.8419e6, 0.00363), "CO2": (304.128, 7.3773e6, 0.22394), "CO": (132.86, 3.4982e6, 0.0497),
+    "O2": (154.599, 5.0464e6, 0.0222)}
+_COOLPROP_NAMES = {"H2": "Hydrogen", "He": "Helium", "CH4": "Methane", "N2": "Nitrogen", "Ar": "Argon",
+                   "Kr": "Krypton", "Xe": "Xenon", "CO2": "CarbonDioxide", "CO": "CarbonMonoxide", "O2": "Oxygen"}
+
+
+# --- files, tables and progress bars ------------------------------------------------------------------------
 
 def _pid_alive(pid) -> bool:
     try:
@@ -147,6 +197,73 @@ def sha256_file(path, chunk_bytes=1 << 20) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+def _finite_number(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _json_value(v):
+    """A table cell as JSON: numpy scalars as Python numbers, NaN/inf as null."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+
+def _write_csv(path, columns, rows):
+    """Write rows (dicts) as CSV atomically."""
+    import io
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path) as f:
+        f.write(text.getvalue().encode())
+
+
+def _merge_csv(path, columns, rows, keys):
+    """Rewrite `path` with `rows` replacing its old rows whose first column is in `keys`; sorted by that column."""
+    old = []
+    if Path(path).exists():
+        with open(path, newline="") as f:
+            old = [r for r in csv.DictReader(f) if r[columns[0]] not in keys]
+    _write_csv(path, columns, sorted(old + rows, key=lambda r: r[columns[0]]))
+
+
+class _TextBar(_text_tqdm):
+    """Text progress bars that stay readable in a saved notebook: inner bars (leave=False) are not drawn, since
+    nesting needs cursor-moving escape codes that a saved stream keeps as garbage, and redraws come at most
+    every few seconds."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("leave") is False:
+            kwargs["disable"] = True
+        kwargs.setdefault("mininterval", 5.0)
+        super().__init__(*args, **kwargs)
+
+
+def _progress_class():
+    """tqdm.auto (widgets in a notebook front end, text in a terminal), except in a kernel nobody watches
+    (run_notebook sets MOFKIT_PROGRESS=text) or one without ipywidgets (tqdm.auto would warn "IProgress not
+    found" on every bar): there _TextBar."""
+    import importlib.util
+    no_widgets = "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is None
+    if os.environ.get("MOFKIT_PROGRESS") == "text" or no_widgets:
+        return _TextBar
+    from tqdm.auto import tqdm as auto
+    return auto
+
+
+tqdm = _progress_class()
+
+
+# =============================================================================
+# 1. Downloads: verified files over HTTP / Google Drive, NIST ISODB, MOFX-DB
+# =============================================================================
 
 class DownloadError(RuntimeError):
     """A file or API document could not be fetched or failed verification (the message says what to do)."""
@@ -309,33 +426,6 @@ def _drive_to_file(url, file_id, path, dest, timeout_s, progress, retry):
 ISODB_URL = "https://adsorption.nist.gov"        # /isodb/api/... and /matdb/api/...
 MOFXDB_URL = "https://mof.tech.northwestern.edu"  # /mofs.json?...
 CACHE_DIR = Path("~/.cache/mofkit").expanduser()
-
-# Molar masses (g/mol) of common adsorbates, to turn mg/g and wt% into mmol/g; keyed by formula, with the
-# names ISODB and MOFX-DB use.
-GASES = {
-    "H2": ("Hydrogen", 2.01588), "He": ("Helium", 4.002602), "CH4": ("Methane", 16.04246),
-    "N2": ("Nitrogen", 28.0134), "CO": ("Carbon monoxide", 28.0101), "O2": ("Oxygen", 31.9988),
-    "Ar": ("Argon", 39.948), "CO2": ("Carbon dioxide", 44.0095), "Kr": ("Krypton", 83.798),
-    "Xe": ("Xenon", 131.293),
-}
-PRESSURE_TO_BAR = {"bar": 1.0, "pa": 1e-5, "kpa": 1e-2, "mpa": 10.0, "mbar": 1e-3, "atm": 1.01325,
-                   "torr": 1.01325 / 760, "mmhg": 1.01325 / 760, "psi": 0.0689475729}
-# Amount-based adsorption units -> mmol/g. cm3(STP)/g uses 22.4 cm3(STP)/mmol as the study did (the ideal gas
-# at 0 °C and 1 atm: 22.414; the 0.06% difference is below digitisation error).
-AMOUNT_TO_MMOL_G = {"mmol/g": 1.0, "mol/kg": 1.0, "mol/g": 1000.0, "mmol/kg": 1e-3, "cm3(stp)/g": 1 / 22.4}
-# Mass-based units -> mg of adsorbate per g of adsorbent (then / molar mass). wt% is read as g per 100 g of
-# adsorbent, as ISODB's other units are per gram of adsorbent; some H2-storage papers mean per 100 g of
-# adsorbent plus H2, which differs by the wt% value itself in relative terms (1% at 1 wt%).
-MASS_TO_MG_G = {"mg/g": 1.0, "g/g": 1000.0, "wt%": 10.0}
-
-
-def _gas(name):
-    """(formula, name, molar mass g/mol) for a formula or name in GASES (any case), else None."""
-    for formula, (gas_name, molar_mass) in GASES.items():
-        if name.casefold() in (formula.casefold(), gas_name.casefold()):
-            return formula, gas_name, molar_mass
-    return None
-
 
 def fetch_json(url, params=None, *, cache_dir=None, timeout_s=30.0, retries=4, backoff_s=1.0, expect=None):
     """GET a JSON document with timeouts and retries; with `cache_dir`, a copy on disk answers later calls.
@@ -756,13 +846,6 @@ def _declared_content_problem(block, atoms) -> str | None:
     return None
 
 
-def _finite_number(v) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
-
-
 def _is_identity_only(sitesym) -> bool:
     return sitesym is None or all(re.sub(r"[\s']", "", str(op)).lower() in ("x,y,z", "+x,+y,+z") for op in
                                   ([sitesym] if isinstance(sitesym, str) else sitesym))
@@ -819,7 +902,7 @@ def read_structure(source, name=None, min_distance_A=0.5):
             bad = [str(v) for v in np.ravel(coords) if not _finite_number(v)]
             if bad:
                 raise StructureError(f"{name}: atom coordinates that are not finite numbers: {sorted(set(bad))[:5]}")
-            # P1 files (all of CoRE MOF) skip ase's O(N^2) symmetry expansion: 15 s -> 0.05 s for 2,000 atoms.
+            # P1 files (all of CoRE MOF) skip ase's O(N^2) symmetry expansion (README, "Voxelizer").
             # The operations listed decide, as in ase.io.read: a 'P 1' label over more operations is expanded.
             p1 = block.get_spacegroup(True).no == 1 and _is_identity_only(block._get_sitesym())
             atoms = block.get_unsymmetrized_structure() if p1 else block.get_atoms()
@@ -952,7 +1035,7 @@ At 4.750 0.284  Rn 4.765 0.248  Fr 4.900 0.050  Ra 3.677 0.404  Ac 3.478 0.033  
 U 3.395 0.022  Np 3.424 0.019  Pu 3.424 0.016  Am 3.381 0.014  Cm 3.326 0.013  Bk 3.339 0.013  Cf 3.313 0.013
 Es 3.299 0.012  Fm 3.286 0.012  Md 3.274 0.011  No 3.248 0.011  Lr 3.236 0.011
 """
-KCAL_PER_MOL_IN_K = 503.22            # 1 kcal/mol / k_B, as the issue and RASPA-style UFF tables use
+KCAL_PER_MOL_IN_K = 503.22            # 1 kcal/mol / k_B, as RASPA-style UFF tables use
 _t = _UFF_TABLE.split()
 # element -> (epsilon_K, sigma_A): epsilon = D_i in kelvin, sigma = x_i / 2^(1/6) (x_i is the LJ minimum distance)
 UFF = {el: (float(d) * KCAL_PER_MOL_IN_K, float(x) / 2 ** (1 / 6)) for el, x, d in zip(_t[0::3], _t[1::3], _t[2::3])}
@@ -967,11 +1050,102 @@ PROBES = {
     "Xe": (221.0, 4.10),    # as in Sikora et al. 2012
     "He": (10.9, 2.64),     # Hirschfelder; the probe of helium void fractions (Talu & Myers 2001)
 }
-R_J_PER_MOL_K = 8.314462618
-AMU_KG = 1.66053906660e-27
 
 
-def pair_coefficients(symbols, probe="H2"):
+# Property temperature per probe when none is given: H2 at 77 K (liquid-nitrogen storage, the study's and
+# MOFX-DB's H2 condition); CH4, Kr, Xe at 298 K (ambient storage and Xe/Kr separation, the conditions of the
+# DOE methane target and of Sikora et al. 2012); Ar at 87 K (its boiling point, the standard characterisation
+# isotherm); He at 298 K (the helium void-fraction convention of GCMC codes).
+PROBE_TEMPERATURE_K = {"H2": 77.0, "CH4": 298.0, "Kr": 298.0, "Xe": 298.0, "Ar": 87.0, "He": 298.0}
+
+
+def _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K):
+    """ValueError naming the setting unless the grid is non-empty and its spacing, cutoff and cap positive
+    (spacing 0 puts every voxel on one point; size 0 makes an empty grid)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size={size!r}: the grid edge must be a whole number of voxels >= 1")
+    if frame not in ("cube", "cell"):
+        raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
+    for setting, value in (("spacing_A", spacing_A), ("cutoff_A", cutoff_A), ("cap_K", cap_K)):
+        if not (_finite_number(value) and float(value) > 0):
+            raise ValueError(f"{setting}={value!r}: must be a positive finite number")
+
+
+@dataclass(frozen=True)
+class GridParams:
+    """A grid's parameters: the `voxelize` settings, the temperature of its stored properties and its atom-density
+    channels. Shards store them (their hash names a dataset) and generators record the ones they were trained
+    on; `voxelize(atoms, params=...)` makes a grid with them. DEFAULT_GRID holds the defaults every function of
+    the kit takes."""
+    size: int = 64
+    frame: str = "cube"
+    spacing_A: float = 0.5
+    probe: str = "H2"
+    cutoff_A: float = 12.8
+    cap_K: float = 5000.0
+    temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
+    density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
+    # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost more than the cube grid itself
+    # (grids over the full cell at 0.3 A; README, "Properties of the whole crystal"); False stores NaN for them
+    # (density and window columns stay), for datasets made only to train on.
+    cell_properties: bool = True
+
+    def __post_init__(self):
+        if self.temperature_K is None:
+            object.__setattr__(self, "temperature_K", PROBE_TEMPERATURE_K[self.probe])
+        for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
+            object.__setattr__(self, f.name, (float if f.default is None else type(f.default))(getattr(self, f.name)))
+        _check_grid_settings(self.size, self.frame, self.spacing_A, self.cutoff_A, self.cap_K)
+        if not (math.isfinite(self.temperature_K) and self.temperature_K > 0):
+            raise ValueError(f"temperature_K={self.temperature_K}: must be a positive finite temperature")
+        if not 0 < self.cap_K <= 60000:
+            raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
+        if self.density_classes:
+            check_density_classes(self.density_classes)
+            if self.frame != "cube":
+                raise ValueError(f"density_classes need frame='cube' (density_channels' frame), got {self.frame!r}")
+
+    @property
+    def channels(self) -> list:
+        """What each stored channel is: "energy_K", then "density:<class>" per density class."""
+        return ["energy_K"] + [f"density:{c}" for c in self.density_classes]
+
+    def voxelize_kwargs(self) -> dict:
+        """The `voxelize` keywords (size, frame, spacing_A, probe, cutoff_A, cap_K)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes",
+                                                                   "cell_properties")}
+
+    def to_dict(self) -> dict:
+        """The fields; at the defaults of density_classes and cell_properties exactly those (and so the hash) of
+        the parameters before these fields existed."""
+        fields = asdict(self)
+        if not self.density_classes:
+            del fields["density_classes"]
+        if self.cell_properties:
+            del fields["cell_properties"]
+        return fields
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+ShardParams = GridParams  # the name before GridParams (shards and published code use it); the same class
+DEFAULT_GRID = GridParams()  # 64^3 at 0.5 A, H2 probe, 12.8 A cutoff, capped at 5000 K; properties at 77 K
+
+
+def _grid_settings(params, size=None, frame=None, spacing_A=None, probe=None, cutoff_A=None, cap_K=None) -> tuple:
+    """(size, frame, spacing_A, probe, cutoff_A, cap_K): those of `params` (None: DEFAULT_GRID), each replaced by
+    the keyword given for it (not None)."""
+    base = (params or DEFAULT_GRID).voxelize_kwargs()
+    given = dict(size=size, frame=frame, spacing_A=spacing_A, probe=probe, cutoff_A=cutoff_A, cap_K=cap_K)
+    return tuple(base[k] if v is None else v for k, v in given.items())
+
+
+def pair_coefficients(symbols, probe=DEFAULT_GRID.probe):
     """Per-atom (A, B) in K*A^12 and K*A^6 with E = A/r^12 - B/r^6, by Lorentz-Berthelot mixing with the probe."""
     eps_p, sig_p = PROBES[probe] if isinstance(probe, str) else probe
     eps = np.array([math.sqrt(UFF[s][0] * eps_p) for s in symbols])
@@ -1074,14 +1248,16 @@ def _lj_blocks(jobs, probe, cutoff_A, device, dtype, pairs_per_batch):
     return list(torch.split(out, [len(b) for b, _ in jobs]))
 
 
-def grid_points(atoms, size=64, frame="cube", spacing_A=0.5, count=None):
-    """Cartesian points (size, size, size, 3) in A of a grid.
+def grid_points(atoms, size=None, frame=None, spacing_A=None, count=None, *, params=None):
+    """Cartesian points (size, size, size, 3) in A of a grid (settings: `params`, default DEFAULT_GRID, each
+    replaced by the keyword given for it).
 
     frame="cube": an axis-aligned cube from the origin, point [i,j,k] at (i,j,k)*spacing_A; periodic images fill
     it, so every voxel is spacing_A wide whatever the cell (generated grids decode back to atoms in A).
     frame="cell": the study's fractional grid over the unit cell, point [i,j,k] at (i,j,k)/size in fractions.
     count > size continues the same lattice past the grid (voxelize pads to whole blocks, then crops).
     """
+    size, frame, spacing_A = _grid_settings(params, size, frame, spacing_A)[:3]
     i = np.arange(size if count is None else count, dtype=np.float64)
     ijk = np.stack(np.meshgrid(i, i, i, indexing="ij"), -1)
     if frame == "cube":
@@ -1091,23 +1267,12 @@ def grid_points(atoms, size=64, frame="cube", spacing_A=0.5, count=None):
     raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
 
 
-def _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K):
-    """ValueError naming the setting unless the grid is non-empty and its spacing, cutoff and cap positive
-    (spacing 0 puts every voxel on one point; size 0 makes an empty grid)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size={size!r}: the grid edge must be a whole number of voxels >= 1")
-    if frame not in ("cube", "cell"):
-        raise ValueError(f"unknown frame {frame!r}: use 'cube' or 'cell'")
-    for setting, value in (("spacing_A", spacing_A), ("cutoff_A", cutoff_A), ("cap_K", cap_K)):
-        if not (_finite_number(value) and float(value) > 0):
-            raise ValueError(f"{setting}={value!r}: must be a positive finite number")
-
-
 def _default_device(device):
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=torch.float64):
+def probe_energy(atoms, points_A, probe=DEFAULT_GRID.probe, cutoff_A=DEFAULT_GRID.cutoff_A, device=None,
+                 dtype=torch.float64):
     """Probe-framework LJ energy (K, uncapped) at arbitrary Cartesian points (..., 3), summed over all images.
 
     Float64 by default: this is the reference the grids are checked against.
@@ -1125,9 +1290,12 @@ def probe_energy(atoms, points_A, probe="H2", cutoff_A=12.8, device=None, dtype=
     return out.reshape(pts.shape[:-1])
 
 
-def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0,
-                  device=None, block=8, pairs_per_batch=None):
-    """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays."""
+def voxelize_many(structures, size=None, frame=None, spacing_A=None, probe=None, cutoff_A=None, cap_K=None,
+                  device=None, block=8, pairs_per_batch=None, *, params=None):
+    """Energy grids for several structures in one batched pass (what a GPU wants): list of float32 arrays.
+    Settings as in `voxelize`."""
+    size, frame, spacing_A, probe, cutoff_A, cap_K = _grid_settings(params, size, frame, spacing_A, probe, cutoff_A,
+                                                                    cap_K)
     _check_grid_settings(size, frame, spacing_A, cutoff_A, cap_K)
     device = _default_device(device)
     nblk = -(-size // block)
@@ -1148,14 +1316,17 @@ def voxelize_many(structures, size=64, frame="cube", spacing_A=0.5, probe="H2", 
     return grids
 
 
-def voxelize(atoms, size=64, frame="cube", spacing_A=0.5, probe="H2", cutoff_A=12.8, cap_K=5000.0, device=None,
-             block=8, pairs_per_batch=None):
+def voxelize(atoms, size=None, frame=None, spacing_A=None, probe=None, cutoff_A=None, cap_K=None, device=None,
+             block=8, pairs_per_batch=None, *, params=None):
     """Energy grid (size, size, size) of float32 kelvin: probe-framework LJ 12-6, periodic, capped at cap_K.
 
-    Grid points as in grid_points(). Points are processed in block^3 cubes of neighbouring voxels so each
-    block only visits the atoms within its reach (see _lj_blocks). CPU or CUDA (device=None picks CUDA if any).
+    Settings: `params` (a GridParams, default DEFAULT_GRID: 64^3 at 0.5 A, H2, 12.8 A cutoff, 5000 K cap), each
+    replaced by the keyword given for it. Grid points as in grid_points(). Points are processed in block^3 cubes of
+    neighbouring voxels so each block only visits the atoms within its reach (see _lj_blocks). CPU or CUDA
+    (device=None picks CUDA if any).
     """
-    return voxelize_many([atoms], size, frame, spacing_A, probe, cutoff_A, cap_K, device, block, pairs_per_batch)[0]
+    return voxelize_many([atoms], size, frame, spacing_A, probe, cutoff_A, cap_K, device, block, pairs_per_batch,
+                         params=params)[0]
 
 
 def framework_density(atoms):
@@ -1173,18 +1344,18 @@ def _boltzmann(grid_K, temperature_K, cap_K):
     return e, w
 
 
-def widom_factor(grid_K, temperature_K=77.0, cap_K=None):
+def widom_factor(grid_K, temperature_K=DEFAULT_GRID.temperature_K, cap_K=None):
     """<exp(-E/kT)> over the grid: the dimensionless Henry factor (Widom insertion on the grid).
     cap_K: voxels at or above it count as inside atoms (weight 0)."""
     return float(np.mean(_boltzmann(grid_K, temperature_K, cap_K)[1]))
 
 
-def henry_coefficient(grid_K, density_kg_m3, temperature_K=77.0, cap_K=None):
+def henry_coefficient(grid_K, density_kg_m3, temperature_K=DEFAULT_GRID.temperature_K, cap_K=None):
     """Henry coefficient K_H in mol kg^-1 Pa^-1: <exp(-E/kT)> / (R T rho_framework)."""
     return widom_factor(grid_K, temperature_K, cap_K) / (R_J_PER_MOL_K * temperature_K * density_kg_m3)
 
 
-def heat_of_adsorption(grid_K, temperature_K=77.0, cap_K=None):
+def heat_of_adsorption(grid_K, temperature_K=DEFAULT_GRID.temperature_K, cap_K=None):
     """Isosteric heat at infinite dilution in kJ/mol: R (T - <E exp(-E/kT)> / <exp(-E/kT)>).
 
     With cap_K, only voxels below it count; if there are none the heat is NaN, with a warning (a grid at the
@@ -1201,11 +1372,6 @@ def heat_of_adsorption(grid_K, temperature_K=77.0, cap_K=None):
     return float(R_J_PER_MOL_K * (temperature_K - (e * w).sum() / w.sum()) / 1000.0)
 
 
-# Property temperature per probe when none is given: H2 at 77 K (liquid-nitrogen storage, the study's and
-# MOFX-DB's H2 condition); CH4, Kr, Xe at 298 K (ambient storage and Xe/Kr separation, the conditions of the
-# DOE methane target and of Sikora et al. 2012); Ar at 87 K (its boiling point, the standard characterisation
-# isotherm); He at 298 K (the helium void-fraction convention of GCMC codes).
-PROBE_TEMPERATURE_K = {"H2": 77.0, "CH4": 298.0, "Kr": 298.0, "Xe": 298.0, "Ar": 87.0, "He": 298.0}
 # Cell-property grid spacing: K_H, Q_st and void_fraction_He within 0.1% of a 0.2 A grid on 20 CoRE MOFs (0.5 A:
 # 1.5%; README, "Properties of the whole crystal").
 CELL_SPACING_A = 0.3
@@ -1219,7 +1385,8 @@ def cell_grid_counts(atoms, spacing_A=CELL_SPACING_A, block=8):
     return tuple(int(block * max(1, math.ceil(length / (spacing_A * block)))) for length in lengths)
 
 
-def voxelize_cell(atoms, spacing_A=CELL_SPACING_A, probe="H2", cutoff_A=12.8, cap_K=5000.0, device=None, block=8):
+def voxelize_cell(atoms, spacing_A=CELL_SPACING_A, probe=DEFAULT_GRID.probe, cutoff_A=DEFAULT_GRID.cutoff_A,
+                  cap_K=DEFAULT_GRID.cap_K, device=None, block=8):
     """Energy grid (n1, n2, n3) in kelvin over the whole periodic cell, float32, capped at cap_K.
 
     Point [i,j,k] sits at fractions (i/n1, j/n2, k/n3), n_d = cell_grid_counts(): a uniform grid of a periodic
@@ -1239,8 +1406,8 @@ def voxelize_cell(atoms, spacing_A=CELL_SPACING_A, probe="H2", cutoff_A=12.8, ca
     return np.ascontiguousarray(e.reshape(*nb, block, block, block).transpose(0, 3, 1, 4, 2, 5).reshape(counts))
 
 
-def void_fraction_He(atoms, spacing_A=VOID_FRACTION_SPACING_A, cutoff_A=12.8, temperature_K=VOID_FRACTION_T_K,
-                     device=None):
+def void_fraction_He(atoms, spacing_A=VOID_FRACTION_SPACING_A, cutoff_A=DEFAULT_GRID.cutoff_A,
+                     temperature_K=VOID_FRACTION_T_K, device=None):
     """Helium void fraction: <exp(-E_He/kT)> over the cell at 298 K, as GCMC codes (RASPA) compute it by Widom
     insertion of a He probe; here on the cell grid instead of random points. Capped voxels weigh 0."""
     cap_K = 100.0 * temperature_K                   # exp(-100): nothing above it counts
@@ -1257,8 +1424,9 @@ def _properties(grid_K, density_kg_m3, temperature_K, cap_K, what):
     return (math.log10(kh) if kh > 0 else -math.inf), heat_of_adsorption(grid_K, temperature_K, cap_K)
 
 
-def cell_properties(atoms, probe="H2", temperature_K=None, spacing_A=CELL_SPACING_A, cutoff_A=12.8, cap_K=5000.0,
-                    device=None, name=None, void_spacing_A=VOID_FRACTION_SPACING_A) -> dict:
+def cell_properties(atoms, probe=DEFAULT_GRID.probe, temperature_K=None, spacing_A=CELL_SPACING_A,
+                    cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, device=None, name=None,
+                    void_spacing_A=VOID_FRACTION_SPACING_A) -> dict:
     """Properties of the whole crystal, from grids over its full periodic cell (`voxelize_cell`):
 
     density_kg_m3, temperature_K (default PROBE_TEMPERATURE_K[probe]), log10_KH_mol_kg_Pa (Henry coefficient
@@ -1277,13 +1445,37 @@ def cell_properties(atoms, probe="H2", temperature_K=None, spacing_A=CELL_SPACIN
             "Qst_kJ_mol": qst, "void_fraction_He": void_fraction_He(atoms, void_spacing_A, cutoff_A, device=device)}
 
 
-def window_properties(grid_K, density_kg_m3, temperature_K=77.0, cap_K=5000.0, name="grid") -> dict:
+def window_properties(grid_K, density_kg_m3, temperature_K=DEFAULT_GRID.temperature_K, cap_K=DEFAULT_GRID.cap_K,
+                      name="grid") -> dict:
     """log10 K_H and Q_st of a window grid (e.g. the 32 A cube frame), named as such: window_log10_KH_mol_kg_Pa,
     window_Qst_kJ_mol. A window covers part of a large cell, so these differ from `cell_properties`; they are
     what a generated cube grid can be compared with."""
     log_kh, qst = _properties(grid_K, density_kg_m3, temperature_K, cap_K, name)
     return {"window_log10_KH_mol_kg_Pa": log_kh, "window_Qst_kJ_mol": qst}
 
+
+
+# Per-structure properties (shard footers, `mofkit.py voxelize`): the whole crystal's (cell grid at CELL_SPACING_A,
+# at params.temperature_K; He void fraction at 298 K), then the stored window grid's own (for comparing generated
+# cube grids with real ones); shards add the source's table. NaN (null in JSON) where no voxel is accessible.
+PROPERTY_COLUMNS = ("density_kg_m3", "log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_fraction_He",
+                    "window_log10_KH_mol_kg_Pa", "window_Qst_kJ_mol")
+
+
+def structure_properties(atoms, grid_K, params=None, device=None, name=None) -> dict:
+    """PROPERTY_COLUMNS of a structure and its grid made with `params` (None: DEFAULT_GRID): the whole crystal's
+    (`cell_properties`; with params.cell_properties False its density alone, the rest NaN) and the window's
+    (`window_properties` of grid_K)."""
+    params = params or DEFAULT_GRID
+    name = name or atoms.info.get("name", "structure")
+    if params.cell_properties:
+        cell = cell_properties(atoms, params.probe, params.temperature_K, CELL_SPACING_A, params.cutoff_A,
+                               params.cap_K, device, name, VOID_FRACTION_SPACING_A)
+    else:
+        cell = {"density_kg_m3": framework_density(atoms), "log10_KH_mol_kg_Pa": math.nan, "Qst_kJ_mol": math.nan,
+                "void_fraction_He": math.nan}
+    window = window_properties(grid_K, cell["density_kg_m3"], params.temperature_K, params.cap_K, name)
+    return {c: {**cell, **window}[c] for c in PROPERTY_COLUMNS}
 
 
 # =============================================================================
@@ -1299,37 +1491,6 @@ def window_properties(grid_K, density_kg_m3, temperature_K=77.0, cap_K=5000.0, n
 # 77 K: g_inf 16.466949, K 2.5, n 1.328632, R^2 0.996919) is a Sips fit with K held at 2.5:
 # `fit_sips(P, q, fix_K=2.5)` reproduces it; `fit_freundlich` is the true Freundlich fit.
 
-CM3_STP_PER_MMOL = 22.414  # ideal-gas molar volume at 273.15 K and 1 atm
-
-# Saturated-liquid density of each probe (kg/m^3) at its normal boiling point (CO2: at its triple point,
-# 216.59 K; it has no liquid at 1 atm), from the reference equations of state as implemented in NIST
-# REFPROP / CoolProp 8.0: H2 Leachman et al. 2009 (normal hydrogen), N2 Span et al. 2000, Ar Tegeler et
-# al. 1999, CH4 Setzmann & Wagner 1991, Kr and Xe Lemmon & Span 2006, CO2 Span & Wagner 1996.
-# Molar masses come from GASES (section 1).
-LIQUID_DENSITY_KG_M3 = {"H2": 70.85, "N2": 806.08, "Ar": 1395.40, "CH4": 422.36, "Kr": 2416.6, "Xe": 2942.0,
-                        "CO2": 1178.5}
-
-# BET needs the saturation pressure P0. Known here near the normal boiling point Tb (P0 = 1 atm) as
-# ln P0 = ln(1 atm) - (L/R)(1/T - 1/Tb), with L = R dln P0/d(1/T) at Tb taken from the reference
-# equations of state above (an effective enthalpy of vaporisation, kJ/mol): within 0.4% of those
-# equations for |T - Tb| <= 5 K. CO2 sublimes at 1 atm: 194.686 K with the enthalpy of sublimation
-# 25.23 kJ/mol (Giauque & Egan 1937), not checked against an equation of state. Else pass p0.
-_BOILING_POINTS = {  # name -> (Tb in K, L in kJ/mol)
-    "N2": (77.355, 5.8646),
-    "Ar": (87.302, 6.6925),
-    "CH4": (111.667, 8.539),
-    "Kr": (119.735, 9.3092),
-    "Xe": (165.051, 13.0016),
-    "CO2": (194.686, 25.23),
-}
-
-
-def _formula(adsorbate):
-    """'Nitrogen', 'n2', 'N2' -> 'N2' via GASES (ISODB spells adsorbates out in words)."""
-    gas = _gas(str(adsorbate).strip())
-    return gas[0] if gas else str(adsorbate)
-
-
 def saturation_pressure_bar(adsorbate, temperature_K, window_K=5.0) -> float:
     """Saturation (vapour) pressure P0 of `adsorbate` near its normal boiling point, in bar."""
     key = _formula(adsorbate)
@@ -1339,7 +1500,7 @@ def saturation_pressure_bar(adsorbate, temperature_K, window_K=5.0) -> float:
     if abs(temperature_K - tb_K) > window_K:
         raise ValueError(f"P0 of {key} is known here only within {window_K} K of {tb_K} K, "
                          f"not at {temperature_K} K; pass p0 explicitly")
-    return 1.01325 * math.exp(-dh_kJ_mol * 1e3 / R_J_PER_MOL_K * (1 / temperature_K - 1 / tb_K))
+    return ATM_BAR * math.exp(-dh_kJ_mol * 1e3 / R_J_PER_MOL_K * (1 / temperature_K - 1 / tb_K))
 
 
 def _freundlich(P, K, n):
@@ -1489,7 +1650,7 @@ def _isotherm_points(pressure, adsorption, drop_zero_pressure=False, drop_zero_a
 
 def _fit_model(model, P, q, fixed=None, log_space=False) -> IsothermFit:
     """The one fitting core: least squares over ln(free parameters), from linearised starting values."""
-    from scipy.optimize import leastsq  # MINPACK Levenberg-Marquardt; 5x less overhead than least_squares
+    from scipy.optimize import leastsq  # MINPACK Levenberg-Marquardt: less overhead than least_squares (README)
     spec = _MODELS[model]
     fixed = {k: float(v) for k, v in (fixed or {}).items() if v is not None}
     for k, v in fixed.items():
@@ -1693,53 +1854,6 @@ def fit_isotherm_table(df, model="freundlich", progress=True, **fit_kwargs):
     return result
 
 
-# Units of each model's parameters for q in mmol/g and P in bar (plot_isotherm_fits' inputs); "" = dimensionless.
-_PARAM_UNITS = {"freundlich": {"K": "mmol g⁻¹ bar^(−1/n)", "n": ""},
-                "sips": {"g_inf": "mmol/g", "K": "bar⁻¹", "n": ""},
-                "langmuir": {"Q_max": "mmol/g", "b": "bar⁻¹"},
-                "bet": {"q_m": "mmol/g", "C": "", "P0": "bar"}}
-
-
-def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
-    """Measured points with each fitted curve above a table of the fits -> (figure, table DataFrame).
-
-    fits: {label: IsothermFit}, e.g. the study's Sips (K fixed), free Sips and Freundlich. The table has one
-    row per fit: model, parameters with units and standard errors ("fixed" for held parameters), R², AIC.
-    The figure is written atomically to `path` (format from its suffix) when given.
-    """
-    import pandas as pd
-    from matplotlib.figure import Figure
-    P, q = np.asarray(pressure_bar, dtype=np.float64), np.asarray(q_mmol_g, dtype=np.float64)
-
-    def parameter(f, name, value):
-        unit = _PARAM_UNITS[f.model][name]
-        unit = f" {unit}" if unit else ""
-        if name in f.fixed:
-            return f"{name} = {value:.6g}{unit} (fixed)"
-        return f"{name} = {value:.6g} ± {f.se[name]:.2g}{unit}"
-
-    table = pd.DataFrame({label: {"model": f.model,
-                                  "parameters": "; ".join(parameter(f, k, v) for k, v in f.params.items()),
-                                  "R²": f"{f.r2:.6f}", "AIC": f"{f.aic:.2f}"}
-                          for label, f in fits.items()}).T
-    fig = Figure(figsize=(10, 5.2 + 0.28 * len(table)), layout="constrained")
-    ax, ax_table = fig.subplots(2, 1, height_ratios=[5, 0.45 + 0.28 * len(table)])
-    ax.plot(P, q, "ko", label="measured")
-    P_fine = np.linspace(P.min(), P.max(), 200)
-    for label, f in fits.items():
-        ax.plot(P_fine, f.predict(P_fine), label=f"{label} (R² {f.r2:.4f})")
-    ax.set(xlabel="pressure (bar)", ylabel="adsorption (mmol/g)", title=title or "")
-    ax.legend(fontsize=9)
-    ax_table.axis("off")
-    cells = ax_table.table(cellText=table.values, rowLabels=table.index, colLabels=table.columns, loc="center",
-                           cellLoc="left")
-    cells.auto_set_font_size(False)
-    cells.set_fontsize(9)
-    cells.auto_set_column_width(list(range(-1, len(table.columns))))  # widths from the text: no overlaps
-    _save_figure(fig, path)
-    return fig, table
-
-
 @dataclass(frozen=True)
 class GridIsotherm:
     """ESTIMATE of an isotherm from an energy grid, never a measurement. Uptakes per mass of framework."""
@@ -1769,23 +1883,16 @@ def _isotherm_inputs(grid_K, temperature_K, pressures_bar, density_kg_m3):
 
 def _grid_isotherm_result(model, probe, T, P_bar, absolute, bulk_mol_m3, E, cap_K, density_kg_m3, void_fraction):
     void = math.nan if void_fraction is None else float(void_fraction)
-    henry = widom_factor(E, T, cap_K) / (R_J_PER_MOL_K * T * density_kg_m3) * 1e5
+    henry = henry_coefficient(E, density_kg_m3, T, cap_K) * 1e5  # mol/kg/Pa -> mmol/g/bar
     excess = absolute - bulk_mol_m3 * void / density_kg_m3
     return GridIsotherm(model, probe, float(T), P_bar, absolute, excess, absolute * CM3_STP_PER_MMOL, bulk_mol_m3,
                         float(henry), float(np.mean(E < cap_K)), void)
 
 
-# Bulk fluids. The default equation of state is CoolProp's (the reference multiparameter equations cited above;
+# Bulk fluids. The default equation of state is CoolProp's (the reference equations cited at LIQUID_DENSITY_KG_M3;
 # < 0.1-0.5% in density over their range); Peng-Robinson is the documented cubic alternative (Peng & Robinson,
 # Ind. Eng. Chem. Fundam. 15, 59 (1976)), needs nothing installed and is several % off in dense fluid
-# (README compares them). Critical constants and acentric factors: CoolProp 8.0's own (tested against it).
-_CRITICAL = {  # formula -> (Tc K, Pc Pa, acentric factor)
-    "H2": (33.145, 1.2964e6, -0.219), "He": (5.1953, 2.2832e5, -0.38354), "CH4": (190.564, 4.5992e6, 0.01142),
-    "N2": (126.192, 3.3958e6, 0.0372), "Ar": (150.687, 4.8630e6, -0.00219), "Kr": (209.48, 5.5254e6, -0.00089),
-    "Xe": (289.733, 5.8419e6, 0.00363), "CO2": (304.128, 7.3773e6, 0.22394), "CO": (132.86, 3.4982e6, 0.0497),
-    "O2": (154.599, 5.0464e6, 0.0222)}
-_COOLPROP_NAMES = {"H2": "Hydrogen", "He": "Helium", "CH4": "Methane", "N2": "Nitrogen", "Ar": "Argon",
-                   "Kr": "Krypton", "Xe": "Xenon", "CO2": "CarbonDioxide", "CO": "CarbonMonoxide", "O2": "Oxygen"}
+# (README compares them).
 EOS_NAMES = ("coolprop", "peng-robinson")
 _EOS_P_MIN_PA = 1e-5  # below it the fluid is an ideal gas to < 1e-11 (second virial term), and is taken as one
 
@@ -1888,8 +1995,8 @@ def _lda_density(x, table, RT):
     return out
 
 
-def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_kg_m3, cap_K=5000.0,
-                  void_fraction=None, eos="coolprop") -> GridIsotherm:
+def grid_isotherm(grid_K, temperature_K, pressures_bar, probe=DEFAULT_GRID.probe, *, density_kg_m3,
+                  cap_K=DEFAULT_GRID.cap_K, void_fraction=None, eos="coolprop") -> GridIsotherm:
     """ESTIMATE of an adsorption isotherm from a probe energy grid (kelvin): local density approximation.
 
     Each voxel holds the bulk fluid's density at the local fugacity f exp(-E/kT) (f: the bulk fugacity at P),
@@ -1914,7 +2021,8 @@ def grid_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_k
                                  void_fraction)
 
 
-def lattice_gas_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, density_kg_m3, cap_K=5000.0,
+def lattice_gas_isotherm(grid_K, temperature_K, pressures_bar, probe=DEFAULT_GRID.probe, *, density_kg_m3,
+                         cap_K=DEFAULT_GRID.cap_K,
                          void_fraction=None, liquid_density_kg_m3=None, molar_mass_g_mol=None) -> GridIsotherm:
     """ESTIMATE of an adsorption isotherm from a probe energy grid (kelvin): ideal lattice gas (the kit's first
     estimate; `grid_isotherm` is the better one).
@@ -1948,8 +2056,8 @@ def lattice_gas_isotherm(grid_K, temperature_K, pressures_bar, probe="H2", *, de
                                  E, cap_K, density_kg_m3, void_fraction)
 
 
-def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", *, density_kg_m3,
-                    cap_K=5000.0) -> IsothermFit:
+def grid_freundlich(grid_K, temperature_K=DEFAULT_GRID.temperature_K, pressures_bar=None, probe=DEFAULT_GRID.probe, *,
+                    density_kg_m3, cap_K=DEFAULT_GRID.cap_K) -> IsothermFit:
     """Freundlich (K in mmol/g/bar^(1/n), n) of a grid's ESTIMATED absolute isotherm (`grid_isotherm`).
 
     Lets real and generated grids be compared in the study's own terms. Default pressures: 12 points
@@ -1977,7 +2085,7 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 # 0.25 K near -1000 K); its largest value is 65504, hence cap_K <= 60000. The footer holds the requested members, the
 # names of the stored grids in order, the failures, the voxelizer parameters and per-structure properties
 # (computed from the float32 grid before rounding). Channel 0 is the energy in kelvin; with
-# ShardParams.density_classes the atom-density channels follow, in [0, 1] (float16 keeps 2^-11 near 1); the footer's
+# GridParams.density_classes the atom-density channels follow, in [0, 1] (float16 keeps 2^-11 near 1); the footer's
 # "channels" names each. The footer also makes the file self-verifying: its own file name and the sha256 of the
 # grid bytes and of the footer, so a shard built here and one downloaded without a published sha256 are equally
 # safe (checked on first open; cost in README, Reliability).
@@ -1985,72 +2093,19 @@ def grid_freundlich(grid_K, temperature_K=77.0, pressures_bar=None, probe="H2", 
 SHARD_MAGIC = b"MOFSHRD1"
 SHARD_FORMAT = "mofkit-shard-2"     # footer holds the file's name and the sha256 of its grids and of itself
 SHARD_FORMAT_V1 = "mofkit-shard-1"  # no checksums: still read, with a warning
-MANIFEST_COLUMNS = ["shard", "n_names", "n_grids", "bytes", "sha256", "source", "params_hash", "params", "url",
-                    "names", "kind"]  # kind: "shard", or "weights" for a shipped generator (see load_generator)
+# data_manifest.csv: one row per file. kind "shard": file is the shard's name, members its structures (';'-separated,
+# the footer's "members"), params/params_hash its GridParams, url where it is published; kind "weights": a shipped
+# generator (`record_weights`), file its path relative to the manifest. Manifests written before 2026-11-25 name
+# three columns differently (_OLD_MANIFEST_COLUMNS); they are read, and rewritten, with today's names.
+MANIFEST_COLUMNS = ["file", "n_members", "n_grids", "bytes", "sha256", "source", "params_hash", "params", "url",
+                    "members", "kind"]
+_OLD_MANIFEST_COLUMNS = {"shard": "file", "n_names": "n_members", "names": "members"}
 FAILURE_COLUMNS = ["shard", "name", "reason"]
 COREMOF_SOURCE = "coremof:2019-ASR"
 
 
 class ShardError(ValueError):
     """A shard file that is truncated, corrupted, or not what its manifest row says."""
-
-
-@dataclass(frozen=True)
-class ShardParams:
-    """How a dataset's grids are made: `voxelize` settings, and the temperature of the stored properties."""
-    size: int = 64
-    frame: str = "cube"
-    spacing_A: float = 0.5
-    probe: str = "H2"
-    cutoff_A: float = 12.8
-    cap_K: float = 5000.0
-    temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
-    density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
-    # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost 2-20x the cube grid itself
-    # (grids over the full cell at 0.3 A); False stores NaN for them (density and window columns stay), for
-    # datasets made only to train on.
-    cell_properties: bool = True
-
-    def __post_init__(self):
-        if self.temperature_K is None:
-            object.__setattr__(self, "temperature_K", PROBE_TEMPERATURE_K[self.probe])
-        for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
-            object.__setattr__(self, f.name, (float if f.default is None else type(f.default))(getattr(self, f.name)))
-        _check_grid_settings(self.size, self.frame, self.spacing_A, self.cutoff_A, self.cap_K)
-        if not (math.isfinite(self.temperature_K) and self.temperature_K > 0):
-            raise ValueError(f"temperature_K={self.temperature_K}: must be a positive finite temperature")
-        if not 0 < self.cap_K <= 60000:
-            raise ValueError(f"cap_K={self.cap_K}: shards store float16 (largest value 65504); use 0 < cap_K <= 60000")
-        if self.density_classes:
-            check_density_classes(self.density_classes)
-            if self.frame != "cube":
-                raise ValueError(f"density_classes need frame='cube' (density_channels' frame), got {self.frame!r}")
-
-    @property
-    def channels(self) -> list:
-        """What each stored channel is: "energy_K", then "density:<class>" per density class."""
-        return ["energy_K"] + [f"density:{c}" for c in self.density_classes]
-
-    def voxelize_kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes",
-                                                                   "cell_properties")}
-
-    def to_dict(self) -> dict:
-        """The fields; at the defaults of density_classes and cell_properties exactly those (and so the hash) of
-        the parameters before these fields existed."""
-        fields = asdict(self)
-        if not self.density_classes:
-            del fields["density_classes"]
-        if self.cell_properties:
-            del fields["cell_properties"]
-        return fields
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 def _footer_digest(meta) -> str:
@@ -2082,7 +2137,7 @@ def write_shard(path, grids, meta):
         f.write(struct.pack("<Q", len(footer)) + SHARD_MAGIC)
 
 
-def _shard_broken(path, reason):
+def _broken_shard_error(path, reason):
     return ShardError(f"{path}: {reason}; it is not a complete, intact mofkit shard: delete it and rerun "
                       f"ensure_shards (or build_shards)")
 
@@ -2108,35 +2163,35 @@ def read_shard_meta(path) -> dict:
                            (2, 0): np.lib.format.read_array_header_2_0}[version]
             shape, fortran_order, dtype = read_header(f)
         except (ValueError, KeyError) as e:
-            raise _shard_broken(path, f"no .npy header ({e})") from None
+            raise _broken_shard_error(path, f"no .npy header ({e})") from None
         data_start = f.tell()
         data_end = data_start + math.prod(shape) * dtype.itemsize
         if size < data_end + 16:
-            raise _shard_broken(path, f"{size} bytes, too short for its {shape} array and footer (truncated?)")
+            raise _broken_shard_error(path, f"{size} bytes, too short for its {shape} array and footer (truncated?)")
         f.seek(size - 16)
         footer_bytes, magic = struct.unpack("<Q8s", f.read(16))
         if magic != SHARD_MAGIC or size != data_end + footer_bytes + 16:
-            raise _shard_broken(path, f"{size} bytes and no footer where one should end (truncated?)")
+            raise _broken_shard_error(path, f"{size} bytes and no footer where one should end (truncated?)")
         f.seek(data_end)
         try:
             meta = json.loads(f.read(footer_bytes))
         except ValueError as e:
-            raise _shard_broken(path, f"unreadable footer ({e})") from None
+            raise _broken_shard_error(path, f"unreadable footer ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") not in (SHARD_FORMAT, SHARD_FORMAT_V1):
-        raise _shard_broken(path, f"unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        raise _broken_shard_error(path, f"unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     if meta["format"] == SHARD_FORMAT:
         if meta.get("footer_sha256") != _footer_digest(meta):
-            raise _shard_broken(path, "its footer (names, properties, parameters) does not match the footer's "
+            raise _broken_shard_error(path, "its footer (names, properties, parameters) does not match the footer's "
                                       "own sha256: it was altered")
         if meta.get("shard") != path.name:
-            raise _shard_broken(path, f"it was written as {meta.get('shard')!r}: another shard copied or renamed "
+            raise _broken_shard_error(path, f"it was written as {meta.get('shard')!r}: another shard copied or renamed "
                                       f"over this one")
     elif path not in _WARNED_V1:
         _WARNED_V1.add(path)
         warnings.warn(f"{path}: a {SHARD_FORMAT_V1} shard without checksums; it is read as is: rebuild it "
                       f"(delete it and rerun build_shards) to make it self-verifying", stacklevel=2)
     if dtype != np.float16 or fortran_order or len(shape) != 5 or shape[0] != len(meta["names"]):
-        raise _shard_broken(path, f"unexpected layout {dtype} {shape} for format {meta.get('format')!r}")
+        raise _broken_shard_error(path, f"unexpected layout {dtype} {shape} for format {meta.get('format')!r}")
     meta["shape"] = list(shape)
     meta["data_offset"] = data_start
     return meta
@@ -2169,8 +2224,8 @@ def verify_shard(path, meta=None) -> dict:
                 h.update(block)
                 remaining -= len(block)
         if h.hexdigest() != meta["data_sha256"]:
-            raise _shard_broken(path, "its grid bytes do not match the sha256 in its footer (corrupted on disk or "
-                                      "in transfer)")
+            raise _broken_shard_error(path, "its grid bytes do not match the sha256 in its footer (corrupted on "
+                                      "disk or in transfer)")
         _VERIFIED[key] = meta["data_sha256"]
     return meta
 
@@ -2181,15 +2236,6 @@ def open_shard(path):
     meta = verify_shard(path)
     # copy-on-write map: torch only wraps writable arrays; the pages are never written, so nothing is copied
     return np.load(path, mmap_mode="c"), meta
-
-
-def _json_value(v):
-    """A table cell as JSON: numpy scalars as Python numbers, NaN/inf as null."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
 
 
 def _source_label(source) -> str:
@@ -2205,16 +2251,18 @@ def _source_label(source) -> str:
                      f"of .cif files")
 
 
-def _source_names(label) -> list:
-    kind, where = label.split(":", 1)
+def source_names(source=None) -> list:
+    """The structure names of a source (as `build_shards` takes it: None, 'coremof:<dataset>' or a CIF folder)."""
+    kind, where = _source_label(source).split(":", 1)
     if kind == "coremof":
         return coremof_names(where)
     return list(dict.fromkeys(p.stem for p in _cif_paths(where)))  # a.cif and a.CIF: one name (iter_cifs records it)
 
 
-def _source_structures(label, names, failures):
-    """Yield (name, atoms) for `names`, appending (name, reason) to `failures` for those that cannot be read."""
-    kind, where = label.split(":", 1)
+def iter_source(source, names, failures=None):
+    """Yield (name, atoms) for `names` of a source (as in `source_names`), appending (name, reason) to `failures`
+    for those that cannot be read."""
+    kind, where = _source_label(source).split(":", 1)
     if kind == "coremof":
         return iter_coremof(where, names=names, failures=failures)
     found = {}
@@ -2242,8 +2290,8 @@ def _shard_plan(names, shard_size):
 
 def _manifest_row(shard, members, label, params, path=None, url=""):
     """One data_manifest.csv row; bytes/sha256/n_grids are filled from the file at `path` when there is one."""
-    row = {"shard": shard, "n_names": len(members), "n_grids": "", "bytes": "", "sha256": "", "source": label,
-           "params_hash": params.hash, "params": params.to_json(), "url": url, "names": ";".join(members),
+    row = {"file": shard, "n_members": len(members), "n_grids": "", "bytes": "", "sha256": "", "source": label,
+           "params_hash": params.hash, "params": params.to_json(), "url": url, "members": ";".join(members),
            "kind": "shard"}
     if path is not None:
         row.update(n_grids=read_shard_meta(path)["shape"][0], bytes=Path(path).stat().st_size,
@@ -2252,10 +2300,10 @@ def _manifest_row(shard, members, label, params, path=None, url=""):
 
 
 def read_manifest(path, kind="shard") -> list:
-    """The rows of data_manifest.csv of one kind ("shard", "weights"; None: all) as dicts of strings.
-    A manifest without a kind column (older files) lists shards only."""
+    """The rows of data_manifest.csv of one kind ("shard", "weights"; None: all) as dicts of strings, with
+    today's column names (MANIFEST_COLUMNS). A manifest without a kind column (older files) lists shards only."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [{_OLD_MANIFEST_COLUMNS.get(k, k): v for k, v in row.items()} for row in csv.DictReader(f)]
     missing = set(MANIFEST_COLUMNS) - {"kind"} - set(rows[0] if rows else MANIFEST_COLUMNS)
     if missing:
         raise ValueError(f"{path}: not a shard manifest, columns {sorted(missing)} are missing")
@@ -2264,24 +2312,25 @@ def read_manifest(path, kind="shard") -> list:
     return [r for r in rows if kind is None or r["kind"] == kind]
 
 
-def _write_csv(path, columns, rows):
-    """Write rows (dicts) as CSV atomically."""
-    import io
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_write(path) as f:
-        f.write(text.getvalue().encode())
+def write_manifest(path, rows):
+    """Write manifest rows (dicts with MANIFEST_COLUMNS, as `read_manifest` returns them) to `path` atomically."""
+    _write_csv(path, MANIFEST_COLUMNS, rows)
 
 
-def _merge_csv(path, columns, rows, shards):
-    """Rewrite `path` with `rows` replacing its old rows for `shards`; kept sorted by shard."""
-    old = []
-    if Path(path).exists():
-        with open(path, newline="") as f:
-            old = [r for r in csv.DictReader(f) if r["shard"] not in shards]
-    _write_csv(path, columns, sorted(old + rows, key=lambda r: r["shard"]))
+def _merge_manifest(path, rows):
+    """Rewrite the manifest `path` with `rows` replacing its rows of the same files; sorted by file."""
+    files = {r["file"] for r in rows}
+    old = [r for r in read_manifest(path, kind=None) if r["file"] not in files] if Path(path).exists() else []
+    write_manifest(path, sorted(old + rows, key=lambda r: r["file"]))
+
+
+def _members(row) -> list:
+    return row["members"].split(";") if row["members"] else []
+
+
+def _holds(meta, members, params_hash) -> bool:
+    """Does a shard footer say it holds exactly `members`, made with the GridParams of `params_hash`?"""
+    return meta["members"] == list(members) and GridParams(**meta["params"]).hash == params_hash
 
 
 def coremof_manifest(path=None, dataset="2019-ASR", shard_size=100, params=None) -> list:
@@ -2290,12 +2339,12 @@ def coremof_manifest(path=None, dataset="2019-ASR", shard_size=100, params=None)
     Membership and parameters only (bytes, sha256 and url blank until someone builds and publishes the files).
     Written to `path` when given.
     """
-    params = params or ShardParams()
+    params = params or GridParams()
     label = f"coremof:{dataset}"
     rows = [_manifest_row(shard, members, label, params)
             for shard, members in _shard_plan(coremof_names(dataset), shard_size)]
     if path is not None:
-        _write_csv(path, MANIFEST_COLUMNS, rows)
+        write_manifest(path, rows)
     return rows
 
 
@@ -2304,7 +2353,7 @@ def _voxelize_chunk(chunk, params, device, failures) -> dict:
     one, so only the structure at fault is lost (recorded in `failures`): one odd structure must not stop 12,000."""
     try:
         return dict(zip([n for n, _ in chunk], voxelize_many([a for _, a in chunk], device=device,
-                                                             **params.voxelize_kwargs())))
+                                                             params=params)))
     except Exception as e:
         if len(chunk) == 1:
             failures.append((chunk[0][0], f"{type(e).__name__}: {e}"))
@@ -2312,35 +2361,17 @@ def _voxelize_chunk(chunk, params, device, failures) -> dict:
         return {k: v for item in chunk for k, v in _voxelize_chunk([item], params, device, failures).items()}
 
 
-# Per-structure properties in a shard footer: the whole crystal's (cell grid at CELL_SPACING_A, at
-# params.temperature_K; He void fraction at 298 K), then the stored window grid's own (for comparing generated
-# cube grids with real ones), then the source's table. NaN (null in JSON) where no voxel is accessible.
-PROPERTY_COLUMNS = ("density_kg_m3", "log10_KH_mol_kg_Pa", "Qst_kJ_mol", "void_fraction_He",
-                    "window_log10_KH_mol_kg_Pa", "window_Qst_kJ_mol")
-
-
-def _structure_properties(name, atoms, grid_K, params, device) -> list:
-    if params.cell_properties:
-        cell = cell_properties(atoms, params.probe, params.temperature_K, CELL_SPACING_A, params.cutoff_A,
-                               params.cap_K, device, name, VOID_FRACTION_SPACING_A)
-    else:
-        cell = {"density_kg_m3": framework_density(atoms), "log10_KH_mol_kg_Pa": math.nan, "Qst_kJ_mol": math.nan,
-                "void_fraction_He": math.nan}
-    window = window_properties(grid_K, cell["density_kg_m3"], params.temperature_K, params.cap_K, name)
-    return [{**cell, **window}[c] for c in PROPERTY_COLUMNS]
-
-
 def _build_shard(path, members, label, params, table, device=None, progress=True) -> dict:
     """Voxelize `members` into one shard file; a structure that fails is recorded in the footer and skipped."""
     failures, grids, props = [], {}, {}
-    structures = _source_structures(label, members, failures)
+    structures = iter_source(label, members, failures)
     device = usable_device(device)
     per_call = 16 if device.type == "cuda" else 1          # a GPU wants many structures in one batch
     with tqdm(total=len(members), desc=path.name, leave=False, disable=not progress) as bar:
         while chunk := list(itertools.islice(structures, per_call)):
             atoms_by_name = dict(chunk)
             for name, grid_K in _voxelize_chunk(chunk, params, device, failures).items():
-                props[name] = _structure_properties(name, atoms_by_name[name], grid_K, params, device)
+                props[name] = list(structure_properties(atoms_by_name[name], grid_K, params, device, name).values())
                 atom_channels = [density_channels(atoms_by_name[name], params.size, params.spacing_A,
                                                   classes=params.density_classes)] if params.density_classes else []
                 grids[name] = np.concatenate([grid_K[None]] + atom_channels).astype(np.float16)
@@ -2399,7 +2430,7 @@ def _reuse_shard_or_delete(path, members, params):
         warnings.warn(f"{e} -- deleting it and building it again")
         path.unlink()
         return None
-    if meta["members"] != list(members) or ShardParams(**meta["params"]) != params:
+    if not _holds(meta, members, params.hash):
         raise ShardError(f"{path} holds other structures or voxelizer parameters than requested: build into "
                          f"another folder, or delete it")
     if members and not meta["names"]:  # a failed build (wrong device, missing files): never counted as done
@@ -2422,7 +2453,7 @@ def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) ->
         meta = _reuse_shard_or_delete(path, members, params) or _build_shard(path, members, label, params, table,
                                                                               device, progress)
         rows.append(_manifest_row(shard, members, label, params, path=path))
-        _merge_csv(out_dir / "data_manifest.csv", MANIFEST_COLUMNS, [rows[-1]], {shard})
+        _merge_manifest(out_dir / "data_manifest.csv", [rows[-1]])
         _merge_csv(out_dir / "failures.csv", FAILURE_COLUMNS,
                    [{"shard": shard, "name": n, "reason": r} for n, r in meta["failures"]], {shard})
     return rows
@@ -2431,7 +2462,7 @@ def _build(plan, out_dir, label, params, device, progress, deadline=math.inf) ->
 def build_summary(rows, out_dir) -> str:
     """One line for the end of a build: shards, grids, structures that failed, where the failures are listed."""
     grids = sum(int(r["n_grids"] or 0) for r in rows)
-    failed = sum(int(r["n_names"]) for r in rows) - grids
+    failed = sum(int(r["n_members"]) for r in rows) - grids
     return (f"{len(rows)} shards, {grids} grids, {failed} failed structures in {out_dir}"
             + (f" (reasons: {Path(out_dir) / 'failures.csv'})" if failed else ""))
 
@@ -2441,7 +2472,7 @@ def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=Non
     """Voxelize a source into shard files shard_00000.npy, shard_00001.npy, ... in out_dir; resumable.
 
     source: None (CoRE MOF 2019-ASR), 'coremof:<dataset>', or a folder of .cif files (any case, name = file stem).
-    params: ShardParams (voxelizer settings, property temperature). names/limit (>= 1) pick the structures.
+    params: GridParams (voxelizer settings, property temperature). names/limit (>= 1) pick the structures.
     Shard k holds the members names[k*shard_size:(k+1)*shard_size] -- membership comes from the name list, not
     from which structures succeed -- so a rerun skips finished shards (a shard with no grid is never finished:
     it is built again). A structure that fails is listed in out_dir/failures.csv and its shard holds one grid
@@ -2452,12 +2483,12 @@ def build_shards(out_dir, source=None, *, params=None, shard_size=100, names=Non
     `max_minutes` starts no new shard after that much time (for fixed-length sessions): fewer rows come back
     than planned, and the next call continues.
     """
-    params = params or ShardParams()
+    params = params or GridParams()
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
         raise ValueError(f"limit={limit!r}: must be a whole number >= 1 (or None for every structure)")
     device = usable_device(device)
     label = _source_label(source)
-    names = list(_source_names(label) if names is None else names)[:limit]
+    names = list(source_names(label) if names is None else names)[:limit]
     if not names:
         raise ValueError(f"{label}: no structures to build")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
@@ -2475,9 +2506,10 @@ def _verified(path, row, local_row) -> bool:
         meta = verify_shard(path)
     except ShardError:
         return False
-    if ";".join(meta["members"]) != row["names"] or ShardParams(**meta["params"]).hash != row["params_hash"]:
+    if not _holds(meta, _members(row), row["params_hash"]):
         return False
-    same = [r for r in (row, local_row) if r and r["names"] == row["names"] and r["params_hash"] == row["params_hash"]]
+    same = [r for r in (row, local_row) if r and r["members"] == row["members"]
+            and r["params_hash"] == row["params_hash"]]
     known = {r["sha256"] for r in same if r["sha256"]}
     return not known or sha256_file(path) in known
 
@@ -2496,11 +2528,11 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
     if dest_dir.exists() and not dest_dir.is_dir():
         raise ShardError(f"{dest_dir}: is a file, not a folder for shards")
     local_csv = dest_dir / "data_manifest.csv"
-    local = {r["shard"]: r for r in read_manifest(local_csv)} if local_csv.exists() else {}
+    local = {r["file"]: r for r in read_manifest(local_csv)} if local_csv.exists() else {}
     paths, built = [], []
     for row in tqdm(read_manifest(manifest_csv), desc="checking shards", disable=not progress):
-        shard, path = row["shard"], dest_dir / row["shard"]
-        params, members = ShardParams(**json.loads(row["params"])), row["names"].split(";")
+        shard, path = row["file"], dest_dir / row["file"]
+        params, members = GridParams(**json.loads(row["params"])), _members(row)
         if path.exists() and not _verified(path, row, local.get(shard)):
             warnings.warn(f"shard {shard}: {path} does not match its manifest row (corrupted or truncated): "
                           f"deleted it, fetching it again")
@@ -2509,8 +2541,8 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
             try:
                 download(row["url"], path, sha256=row["sha256"] or None, progress=progress)
                 verify_shard(path)
-                _merge_csv(local_csv, MANIFEST_COLUMNS,
-                           [_manifest_row(shard, members, row["source"], params, path=path, url=row["url"])], {shard})
+                _merge_manifest(local_csv, [_manifest_row(shard, members, row["source"], params, path=path,
+                                                          url=row["url"])])
             except (DownloadError, ShardError) as e:
                 with contextlib.suppress(FileNotFoundError):
                     if isinstance(e, ShardError):
@@ -2531,7 +2563,7 @@ def ensure_shards(manifest_csv, dest_dir, build_missing=True, device=None, progr
                 raise ShardError(f"shard {shard}: building it locally gave 0 of its {len(members)} grids (e.g. "
                                  f"{reasons}); nothing was kept. Restore its source {row['source']} or fetch it")
         meta = read_shard_meta(path)
-        if meta["members"] != members or ShardParams(**meta["params"]) != params:
+        if not _holds(meta, members, params.hash):
             raise ShardError(f"shard {shard}: {path} passed its checksum but holds other structures or parameters "
                              f"than its manifest row: the manifest {manifest_csv} is inconsistent, fix its row")
         paths.append(path)
@@ -2546,8 +2578,8 @@ _COPY_CHUNK = 32768  # torch's parallel grain size: copies this small run on the
 def _half_to_float(src):
     """A new float32 tensor from a float16 one, converted in chunks on the calling thread.
 
-    A whole-grid .float() wakes torch's thread pool: with a trainer and a loader on 2 busy cores that took
-    ~8 ms per 64^3 grid instead of ~0.07 ms (measured on the 2-core dev machine).
+    A whole-grid .float() wakes torch's thread pool, which on busy cores costs far more than the copy itself
+    (README, "Shard streaming").
     """
     flat, out = src.reshape(-1), torch.empty(src.numel(), dtype=torch.float32)
     for a in range(0, flat.numel(), _COPY_CHUNK):
@@ -2558,8 +2590,8 @@ def _half_to_float(src):
 def _prefetch(path):
     """Ask the kernel to start reading a file into the page cache (returns at once; a no-op where unsupported).
 
-    Reading the next shard ahead while this one is decoded took cold streaming from ~1,100 to ~1,900 grids/s
-    (shuffled) and ~3,300 grids/s (in order) on the 2-core dev VM.
+    The next shard is read ahead while this one is decoded: cold streaming is bound by the disk (README, "Shard
+    streaming").
     """
     if hasattr(os, "posix_fadvise"):
         fd = os.open(path, os.O_RDONLY)
@@ -2604,11 +2636,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return self.offsets[-1]
 
     @property
-    def params(self) -> ShardParams:
+    def params(self) -> GridParams:
         """How the first shard's grids were made: .channels says what each channel is, .density_classes and
         .spacing_A are what grid_to_atoms / structure_report need to decode them. With channels=[0] of
         multi-channel shards (the energy alone) density_classes is ()."""
-        params = ShardParams(**read_shard_meta(self.shards[0])["params"])
+        params = GridParams(**read_shard_meta(self.shards[0])["params"])
         picked = np.arange(len(params.channels))[self.channels if self.channels is not None else slice(None)]
         if picked.reshape(-1).tolist() == [0]:
             return dataclasses.replace(params, density_classes=())
@@ -2684,8 +2716,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 x = self.transform(x) if self.transform is not None else x
                 yield (x, self.offsets[s] + k) if self.with_index else x
             del grids
-            # Between shards only, and the young generations only: they hold what reading one shard created
-            # (~1 ms); a full collection walks every object in the process (~0.1 s with torch loaded).
+            # Between shards only, and the young generations only: they hold what reading one shard created; a
+            # full collection walks every object in the process, ~100x longer with torch loaded (README).
             gc.collect(1)
 
 
@@ -2694,14 +2726,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # 6. Models: the study's 3D GAN (after Wu et al. 2016)
 # =============================================================================
 
-# The study's network (after Wu et al. 2016): a latent vector is projected by a Linear layer to a
-# 4^3 x `channels` volume and doubled in size by k4 s2 p1 transposed convolutions, halving the channels
-# each time; the discriminator mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm
-# follows them). In the study both nets end in a Sigmoid; here the discriminator's is optional (`sigmoid=`)
-# and the generator's output squashing follows the input transform. At dim 64, latent 200, 512 channels this is exactly the
-# study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer
-# layout is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it),
-# the last transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
+# The study's network (after Wu et al. 2016): a latent vector is projected by a Linear layer to a 4^3 x `channels`
+# volume and doubled in size by k4 s2 p1 transposed convolutions, halving the channels each time; the discriminator
+# mirrors it and ends in a Linear head. Convolutions carry no bias (BatchNorm follows them). The study ends both
+# nets in a Sigmoid; here the generator's last activation follows the input transform (Sigmoid for "wells", Tanh for
+# "signed") and the discriminator's Sigmoid is optional (`sigmoid=`). At dim 64, latent 200, 512 channels this is
+# exactly the study's model summary: 17,601,408 generator and 11,048,833 discriminator parameters. The layer layout
+# is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it), the last
+# transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
 
 def _widths(dim, channels):
     """Feature channels from the 4^3 bottleneck outwards: channels, channels/2, ... (one per resolution step)."""
@@ -2842,7 +2874,7 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 
 
 # =============================================================================
-# 7. Training: LSGAN with exact-resume checkpoints, mixed precision, DDP
+# 7. Training: LSGAN with exact-resume checkpoints, mixed precision, DDP; sampling a trained generator
 # =============================================================================
 
 # Training runs one LSGAN update of D and then of G on EVERY batch (the study's script ran D over all
@@ -2975,6 +3007,72 @@ def _seed_all(seed):
     torch.manual_seed(seed)
 
 
+# What a checkpoint holds, in the order `_checkpoint` writes it; `_restore` reads it back. Keys that the first
+# checkpoints lacked are optional when reading (their absence means: no EMA, no grid parameters, one process).
+CHECKPOINT_KEYS = ("config", "e_scale_K", "grid_params", "generator", "generator_ema", "discriminator", "opt_g",
+                   "opt_d", "scaler", "rng", "step", "epoch", "samples_in_epoch", "time_s", "history", "world_size",
+                   "config_changes")
+_CHECKPOINT_KEYS_ADDED_LATER = ("grid_params", "generator_ema", "world_size", "config_changes")
+
+
+@dataclass
+class _TrainState:
+    """Where a run stands: with `_Run`'s weights, optimizers and the RNG states, what a checkpoint stores."""
+    e_scale_K: float
+    grid_params: dict | None = None                     # the training grids' GridParams.to_dict(), if known
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0                           # of this process, for an exact mid-epoch resume
+    time_s: float = 0.0                                 # training time of the calls before this one
+    history: list = field(default_factory=list)         # dicts with HISTORY_COLUMNS
+    config_changes: list = field(default_factory=list)  # see _resume_from
+
+
+def _checkpoint(run, state, rng_states, time_s, world) -> dict:
+    """The checkpoint of a run: the one place its schema (CHECKPOINT_KEYS) is written."""
+    return {"config": {**asdict(run.config), "e_scale_K": state.e_scale_K}, "e_scale_K": state.e_scale_K,
+            "grid_params": state.grid_params, "generator": run.G.state_dict(),
+            "generator_ema": run.G_ema.state_dict() if run.G_ema is not None else None,
+            "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
+            "scaler": run.scaler.state_dict(), "rng": rng_states, "step": state.step, "epoch": state.epoch,
+            "samples_in_epoch": state.samples_in_epoch, "time_s": time_s, "history": state.history,
+            "world_size": world, "config_changes": state.config_changes}
+
+
+def _restore(run, ckpt, rank) -> _TrainState:
+    """Load a checkpoint (from `_resume_from`) into `run` and this process's RNGs; return where the run stands."""
+    try:
+        run.G.load_state_dict(ckpt["generator"])
+        run.D.load_state_dict(ckpt["discriminator"])
+        run.opt_g.load_state_dict(ckpt["opt_g"])
+        run.opt_d.load_state_dict(ckpt["opt_d"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        if run.G_ema is not None:
+            run.G_ema.load_state_dict(ckpt.get("generator_ema") or ckpt["generator"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt['path']}: does not fit this model/optimizer ({e})") from e
+    if rank < len(ckpt["rng"]):
+        _set_rng_state(ckpt["rng"][rank])
+    else:  # more processes than when saved: exact continuation is impossible anyway
+        _seed_all(run.config.seed + rank + 7919 * ckpt["step"])
+    return _TrainState(ckpt["e_scale_K"], ckpt.get("grid_params"), ckpt["step"], ckpt["epoch"],
+                       ckpt["samples_in_epoch"], ckpt["time_s"], list(ckpt["history"]), ckpt["config_changes"])
+
+
+def _save(run, state, meter, path, rank, world):
+    """Write the checkpoint atomically (rank 0; every rank's RNG states gathered into it); note it in the meter."""
+    rng_states = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rng_states, _rng_state())
+    else:
+        rng_states = [_rng_state()]
+    if rank == 0:
+        with atomic_write(path) as f:
+            torch.save(_checkpoint(run, state, rng_states, state.time_s + time.perf_counter() - meter.started,
+                                   world), f)
+    meter.saved_step, meter.saved = state.step, time.monotonic()
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a training checkpoint with torch.load(weights_only=True); CheckpointError names the file and why."""
     path = Path(path)
@@ -2982,8 +3080,7 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable mofkit checkpoint ({type(e).__name__}: {e})") from e
-    required = {"config", "e_scale_K", "generator", "discriminator", "opt_g", "opt_d", "scaler", "rng",
-                "step", "epoch", "samples_in_epoch", "time_s", "history"}
+    required = set(CHECKPOINT_KEYS) - set(_CHECKPOINT_KEYS_ADDED_LATER)
     missing = required - set(ckpt) if isinstance(ckpt, dict) else required
     if missing:
         raise CheckpointError(f"{path}: not a mofkit GAN checkpoint (missing {sorted(missing)})")
@@ -3061,15 +3158,16 @@ def _augment(batch):
 
 @dataclass
 class _Run:
-    """The live training objects: raw modules (for state_dicts), the callables to run them, optimizers."""
+    """The live training objects: the modules themselves (G, D: their state_dicts and parameters), the callables
+    that run them in a step (*_step: maybe DDP- and/or compile-wrapped), optimizers."""
     config: TrainConfig
     G: torch.nn.Module
     D: torch.nn.Module
     G_ema: torch.nn.Module | None    # the moving average of G's weights that `sample` uses (None: ema = 0)
-    g: object                        # G, maybe DDP- and/or compile-wrapped
-    d: object                        # D for the D step (DDP-wrapped under torchrun)
-    d_for_g: object                  # D for the G step: no DDP, its weight grads are never needed
-    d_r1: object                     # D for R1 steps: never compiled (torch.compile has no double backward)
+    G_step: object                   # G, maybe DDP- and/or compile-wrapped
+    D_step: object                   # D for the D step (DDP-wrapped under torchrun)
+    D_step_for_G: object             # D for the G step: no DDP, its weight grads are never needed
+    D_step_r1: object                # D for R1 steps: never compiled (torch.compile has no double backward)
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     scaler: object
@@ -3105,16 +3203,17 @@ def _build_run(config, device, ddp=False):
     opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     precision = _resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    g, d, d_for_g = G, D, D
+    G_step, D_step, D_step_for_G = G, D, D
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
-        g, d = DDP(G, device_ids=ids, broadcast_buffers=True), DDP(D, device_ids=ids, broadcast_buffers=True)
-    d_r1 = d
+        G_step, D_step = DDP(G, device_ids=ids, broadcast_buffers=True), DDP(D, device_ids=ids, broadcast_buffers=True)
+    D_step_r1 = D_step
     if config.compile:
-        g, d = torch.compile(g), torch.compile(d)
-        d_for_g = torch.compile(D) if ddp else d
-    return _Run(config, G, D, G_ema, g, d, d_for_g, d_r1, opt_g, opt_d, scaler, precision, memory_format)
+        G_step, D_step = torch.compile(G_step), torch.compile(D_step)
+        D_step_for_G = torch.compile(D) if ddp else D_step
+    return _Run(config, G, D, G_ema, G_step, D_step, D_step_for_G, D_step_r1, opt_g, opt_d, scaler, precision,
+                memory_format)
 
 
 def _gan_step(run, real, step):
@@ -3126,9 +3225,9 @@ def _gan_step(run, real, step):
     if r1:
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
-        fake = run.g(z)
-        d_real = (run.d_r1 if r1 else run.d)(real).float()
-        d_fake = run.d(fake.detach()).float()
+        fake = run.G_step(z)
+        d_real = (run.D_step_r1 if r1 else run.D_step)(real).float()
+        d_fake = run.D_step(fake.detach()).float()
         loss_d = discriminator_loss(config.loss, d_real, d_fake)
     total_d = loss_d
     if r1:  # zero-centred gradient penalty on real data, scaled by the interval (lazy regularisation)
@@ -3140,7 +3239,7 @@ def _gan_step(run, real, step):
 
     run.D.requires_grad_(False)  # the G step needs D's input gradients only
     with run.autocast(device_type):
-        d_gen = run.d_for_g(fake).float()
+        d_gen = run.D_step_for_G(fake).float()
         loss_g = generator_loss(config.loss, d_gen)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
@@ -3375,167 +3474,102 @@ def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_s
 
 
 def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress, max_minutes=None):
-    import time
-    import torch.distributed as dist
     _seed_all(config.seed + rank)
     run = _build_run(config, device, ddp=world > 1)
-    step, epoch, samples_in_epoch, time_s, history = 0, 0, 0, 0.0, []
     if ckpt is None:
-        e_scale = _e_scale(config, dataset, world, device)
+        state = _TrainState(_e_scale(config, dataset, world, device), _grid_params_of(dataset))
     else:
-        try:
-            run.G.load_state_dict(ckpt["generator"])
-            run.D.load_state_dict(ckpt["discriminator"])
-            run.opt_g.load_state_dict(ckpt["opt_g"])
-            run.opt_d.load_state_dict(ckpt["opt_d"])
-            run.scaler.load_state_dict(ckpt["scaler"])
-            if run.G_ema is not None:
-                run.G_ema.load_state_dict(ckpt.get("generator_ema") or ckpt["generator"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{ckpt['path']}: does not fit this model/optimizer ({e})") from e
-        rng = ckpt["rng"]
-        if rank < len(rng):
-            _set_rng_state(rng[rank])
-        else:  # more processes than when saved: exact continuation is impossible anyway
-            _seed_all(config.seed + rank + 7919 * ckpt["step"])
-        step, epoch, samples_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["samples_in_epoch"]
-        time_s, history, e_scale = ckpt["time_s"], list(ckpt["history"]), ckpt["e_scale_K"]
+        state = _restore(run, ckpt, rank)
     if rank == 0:
-        _write_history_csv(history_csv, history)  # drops rows logged after the checkpoint we resume from
+        _write_history_csv(history_csv, state.history)  # drops rows logged after the checkpoint we resume from
     stop_at = max_steps if max_steps is not None else float("inf")
-    saved_config = {**asdict(config), "e_scale_K": e_scale}
-    grid_params = _grid_params_of(dataset) if ckpt is None else ckpt.get("grid_params")
-    config_changes = ckpt["config_changes"] if ckpt is not None else []
-    saved_step = None  # the step of the checkpoint this call wrote last
-
-    def save():
-        nonlocal saved_step
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, _rng_state())
-        else:
-            states = [_rng_state()]
-        if rank == 0:
-            state = {"config": saved_config, "e_scale_K": e_scale, "grid_params": grid_params,
-                     "generator": run.G.state_dict(),
-                     "generator_ema": run.G_ema.state_dict() if run.G_ema is not None else None,
-                     "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(),
-                     "opt_d": run.opt_d.state_dict(), "scaler": run.scaler.state_dict(), "rng": states,
-                     "step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
-                     "time_s": time_s + time.perf_counter() - t_start, "history": history, "world_size": world,
-                     "config_changes": config_changes}
-            with atomic_write(last) as f:
-                torch.save(state, f)
-        saved_step = step
-
-    acc, acc_steps = torch.zeros(4, device=device), 0
-    t_start = t_log = time.perf_counter()
-    t_saved = time.monotonic()
-    deadline = t_saved + 60 * max_minutes if max_minutes is not None else math.inf
-    out_of_time = False
-
-    def log():
-        """Average the metrics since the last log over steps and processes; stop on NaN/Inf; return 'save now'.
-        Rank 0's clock decides both "checkpoint due" and "out of time", so all ranks stop at the same step."""
-        nonlocal acc, acc_steps, t_log, out_of_time
-        now = time.perf_counter()
-        time_due = rank == 0 and time.monotonic() - t_saved >= 60 * config.checkpoint_every_min
-        late = rank == 0 and time.monotonic() >= deadline
-        stats = torch.cat([acc / acc_steps, torch.tensor([float(time_due), float(late)], device=device)])
-        if world > 1:
-            dist.all_reduce(stats)
-            stats[:4] /= world
-        loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
-        out_of_time = late > 0
-        if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
-            if saved_step is not None:
-                kept = f"the last good checkpoint {last} (step {saved_step}) is kept"
-            elif ckpt is not None:
-                kept = f"the last good checkpoint {ckpt['path']} (step {ckpt['step']}) is kept; this call saved none"
-            else:
-                kept = "no checkpoint exists for this run (none was due yet)"
-            raise TrainingDiverged(f"non-finite loss at step {step} (losses are checked every {config.log_every} "
-                                   f"steps: it appeared after step {step - acc_steps}; loss_d={loss_d}, "
-                                   f"loss_g={loss_g}); stopped without saving: {kept}")
-        row = dict(step=step, epoch=epoch, loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake,
-                   samples_per_s=acc_steps * config.batch_size * world / (now - t_log),
-                   time_s=time_s + now - t_start)
-        history.append(row)
-        if rank == 0:
-            with open(history_csv, "a") as f:
-                f.write(",".join(repr(row[c]) for c in HISTORY_COLUMNS) + "\n")
-        bar.set_postfix(loss_d=f"{loss_d:.4f}", loss_g=f"{loss_g:.4f}", refresh=False)
-        acc, acc_steps, t_log = torch.zeros(4, device=device), 0, now
-        return bool(time_due)
-
-    pin = device.type == "cuda"
     per_epoch = _steps_per_epoch(dataset, config, world)
     total = min(stop_at, config.epochs * per_epoch) if per_epoch is not None else stop_at
-    bar = tqdm(total=None if total == float("inf") else total, initial=step,
+    bar = tqdm(total=None if total == float("inf") else total, initial=state.step,
                disable=not progress or rank != 0, desc="train", unit="step")
-    first_step = step
-    while epoch < config.epochs and step < stop_at and not out_of_time:
-        epoch_start = step
-        batches = _epoch_batches(dataset, config, epoch, samples_in_epoch, rank, world, pin)
-        for real in batches:
+    meter = _Meter(torch.zeros(4, device=device))
+    meter.deadline = meter.saved + 60 * max_minutes if max_minutes is not None else math.inf
+    out_of_time, first_step = False, state.step
+    while state.epoch < config.epochs and state.step < stop_at and not out_of_time:
+        epoch_start = state.step
+        for real in _epoch_batches(dataset, config, state.epoch, state.samples_in_epoch, rank, world,
+                                   device.type == "cuda"):
             real = _augment(real) if config.augment else real
-            real = to_gan_input(real.to(device, non_blocking=True), e_scale, config.transform)
-            acc += _gan_step(run, real.contiguous(memory_format=run.memory_format), step)
-            acc_steps += 1
-            step += 1
-            samples_in_epoch += config.batch_size
+            real = to_gan_input(real.to(device, non_blocking=True), state.e_scale_K, config.transform)
+            meter.sums += _gan_step(run, real.contiguous(memory_format=run.memory_format), state.step)
+            meter.steps += 1
+            state.step += 1
+            state.samples_in_epoch += config.batch_size
             bar.update()
-            ckpt_due = step % config.checkpoint_every_steps == 0
-            if ckpt_due or step % config.log_every == 0:
-                if log() or ckpt_due:
-                    save()
-                    t_saved = time.monotonic()
-            if step >= stop_at or out_of_time:
+            ckpt_due = state.step % config.checkpoint_every_steps == 0
+            if ckpt_due or state.step % config.log_every == 0:
+                time_due, out_of_time = _log(state, meter, config, rank, world, history_csv, bar, last, ckpt)
+                if time_due or ckpt_due:
+                    _save(run, state, meter, last, rank, world)
+            if state.step >= stop_at or out_of_time:
                 break
         else:
-            if step == epoch_start and samples_in_epoch == 0:
+            if state.step == epoch_start and state.samples_in_epoch == 0:
                 raise ValueError(f"dataset gives no full batch of {config.batch_size} grids per process")
-            epoch, samples_in_epoch = epoch + 1, 0
-    if acc_steps:
-        log()
-    if step > first_step:
-        save()
+            state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+    if meter.steps:
+        _log(state, meter, config, rank, world, history_csv, bar, last, ckpt)
+    if state.step > first_step:
+        _save(run, state, meter, last, rank, world)
     bar.close()
-    return TrainResult(run.G, run.D, last, history)
+    return TrainResult(run.G, run.D, last, state.history)
 
 
-def main_train(argv=None):
-    """`python mofkit.py train SHARDS_DIR --out RUN_DIR [--fast-gpu] [--epochs 48 ...]` (every TrainConfig field
-    is a flag); under `torchrun --nproc_per_node=N` each process runs it and ShardDataset splits by rank.
-    The grid size and channel count come from the shards."""
-    import argparse
-    import dataclasses
-    p = argparse.ArgumentParser(prog="mofkit.py train", description="Train the 3D GAN on a folder of shards.")
-    p.add_argument("shards", help="folder of shard_*.npy files (from build_shards / ensure_shards)")
-    p.add_argument("--out", default="mofkit_run", help="run folder: last.pt, history.csv (resumed if present)")
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() (GPU speed settings)")
-    preset.add_argument("--study", action="store_true", help="start from TrainConfig.study(): the study's exact recipe")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="resume even though the config changes the run (recorded in the checkpoint)")
-    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
-    for f in fields:
-        kind = type(f.default) if f.default is not None else float
-        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
-    args = p.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
-    config = (TrainConfig.fast_gpu if args.fast_gpu else TrainConfig.study if args.study else TrainConfig)(**overrides)
-    dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
-    _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
-    config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
-    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress,
-                   allow_config_change=args.allow_config_change)
-    print(f"checkpoint: {result.checkpoint}")
-    return result
+@dataclass
+class _Meter:
+    """One call's figures since the last history row, and its clocks."""
+    sums: torch.Tensor                  # [loss_d, loss_g, D(real), D(fake)], summed over `steps`
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    logged: float = None                # time.perf_counter() of the last row (at first: started)
+    saved: float = field(default_factory=time.monotonic)  # time.monotonic() of the last save (at first: the start)
+    deadline: float = math.inf          # time.monotonic() past which the call stops (max_minutes)
+    saved_step: int | None = None       # the step of the checkpoint this call wrote last
 
+    def __post_init__(self):
+        self.logged = self.started if self.logged is None else self.logged
+
+
+def _log(state, meter, config, rank, world, history_csv, bar, last, ckpt) -> tuple:
+    """Append one history row: the meter's sums averaged over its steps and over processes; then reset the meter.
+    Returns (checkpoint due by the clock, out of time): rank 0's clock decides and the all-reduce tells the other
+    ranks, so every rank saves and stops at the same step. A non-finite loss raises TrainingDiverged first."""
+    now = time.perf_counter()
+    flags = (rank == 0 and time.monotonic() - meter.saved >= 60 * config.checkpoint_every_min,
+             rank == 0 and time.monotonic() >= meter.deadline)
+    stats = torch.cat([meter.sums / meter.steps, torch.tensor([float(f) for f in flags], device=meter.sums.device)])
+    if world > 1:
+        torch.distributed.all_reduce(stats)
+        stats[:4] /= world
+    loss_d, loss_g, d_real, d_fake, time_due, late = stats.tolist()
+    if not all(math.isfinite(v) for v in (loss_d, loss_g, d_real, d_fake)):
+        if meter.saved_step is not None:
+            kept = f"the last good checkpoint {last} (step {meter.saved_step}) is kept"
+        elif ckpt is not None:
+            kept = f"the last good checkpoint {ckpt['path']} (step {ckpt['step']}) is kept; this call saved none"
+        else:
+            kept = "no checkpoint exists for this run (none was due yet)"
+        raise TrainingDiverged(f"non-finite loss at step {state.step} (losses are checked every {config.log_every} "
+                               f"steps: it appeared after step {state.step - meter.steps}; loss_d={loss_d}, "
+                               f"loss_g={loss_g}); stopped without saving: {kept}")
+    row = dict(step=state.step, epoch=state.epoch, loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake,
+               samples_per_s=meter.steps * config.batch_size * world / (now - meter.logged),
+               time_s=state.time_s + now - meter.started)
+    state.history.append(row)
+    if rank == 0:
+        with open(history_csv, "a") as f:
+            f.write(",".join(repr(row[c]) for c in HISTORY_COLUMNS) + "\n")
+    bar.set_postfix(loss_d=f"{loss_d:.4f}", loss_g=f"{loss_g:.4f}", refresh=False)
+    meter.sums, meter.steps, meter.logged = torch.zeros_like(meter.sums), 0, now
+    return bool(time_due), late > 0
+
+
+# --- trained generators: sample, export_generator, load_generator -----------------------------------------
 
 def _recalibrate_batchnorm(G, n=256, batch_size=16, seed=0):
     """Set G's BatchNorm running statistics to their plain average over `n` seeded samples (train-mode batches).
@@ -3648,6 +3682,21 @@ def export_generator(checkpoint, path, dtype=torch.float16) -> Path:
     return Path(path)
 
 
+def record_weights(path, manifest_csv, source="") -> dict:
+    """Record a generator file (from `export_generator`) in a manifest as a "weights" row: its path relative to the
+    manifest's folder (its name when outside it), bytes and sha256, and `source` (e.g. the command that made it),
+    replacing an older row of that path. `load_generator` then refuses any other file under that name."""
+    path = Path(path)
+    try:
+        file = path.resolve().relative_to(Path(manifest_csv).resolve().parent).as_posix()
+    except ValueError:
+        file = path.name
+    row = {**dict.fromkeys(MANIFEST_COLUMNS, ""), "file": file, "bytes": path.stat().st_size,
+           "sha256": sha256_file(path), "source": source, "kind": "weights"}
+    _merge_manifest(manifest_csv, [row])
+    return row
+
+
 def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.csv")):
     """A Generator saved by `export_generator`, in eval mode and float32, with `.e_scale_K` and `.grid_params`
     (the `voxelize` settings of its training grids: compare its samples with grids made the same way) set, so
@@ -3656,7 +3705,7 @@ def load_generator(path, manifest_csv=Path(__file__).with_name("data_manifest.cs
     path = Path(path)
     if manifest_csv is not None and Path(manifest_csv).exists():
         for row in read_manifest(manifest_csv, kind="weights"):
-            if Path(row["shard"]).name == path.name and sha256_file(path) != row["sha256"]:
+            if Path(row["file"]).name == path.name and sha256_file(path) != row["sha256"]:
                 raise CheckpointError(f"{path}: sha256 {sha256_file(path)} does not match {manifest_csv} "
                                       f"({row['sha256']}): corrupted or a different model; fetch it again")
     try:
@@ -3985,8 +4034,8 @@ class EvalReport:
 
 
 def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_scale_K=None, features=FEATURES,
-             baselines=True, temperature_K=77.0, density_kg_m3=None, n_boot=1000, seed=0, device=None,
-             channels=None) -> EvalReport:
+             baselines=True, temperature_K=DEFAULT_GRID.temperature_K, density_kg_m3=None, n_boot=1000, seed=0,
+             device=None, channels=None) -> EvalReport:
     """Score a generator against held-out real grids by the kit's one protocol (see the comment above).
 
     generator: a Generator (`load_generator`), a checkpoint or generator-file path, or an array of generated
@@ -4069,7 +4118,7 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
                       "threshold": mem["threshold"]}, n, float(e_scale_K), tuple(sampling_seeds))
 
 
-def grid_properties(grids_K, temperature_K=77.0, density_kg_m3=None):
+def grid_properties(grids_K, temperature_K=DEFAULT_GRID.temperature_K, density_kg_m3=None):
     """Widom factor, log10 of it (or of K_H when a density is given) and isosteric heat for each grid.
 
     Grids are (n, D, D, D) kelvin, or (n, C, D, D, D) with energy in channel 0. Returns a pandas
@@ -4090,7 +4139,8 @@ def grid_properties(grids_K, temperature_K=77.0, density_kg_m3=None):
     return pd.DataFrame(rows)
 
 
-def property_comparison(real_grids_K, generated_grids_K, temperature_K=77.0, density_kg_m3=None, seed=0):
+def property_comparison(real_grids_K, generated_grids_K, temperature_K=DEFAULT_GRID.temperature_K, density_kg_m3=None,
+                        seed=0):
     """Adsorption properties of real vs generated kelvin grids: medians and Wasserstein distances.
 
     Generated grids have no framework, hence no density: with `density_kg_m3=None` the comparison uses
@@ -4296,6 +4346,53 @@ def plot_property_histograms(real_vals, gen_vals, label="value", bins=30, path=N
     return _save_figure(fig, path)
 
 
+# Units of each model's parameters for q in mmol/g and P in bar (plot_isotherm_fits' inputs); "" = dimensionless.
+_PARAM_UNITS = {"freundlich": {"K": "mmol g⁻¹ bar^(−1/n)", "n": ""},
+                "sips": {"g_inf": "mmol/g", "K": "bar⁻¹", "n": ""},
+                "langmuir": {"Q_max": "mmol/g", "b": "bar⁻¹"},
+                "bet": {"q_m": "mmol/g", "C": "", "P0": "bar"}}
+
+
+def plot_isotherm_fits(pressure_bar, q_mmol_g, fits, path=None, title=None):
+    """Measured points with each fitted curve above a table of the fits -> (figure, table DataFrame).
+
+    fits: {label: IsothermFit}, e.g. the study's Sips (K fixed), free Sips and Freundlich. The table has one
+    row per fit: model, parameters with units and standard errors ("fixed" for held parameters), R², AIC.
+    The figure is written atomically to `path` (format from its suffix) when given.
+    """
+    import pandas as pd
+    from matplotlib.figure import Figure
+    P, q = np.asarray(pressure_bar, dtype=np.float64), np.asarray(q_mmol_g, dtype=np.float64)
+
+    def parameter(f, name, value):
+        unit = _PARAM_UNITS[f.model][name]
+        unit = f" {unit}" if unit else ""
+        if name in f.fixed:
+            return f"{name} = {value:.6g}{unit} (fixed)"
+        return f"{name} = {value:.6g} ± {f.se[name]:.2g}{unit}"
+
+    table = pd.DataFrame({label: {"model": f.model,
+                                  "parameters": "; ".join(parameter(f, k, v) for k, v in f.params.items()),
+                                  "R²": f"{f.r2:.6f}", "AIC": f"{f.aic:.2f}"}
+                          for label, f in fits.items()}).T
+    fig = Figure(figsize=(10, 5.2 + 0.28 * len(table)), layout="constrained")
+    ax, ax_table = fig.subplots(2, 1, height_ratios=[5, 0.45 + 0.28 * len(table)])
+    ax.plot(P, q, "ko", label="measured")
+    P_fine = np.linspace(P.min(), P.max(), 200)
+    for label, f in fits.items():
+        ax.plot(P_fine, f.predict(P_fine), label=f"{label} (R² {f.r2:.4f})")
+    ax.set(xlabel="pressure (bar)", ylabel="adsorption (mmol/g)", title=title or "")
+    ax.legend(fontsize=9)
+    ax_table.axis("off")
+    cells = ax_table.table(cellText=table.values, rowLabels=table.index, colLabels=table.columns, loc="center",
+                           cellLoc="left")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(9)
+    cells.auto_set_column_width(list(range(-1, len(table.columns))))  # widths from the text: no overlaps
+    _save_figure(fig, path)
+    return fig, table
+
+
 # =============================================================================
 # 10. Inverse: grid -> atoms -> XYZ
 # =============================================================================
@@ -4356,7 +4453,8 @@ def _cube_images(atoms, size, spacing_A, margin_A):
     return np.array(atoms.get_chemical_symbols())[index], positions
 
 
-def density_channels(atoms, size=64, spacing_A=0.5, sigma_A=None, classes=DENSITY_CLASSES) -> np.ndarray:
+def density_channels(atoms, size=DEFAULT_GRID.size, spacing_A=DEFAULT_GRID.spacing_A, sigma_A=None,
+                     classes=DENSITY_CLASSES) -> np.ndarray:
     """Gaussian-smeared atom densities per element class on the cube-frame grid, float32 (C, D, D, D).
 
     Same frame as voxelize(atoms, size, "cube", spacing_A), so these stack onto the energy grid as extra
@@ -4467,8 +4565,9 @@ def _cluster_atoms(energy_K, spacing_A, threshold_K, probe, elements, seed):
     return symbols, np.array(positions).reshape(-1, 3)
 
 
-def grid_to_atoms(grid, spacing_A=0.5, method="density", threshold=None, classes=DENSITY_CLASSES,
-                  sigma_A=None, min_separation_A=0.5, probe="H2", elements=("H", "C", "N", "O", "Zn"), seed=0):
+def grid_to_atoms(grid, spacing_A=DEFAULT_GRID.spacing_A, method="density", threshold=None, classes=DENSITY_CLASSES,
+                  sigma_A=None, min_separation_A=0.5, probe=DEFAULT_GRID.probe, elements=("H", "C", "N", "O", "Zn"),
+                  seed=0):
     """Decode a cube-frame grid into atoms: ase.Atoms with positions in angstrom inside the cube.
 
     method="density": `grid` holds density_channels (C, D, D, D) of `classes`, optionally after an energy
@@ -4546,7 +4645,8 @@ def contact_count(atoms, min_A=0.7) -> int:
     return len(neighbor_list("i", atoms, min_A)) // 2
 
 
-def round_trip_scores(decoded, atoms, size=64, spacing_A=0.5, tol_A=0.5, classes=DENSITY_CLASSES) -> dict:
+def round_trip_scores(decoded, atoms, size=DEFAULT_GRID.size, spacing_A=DEFAULT_GRID.spacing_A, tol_A=0.5,
+                      classes=DENSITY_CLASSES) -> dict:
     """Compare decoded atoms with the true non-hydrogen atoms of `atoms` in the cube frame.
 
     Decoded and true atoms are paired one-to-one (Hungarian, maximising the number of pairs within
@@ -4652,8 +4752,8 @@ def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, 
 
 
 def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DENSITY_CLASSES, sigma_A=None,
-                     names=None, edge_A=3.0, bond_mult=1.2, contact_A=0.7, probe="H2", cutoff_A=None,
-                     grid_cutoff_A=12.8, cap_K=5000.0, e_scale_K=None):
+                     names=None, edge_A=3.0, bond_mult=1.2, contact_A=0.7, probe=DEFAULT_GRID.probe, cutoff_A=None,
+                     grid_cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, e_scale_K=None):
     """Chemistry of decoded structures: pandas DataFrame, one row per structure.
 
     structures: ase.Atoms (decoded: cell = the cube, pbc False), a list of them, or grids (N, 1 + C, D, D, D)
@@ -4706,9 +4806,9 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
 
 
 def structure_targets(generated, real):
-    """Issue 14's targets from two structure_report tables (generated, held-out real decoded the same way):
-    pandas DataFrame of the generated and real medians (contact_fraction: means) per figure, and whether
-    the target is met."""
+    """The generation targets (README, "Atoms from grids") from two structure_report tables (generated, held-out
+    real decoded the same way): pandas DataFrame of the generated and real medians (contact_fraction: means) per
+    figure, and whether the target is met."""
     import pandas as pd
     g, r = generated.median(numeric_only=True), real.median(numeric_only=True)
     rows = [("atoms_per_nm3", g["atoms_per_nm3"], r["atoms_per_nm3"], "within 15%",
@@ -4838,32 +4938,31 @@ def _main(argv):
     for q in (vx, sh):
         q.add_argument("--temperature", type=float, default=None,
                        help="K of the printed/stored K_H and Q_st (default per probe: H2 77, CH4/Kr/Xe 298, Ar 87)")
-        q.add_argument("--size", type=int, default=64)
-        q.add_argument("--frame", choices=["cube", "cell"], default="cube")
-        q.add_argument("--spacing", type=float, default=0.5, help="cube frame voxel size, A")
-        q.add_argument("--probe", choices=sorted(PROBES), default="H2")
+        q.add_argument("--size", type=int, default=DEFAULT_GRID.size)
+        q.add_argument("--frame", choices=["cube", "cell"], default=DEFAULT_GRID.frame)
+        q.add_argument("--spacing", type=float, default=DEFAULT_GRID.spacing_A, help="cube frame voxel size, A")
+        q.add_argument("--probe", choices=sorted(PROBES), default=DEFAULT_GRID.probe)
     args = p.parse_args(argv)
 
     if args.command == "notebook":
         print(run_notebook(out_dir=args.out, mode=args.mode, timeout_s=args.timeout))
     elif args.command == "voxelize":
         out = Path(args.out)
-        _check_grid_settings(args.size, args.frame, args.spacing, 12.8, 5000.0)
+        params = _cli_grid_params(args)
         device = usable_device(args.device)
         failures = []
 
         def one(src):
             atoms = read_structure(src) if src.lower().endswith(".cif") else load_coremof(src)
-            grid = voxelize(atoms, args.size, args.frame, args.spacing, args.probe, device=device)
+            grid = voxelize(atoms, params=params, device=device)
             name = atoms.info["name"]
             with atomic_write(out / f"{name}.npy") as f:
                 np.save(f, grid)
-            cell = cell_properties(atoms, args.probe, args.temperature, device=device, name=name)
-            window = window_properties(grid, cell["density_kg_m3"], cell["temperature_K"], name=name)
-            print(f"{name}: {out / (name + '.npy')}  {args.probe} at {cell['temperature_K']:g} K, whole cell: "
-                  f"log10 K_H = {cell['log10_KH_mol_kg_Pa']:.3f} (mol/kg/Pa), Q_st = {cell['Qst_kJ_mol']:.2f} kJ/mol, "
-                  f"He void fraction = {cell['void_fraction_He']:.3f}; this grid (window): log10 K_H = "
-                  f"{window['window_log10_KH_mol_kg_Pa']:.3f}, Q_st = {window['window_Qst_kJ_mol']:.2f} kJ/mol")
+            props = structure_properties(atoms, grid, params, device, name)
+            print(f"{name}: {out / (name + '.npy')}  {params.probe} at {params.temperature_K:g} K, whole cell: "
+                  f"log10 K_H = {props['log10_KH_mol_kg_Pa']:.3f} (mol/kg/Pa), Q_st = {props['Qst_kJ_mol']:.2f} "
+                  f"kJ/mol, He void fraction = {props['void_fraction_He']:.3f}; this grid (window): log10 K_H = "
+                  f"{props['window_log10_KH_mol_kg_Pa']:.3f}, Q_st = {props['window_Qst_kJ_mol']:.2f} kJ/mol")
 
         for src in args.structures:  # one bad input never stops the others
             _read_or_record(lambda: one(src), src, failures)
@@ -4872,9 +4971,7 @@ def _main(argv):
             raise ValueError(f"{len(failures)} of {len(args.structures)} structures failed, listed in "
                              f"{out / 'failures.csv'}; first: {failures[0][1]}")
     elif args.command == "shards":
-        params = ShardParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe,
-                             temperature_K=args.temperature)
-        rows = build_shards(args.out_dir, args.source, params=params, shard_size=args.shard_size,
+        rows = build_shards(args.out_dir, args.source, params=_cli_grid_params(args), shard_size=args.shard_size,
                             limit=args.limit, device=args.device, progress=False)
         print(f"{build_summary(rows, args.out_dir)}; manifest: {Path(args.out_dir) / 'data_manifest.csv'}")
         if not sum(int(r["n_grids"] or 0) for r in rows):
@@ -4897,6 +4994,46 @@ def _main(argv):
         print(report)
         if args.plot:
             plot_evaluation(report, path=args.plot)
+
+
+
+def _cli_grid_params(args) -> GridParams:
+    """The GridParams of the voxelize and shards commands' flags."""
+    return GridParams(size=args.size, frame=args.frame, spacing_A=args.spacing, probe=args.probe,
+                      temperature_K=args.temperature)
+
+
+def main_train(argv=None):
+    """`python mofkit.py train SHARDS_DIR --out RUN_DIR [--fast-gpu] [--epochs 48 ...]` (every TrainConfig field
+    is a flag); under `torchrun --nproc_per_node=N` each process runs it and ShardDataset splits by rank.
+    The grid size and channel count come from the shards."""
+    import argparse
+    import dataclasses
+    p = argparse.ArgumentParser(prog="mofkit.py train", description="Train the 3D GAN on a folder of shards.")
+    p.add_argument("shards", help="folder of shard_*.npy files (from build_shards / ensure_shards)")
+    p.add_argument("--out", default="mofkit_run", help="run folder: last.pt, history.csv (resumed if present)")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--fast-gpu", action="store_true", help="start from TrainConfig.fast_gpu() (GPU speed settings)")
+    preset.add_argument("--study", action="store_true", help="start from TrainConfig.study(): the study's exact recipe")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config changes the run (recorded in the checkpoint)")
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("dim", "grid_channels", "betas")]
+    for f in fields:
+        kind = type(f.default) if f.default is not None else float
+        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
+    args = p.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    config = (TrainConfig.fast_gpu if args.fast_gpu else TrainConfig.study if args.study else TrainConfig)(**overrides)
+    dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
+    _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
+    config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
+    result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress,
+                   allow_config_change=args.allow_config_change)
+    print(f"checkpoint: {result.checkpoint}")
+    return result
 
 
 if __name__ == "__main__":

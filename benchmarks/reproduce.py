@@ -106,14 +106,14 @@ def ensure_split(scale: Scale, source=None, check_parses=True):
     """
     path = ROOT / scale.split_csv if not Path(scale.split_csv).is_absolute() else Path(scale.split_csv)
     if not path.exists():
-        label = mofkit._source_label(source)
-        names = mofkit._source_names(label)
+        label = source or mofkit.COREMOF_SOURCE
+        names = mofkit.source_names(source)
         parses = None
         if check_parses and scale.n_train is not None:
             spare = int(1.25 * (scale.n_heldout + scale.n_train)) + 1
             candidates = [n for n, _, _ in mofkit.make_split(names, 0, spare, scale.seed)]
             failures = []
-            ok = {n for n, _ in mofkit._source_structures(label, candidates, failures)}
+            ok = {n for n, _ in mofkit.iter_source(source, candidates, failures)}
             print(f"{len(failures)} of {len(candidates)} candidate structures fail to read, left out")
             parses = ok.__contains__
         rows = mofkit.make_split(names, scale.n_heldout, scale.n_train, scale.seed, parses)
@@ -323,16 +323,8 @@ def ship(checkpoint, path, manifest_csv, command) -> dict:
     """Export the generator for `sample` (see mofkit.export_generator) and record its sha256 and size in the
     manifest as a "weights" row, so mofkit.load_generator refuses any other file under that name."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    path = mofkit.export_generator(checkpoint, path)
-    try:
-        shard = path.resolve().relative_to(Path(manifest_csv).resolve().parent).as_posix()
-    except ValueError:
-        shard = path.name
-    row = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
-    row.update(shard=shard, bytes=path.stat().st_size, sha256=mofkit.sha256_file(path), source=command,
-               kind="weights")
-    mofkit._merge_csv(manifest_csv, mofkit.MANIFEST_COLUMNS, [row], {shard})
-    return {"path": shard, "bytes": row["bytes"], "sha256": row["sha256"]}
+    row = mofkit.record_weights(mofkit.export_generator(checkpoint, path), manifest_csv, source=command)
+    return {"path": row["file"], "bytes": row["bytes"], "sha256": row["sha256"]}
 
 
 # --- command line ------------------------------------------------------------

@@ -327,8 +327,11 @@ class _Spy:
 
 
 def _voxelize_args(args, kwargs):
+    """The settings a voxelize call ends up with: its GridParams (params=), overridden by loose arguments."""
     names = ["atoms", "size", "frame", "spacing_A", "probe", "cutoff_A", "cap_K", "device"]
-    return {**dict(zip(names, args)), **kwargs}
+    call = {**dict(zip(names, args)), **kwargs}
+    params = call.pop("params", None)
+    return {**(params.voxelize_kwargs() if params else {}), **{k: v for k, v in call.items() if v is not None}}
 
 
 def test_cli_voxelize_every_option_reaches_voxelize(tmp_path, monkeypatch, capsys):
@@ -362,14 +365,14 @@ def test_cli_voxelize_spacing_changes_the_grid_and_the_printed_properties(tmp_pa
 
 
 def test_cli_shards_sample_and_notebook_options_reach_their_functions(tmp_path, monkeypatch, capsys):
-    build = _Spy([{"n_names": 7, "n_grids": 7}])
+    build = _Spy([{"n_members": 7, "n_grids": 7}])
     monkeypatch.setattr(mofkit, "build_shards", build)
     mofkit.main(["shards", str(tmp_path / "s"), "--source", str(tmp_path), "--limit", "7", "--shard-size", "3",
                  "--size", "12", "--frame", "cell", "--spacing", "0.8", "--probe", "Xe", "--device", "cpu"])
     (out_dir, source), kwargs = build.calls[0]
     assert (out_dir, source) == (str(tmp_path / "s"), str(tmp_path))
     assert (kwargs["limit"], kwargs["shard_size"], kwargs["device"]) == (7, 3, "cpu")
-    assert kwargs["params"] == mofkit.ShardParams(size=12, frame="cell", spacing_A=0.8, probe="Xe")
+    assert kwargs["params"] == mofkit.GridParams(size=12, frame="cell", spacing_A=0.8, probe="Xe")
 
     sample = _Spy(lambda path, n, **k: np.zeros((n, 1, 4, 4, 4), np.float32) - 5.0)
     monkeypatch.setattr(mofkit, "sample", sample)

@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mofkit  # noqa: E402
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from helpers import (
+    DDP_CHILD, DRIVE_ID, FAST, FIXTURES, H2_LIQUID_MOL_M3, ISODB, MOFXDB, PAYLOAD, REPO, TINY, blob_grids,
+    cif_folder, colab_stand_in, coolprop_density, counting_voxelize, dataset_ids, density_at_fugacity, image_axes,
+    isodb_records, local_repository, make_cif, mofxdb_pages, notebook_outputs, params_from_json, published_shards,
+    random_grid, random_grids, serve_isodb, sha256_hex, sklearn_loo_1nn, small_framework, study_points,
+    synthetic_shards, tag_with_worker, tiny_config)  # noqa: E402
 
 
 # =============================================================================
@@ -43,28 +46,20 @@ def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
 
 from conftest import Reply, ranged  # noqa: E402
 
-FAST = dict(timeout_s=0.5, retries=2, backoff_s=0.01, progress=False)  # tiny timeouts and backoff keep tests fast
-PAYLOAD = np.random.default_rng(0).bytes(300_000)  # several chunks; random, so a wrong offset shows
-
-
-def _sha(data):
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
-
 
 def test_download_success_verified_and_atomic(http_server, tmp_path):
     http_server.route("/shard.bin", PAYLOAD)
-    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "d" / "shard.bin", _sha(PAYLOAD), **FAST)
+    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "d" / "shard.bin", sha256_hex(PAYLOAD), **FAST)
     assert dest.read_bytes() == PAYLOAD
     assert os.listdir(dest.parent) == ["shard.bin"]
     # A present file with the right sha256 is kept without asking the server again.
-    mofkit.download(f"{http_server.url}/shard.bin", dest, _sha(PAYLOAD), **FAST)
+    mofkit.download(f"{http_server.url}/shard.bin", dest, sha256_hex(PAYLOAD), **FAST)
     assert http_server.hits("/shard.bin") == 1
 
 
 def test_download_retries_a_500_then_succeeds(http_server, tmp_path):
     http_server.route("/shard.bin", Reply(500), Reply(503), PAYLOAD)
-    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", _sha(PAYLOAD), **FAST)
+    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", sha256_hex(PAYLOAD), **FAST)
     assert dest.read_bytes() == PAYLOAD and http_server.hits("/shard.bin") == 3
 
 
@@ -94,9 +89,9 @@ def test_download_rejects_a_corrupted_file_and_keeps_the_old_one(http_server, tm
     dest = tmp_path / "shard.bin"
     dest.write_bytes(b"old")
     with pytest.raises(mofkit.DownloadError) as err:
-        mofkit.download(f"{http_server.url}/shard.bin", dest, _sha(PAYLOAD), **FAST)
+        mofkit.download(f"{http_server.url}/shard.bin", dest, sha256_hex(PAYLOAD), **FAST)
     message = str(err.value)
-    assert _sha(PAYLOAD) in message and _sha(bytes(corrupted)) in message and str(dest) in message
+    assert sha256_hex(PAYLOAD) in message and sha256_hex(bytes(corrupted)) in message and str(dest) in message
     assert dest.read_bytes() == b"old" and os.listdir(tmp_path) == ["shard.bin"]
 
 
@@ -104,7 +99,7 @@ def test_download_resumes_with_range_after_a_dropped_connection(http_server, tmp
     half = len(PAYLOAD) // 2
     cut = Reply(body=PAYLOAD[:half], content_length=len(PAYLOAD), headers={"Accept-Ranges": "bytes"})
     http_server.route("/shard.bin", cut, ranged(PAYLOAD))
-    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", _sha(PAYLOAD), **FAST)
+    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", sha256_hex(PAYLOAD), **FAST)
     assert dest.read_bytes() == PAYLOAD
     first, second = http_server.requests
     resumed_at = int(second.headers["Range"].removeprefix("bytes=").removesuffix("-"))
@@ -114,7 +109,7 @@ def test_download_resumes_with_range_after_a_dropped_connection(http_server, tmp
 def test_download_restarts_when_the_server_ignores_range(http_server, tmp_path):
     cut = Reply(body=PAYLOAD[:5000], content_length=len(PAYLOAD))
     http_server.route("/shard.bin", cut, PAYLOAD)  # answers the Range request with the whole file (200)
-    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", _sha(PAYLOAD), **FAST)
+    dest = mofkit.download(f"{http_server.url}/shard.bin", tmp_path / "shard.bin", sha256_hex(PAYLOAD), **FAST)
     assert dest.read_bytes() == PAYLOAD
 
 
@@ -122,9 +117,6 @@ def test_download_does_not_retry_a_404(http_server, tmp_path):
     with pytest.raises(mofkit.DownloadError, match="HTTP 404"):
         mofkit.download(f"{http_server.url}/missing.bin", tmp_path / "missing.bin", **FAST)
     assert http_server.hits("/missing.bin") == 1 and os.listdir(tmp_path) == []
-
-
-DRIVE_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
 
 
 @pytest.mark.parametrize("url", [f"https://drive.google.com/file/d/{DRIVE_ID}/view?usp=sharing",
@@ -139,7 +131,7 @@ def test_download_google_drive_link_via_gdown(http_server, monkeypatch, tmp_path
     http_server.route("/drive.google.com/uc", Reply(body=form.encode(), headers={"Content-Type": "text/html"}))
     http_server.route("/drive.usercontent.google.com/download", Reply(body=PAYLOAD, headers={
         "Content-Type": "application/octet-stream", "Content-Disposition": 'attachment; filename="shard.bin"'}))
-    dest = mofkit.download(url, tmp_path / "shard.bin", _sha(PAYLOAD), **FAST)
+    dest = mofkit.download(url, tmp_path / "shard.bin", sha256_hex(PAYLOAD), **FAST)
     assert dest.read_bytes() == PAYLOAD and os.listdir(tmp_path) == ["shard.bin"]
     assert http_server.requests[0].query["id"] == DRIVE_ID
     assert http_server.requests[1].query == {"id": DRIVE_ID, "export": "download", "confirm": "t"}
@@ -176,38 +168,9 @@ def test_download_rejects_folder_links_and_other_schemes(tmp_path):
 
 # --- ISODB and MOFX-DB clients -----------------------------------------------------------------------------
 
-ISODB = FIXTURES / "isodb"
-MOFXDB = FIXTURES / "mofxdb"
-ISODB_FILES = sorted(p.stem for p in ISODB.glob("10.*.json"))
-
-
-def _isodb_records():
-    return [json.loads((ISODB / f"{name}.json").read_text()) for name in ISODB_FILES]
-
-
-def _serve_isodb(server):
-    """The five real isotherm records, plus list endpoints in the API's shape derived from them.
-
-    The list endpoints carry the fields fetch_isodb relies on (isotherms.json: filename, DOI, adsorbent
-    hashkey, adsorbate InChIKeys, temperature; materials.json / gases.json: name, synonyms and the key).
-    """
-    records = _isodb_records()
-    for record in records:
-        server.route(f"/isodb/api/isotherm/{record['filename']}.json", record)
-    server.route("/isodb/api/isotherms.json", [
-        {k: r[k] for k in ("filename", "DOI", "adsorbent", "temperature")}
-        | {"adsorbates": [{"InChIKey": a["InChIKey"]} for a in r["adsorbates"]]} for r in records])
-    materials = {r["adsorbent"]["hashkey"]: r["adsorbent"]["name"] for r in records}
-    server.route("/matdb/api/materials.json", [
-        {"hashkey": k, "name": n, "synonyms": ["HKUST-1"] if n == "CuBTC" else []} for k, n in materials.items()])
-    gases = {a["InChIKey"]: a["name"] for r in records for a in r["adsorbates"]}
-    server.route("/isodb/api/gases.json", [{"InChIKey": k, "name": n, "synonyms": []} for k, n in gases.items()])
-    server.route("/isodb/api/biblio/10.1002adem.200500223.json",
-                 json.loads((ISODB / "biblio.10.1002adem.200500223.json").read_text()))
-
 
 def test_isodb_table_parses_every_sample():
-    table = mofkit.isodb_table(_isodb_records()).set_index("filename")
+    table = mofkit.isodb_table(isodb_records()).set_index("filename")
     assert len(table) == 5
     cubtc = table.loc["10.1002adem.200500223.isotherm1"]
     assert (cubtc.doi, cubtc.adsorbent, cubtc.adsorbate, cubtc.temperature_K) == (
@@ -229,7 +192,7 @@ def test_isodb_table_parses_every_sample():
 
 
 def test_isodb_table_converts_pressure_units_and_flags_the_rest():
-    base = _isodb_records()[0]
+    base = isodb_records()[0]
     cases = {"Pa": 1e-5, "kPa": 1e-2, "MPa": 10.0, "atm": 1.01325, "torr": 101325 / 760 / 1e5,
              "mbar": 1e-3, "psi": 6894.757293168 / 1e5}
     for unit, bar_per_unit in cases.items():
@@ -253,7 +216,7 @@ def test_isodb_table_converts_pressure_units_and_flags_the_rest():
 
 
 def test_fetch_isodb_filters_the_index_and_caches(http_server, tmp_path):
-    _serve_isodb(http_server)
+    serve_isodb(http_server)
     kw = dict(base_url=http_server.url, cache_dir=tmp_path / "cache", progress=False, timeout_s=1, retries=0)
     table = mofkit.fetch_isodb(adsorbent="hkust-1", adsorbate="H2", temperature_K=77, **kw)
     assert list(table.filename) == ["10.1002adem.200500223.isotherm1"]
@@ -271,7 +234,7 @@ def test_fetch_isodb_filters_the_index_and_caches(http_server, tmp_path):
 
 
 def test_fetch_isodb_by_filename_retries_a_500(http_server, tmp_path):
-    _serve_isodb(http_server)
+    serve_isodb(http_server)
     name = "10.1002adem.200500223.isotherm1"
     record = json.loads((ISODB / f"{name}.json").read_text())
     http_server.route(f"/isodb/api/isotherm/{name}.json", Reply(500), record)
@@ -296,24 +259,14 @@ def test_fetch_json_timeout_then_clear_error(http_server):
 
 
 def test_isodb_biblio_uses_the_doi_stub(http_server):
-    _serve_isodb(http_server)
+    serve_isodb(http_server)
     assert mofkit.isodb_doi_stub("10.1007/s10450-011-9337-3") == "10.1007s1045001193373"
     biblio = mofkit.isodb_biblio("10.1002/adem.200500223", base_url=http_server.url, cache_dir=None)
     assert [i["filename"] for i in biblio["isotherms"]][0] == "10.1002adem.200500223.isotherm1"
 
 
-def _mofxdb_pages():
-    """The real 3-MOF page cut into pages of one MOF each, to exercise paging ('pages' says 3)."""
-    results = json.loads((MOFXDB / "mofs.page1.sample.json").read_text())["results"]
-
-    def answer(request):
-        page = int(request.query.get("page", 1))
-        return {"results": [results[page - 1]], "page": page, "pages": len(results)}
-    return results, answer
-
-
 def test_fetch_mofxdb_follows_pages_and_parses_isotherms(http_server, tmp_path):
-    results, answer = _mofxdb_pages()
+    results, answer = mofxdb_pages()
     http_server.route("/mofs.json", answer)
     kw = dict(base_url=http_server.url, cache_dir=tmp_path, progress=False, retries=0)
     table = mofkit.fetch_mofxdb(database="Tobacco", **kw)
@@ -364,33 +317,9 @@ def test_mofxdb_structures_reads_the_cifs():
                                atol=1e-4)
 
 
-
 # =============================================================================
 # 2. Structures
 # =============================================================================
-
-CIF_TEMPLATE = """data_{name}
-_cell_length_a {a}
-_cell_length_b {b}
-_cell_length_c {c}
-_cell_angle_alpha 90
-_cell_angle_beta 90
-_cell_angle_gamma 90
-_symmetry_space_group_name_H-M 'P 1'
-loop_
-_atom_site_label
-_atom_site_type_symbol
-_atom_site_fract_x
-_atom_site_fract_y
-_atom_site_fract_z
-{sites}
-"""
-
-
-def make_cif(sites, a=30.0, b=None, c=None, name="test"):
-    """A P1 CIF text with (symbol, fx, fy, fz) sites."""
-    lines = "\n".join(f"{s}{i} {s} {x} {y} {z}" for i, (s, x, y, z) in enumerate(sites))
-    return CIF_TEMPLATE.format(name=name, a=a, b=b or a, c=c or a, sites=lines)
 
 
 def test_read_structure_from_text_and_file(tmp_path):
@@ -451,7 +380,6 @@ def test_coremof_reads_package_members_and_records_failures():
     assert "overlapping atoms" in reasons["1499489-acs.cgd.6b01265_1499490_clean"]
     assert "not in CoRE MOF" in reasons["NOT_A_MOF"]
     assert len(mofkit.load_coremof("ABAVIJ_clean")) == 108
-
 
 
 # =============================================================================
@@ -595,25 +523,13 @@ def test_cell_properties_name_their_units_and_a_dense_solid_gets_nan_with_a_warn
     assert set(window) == {"window_log10_KH_mol_kg_Pa", "window_Qst_kJ_mol"}
 
 
-
 # =============================================================================
 # 4. Isotherms
 # =============================================================================
 
-STUDY_ISOTHERM = FIXTURES / "isodb" / "10.1002adem.200500223.isotherm1.json"
-
-
-def _study_points():
-    """H2 on Cu3(BTC)2 at 77 K as the study used it: bar, cm3(STP)/g / 22.4 -> mmol/g."""
-    record = json.loads(STUDY_ISOTHERM.read_text())
-    assert record["pressureUnits"] == "bar" and record["adsorptionUnits"] == "cm3(STP)/g"
-    P = np.array([p["pressure"] for p in record["isotherm_data"]])
-    q = np.array([p["total_adsorption"] for p in record["isotherm_data"]]) / 22.4
-    return P, q
-
 
 def test_sips_with_K_fixed_reproduces_the_studys_published_row():
-    P, q = _study_points()
+    P, q = study_points()
     fit = mofkit.fit_sips(P, q, fix_K=2.5)
     assert abs(fit.g_inf - 16.466949) < 1e-5
     assert fit.K == 2.5 and "K" in fit.fixed and np.isnan(fit.K_se)
@@ -623,7 +539,7 @@ def test_sips_with_K_fixed_reproduces_the_studys_published_row():
 
 
 def test_free_sips_and_true_freundlich_on_the_study_isotherm():
-    P, q = _study_points()
+    P, q = study_points()
     sips, freundlich = mofkit.fit_sips(P, q), mofkit.fit_freundlich(P, q)
     assert sips.g_inf == pytest.approx(14.07, abs=0.01) and sips.K == pytest.approx(3.89, abs=0.01)
     assert sips.n == pytest.approx(1.143, abs=1e-3) and sips.r2 == pytest.approx(0.9986, abs=1e-4)
@@ -634,7 +550,7 @@ def test_free_sips_and_true_freundlich_on_the_study_isotherm():
 
 
 def test_fit_statistics_match_their_definitions():
-    P, q = _study_points()
+    P, q = study_points()
     fit = mofkit.fit_langmuir(P, q)
     resid = q - fit.Q_max * fit.b * P / (1 + fit.b * P)
     assert fit.r2 == pytest.approx(1 - np.sum(resid ** 2) / np.sum((q - q.mean()) ** 2), rel=1e-12)
@@ -796,7 +712,7 @@ def test_fit_isotherm_table_fits_good_rows_and_keeps_bad_ones_with_the_reason():
 
 def test_fit_isotherm_table_reads_user_csv_layouts(tmp_path):
     import pandas as pd
-    P, q = _study_points()
+    P, q = study_points()
     wide = tmp_path / "wide.csv"
     pd.DataFrame({"name": ["cubtc", "empty"], "pressure": [json.dumps(P.tolist()), None],
                   "adsorption": [json.dumps(q.tolist()), None], "note": ["", ""]}).to_csv(wide, index=False)
@@ -815,7 +731,7 @@ def test_fit_isotherm_table_reads_user_csv_layouts(tmp_path):
 
 
 def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
-    P, q = _study_points()
+    P, q = study_points()
     fits = {"study: Sips, K = 2.5": mofkit.fit_sips(P, q, fix_K=2.5), "Sips": mofkit.fit_sips(P, q),
             "Freundlich": mofkit.fit_freundlich(P, q)}
     fig, table = mofkit.plot_isotherm_fits(P, q, fits, path=tmp_path / "fits.png")
@@ -836,9 +752,6 @@ def test_plot_isotherm_fits_writes_figure_and_table(tmp_path):
         assert box.x0 - 1 <= text.x0 and text.x1 <= box.x1 + 1, key
 
 
-H2_LIQUID_MOL_M3 = 70.85 / 2.01588e-3  # liquid H2 at 20.4 K, mol/m^3
-
-
 def test_lattice_gas_isotherm_of_uniform_grid_is_exactly_langmuir():
     E0, T, rho = -400.0, 77.0, 900.0
     P = np.geomspace(1e-4, 100, 13)
@@ -852,16 +765,9 @@ def test_lattice_gas_isotherm_of_uniform_grid_is_exactly_langmuir():
     assert iso.model == "lattice_gas" and np.isnan(iso.excess_mmol_g).all()  # no void fraction given
 
 
-def _random_grid(seed=0, size=12, capped=0.3):
-    rng = np.random.default_rng(seed)
-    grid = rng.uniform(-1200.0, 3000.0, (size, size, size))
-    grid[rng.random(grid.shape) < capped] = 5000.0  # inside atoms, as the voxelizer caps them
-    return grid.astype(np.float32)
-
-
 @pytest.mark.parametrize("isotherm", [mofkit.grid_isotherm, mofkit.lattice_gas_isotherm])
 def test_grid_isotherms_reduce_to_the_widom_henry_law(isotherm):
-    grid, T, rho = _random_grid(), 77.0, 1200.0
+    grid, T, rho = random_grid(), 77.0, 1200.0
     widom = np.mean(np.exp(-grid.astype(np.float64) / T))  # over every voxel, capped ones included
     henry_mmol_g_bar = widom / (mofkit.R_J_PER_MOL_K * T * rho) * 1e5
     P = np.array([1e-22, 1e-20])  # deepest site: b ~ 1e11/bar, so b P < 1e-10
@@ -882,7 +788,7 @@ def test_grid_isotherm_henry_limit_matches_henry_coefficient_on_a_real_grid(prob
 
 
 def test_lattice_gas_saturates_at_accessible_pore_volume_times_liquid_density():
-    grid, T, rho = _random_grid(seed=1), 77.0, 1200.0
+    grid, T, rho = random_grid(seed=1), 77.0, 1200.0
     accessible = np.mean(grid < 5000.0)  # voxels below the cap
     q_sat = accessible / rho * 70.85 / 2.01588e-3  # pore volume per kg x liquid H2 -> mol/kg
     iso = mofkit.lattice_gas_isotherm(grid, T, [1.0, 100.0, 1e60], density_kg_m3=rho)
@@ -897,7 +803,7 @@ def test_lattice_gas_saturates_at_accessible_pore_volume_times_liquid_density():
 
 
 def test_grid_isotherm_rejects_bad_input_by_name():
-    grid = _random_grid()
+    grid = random_grid()
     with pytest.raises(ValueError, match="density_kg_m3 > 0"):
         mofkit.grid_isotherm(grid, 77.0, [1.0], density_kg_m3=0.0)
     with pytest.raises(ValueError, match="NaN"):
@@ -908,34 +814,12 @@ def test_grid_isotherm_rejects_bad_input_by_name():
         mofkit.grid_isotherm(grid, 77.0, [1e5], density_kg_m3=900.0)  # 10 GPa: H2 is solid at 77 K
 
 
-# Independent references: CoolProp's own PT density, and the density at a given fugacity found by root-finding
-# CoolProp's fugacity in P (no table, no interpolation).
-def _coolprop_density(fluid, T, P_Pa):
-    import CoolProp.CoolProp as CP
-    state = CP.AbstractState("HEOS", fluid)
-    state.update(CP.PT_INPUTS, P_Pa, T)
-    return state.rhomolar() * state.gas_constant() / mofkit.R_J_PER_MOL_K, state.fugacity(0)
-
-
-def _density_at_fugacity(fluid, T, f_Pa):
-    import CoolProp.CoolProp as CP
-    from scipy.optimize import brentq
-    state = CP.AbstractState("HEOS", fluid)
-
-    def gap(ln_p):
-        state.update(CP.PT_INPUTS, np.exp(ln_p), T)
-        return np.log(state.fugacity(0) / f_Pa)
-    ln_p = brentq(gap, np.log(f_Pa) - 12, min(np.log(f_Pa) + 3, np.log(4e8)), xtol=1e-14)  # 4e8 Pa: below H2's
-    # melting line at 77 K
-    return _coolprop_density(fluid, T, np.exp(ln_p))[0]
-
-
 @pytest.mark.parametrize("probe, fluid, T", [("H2", "Hydrogen", 77.0), ("CH4", "Methane", 298.0)])
 def test_lda_with_no_field_is_the_bulk_fluid(probe, fluid, T):
     P_bar = np.array([0.01, 1.0, 6.0, 100.0, 300.0])
     rho_fw = 1000.0
     iso = mofkit.grid_isotherm(np.zeros((3, 3, 3)), T, P_bar, probe, density_kg_m3=rho_fw, void_fraction=1.0)
-    bulk = np.array([_coolprop_density(fluid, T, p * 1e5)[0] for p in P_bar])
+    bulk = np.array([coolprop_density(fluid, T, p * 1e5)[0] for p in P_bar])
     np.testing.assert_allclose(iso.absolute_mmol_g * rho_fw, bulk, rtol=1e-12)
     np.testing.assert_allclose(iso.bulk_density_mol_m3, bulk, rtol=1e-12)
     np.testing.assert_allclose(iso.excess_mmol_g, 0.0, atol=1e-12 * bulk.max())  # all pore is bulk: no excess
@@ -948,8 +832,8 @@ def test_lda_matches_a_hand_computed_two_voxel_grid():
     grid = np.array([-600.0, -150.0, 200.0, 5000.0])
     iso = mofkit.grid_isotherm(grid, T, P, density_kg_m3=rho_fw, void_fraction=0.6)
     for k, p in enumerate(P):
-        bulk, f = _coolprop_density("Hydrogen", T, p * 1e5)
-        local = [_density_at_fugacity("Hydrogen", T, f * np.exp(-e / T)) for e in grid[:3]]
+        bulk, f = coolprop_density("Hydrogen", T, p * 1e5)
+        local = [density_at_fugacity("Hydrogen", T, f * np.exp(-e / T)) for e in grid[:3]]
         q = sum(local) / 4 / rho_fw
         assert iso.absolute_mmol_g[k] == pytest.approx(q, rel=3e-5)   # table interpolation
         assert iso.excess_mmol_g[k] == pytest.approx(q - bulk * 0.6 / rho_fw, rel=3e-5)
@@ -963,11 +847,11 @@ def test_lda_condenses_below_the_critical_temperature():
     sat.update(CP.QT_INPUTS, 0.0, T)
     liquid, f_sat, p_sat = sat.rhomolar(), sat.fugacity(0), sat.p()
     P = 0.5 * p_sat / 1e5                                        # bulk: gas
-    f = _coolprop_density("Argon", T, P * 1e5)[1]
+    f = coolprop_density("Argon", T, P * 1e5)[1]
     e_cond = -T * np.log(1.05 * f_sat / f)                        # local fugacity 1.05 f_sat: liquid
     e_gas = -T * np.log(0.95 * f_sat / f)                         # 0.95 f_sat: still gas
     q = mofkit.grid_isotherm(np.array([e_cond, e_gas]), T, [P], "Ar", density_kg_m3=1.0).absolute_mmol_g[0]
-    by_hand = (_density_at_fugacity("Argon", T, 1.05 * f_sat) + _density_at_fugacity("Argon", T, 0.95 * f_sat)) / 2
+    by_hand = (density_at_fugacity("Argon", T, 1.05 * f_sat) + density_at_fugacity("Argon", T, 0.95 * f_sat)) / 2
     assert q == pytest.approx(by_hand, rel=1e-4) and by_hand > 0.5 * liquid
 
 
@@ -1006,29 +890,9 @@ def test_grid_freundlich_is_henry_law_for_a_weak_uniform_grid_and_sublinear_for_
     assert strong.n > 1.5 and strong.K > 0
 
 
-
 # =============================================================================
 # 5. Shards
 # =============================================================================
-
-def _synthetic_shards(folder, counts, channels=1, size=4):
-    """Shards whose grids are filled with their global id (exact in float16), named s<id>."""
-    paths, start = [], 0
-    for k, n in enumerate(counts):
-        ids = np.arange(start, start + n)
-        grids = np.broadcast_to(ids[:, None, None, None, None], (n, channels, size, size, size)).copy()
-        grids[:, 1:] *= -1  # further channels differ from channel 0
-        names = [f"s{i}" for i in ids]
-        meta = {"source": "synthetic", "params": {}, "members": names, "names": names, "failures": [],
-                "properties": {"columns": ["id"], "rows": [[int(i)] for i in ids]}}
-        paths.append(folder / f"shard_{k:05d}.npy")
-        mofkit.write_shard(paths[-1], grids, meta)
-        start += n
-    return paths
-
-
-def _ids(dataset):
-    return [int(x[0, 0, 0, 0]) for x in dataset]
 
 
 def test_shard_round_trip_is_float16_npy_with_footer(tmp_path):
@@ -1054,7 +918,7 @@ def test_shard_round_trip_is_float16_npy_with_footer(tmp_path):
 
 @pytest.mark.parametrize("cut", ["footer", "data", "header", "empty"])
 def test_truncated_shard_gives_error_naming_file(tmp_path, cut):
-    path = _synthetic_shards(tmp_path, [3])[0]
+    path = synthetic_shards(tmp_path, [3])[0]
     data = path.read_bytes()
     keep = {"footer": len(data) - 5, "data": 300, "header": 20, "empty": 0}[cut]
     path.write_bytes(data[:keep])
@@ -1065,48 +929,48 @@ def test_truncated_shard_gives_error_naming_file(tmp_path, cut):
 
 
 def test_shard_dataset_yields_every_grid_once_per_epoch_in_seeded_order(tmp_path):
-    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    paths = synthetic_shards(tmp_path, [5, 3, 4, 6])
     data = mofkit.ShardDataset(paths, seed=1)
     assert data.num_grids == len(data) == 18
     x = next(iter(data))
     assert x.dtype == torch.float32 and x.shape == (1, 4, 4, 4)
-    epoch0 = _ids(data)
+    epoch0 = dataset_ids(data)
     data.set_epoch(1)
-    epoch1 = _ids(data)
+    epoch1 = dataset_ids(data)
     assert sorted(epoch0) == sorted(epoch1) == list(range(18))
     assert epoch0 != epoch1
-    assert _ids(mofkit.ShardDataset(paths, seed=1)) == epoch0  # same seed, same order
-    assert _ids(mofkit.ShardDataset(paths, seed=2)) != epoch0
-    assert _ids(mofkit.ShardDataset(tmp_path, shuffle=False)) == list(range(18))  # a folder works too
+    assert dataset_ids(mofkit.ShardDataset(paths, seed=1)) == epoch0  # same seed, same order
+    assert dataset_ids(mofkit.ShardDataset(paths, seed=2)) != epoch0
+    assert dataset_ids(mofkit.ShardDataset(tmp_path, shuffle=False)) == list(range(18))  # a folder works too
     # in-shard shuffling, not only shard order: some shard's ids come out of order
     assert any(np.diff([i for i in epoch0 if lo <= i < hi]).min() < 0 for lo, hi in [(0, 5), (8, 12), (12, 18)])
 
 
 def test_shard_dataset_ranks_get_disjoint_shards_and_equal_counts(tmp_path):
-    paths = _synthetic_shards(tmp_path, [4, 4, 4, 4])
+    paths = synthetic_shards(tmp_path, [4, 4, 4, 4])
     ranks = [mofkit.ShardDataset(paths, seed=3, rank=r, world_size=2) for r in range(2)]
-    seen = [_ids(d) for d in ranks]
+    seen = [dataset_ids(d) for d in ranks]
     assert len(seen[0]) == len(seen[1]) == len(ranks[0]) == 8
     assert sorted(seen[0] + seen[1]) == list(range(16))
     assert {i // 4 for i in seen[0]}.isdisjoint({i // 4 for i in seen[1]})  # whole shards per rank
-    uneven = _synthetic_shards(tmp_path / "uneven", [5, 2, 4])  # DDP needs equal step counts
-    ranks = [_ids(mofkit.ShardDataset(uneven, seed=0, rank=r, world_size=2)) for r in range(2)]
+    uneven = synthetic_shards(tmp_path / "uneven", [5, 2, 4])  # DDP needs equal step counts
+    ranks = [dataset_ids(mofkit.ShardDataset(uneven, seed=0, rank=r, world_size=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) and not set(ranks[0]) & set(ranks[1])
     with pytest.raises(ValueError, match="3 shards cannot feed 4 ranks"):
         list(mofkit.ShardDataset(uneven, world_size=4, rank=0))
 
 
 def test_shard_dataset_workers_split_batches_and_keep_the_order(tmp_path):
-    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    paths = synthetic_shards(tmp_path, [5, 3, 4, 6])
     data = mofkit.ShardDataset(paths, seed=4, batch_size=3)
     data.set_epoch(2)
-    single = _ids(data)
+    single = dataset_ids(data)
     loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=2)
     batches = [b[:, 0, 0, 0, 0].int().tolist() for b in loader]
     assert sum(batches, []) == single  # same order as num_workers=0: exact resume does not depend on workers
     assert len(batches) == 6 and all(len(b) == 3 for b in batches)
     # each worker reads only its own batches, every other one: tag each grid with the worker that read it
-    tagged = mofkit.ShardDataset(paths, seed=4, batch_size=3, transform=_tag_with_worker)
+    tagged = mofkit.ShardDataset(paths, seed=4, batch_size=3, transform=tag_with_worker)
     tagged.set_epoch(2)
     batches = [b[:, 0, 0, 0, 0].int().tolist() for b in torch.utils.data.DataLoader(tagged, batch_size=3,
                                                                                      num_workers=2)]
@@ -1116,32 +980,27 @@ def test_shard_dataset_workers_split_batches_and_keep_the_order(tmp_path):
     assert sum((b[:, 0, 0, 0, 0].int().tolist() for b in loader), []) == single[7:]
 
 
-def _tag_with_worker(x):
-    """Adds 1000 x (DataLoader worker id + 1) to a grid (exact in float32 for small ids)."""
-    return x + 1000 * (torch.utils.data.get_worker_info().id + 1)
-
-
 def test_shard_dataset_start_skips_exactly_without_reading(tmp_path, monkeypatch):
-    paths = _synthetic_shards(tmp_path, [5, 3, 4, 6])
+    paths = synthetic_shards(tmp_path, [5, 3, 4, 6])
     data = mofkit.ShardDataset(paths, seed=5)
     data.set_epoch(3)
-    full = _ids(data)
+    full = dataset_ids(data)
     opened = []
     real_open = mofkit.open_shard
     monkeypatch.setattr(mofkit, "open_shard", lambda p: opened.append(Path(p).name) or real_open(p))
     for k in [0, 1, 5, 9, 17, 18, 30]:
         data.set_epoch(3, start=k)
-        assert _ids(data) == full[k:] and len(data) == len(full[k:])
+        assert dataset_ids(data) == full[k:] and len(data) == len(full[k:])
     opened.clear()
     data.set_epoch(3, start=17)
-    assert _ids(data) == full[17:] and len(opened) == 1  # skipped shards are never opened
+    assert dataset_ids(data) == full[17:] and len(opened) == 1  # skipped shards are never opened
     data.set_epoch(4)
     assert len(data) == 18  # start applies to one epoch only
 
 
 def test_shard_dataset_maps_at_most_two_shards_and_collects_only_between_shards(tmp_path, monkeypatch):
     import weakref
-    paths = _synthetic_shards(tmp_path, [3, 2, 4, 1])
+    paths = synthetic_shards(tmp_path, [3, 2, 4, 1])
     maps, events = [], []
     real_open = mofkit.open_shard
 
@@ -1162,7 +1021,7 @@ def test_shard_dataset_maps_at_most_two_shards_and_collects_only_between_shards(
 
 
 def test_shard_dataset_channels_transform_index_and_metadata(tmp_path):
-    paths = _synthetic_shards(tmp_path, [3, 2], channels=2)
+    paths = synthetic_shards(tmp_path, [3, 2], channels=2)
     data = mofkit.ShardDataset(paths, channels=[1], transform=lambda x: x * 2, with_index=True, seed=7)
     meta = data.metadata()
     assert list(meta.columns) == ["shard", "index", "name", "id"] and len(meta) == 5
@@ -1171,58 +1030,45 @@ def test_shard_dataset_channels_transform_index_and_metadata(tmp_path):
         assert float(x[0, 0, 0, 0]) == -2 * meta["id"][i] and meta["name"][i] == f"s{meta['id'][i]}"
 
 
-
-TINY = mofkit.ShardParams(size=8, spacing_A=1.0, cutoff_A=6.0)  # 8^3 grids and a short cutoff keep builds fast
-
-
-def test_shard_property_temperature_defaults_per_probe():
-    assert mofkit.ShardParams().temperature_K == 77.0 and mofkit.ShardParams(probe="CH4").temperature_K == 298.0
-    assert mofkit.ShardParams(probe="CH4", temperature_K=250).temperature_K == 250.0
-    assert mofkit.ShardParams(temperature_K=77).hash == mofkit.ShardParams().hash   # the default is explicit
+def test_grid_params_temperature_defaults_per_probe():
+    assert mofkit.GridParams().temperature_K == 77.0 and mofkit.GridParams(probe="CH4").temperature_K == 298.0
+    assert mofkit.GridParams(probe="CH4", temperature_K=250).temperature_K == 250.0
+    assert mofkit.GridParams(temperature_K=77).hash == mofkit.GridParams().hash   # the default is explicit
 
 
-def _cif_folder(folder):
-    """Five small porous cells mof0..mof4; mof2 is broken."""
-    folder.mkdir()
-    for i in range(5):
-        text = make_cif([("Zn", 0.1, 0.1, 0.1), ("O", 0.1 + 0.02 * i, 0.3, 0.1)], a=8.0 + i)
-        (folder / f"mof{i}.cif").write_text("garbage\n" if i == 2 else text)
-    return folder
-
-
-def _counting_voxelize(monkeypatch, interrupt_at=None):
-    calls, real = [], mofkit.voxelize_many
-
-    def voxelize_many(structures, **kwargs):
-        for atoms in structures:
-            calls.append(atoms.info["name"])
-            if len(calls) == interrupt_at:
-                raise KeyboardInterrupt  # a Colab session stopped mid-shard
-        return real(structures, **kwargs)
-
-    monkeypatch.setattr(mofkit, "voxelize_many", voxelize_many)
-    return calls
+def test_grid_params_drive_voxelize_and_the_old_name_and_hash_stay():
+    assert mofkit.ShardParams is mofkit.GridParams and mofkit.DEFAULT_GRID == mofkit.GridParams()
+    assert mofkit.DEFAULT_GRID.hash == "904594a35265850f"  # data_manifest.csv's: published shards keep their name
+    atoms = mofkit.read_structure(make_cif([("Cu", 0.1, 0.2, 0.3)], a=9.0))
+    params = mofkit.GridParams(size=4, spacing_A=1.5, probe="Xe", cutoff_A=6.0)
+    grid = mofkit.voxelize(atoms, params=params, device="cpu")
+    np.testing.assert_array_equal(grid, mofkit.voxelize(atoms, 4, "cube", 1.5, "Xe", 6.0, device="cpu"))
+    np.testing.assert_array_equal(mofkit.voxelize_many([atoms], params=params, device="cpu")[0], grid)
+    np.testing.assert_array_equal(mofkit.grid_points(atoms, params=params), mofkit.grid_points(atoms, 4, "cube", 1.5))
+    # a keyword given replaces that one setting of params
+    np.testing.assert_array_equal(mofkit.voxelize(atoms, probe="H2", params=params, device="cpu"),
+                                  mofkit.voxelize(atoms, 4, "cube", 1.5, "H2", 6.0, device="cpu"))
 
 
 def test_build_shards_max_minutes_stops_between_shards_and_the_next_call_continues(tmp_path, monkeypatch):
-    cifs, out = _cif_folder(tmp_path / "cifs"), tmp_path / "out"
+    cifs, out = cif_folder(tmp_path / "cifs"), tmp_path / "out"
     clock = iter(range(0, 10**6, 45))  # every look at the clock: 45 s later
     monkeypatch.setattr(mofkit.time, "monotonic", lambda: next(clock))
     rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False, max_minutes=1.0)
-    assert [r["shard"] for r in rows] == ["shard_00000.npy"]  # 45 s in: one more shard would start after 60 s
+    assert [r["file"] for r in rows] == ["shard_00000.npy"]  # 45 s in: one more shard would start after 60 s
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.npy"]
     rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
     assert [r["n_grids"] for r in rows] == [2, 1, 1]
 
 
 def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_path):
-    cifs = _cif_folder(tmp_path / "cifs")
+    cifs = cif_folder(tmp_path / "cifs")
     out = tmp_path / "out"
     rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
-    assert [r["shard"] for r in rows] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
-    assert [r["names"] for r in rows] == ["mof0;mof1", "mof2;mof3", "mof4"]  # membership from the names
+    assert [r["file"] for r in rows] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    assert [r["members"] for r in rows] == ["mof0;mof1", "mof2;mof3", "mof4"]  # membership from the names
     assert [r["n_grids"] for r in rows] == [2, 1, 1]
-    assert all(r["sha256"] == mofkit.sha256_file(out / r["shard"]) and r["source"] == f"cifs:{cifs}" for r in rows)
+    assert all(r["sha256"] == mofkit.sha256_file(out / r["file"]) and r["source"] == f"cifs:{cifs}" for r in rows)
     assert [{k: str(v) for k, v in r.items()} for r in rows] == mofkit.read_manifest(out / "data_manifest.csv")
     failures = (out / "failures.csv").read_text().splitlines()
     assert len(failures) == 2 and failures[1].startswith("shard_00001.npy,mof2,") and "malformed CIF" in failures[1]
@@ -1242,37 +1088,24 @@ def test_build_shards_from_cif_folder_stores_grids_properties_and_failures(tmp_p
 
 
 def test_build_shards_resumes_and_never_leaves_a_partial_shard(tmp_path, monkeypatch):
-    cifs = _cif_folder(tmp_path / "cifs")
+    cifs = cif_folder(tmp_path / "cifs")
     out = tmp_path / "out"
-    calls = _counting_voxelize(monkeypatch, interrupt_at=3)
+    calls = counting_voxelize(monkeypatch, interrupt_at=3)
     with pytest.raises(KeyboardInterrupt):
         mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
     assert calls == ["mof0", "mof1", "mof3"]
     assert sorted(os.listdir(out)) == ["data_manifest.csv", "failures.csv", "shard_00000.npy"]  # no partial file
-    calls = _counting_voxelize(monkeypatch)
+    calls = counting_voxelize(monkeypatch)
     rows = mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False)
     assert calls == ["mof3", "mof4"]  # finished shard 0 was kept
     assert mofkit.build_shards(out, cifs, params=TINY, shard_size=2, progress=False) == rows and calls == ["mof3", "mof4"]
     with pytest.raises(mofkit.ShardError, match="shard_00000.npy holds other structures"):
-        mofkit.build_shards(out, cifs, params=mofkit.ShardParams(size=8, cutoff_A=5.0), shard_size=2, progress=False)
-
-
-def _published(tmp_path, http_server):
-    """Shards built into pub/ and served over HTTP; returns the manifest path and the files' bytes."""
-    rows = mofkit.build_shards(tmp_path / "pub", _cif_folder(tmp_path / "cifs"), params=TINY, shard_size=2,
-                               progress=False)
-    files = {r["shard"]: (tmp_path / "pub" / r["shard"]).read_bytes() for r in rows}
-    for r in rows:
-        http_server.route(f"/{r['shard']}", ranged(files[r["shard"]]))
-        r["url"] = f"{http_server.url}/{r['shard']}"
-    manifest = tmp_path / "data_manifest.csv"
-    mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
-    return manifest, files
+        mofkit.build_shards(out, cifs, params=mofkit.GridParams(size=8, cutoff_A=5.0), shard_size=2, progress=False)
 
 
 def test_ensure_shards_downloads_verifies_and_replaces_bad_files(tmp_path, http_server, monkeypatch):
-    manifest, files = _published(tmp_path, http_server)
-    calls = _counting_voxelize(monkeypatch)
+    manifest, files = published_shards(tmp_path, http_server)
+    calls = counting_voxelize(monkeypatch)
     dest = tmp_path / "dest"
     paths = mofkit.ensure_shards(manifest, dest, progress=False)
     assert [p.read_bytes() for p in paths] == list(files.values()) and calls == []
@@ -1290,34 +1123,54 @@ def test_ensure_shards_downloads_verifies_and_replaces_bad_files(tmp_path, http_
     assert sorted(os.listdir(dest)) == sorted([*files, "data_manifest.csv"])
 
 
+def test_ensure_shards_reads_manifests_with_the_old_column_names(tmp_path, http_server, monkeypatch):
+    """Manifests from before file/n_members/members (published ones, an old local one) work and are rewritten
+    with today's names, keeping their other rows."""
+    manifest, files = published_shards(tmp_path, http_server)
+    rows = mofkit.read_manifest(manifest)
+    old = {new: old for old, new in mofkit._OLD_MANIFEST_COLUMNS.items()}
+    old_columns = [old.get(c, c) for c in mofkit.MANIFEST_COLUMNS]
+    mofkit._write_csv(manifest, old_columns, [{old.get(k, k): v for k, v in r.items()} for r in rows])
+    assert "shard,n_names" in manifest.read_text() and mofkit.read_manifest(manifest) == rows
+    dest = tmp_path / "dest"
+    other = {**rows[0], "file": "shard_09999.npy", "url": ""}
+    mofkit._write_csv(dest / "data_manifest.csv", old_columns, [{old.get(k, k): v for k, v in other.items()}])
+    calls = counting_voxelize(monkeypatch)
+    paths = mofkit.ensure_shards(manifest, dest, progress=False)
+    assert [p.read_bytes() for p in paths] == list(files.values()) and calls == []
+    assert (dest / "data_manifest.csv").read_text().splitlines()[0] == ",".join(mofkit.MANIFEST_COLUMNS)
+    local = mofkit.read_manifest(dest / "data_manifest.csv")
+    assert [r["file"] for r in local] == [*files, "shard_09999.npy"] and local[-1] == other
+
+
 def test_ensure_shards_rejects_a_corrupted_download_and_builds_instead(tmp_path, http_server, monkeypatch):
-    manifest, files = _published(tmp_path, http_server)
+    manifest, files = published_shards(tmp_path, http_server)
     bad = bytearray(files["shard_00000.npy"])
     bad[300] ^= 1
     http_server.route("/shard_00000.npy", bytes(bad))
-    calls = _counting_voxelize(monkeypatch)
+    calls = counting_voxelize(monkeypatch)
     dest = tmp_path / "dest"
     with pytest.warns(UserWarning, match=r"shard_00000.npy: download failed: .*sha256.* Building it locally"):
         paths = mofkit.ensure_shards(manifest, dest, progress=False)
     assert calls == ["mof0", "mof1"]  # built, not downloaded
     assert mofkit.read_shard_meta(paths[0])["names"] == ["mof0", "mof1"]
     assert not any(p.name.startswith(".") for p in dest.iterdir())  # the bad download left nothing
-    local = {r["shard"]: r for r in mofkit.read_manifest(dest / "data_manifest.csv")}
+    local = {r["file"]: r for r in mofkit.read_manifest(dest / "data_manifest.csv")}
     assert local["shard_00000.npy"]["sha256"] == mofkit.sha256_file(paths[0])
     mofkit.ensure_shards(manifest, dest, progress=False)
     assert calls == ["mof0", "mof1"]  # the local build is verified by its recorded sha256 and kept
 
 
 def test_ensure_shards_falls_back_to_building_on_google_drive_quota(tmp_path, http_server, monkeypatch):
-    manifest, _ = _published(tmp_path, http_server)
+    manifest, _ = published_shards(tmp_path, http_server)
     rows = mofkit.read_manifest(manifest)
     rows[2]["url"] = f"https://drive.google.com/file/d/{DRIVE_ID}/view?usp=sharing"
-    mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
+    mofkit.write_manifest(manifest, rows)
     http_server.intercept(monkeypatch, "drive.google.com")
     page = ('<html><body><p class="uc-error-subcaption">Too many users have viewed or downloaded this file '
             'recently. Please try accessing the file again later.</p></body></html>')
     http_server.route("/drive.google.com/uc", Reply(body=page.encode(), headers={"Content-Type": "text/html"}))
-    calls = _counting_voxelize(monkeypatch)
+    calls = counting_voxelize(monkeypatch)
     with pytest.warns(UserWarning, match="shard_00002.npy: download failed: .*quota.* Building it locally"):
         paths = mofkit.ensure_shards(manifest, tmp_path / "dest", progress=False)
     assert calls == ["mof4"] and mofkit.read_shard_meta(paths[2])["names"] == ["mof4"]
@@ -1330,7 +1183,7 @@ def test_ensure_shards_builds_coremof_rows_with_the_package_properties(tmp_path,
     monkeypatch.setattr(mofkit, "CELL_SPACING_A", 1.0)  # coarse whole-cell properties: ACOCOM's cell is 26 A
     names = ["ACECIV_ion_b", "ACOCOM_clean", "NOT_A_MOF"]
     row = mofkit._manifest_row("shard_00000.npy", names, mofkit.COREMOF_SOURCE, TINY)
-    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [row])
+    mofkit.write_manifest(tmp_path / "m.csv", [row])
     [path] = mofkit.ensure_shards(tmp_path / "m.csv", tmp_path / "dest", progress=False)
     data = mofkit.ShardDataset([path], with_index=True)
     meta = data.metadata()
@@ -1341,9 +1194,9 @@ def test_ensure_shards_builds_coremof_rows_with_the_package_properties(tmp_path,
 
 def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed_one(tmp_path):
     rows = mofkit.coremof_manifest(tmp_path / "m.csv")
-    assert len(rows) == 121 and [r["n_names"] for r in rows[-2:]] == [100, 20]
-    assert sum((r["names"].split(";") for r in rows), []) == mofkit.coremof_names()
-    assert {r["params_hash"] for r in rows} == {mofkit.ShardParams().hash} and not any(r["sha256"] for r in rows)
+    assert len(rows) == 121 and [r["n_members"] for r in rows[-2:]] == [100, 20]
+    assert sum((r["members"].split(";") for r in rows), []) == mofkit.coremof_names()
+    assert {r["params_hash"] for r in rows} == {mofkit.GridParams().hash} and not any(r["sha256"] for r in rows)
     assert (tmp_path / "m.csv").stat().st_size < 1_000_000
     committed = Path(__file__).resolve().parents[1] / "data_manifest.csv"  # its shard rows; weights rows aside
     assert mofkit.read_manifest(committed) == mofkit.read_manifest(tmp_path / "m.csv")
@@ -1352,14 +1205,13 @@ def test_default_manifest_lists_all_coremof_structures_and_matches_the_committed
 def test_manifest_weights_rows_are_not_shards_and_old_manifests_still_read(tmp_path):
     rows = mofkit.coremof_manifest(tmp_path / "m.csv")[:2]
     weights = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
-    weights.update(shard="weights/g.pt", bytes="3", sha256="ab" * 32, kind="weights")
-    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, rows + [weights])
-    assert [r["shard"] for r in mofkit.read_manifest(tmp_path / "m.csv")] == [r["shard"] for r in rows]
-    assert [r["shard"] for r in mofkit.read_manifest(tmp_path / "m.csv", kind="weights")] == ["weights/g.pt"]
+    weights.update(file="weights/g.pt", bytes="3", sha256="ab" * 32, kind="weights")
+    mofkit.write_manifest(tmp_path / "m.csv", rows + [weights])
+    assert [r["file"] for r in mofkit.read_manifest(tmp_path / "m.csv")] == [r["file"] for r in rows]
+    assert [r["file"] for r in mofkit.read_manifest(tmp_path / "m.csv", kind="weights")] == ["weights/g.pt"]
     old_columns = [c for c in mofkit.MANIFEST_COLUMNS if c != "kind"]  # a manifest from before the kind column
     mofkit._write_csv(tmp_path / "old.csv", old_columns, [{c: r[c] for c in old_columns} for r in rows])
     assert mofkit.read_manifest(tmp_path / "old.csv") == [{k: str(v) for k, v in r.items()} for r in rows]
-
 
 
 def test_batched_voxelization_for_shards_loses_only_the_bad_structure():
@@ -1368,7 +1220,7 @@ def test_batched_voxelization_for_shards_loses_only_the_bad_structure():
     bad = good.copy()
     bad.symbols[0] = "Rf"                      # no force-field parameters: fails inside voxelize
     failures = []
-    params = mofkit.ShardParams(size=8, spacing_A=1.0)
+    params = mofkit.GridParams(size=8, spacing_A=1.0)
     grids = mofkit._voxelize_chunk([("good", good), ("bad", bad), ("good2", good)], params, "cpu", failures)
     assert list(grids) == ["good", "good2"] and grids["good"].shape == (8, 8, 8)
     np.testing.assert_array_equal(grids["good"], mofkit.voxelize(good, **params.voxelize_kwargs()))
@@ -1412,7 +1264,7 @@ def test_discriminator_raw_score_is_the_logit_of_the_sigmoid_output_and_trains(t
     x = torch.rand(3, 1, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(torch.sigmoid(raw(x)), D(x))
-    res = mofkit.train(_tiny(d_sigmoid=False), _grids(4), tmp_path, max_steps=2, progress=False)
+    res = mofkit.train(tiny_config(d_sigmoid=False), random_grids(4), tmp_path, max_steps=2, progress=False)
     assert res.discriminator.sigmoid is False and mofkit.load_checkpoint(res.checkpoint)["config"]["d_sigmoid"] is False
 
 
@@ -1472,28 +1324,9 @@ def test_pick_e_scale_is_percentile_of_attractive_wells():
         mofkit.pick_e_scale([np.ones((4, 4, 4))])
 
 
-
 # =============================================================================
 # 7. Training
 # =============================================================================
-
-def _grids(n, dim=16, channels=1, seed=0, fill=None):
-    """Kelvin grids with wells and repulsive walls, like the voxelizer's output."""
-    g = torch.Generator().manual_seed(seed)
-    grids = [torch.rand(channels, dim, dim, dim, generator=g) * 1500 - 1000 for _ in range(n)]
-    if channels > 1:
-        for x in grids:
-            x[1:] = x[1:].abs() / 1000
-    if fill is not None:
-        for x in grids:
-            x.fill_(fill)
-    return grids
-
-
-def _tiny(**kw):
-    base = dict(dim=16, channels=8, latent=8, batch_size=2, e_scale_K=800.0, log_every=1, device="cpu",
-                checkpoint_every_steps=1000)
-    return mofkit.TrainConfig(**{**base, **kw})
 
 
 def test_train_config_defaults_study_preset_and_fast_gpu_preset():
@@ -1523,10 +1356,10 @@ def test_train_config_refuses_bad_values_naming_the_field(bad):
 def test_train_one_step_changes_weights_finite_losses(tmp_path):
     # least squares: under the hinge loss D's output bias has zero gradient while every score is inside the
     # margin (-1 from the real term, +1 from the fake one), so "every weight moves" holds only for lsgan
-    config = _tiny(loss="lsgan")
-    mofkit.train(config, _grids(4), tmp_path, max_steps=1, progress=False)
+    config = tiny_config(loss="lsgan")
+    mofkit.train(config, random_grids(4), tmp_path, max_steps=1, progress=False)
     before = mofkit.load_checkpoint(tmp_path / "last.pt")
-    res = mofkit.train(config, _grids(4), tmp_path, max_steps=2, progress=False)  # one more step
+    res = mofkit.train(config, random_grids(4), tmp_path, max_steps=2, progress=False)  # one more step
     h = res.history[-1]
     assert h["step"] == 2 and all(np.isfinite(h[k]) for k in ("loss_d", "loss_g", "d_real", "d_fake"))
     for name, module in [("generator", res.generator), ("discriminator", res.discriminator)]:
@@ -1536,7 +1369,7 @@ def test_train_one_step_changes_weights_finite_losses(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_train_autocast_step_on_cpu(tmp_path, precision):
-    res = mofkit.train(_tiny(precision=precision, channels_last=True), _grids(4), tmp_path, max_steps=2,
+    res = mofkit.train(tiny_config(precision=precision, channels_last=True), random_grids(4), tmp_path, max_steps=2,
                        progress=False)
     h = res.history[-1]
     assert h["step"] == 2 and np.isfinite(h["loss_d"]) and np.isfinite(h["loss_g"]) and np.isfinite(h["d_real"])
@@ -1545,17 +1378,17 @@ def test_train_autocast_step_on_cpu(tmp_path, precision):
 
 
 def test_train_max_minutes_stops_at_a_checkpoint_and_resumes(tmp_path):
-    data = _grids(4)
-    res = mofkit.train(_tiny(epochs=10**6), data, tmp_path, max_minutes=0.02, progress=False)
+    data = random_grids(4)
+    res = mofkit.train(tiny_config(epochs=10**6), data, tmp_path, max_minutes=0.02, progress=False)
     ckpt = mofkit.load_checkpoint(res.checkpoint)
     assert 0 < ckpt["step"] < 10**6 and 1.2 <= ckpt["time_s"] < 30  # stopped at the first log past 1.2 s
-    more = mofkit.train(_tiny(epochs=10**6), data, tmp_path, max_minutes=0.01, progress=False)
+    more = mofkit.train(tiny_config(epochs=10**6), data, tmp_path, max_minutes=0.01, progress=False)
     again = mofkit.load_checkpoint(more.checkpoint)
     assert again["step"] > ckpt["step"] and again["time_s"] >= ckpt["time_s"] + 0.6
 
 
 def test_export_and_load_generator_sample_like_the_checkpoint_and_check_the_manifest(tmp_path):
-    res = mofkit.train(_tiny(), _grids(4), tmp_path / "run", max_steps=3, progress=False)
+    res = mofkit.train(tiny_config(), random_grids(4), tmp_path / "run", max_steps=3, progress=False)
     path = mofkit.export_generator(res.checkpoint, tmp_path / "g.pt")
     assert path.stat().st_size < res.checkpoint.stat().st_size / 3  # no optimizer/discriminator state, fp16
     G = mofkit.load_generator(path, manifest_csv=None)
@@ -1563,23 +1396,28 @@ def test_export_and_load_generator_sample_like_the_checkpoint_and_check_the_mani
     shipped, full = mofkit.sample(G, 3, seed=5), mofkit.sample(res.checkpoint, 3, seed=5)
     assert shipped.shape == full.shape == (3, 1, 16, 16, 16)
     assert np.abs(shipped - full).max() < 800.0 * 0.01  # fp16 weights: within 1% of E_scale
-    row = dict.fromkeys(mofkit.MANIFEST_COLUMNS, "")
-    row.update(shard="weights/g.pt", kind="weights", sha256=mofkit.sha256_file(path))
-    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [row])
+    row = mofkit.record_weights(path, tmp_path / "m.csv", source="a test")
+    assert mofkit.read_manifest(tmp_path / "m.csv", kind="weights") == [{k: str(v) for k, v in row.items()}]
+    assert (row["file"], row["sha256"], row["bytes"]) == ("g.pt", mofkit.sha256_file(path), path.stat().st_size)
     assert mofkit.load_generator(path, tmp_path / "m.csv").e_scale_K == 800.0
-    mofkit._write_csv(tmp_path / "m.csv", mofkit.MANIFEST_COLUMNS, [{**row, "sha256": "0" * 64}])
+    mofkit.write_manifest(tmp_path / "m.csv", [{**row, "sha256": "0" * 64}])
     with pytest.raises(mofkit.CheckpointError, match="does not match"):
         mofkit.load_generator(path, tmp_path / "m.csv")
+    old = {new: old for old, new in mofkit._OLD_MANIFEST_COLUMNS.items()}  # a manifest before file/members
+    mofkit._write_csv(tmp_path / "old.csv", [old.get(c, c) for c in mofkit.MANIFEST_COLUMNS],
+                      [{old.get(k, k): v for k, v in {**row, "sha256": "0" * 64}.items()}])
+    with pytest.raises(mofkit.CheckpointError, match="does not match"):
+        mofkit.load_generator(path, tmp_path / "old.csv")
     with pytest.raises(mofkit.CheckpointError, match="export_generator"):
         mofkit.load_generator(res.checkpoint, manifest_csv=None)  # a training checkpoint is not a generator file
 
 
 def test_train_resume_is_bit_identical(tmp_path):
-    data = _grids(6)  # 3 steps per epoch: the 4-step run crosses an epoch, the split falls mid-epoch
-    straight = mofkit.train(_tiny(), data, tmp_path / "a", max_steps=4, progress=False)
-    first = mofkit.train(_tiny(), data, tmp_path / "b", max_steps=2, progress=False)
+    data = random_grids(6)  # 3 steps per epoch: the 4-step run crosses an epoch, the split falls mid-epoch
+    straight = mofkit.train(tiny_config(), data, tmp_path / "a", max_steps=4, progress=False)
+    first = mofkit.train(tiny_config(), data, tmp_path / "b", max_steps=2, progress=False)
     assert first.history[-1]["step"] == 2
-    resumed = mofkit.train(_tiny(), data, tmp_path / "b", resume=True, max_steps=4, progress=False)
+    resumed = mofkit.train(tiny_config(), data, tmp_path / "b", resume=True, max_steps=4, progress=False)
     for a, b in [(straight.generator, resumed.generator), (straight.discriminator, resumed.discriminator)]:
         for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(x, y), k
@@ -1589,7 +1427,7 @@ def test_train_resume_is_bit_identical(tmp_path):
 
 
 def test_train_history_csv_and_load_history(tmp_path):
-    mofkit.train(_tiny(log_every=2), _grids(4), tmp_path, max_steps=5, progress=False)
+    mofkit.train(tiny_config(log_every=2), random_grids(4), tmp_path, max_steps=5, progress=False)
     df = mofkit.load_history(tmp_path)
     assert list(df.columns) == list(mofkit.HISTORY_COLUMNS)
     assert df["step"].tolist() == [2, 4, 5] and (df["samples_per_s"] > 0).all()
@@ -1597,24 +1435,24 @@ def test_train_history_csv_and_load_history(tmp_path):
     # rows logged after the checkpoint a run resumes from are dropped
     with open(tmp_path / "history.csv", "a") as f:
         f.write("6,3,0,0,0,0,0,0\n")
-    mofkit.train(_tiny(log_every=2), _grids(4), tmp_path, max_steps=6, progress=False)
+    mofkit.train(tiny_config(log_every=2), random_grids(4), tmp_path, max_steps=6, progress=False)
     assert mofkit.load_history(tmp_path / "history.csv")["step"].tolist() == [2, 4, 5, 6]
 
 
 def test_train_corrupt_or_mismatched_checkpoint_clear_error_and_kept(tmp_path):
-    mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=1, progress=False)
+    mofkit.train(tiny_config(), random_grids(4), tmp_path, max_steps=1, progress=False)
     last = tmp_path / "last.pt"
     good = last.read_bytes()
     with pytest.raises(mofkit.CheckpointError, match="channels=8 but the config asks for 16"):
-        mofkit.train(_tiny(channels=16), _grids(4), tmp_path, max_steps=2, progress=False)
+        mofkit.train(tiny_config(channels=16), random_grids(4), tmp_path, max_steps=2, progress=False)
     with pytest.raises(mofkit.CheckpointError, match="already there"):
-        mofkit.train(_tiny(), _grids(4), tmp_path, resume=False, max_steps=2, progress=False)
+        mofkit.train(tiny_config(), random_grids(4), tmp_path, resume=False, max_steps=2, progress=False)
     assert last.read_bytes() == good
     bad = tmp_path / "bad" / "last.pt"
     bad.parent.mkdir()
     bad.write_bytes(good[: len(good) // 2])  # a checkpoint cut short
     with pytest.raises(mofkit.CheckpointError, match=r"bad[/\\]last\.pt.*not a readable"):
-        mofkit.train(_tiny(), _grids(4), bad.parent, max_steps=2, progress=False)
+        mofkit.train(tiny_config(), random_grids(4), bad.parent, max_steps=2, progress=False)
     assert bad.read_bytes() == good[: len(good) // 2]
     torch.save({"step": 3}, bad)
     with pytest.raises(mofkit.CheckpointError, match="missing"):
@@ -1622,20 +1460,20 @@ def test_train_corrupt_or_mismatched_checkpoint_clear_error_and_kept(tmp_path):
 
 
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = _tiny(checkpoint_every_steps=1)
-    mofkit.train(cfg, _grids(4), tmp_path, max_steps=2, progress=False)
+    cfg = tiny_config(checkpoint_every_steps=1)
+    mofkit.train(cfg, random_grids(4), tmp_path, max_steps=2, progress=False)
     good = (tmp_path / "last.pt").read_bytes()
     with pytest.raises(mofkit.TrainingDiverged, match="non-finite loss at step 3.*last good checkpoint"):
-        mofkit.train(cfg, _grids(4, fill=float("nan")), tmp_path, max_steps=4, progress=False)
+        mofkit.train(cfg, random_grids(4, fill=float("nan")), tmp_path, max_steps=4, progress=False)
     assert (tmp_path / "last.pt").read_bytes() == good
     assert mofkit.load_checkpoint(tmp_path / "last.pt")["step"] == 2
 
 
 def test_train_rejects_unusable_datasets(tmp_path):
     with pytest.raises(TypeError, match="one-shot"):
-        mofkit.train(_tiny(), (g for g in _grids(4)), tmp_path / "a", max_steps=1, progress=False)
+        mofkit.train(tiny_config(), (g for g in random_grids(4)), tmp_path / "a", max_steps=1, progress=False)
     with pytest.raises(ValueError, match="no full batch of 2"):
-        mofkit.train(_tiny(), _grids(1), tmp_path / "b", max_steps=1, progress=False)
+        mofkit.train(tiny_config(), random_grids(1), tmp_path / "b", max_steps=1, progress=False)
 
 
 def test_train_streaming_dataset_and_picked_e_scale(tmp_path):
@@ -1650,9 +1488,9 @@ def test_train_streaming_dataset_and_picked_e_scale(tmp_path):
         def __iter__(self):
             return iter(self.grids[self.start:])
 
-    grids = _grids(6, channels=2)
+    grids = random_grids(6, channels=2)
     stream = Stream(grids)
-    cfg = _tiny(grid_channels=2, e_scale_K=None)
+    cfg = tiny_config(grid_channels=2, e_scale_K=None)
     res = mofkit.train(cfg, stream, tmp_path / "a", max_steps=2, progress=False)
     assert stream.batch_size == 2  # set to the trainer's, so DataLoader workers keep the stream's order
     assert mofkit.load_checkpoint(res.checkpoint)["e_scale_K"] == pytest.approx(mofkit.pick_e_scale(grids))
@@ -1701,7 +1539,7 @@ def test_gan_step_minimises_each_players_loss(preset):
         loss_g_of = lambda g: ((g - 1) ** 2).mean()
     mofkit._seed_all(0)
     run = mofkit._build_run(config, torch.device("cpu"))
-    real = mofkit.to_gan_input(torch.stack(_grids(4)), 800.0, config.transform)
+    real = mofkit.to_gan_input(torch.stack(random_grids(4)), 800.0, config.transform)
     G0, D0 = copy.deepcopy(run.G), copy.deepcopy(run.D)
     torch.manual_seed(5)
     loss_d, loss_g, d_real, d_fake = mofkit._gan_step(run, real, step=1).tolist()
@@ -1720,10 +1558,10 @@ def test_gan_step_minimises_each_players_loss(preset):
 
 
 def test_ema_generator_is_the_moving_average_of_the_weights(tmp_path):
-    config = _tiny(ema=0.999)
+    config = tiny_config(ema=0.999)
     mofkit._seed_all(config.seed)
     G0, _ = mofkit._models(config)  # the initial weights train() starts from (same seed, same order)
-    res = mofkit.train(config, _grids(4), tmp_path, max_steps=1, progress=False)
+    res = mofkit.train(config, random_grids(4), tmp_path, max_steps=1, progress=False)
     ckpt = mofkit.load_checkpoint(res.checkpoint)
     decay = 0.1  # the warm-up at step 0: min(0.999, (1 + 0) / (10 + 0))
     for name, w0 in G0.named_parameters():
@@ -1732,7 +1570,7 @@ def test_ema_generator_is_the_moving_average_of_the_weights(tmp_path):
     # sampling a checkpoint uses the average (BatchNorm statistics re-estimated), not the raw weights
     raw = mofkit.sample(res.generator, 2, e_scale_K=800.0)
     assert not np.allclose(mofkit.sample(res.checkpoint, 2), raw)
-    assert mofkit.train(_tiny(ema=0.0), _grids(4), tmp_path / "b", max_steps=1,
+    assert mofkit.train(tiny_config(ema=0.0), random_grids(4), tmp_path / "b", max_steps=1,
                         progress=False).checkpoint.exists()
     assert mofkit.load_checkpoint(tmp_path / "b" / "last.pt")["generator_ema"] is None
 
@@ -1754,10 +1592,10 @@ def test_cube_symmetries_are_the_48_distinct_rotations_and_reflections():
 
 
 def test_augmented_training_resumes_exactly_and_r1_runs(tmp_path):
-    cfg = _tiny(augment=True, r1_gamma=1.0, r1_every=2, transform="signed")
-    straight = mofkit.train(cfg, _grids(6), tmp_path / "a", max_steps=4, progress=False)
-    mofkit.train(cfg, _grids(6), tmp_path / "b", max_steps=2, progress=False)
-    resumed = mofkit.train(cfg, _grids(6), tmp_path / "b", max_steps=4, progress=False)
+    cfg = tiny_config(augment=True, r1_gamma=1.0, r1_every=2, transform="signed")
+    straight = mofkit.train(cfg, random_grids(6), tmp_path / "a", max_steps=4, progress=False)
+    mofkit.train(cfg, random_grids(6), tmp_path / "b", max_steps=2, progress=False)
+    resumed = mofkit.train(cfg, random_grids(6), tmp_path / "b", max_steps=4, progress=False)
     for x, y in zip(straight.generator.state_dict().values(), resumed.generator.state_dict().values()):
         assert torch.equal(x, y)
     assert all(np.isfinite(h["loss_d"]) for h in straight.history)
@@ -1765,26 +1603,11 @@ def test_augmented_training_resumes_exactly_and_r1_runs(tmp_path):
     assert x.min() < 0 < x.max() and -800.0 <= x.min() and x.max() <= 800.0  # "signed": repulsion kept to +E_scale
 
 
-def _blobs(n, dim=16, seed=0):
-    """Kelvin grids like the voxelizer's: repulsive (+2000 K) everywhere but a few Gaussian wells (to -600 K)."""
-    rng = np.random.default_rng(seed)
-    ax = np.arange(dim)
-    out = []
-    for _ in range(n):
-        e = np.full((dim,) * 3, 2000.0)
-        for _ in range(rng.integers(2, 5)):
-            c, r = rng.uniform(3, dim - 3, 3), rng.uniform(2, 4)
-            d2 = (ax[:, None, None] - c[0]) ** 2 + (ax[None, :, None] - c[1]) ** 2 + (ax[None, None, :] - c[2]) ** 2
-            e = np.minimum(e, np.where(d2 < (2 * r) ** 2, -600.0 * np.exp(-d2 / r ** 2), 2000.0))
-        out.append(torch.from_numpy(e[None].astype(np.float32)))
-    return out
-
-
 def test_default_recipe_keeps_g_learning_where_the_study_recipe_saturates(tmp_path):
     """Same data, same steps: the study's Sigmoid D drives G's least-squares gradient towards zero (D's
     verdicts sit on the flat tail of the Sigmoid); the kit's raw-score D keeps it, and its samples vary
     about as much as the real grids do."""
-    data = _blobs(32)
+    data = blob_grids(32)
     kw = dict(dim=16, channels=16, latent=16, e_scale_K=600.0, log_every=10, device="cpu", epochs=100)
     grads, spread = {}, {}
     real = mofkit.gan_round_trip(torch.stack(data).numpy(), 600.0)
@@ -1804,7 +1627,7 @@ def test_evaluate_puts_both_sides_through_the_gan_round_trip():
     """A perfect generator's output -- real grids exactly as the GAN represents them (clipped to [-E_scale, 0] K) --
     scores ~50% against raw held-out grids: the protocol clips the real side too. Compared raw, the same sets
     are told apart every time (the first round's notebook printed that 100%)."""
-    real = torch.stack(_blobs(90, seed=3)).numpy()
+    real = torch.stack(blob_grids(90, seed=3)).numpy()
     heldout, train, other = real[:30], real[30:60], real[60:]
     perfect = mofkit.gan_round_trip(other, 600.0)
     report = mofkit.evaluate(perfect, heldout, train, e_scale_K=600.0, n_boot=200)
@@ -1818,7 +1641,7 @@ def test_evaluate_puts_both_sides_through_the_gan_round_trip():
 
 
 def test_sample_refuses_broken_generators_and_bad_counts(tmp_path):
-    res = mofkit.train(_tiny(ema=0.0), _grids(4), tmp_path, max_steps=1, progress=False)
+    res = mofkit.train(tiny_config(ema=0.0), random_grids(4), tmp_path, max_steps=1, progress=False)
     with pytest.raises(ValueError, match="n=-1"):
         mofkit.sample(res.checkpoint, -1)
     ckpt = mofkit.load_checkpoint(res.checkpoint)
@@ -1834,7 +1657,7 @@ def test_sample_refuses_broken_generators_and_bad_counts(tmp_path):
 
 
 def test_sample_from_checkpoint_in_kelvin(tmp_path):
-    res = mofkit.train(_tiny(grid_channels=2, ema=0.0), _grids(4, channels=2), tmp_path, max_steps=1, progress=False)
+    res = mofkit.train(tiny_config(grid_channels=2, ema=0.0), random_grids(4, channels=2), tmp_path, max_steps=1, progress=False)
     grids = mofkit.sample(tmp_path / "last.pt", 5, batch_size=2, seed=3)
     assert grids.shape == (5, 2, 16, 16, 16) and grids.dtype == np.float32
     assert grids[:, 0].max() <= 800.0 and grids[:, 0].min() >= -800.0  # K, "signed": within [-E_scale, E_scale]
@@ -1864,31 +1687,13 @@ def test_main_train_on_shards_resumes_exactly(tmp_path):
         assert torch.equal(x, y)
 
 
-_DDP_CHILD = """
-import os, sys, torch
-sys.path.insert(0, {root!r})
-import mofkit
-torch.set_num_threads(1)
-torch.distributed.init_process_group("gloo")  # as a user script under torchrun may; train() then reuses it
-rank = int(os.environ["RANK"])
-g = torch.Generator().manual_seed(0)
-data = [torch.rand(1, 16, 16, 16, generator=g) * 1500 - 1000 for _ in range(8)]
-cfg = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=2, e_scale_K=800.0, log_every=1, device="cpu",
-                         epochs=1)
-for run, dataset, steps in [("list", data, 2), ("stream", mofkit._Reiterable(data[:8 - 2 * rank]), None)]:
-    res = mofkit.train(cfg, dataset, {out!r} + "/" + run, max_steps=steps, progress=False)
-    torch.save([p.detach() for m in (res.generator, res.discriminator) for p in m.parameters()],
-               {out!r} + f"/{{run}}/params{{rank}}.pt")
-"""
-
-
 def test_train_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
     import socket
     import subprocess
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = _DDP_CHILD.format(root=str(Path(mofkit.__file__).parent), out=str(tmp_path))
+    code = DDP_CHILD.format(root=str(Path(mofkit.__file__).parent), out=str(tmp_path))
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
@@ -1910,20 +1715,13 @@ def test_train_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
 # 8. Scoring
 # =============================================================================
 
-def _sklearn_loo_1nn(features):
-    from sklearn.model_selection import LeaveOneOut, cross_val_predict
-    from sklearn.neighbors import KNeighborsClassifier
-    X = np.concatenate([f.reshape(len(f), -1) for f in features]).astype(np.float64)
-    y = np.repeat([0, 1], [len(f) for f in features])
-    return (cross_val_predict(KNeighborsClassifier(n_neighbors=1), X, y, cv=LeaveOneOut()) == y)
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_one_nn_accuracy_equals_sklearn_leave_one_out(dtype):
     rng = np.random.default_rng(0)
     real = rng.normal(size=(23, 6, 6, 6)).astype(np.float32)
     generated = rng.normal(0.2, 1.1, size=(19, 6, 6, 6)).astype(np.float32)
-    correct = _sklearn_loo_1nn([real, generated])
+    correct = sklearn_loo_1nn([real, generated])
     # chunk=5 splits both sets across blocks, so block edges and the self-exclusion are exercised
     details = mofkit.one_nn_accuracy(real, generated, return_details=True, dtype=dtype, chunk=5)
     assert details["accuracy"] == pytest.approx(correct.mean(), abs=1e-12)
@@ -1937,7 +1735,7 @@ def test_one_nn_accuracy_downsampled_equals_sklearn_on_pooled_grids():
     rng = np.random.default_rng(1)
     real, generated = rng.normal(size=(20, 8, 8, 8)), rng.normal(0.1, 1.0, size=(20, 8, 8, 8))
     pool = lambda g: g.reshape(len(g), 4, 2, 4, 2, 4, 2).mean(axis=(2, 4, 6))
-    expected = _sklearn_loo_1nn([pool(real), pool(generated)]).mean()
+    expected = sklearn_loo_1nn([pool(real), pool(generated)]).mean()
     assert mofkit.one_nn_accuracy(real, generated, "downsampled", downsample=2, chunk=6) == pytest.approx(expected)
 
 
@@ -2004,21 +1802,18 @@ def test_property_comparison_on_synthetic_grids():
 # 9. Pictures
 # =============================================================================
 
-def _image_axes(fig):
-    return [ax for ax in fig.axes if ax.images]
-
 
 def test_plot_slices_montage_panels_and_png(tmp_path):
     grid = np.linspace(-800, 5000, 16 ** 3, dtype=np.float32).reshape(16, 16, 16)
     fig = mofkit.plot_slices(grid, path=tmp_path / "slices.png")
-    assert len(_image_axes(fig)) == 16 and len(fig.axes) == 16 + 1  # 4 x 4 panels + colour bar
+    assert len(image_axes(fig)) == 16 and len(fig.axes) == 16 + 1  # 4 x 4 panels + colour bar
     assert (tmp_path / "slices.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pair = mofkit.plot_slices([grid, grid[None]], titles=["real", "generated"], path=tmp_path / "pair.png")
-    assert len(_image_axes(pair)) == 32
+    assert len(image_axes(pair)) == 32
     ct = mofkit.plot_slices(np.zeros((64, 4, 4), np.float32) - 100.0)  # the study's 64 slices -> 8 x 8
-    assert len(_image_axes(ct)) == 64 and len(ct.axes) == 64 + 1
+    assert len(image_axes(ct)) == 64 and len(ct.axes) == 64 + 1
     odd = mofkit.plot_slices(grid[:10], axis=0)  # 10 slices -> 4 x 3 panel, 2 blank
-    assert len(_image_axes(odd)) == 10 and len(odd.axes) == 12 + 1
+    assert len(image_axes(odd)) == 10 and len(odd.axes) == 12 + 1
     with pytest.raises(ValueError, match="grid"):
         mofkit.plot_slices(np.zeros((4, 4)))
 
@@ -2026,13 +1821,13 @@ def test_plot_slices_montage_panels_and_png(tmp_path):
 def test_plot_slices_colour_scale_spans_the_data_with_white_at_zero():
     import matplotlib
     gan_space = -np.linspace(0, 900, 8 ** 3, dtype=np.float32).reshape(8, 8, 8)  # no positive energies
-    image = _image_axes(mofkit.plot_slices(gan_space, spacing_A=1.0))[0].images[0]
+    image = image_axes(mofkit.plot_slices(gan_space, spacing_A=1.0))[0].images[0]
     assert image.norm.vmin == pytest.approx(-900) and image.norm.vmax == 0  # no empty red end of the bar
     white = matplotlib.colormaps["RdBu_r"](0.5)
     np.testing.assert_allclose(image.cmap(image.norm(0.0)), white, atol=0.02)  # 0 K stays white
     assert image.cmap(image.norm(-900.0))[2] > 0.3 > image.cmap(image.norm(-900.0))[0]  # deep wells: blue
     real = np.concatenate([gan_space[4:], np.full((4, 8, 8), 5000, np.float32)])
-    image = _image_axes(mofkit.plot_slices(real))[0].images[0]
+    image = image_axes(mofkit.plot_slices(real))[0].images[0]
     assert (image.norm.vmin, image.norm.vmax) == (pytest.approx(-900), 5000)
     np.testing.assert_allclose(image.cmap(image.norm(0.0)), white, atol=0.02)
 
@@ -2072,17 +1867,9 @@ def test_plot_history_and_property_histograms(tmp_path):
 # 10. Inverse
 # =============================================================================
 
-def _small_framework():
-    from ase import Atoms
-    # a cubic cell with one of each class, off-grid positions, two C atoms 1.4 A apart on a diagonal
-    return Atoms(["Zn", "C", "C", "N", "O", "H", "S"],
-                 positions=[[1.13, 2.07, 3.31], [4.21, 4.77, 1.62], [5.02, 5.58, 2.43], [2.38, 6.11, 5.29],
-                            [6.74, 1.41, 6.02], [3.5, 3.2, 7.1], [7.3, 7.45, 4.4]],
-                 cell=[8.3, 8.3, 8.3], pbc=True)
-
 
 def test_density_channels_frame_and_values():
-    atoms = _small_framework()
+    atoms = small_framework()
     channels = mofkit.density_channels(atoms, size=24, spacing_A=0.5)
     assert channels.shape == (6, 24, 24, 24) and channels.dtype == np.float32
     assert channels.min() >= 0 and channels.max() <= 1
@@ -2095,7 +1882,7 @@ def test_density_channels_frame_and_values():
 
 
 def test_density_round_trip_recovers_every_atom(tmp_path):
-    atoms = _small_framework()
+    atoms = small_framework()
     size, spacing = 24, 0.5
     decoded = mofkit.grid_to_atoms(mofkit.density_channels(atoms, size, spacing), spacing, method="density")
     scores = mofkit.round_trip_scores(decoded, atoms, size, spacing)
@@ -2119,7 +1906,7 @@ def test_density_round_trip_recovers_every_atom(tmp_path):
 def test_round_trip_scores_count_misses_and_wrong_classes():
     from ase import Atoms
     from scipy.spatial.distance import cdist
-    atoms = _small_framework()
+    atoms = small_framework()
     symbols, positions = mofkit._cube_images(atoms, 24, 0.5, 1e-9)
     heavy = symbols != "H"
     symbols, positions = list(symbols[heavy]), positions[heavy]
@@ -2219,18 +2006,18 @@ def test_density_classes_are_checked():
         with pytest.raises(ValueError, match="density classes"):
             mofkit.check_density_classes(bad)
     with pytest.raises(ValueError, match="density classes"):
-        mofkit.ShardParams(density_classes=("C", "N"))
+        mofkit.GridParams(density_classes=("C", "N"))
     with pytest.raises(ValueError, match="frame"):
-        mofkit.ShardParams(frame="cell", density_classes=mofkit.DENSITY_CLASSES)
+        mofkit.GridParams(frame="cell", density_classes=mofkit.DENSITY_CLASSES)
 
 
 def test_shards_with_density_channels_round_trip(tmp_path):
     from ase import Atoms
     classes = mofkit.METAL_DENSITY_CLASSES
-    params = mofkit.ShardParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=list(classes))
-    assert params.density_classes == classes and _params_from_json(params) == params
+    params = mofkit.GridParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=list(classes))
+    assert params.density_classes == classes and params_from_json(params) == params
     # energy-only parameters serialise (and hash) exactly as before density channels existed
-    assert "density_classes" not in TINY.to_json() and params.hash != mofkit.ShardParams(
+    assert "density_classes" not in TINY.to_json() and params.hash != mofkit.GridParams(
         size=16, spacing_A=0.5, cutoff_A=5.0).hash
     folder = tmp_path / "cifs"
     folder.mkdir()
@@ -2259,7 +2046,7 @@ def test_shards_with_density_channels_round_trip(tmp_path):
     report = mofkit.structure_report(torch.stack([x, x]), spacing_A=0.5, classes=classes, e_scale_K=800.0)
     assert len(report) == 2 and report["n_atoms"].iloc[0] == len(decoded)
     # the GAN trains on them as they are, and its samples go through the same report
-    mofkit.train(_tiny(grid_channels=len(data.params.channels)), data, tmp_path / "run", max_steps=1, progress=False)
+    mofkit.train(tiny_config(grid_channels=len(data.params.channels)), data, tmp_path / "run", max_steps=1, progress=False)
     generated = mofkit.sample(tmp_path / "run" / "last.pt", 2)
     assert generated.shape == (2, 1 + len(classes), 16, 16, 16)
     assert len(mofkit.structure_report(generated, spacing_A=0.5, classes=classes, e_scale_K=800.0)) == 2
@@ -2270,10 +2057,10 @@ def test_training_shards_without_cell_properties_and_energy_only_views(tmp_path)
     multi-channel shards is an energy-only dataset, recorded as such with the weights; evaluate(channels=(0,))
     scores a multi-channel generator's energy alone."""
     classes = mofkit.METAL_DENSITY_CLASSES
-    params = mofkit.ShardParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=classes, cell_properties=False)
+    params = mofkit.GridParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=classes, cell_properties=False)
     full = dataclasses.replace(params, cell_properties=True)
     assert "cell_properties" not in full.to_json() and params.hash != full.hash
-    assert _params_from_json(params) == params
+    assert params_from_json(params) == params
     folder = tmp_path / "cifs"
     folder.mkdir()
     for k in range(4):
@@ -2293,11 +2080,11 @@ def test_training_shards_without_cell_properties_and_energy_only_views(tmp_path)
     assert mofkit.ShardDataset(tmp_path / "out", channels=list(range(1 + len(classes)))).params == params
     with pytest.raises(ValueError, match="energy alone"):
         mofkit.ShardDataset(tmp_path / "out", channels=[0, 2]).params
-    res = mofkit.train(_tiny(grid_channels=1), energy, tmp_path / "energy", max_steps=1, progress=False)
+    res = mofkit.train(tiny_config(grid_channels=1), energy, tmp_path / "energy", max_steps=1, progress=False)
     assert mofkit.load_checkpoint(res.checkpoint)["grid_params"] == energy.params.to_dict()
 
     data = mofkit.ShardDataset(tmp_path / "out", shuffle=False)
-    res = mofkit.train(_tiny(grid_channels=1 + len(classes)), data, tmp_path / "multi", max_steps=1, progress=False)
+    res = mofkit.train(tiny_config(grid_channels=1 + len(classes)), data, tmp_path / "multi", max_steps=1, progress=False)
     real = torch.stack(list(data)).numpy()
     report = mofkit.evaluate(res.checkpoint, real, real, sampling_seeds=(0,), channels=(0,), n_boot=50)
     energy_only = mofkit.evaluate(mofkit.sample(res.checkpoint, 4, seed=1000)[:, :1], real[:, :1], real[:, :1],
@@ -2305,10 +2092,6 @@ def test_training_shards_without_cell_properties_and_energy_only_views(tmp_path)
     rows = report.one_nn.set_index(["set", "features"])
     assert rows.loc[("generated (seed 0)", "raw"), "accuracy"] == \
         energy_only.one_nn.set_index(["set", "features"]).loc[("generated", "raw"), "accuracy"]
-
-
-def _params_from_json(params):
-    return mofkit.ShardParams(**json.loads(params.to_json()))
 
 
 def test_structure_report_of_a_hand_built_cube():
@@ -2381,186 +2164,12 @@ def test_grid_to_atoms_rejects_bad_grids():
 # 11. Command line and notebook
 # =============================================================================
 
-def _reproduce():
-    """benchmarks/reproduce.py as a module."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).resolve().parents[1] / "benchmarks"
-                                                  / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def coremof_cifs(tmp_path_factory):
-    """14 real CoRE MOF structures as CIF files (read from the installed package, no network)."""
-    folder = tmp_path_factory.mktemp("cifs")
-    for name, atoms in mofkit.iter_coremof(names=mofkit.coremof_names()[5000:5014]):
-        atoms.write(folder / f"{name}.cif", format="cif")
-    return folder
-
-
-def test_reproduce_split_keeps_refcode_groups_together_and_skips_what_fails():
-    rp = _reproduce()
-    assert mofkit.refcode("FUVDEH12_clean") == mofkit.refcode("FUVDEH_clean") == mofkit.refcode("FUVDEH01_charged") == "FUVDEH"
-    assert mofkit.refcode("ja4015666_si_002_clean") == mofkit.refcode("ja4015666_si_003_clean") == "ja4015666"
-    assert mofkit.refcode("ABCDEFG_clean") == "ABCDEFG"  # not a CSD refcode: its own group
-    names = [f"{code}{suffix}_clean" for code in ("AAAAAA", "BBBBBB", "CCCCCC", "DDDDDD", "EEEEEE", "FFFFFF",
-                                                  "GGGGGG", "HHHHHH") for suffix in ("", "01", "02")]
-    names += [f"p{k}_si_00{k}_clean" for k in range(6)] + ["bad_clean"]
-    rows = mofkit.make_split(names, n_heldout=4, n_train=9, seed=3, parses=lambda n: n != "bad_clean")
-    assert rows == mofkit.make_split(names, n_heldout=4, n_train=9, seed=3, parses=lambda n: n != "bad_clean")
-    assert rows != mofkit.make_split(names, n_heldout=4, n_train=9, seed=4, parses=lambda n: n != "bad_clean")
-    sides = {}
-    for name, group, split in rows:
-        assert group == mofkit.refcode(name) and name != "bad_clean"
-        sides.setdefault(group, set()).add(split)
-    assert all(len(s) == 1 for s in sides.values())  # no group straddles train and held-out
-    counts = {s: sum(r[2] == s for r in rows) for s in ("heldout", "train")}
-    assert 4 <= counts["heldout"] < 4 + 3 and 9 <= counts["train"] < 9 + 3  # stops within one group
-
-
-def test_reproduce_cpu_pipeline_end_to_end_resumes_and_ships(tmp_path, coremof_cifs):
-    rp, out = _reproduce(), tmp_path / "out"
-    tiny = ["--scale", "cpu", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
-            str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "2.0",
-            "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--no-progress"]
-    assert rp.main(tiny + ["--chunk-min", "0"]) is None  # a call out of time at once: split written, no grids
-    split = mofkit.read_split(tmp_path / "split.csv")
-    assert len(split["heldout"]) == 4 and len(split["train"]) == 8 and not (out / "heldout").exists()
-    first = rp.main(tiny + ["--budget-min", "0.02", "--ship", str(tmp_path / "w" / "g.pt"),
-                            "--manifest", str(tmp_path / "m.csv")])
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(first))
-    assert {p.name for p in out.glob("*.png")} == {"slices_0.png", "slices_1.png", "loss.png", "one_nn.png"}
-    assert first["data"]["train_grids"] == 8 and first["data"]["heldout_grids"] == first["data"]["n_eval"] == 4
-    assert first["training"]["train_time_min"] >= 0.02 and first["training"]["steps"] > 0
-    ev = first["evaluation"]
-    rows = {(r["set"], r["features"]): r for r in ev["one_nn"]}
-    assert {s for s, _ in rows} == {"generated (seed 0)", "generated (seed 1)", "generated (seed 2)",
-                                    "real train (floor)", "near-blank", "mean train grid + noise",
-                                    "untrained generator"}
-    assert {f for _, f in rows} == {"raw", "pooled", "histogram"}
-    for key, r in rows.items():
-        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"], key
-    props = ev["properties"]  # an untrained generator barely varies from sample to sample
-    assert props["untrained generator"]["spread K"] < 0.5 * props["held-out (reference)"]["spread K"]
-    assert rows[("mean train grid + noise", "raw")]["generated_accuracy"] == 1.0  # near-copies find each other
-    assert ev["accuracy"] == pytest.approx(np.mean([rows[(f"generated (seed {k})", "raw")]["accuracy"]
-                                                    for k in range(3)]))
-    assert ev["properties"]["held-out (reference)"]["spread K"] > 0
-    weights = first["weights"]
-    assert weights["sha256"] == mofkit.sha256_file(tmp_path / "w" / "g.pt") and weights["path"] == "w/g.pt"
-    assert mofkit.read_manifest(tmp_path / "m.csv", kind="weights")[0]["sha256"] == weights["sha256"]
-    G = mofkit.load_generator(tmp_path / "w" / "g.pt", tmp_path / "m.csv")
-    assert mofkit.sample(G, 2).shape == (2, 1, 16, 16, 16)
-    # the weights carry the voxelize settings of their training grids, so held-out grids can be made to match
-    assert (G.grid_params["size"], G.grid_params["spacing_A"], G.grid_params["frame"]) == (16, 2.0, "cube")
-    assert np.array_equal(mofkit.sample(tmp_path / "w" / "g.pt", 2), mofkit.sample(G, 2))  # a path works too
-
-    budget = first["training"]["train_time_min"] + 0.02  # stops at the first log past its budget: may overshoot
-    again = rp.main(tiny + ["--budget-min", str(budget)])  # a bigger budget continues the same run
-    assert again["training"]["steps"] > first["training"]["steps"] and again["training"]["train_time_min"] >= budget
-    steps = mofkit.load_history(out / "run")["step"]
-    assert steps.is_monotonic_increasing and steps.is_unique
-    floor = lambda r: [x for x in r["evaluation"]["one_nn"] if x["set"] == "real train (floor)"]
-    assert floor(again) == floor(first)  # same seeded real sets
-
-
-def test_reproduce_gpu_scale_runs_in_chunks_on_cpu(tmp_path, coremof_cifs):
-    """The --scale gpu code path (chunk deadlines, epoch target, evaluation in a later call) with tiny sizes."""
-    rp, out = _reproduce(), tmp_path / "out"
-    tiny = ["--scale", "gpu", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
-            str(tmp_path / "split.csv"), "--n-heldout", "4", "--size", "16", "--spacing-A", "2.0", "--channels", "8",
-            "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--fast-gpu", "0", "--device", "cpu",
-            "--no-progress"]
-    times = []  # training time in the checkpoint after each call
-    while sum(t > 0 for t in times) < 2:  # 3 s chunks: voxelizing, then training, each call resuming
-        assert rp.main(tiny + ["--epochs", str(10**6), "--chunk-min", "0.05"]) is None and len(times) < 20
-        times.append(rp.training_state(out / "run")[1])
-    assert times == sorted(times) and times[-1] > times[-2] > 0
-    assert len(mofkit.read_split(tmp_path / "split.csv")["train"]) == 10  # gpu scale: every other structure
-    results = rp.main(tiny + ["--epochs", "1", "--chunk-min", "1"])  # target already reached: evaluates
-    assert results["training"]["steps"] == mofkit.load_checkpoint(out / "run" / "last.pt")["step"]
-    assert results["data"]["n_eval"] == 4 and (out / "results.json").exists()
-def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp_path, coremof_cifs):
-    """--scale atoms: energy + density shards without cell properties, the multi-channel run and the energy-only
-    comparator on channel 0, energy 1-NN for both by the same protocol, the structure report and targets."""
-    rp, out = _reproduce(), tmp_path / "out"
-    tiny = ["--scale", "atoms", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
-            str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "1.0",
-            "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--epochs", "1",
-            "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"), "--manifest", str(tmp_path / "m.csv")]
-    results = rp.main(tiny)
-    params = mofkit.ShardDataset(out / "train").params
-    assert params.density_classes == mofkit.METAL_DENSITY_CLASSES and not params.cell_properties
-    multi, energy = (mofkit.load_checkpoint(out / run / "last.pt") for run in ("run", "run_energy"))
-    assert multi["config"]["grid_channels"] == 1 + len(params.density_classes)
-    assert energy["config"]["grid_channels"] == 1 and energy["grid_params"]["size"] == 16
-    assert "density_classes" not in energy["grid_params"] and multi["grid_params"] == params.to_dict()
-    assert results["training"]["epochs"] >= 1 and results["training_energy_only"]["epochs"] >= 1
-    for key in ("evaluation", "evaluation_energy_only"):
-        sets = {r["set"] for r in results[key]["one_nn"]}
-        assert "generated (seed 0)" in sets and "real train (floor)" in sets, key
-    floor = lambda k: [r for r in results[k]["one_nn"] if r["set"] == "real train (floor)"]
-    assert floor("evaluation") == floor("evaluation_energy_only")  # the same real energies on both sides
-    targets = {row["figure"]: row for row in results["structures"]["targets"]}
-    assert {"atoms_per_nm3", "nn_median_A", "bonded_fraction", "contact_fraction", "energy_r"} <= set(targets)
-    assert results["structures"]["n"] == 4 and targets["atoms_per_nm3"]["real"] > 0
-    assert (out / "generated_0.xyz").exists() and (out / "atoms.png").exists()
-    G = mofkit.load_generator(tmp_path / "w" / "atoms.pt", tmp_path / "m.csv")
-    assert G.out_channels == 1 + len(params.density_classes)
-
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_notebook_is_stored_without_outputs():
     nb = json.loads((REPO / "MOF_3DGAN.ipynb").read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code)
     assert not any("/work/" in "".join(c["source"]) or "/root/" in "".join(c["source"]) for c in nb["cells"])
-
-
-def _colab_stand_in(folder):
-    """A stand-in google.colab imported at kernel start, as Colab's kernels do (an IPython startup file);
-    drive.mount only records its calls in folder/mounts.txt. -> environment variables for the kernel."""
-    package = folder / "site" / "google" / "colab"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "drive.py").write_text("def mount(mountpoint, **kwargs):\n"
-                                      f"    with open({str(folder / 'mounts.txt')!r}, 'a') as f:\n"
-                                      "        f.write(mountpoint + '\\n')\n")
-    startup = folder / "ipython" / "profile_default" / "startup"
-    startup.mkdir(parents=True)
-    (startup / "00-colab.py").write_text("import google.colab\n")
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder / "site"), os.environ.get("PYTHONPATH")])),
-            "IPYTHONDIR": str(folder / "ipython")}
-
-
-def _local_repository(folder):
-    """This working tree's tracked files (as they are now) committed to a fresh git repository at folder."""
-    import shutil
-    import subprocess
-    git = lambda *args, cwd: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
-                                            check=True, capture_output=True)
-    tracked = git("ls-files", "-z", cwd=REPO).stdout.decode().split("\0")
-    for name in filter(None, tracked):
-        if (REPO / name).is_file():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, folder / name)
-    git("init", "-q", cwd=folder)
-    git("add", "-A", cwd=folder)
-    git("commit", "-q", "-m", "snapshot", cwd=folder)
-    return folder
-
-
-def _outputs(nb, pattern):
-    """Text of every stream/result output of the executed notebook that matches `pattern` (a regex)."""
-    import re
-    texts = [o.get("text") or o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code"
-             for o in c.outputs]
-    return [m for t in texts for m in re.findall(pattern, t)]
 
 
 def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
@@ -2571,9 +2180,9 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
     import re
     import shutil
     import nbformat
-    for k, v in _colab_stand_in(tmp_path / "colab").items():
+    for k, v in colab_stand_in(tmp_path / "colab").items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MOFKIT_REPO", str(_local_repository(tmp_path / "origin")))
+    monkeypatch.setenv("MOFKIT_REPO", str(local_repository(tmp_path / "origin")))
     content = tmp_path / "content"
     content.mkdir()
     shutil.copy(REPO / "MOF_3DGAN.ipynb", content)
@@ -2582,8 +2191,8 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
         nb = nbformat.read(out, as_version=4)
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, (attempt, errors[0]["evalue"] if errors else "")
-        assert _outputs(nb, r"mofkit from (\S+);") == [str(content / "mofkit")], attempt
-        assert not any("IProgress" in t or "\x1b[" in t for t in _outputs(nb, r"[^\n]+")), attempt
+        assert notebook_outputs(nb, r"mofkit from (\S+);") == [str(content / "mofkit")], attempt
+        assert not any("IProgress" in t or "\x1b[" in t for t in notebook_outputs(nb, r"[^\n]+")), attempt
         shown = [any("image/png" in o.get("data", {}) for o in c.outputs) for c in nb.cells if c.cell_type == "code"
                  and re.search(r"plt\.show\(\)|^mofkit\.plot_|display\(.*plot_|plot_evaluation", c.source, re.M)]
         assert shown and all(shown), (attempt, shown)  # every cell that draws keeps its picture in the copy
@@ -2599,7 +2208,7 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
     assert (out_dir / "run_quick" / "last.pt").stat().st_size < 20 * 2 ** 20  # quick keeps checkpoints small
 
     # the printed accuracy is mofkit.evaluate's on the notebook's own grids (the shipped model, held-out part)
-    [printed] = _outputs(nb, r"1-NN accuracy, 12 held-out vs 12 generated grids: ([\d.]+%) \(raw voxels")
+    [printed] = notebook_outputs(nb, r"1-NN accuracy, 12 held-out vs 12 generated grids: ([\d.]+%) \(raw voxels")
     heldout, heldout_meta = mofkit.read_grids(out_dir / "grids_quick" / "heldout")
     train, train_meta = mofkit.read_grids(out_dir / "grids_quick" / "train", len(heldout), seed=0)
     split = mofkit.read_split(REPO / "benchmarks" / "split_cpu32.csv")

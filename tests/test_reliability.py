@@ -16,9 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mofkit  # noqa: E402
 from conftest import Reply, ranged  # noqa: E402
+from helpers import TINY, random_grids, tiny_config  # noqa: E402
 
 FAST = dict(timeout_s=0.5, retries=1, backoff_s=0.01, progress=False)
-TINY = mofkit.ShardParams(size=8, spacing_A=1.0, cutoff_A=6.0)
 
 
 def cif(sites=(("Zn", 0.1, 0.1, 0.1), ("O", 0.3, 0.1, 0.1)), a=10.0, b=None, c=None, angles=(90, 90, 90),
@@ -167,7 +167,7 @@ def test_batches_never_stop_on_one_bad_file_and_read_upper_case_names(tmp_path):
         list(mofkit.iter_cifs(tmp_path / "nowhere"))
     # build_shards goes on past the same files and records why each failed
     rows = mofkit.build_shards(tmp_path / "out", folder, params=TINY, shard_size=10, progress=False)
-    assert rows[0]["n_grids"] == 3 and rows[0]["n_names"] == 6
+    assert rows[0]["n_grids"] == 3 and rows[0]["n_members"] == 6
     reasons = (tmp_path / "out" / "failures.csv").read_text()
     assert "b_nan_cell" in reasons and "c_flat" in reasons and "d_garbage" in reasons
 
@@ -184,7 +184,7 @@ def test_voxelize_and_shard_params_refuse_empty_or_degenerate_grids(kw, message)
     with pytest.raises(ValueError, match=message):
         mofkit.voxelize(atoms, **{"size": 8, **kw})
     with pytest.raises(ValueError, match=message):
-        mofkit.ShardParams(**kw)
+        mofkit.GridParams(**kw)
 
 
 def test_build_shards_refuses_bad_limits_empty_folders_and_an_unusable_device(tmp_path):
@@ -311,8 +311,8 @@ def _manifest(tmp_path, url=""):
     for r in rows:
         r["url"], r["sha256"] = url, ""   # as the shipped manifest: no published checksum
     manifest = tmp_path / "data_manifest.csv"
-    mofkit._write_csv(manifest, mofkit.MANIFEST_COLUMNS, rows)
-    return manifest, folder, (tmp_path / "pub" / rows[0]["shard"]).read_bytes()
+    mofkit.write_manifest(manifest, rows)
+    return manifest, folder, (tmp_path / "pub" / rows[0]["file"]).read_bytes()
 
 
 def test_ensure_shards_never_replaces_a_corrupt_shard_by_an_empty_one(tmp_path):
@@ -474,65 +474,54 @@ def test_degenerate_sips_fits_are_flagged():
 # 7. Training: resume with a changed config, TrainingDiverged, e_scale_K
 # =============================================================================
 
-def _grids(n, dim=16, fill=None):
-    g = torch.Generator().manual_seed(0)
-    grids = [torch.rand(1, dim, dim, dim, generator=g) * 1500 - 1000 for _ in range(n)]
-    return [x.fill_(fill) for x in grids] if fill is not None else grids
-
-
-def _tiny(**kw):
-    return mofkit.TrainConfig(**{**dict(dim=16, channels=8, latent=8, batch_size=2, e_scale_K=800.0, log_every=1,
-                                        device="cpu", checkpoint_every_steps=1000), **kw})
-
-
 @pytest.mark.parametrize("change", [dict(loss="lsgan"), dict(transform="wells"), dict(batch_size=4),
                                     dict(lr=1e-4), dict(seed=1),
                                    dict(betas=(0.9, 0.999)), dict(precision="bf16")])
 def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path, change):
-    mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=1, progress=False)
+    mofkit.train(tiny_config(), random_grids(4), tmp_path, max_steps=1, progress=False)
     good = (tmp_path / "last.pt").read_bytes()
     (name, value), = change.items()
     with pytest.raises(mofkit.CheckpointError, match=f"differs from the checkpoint's \\({name}: .*allow_config_change"):
-        mofkit.train(_tiny(**change), _grids(4), tmp_path, max_steps=2, progress=False)
+        mofkit.train(tiny_config(**change), random_grids(4), tmp_path, max_steps=2, progress=False)
     assert (tmp_path / "last.pt").read_bytes() == good
     with pytest.warns(UserWarning, match=f"continuing at step 1 with a changed config \\({name}"):
-        mofkit.train(_tiny(**change), _grids(4), tmp_path, max_steps=2, progress=False, allow_config_change=True)
+        mofkit.train(tiny_config(**change), random_grids(4), tmp_path, max_steps=2, progress=False, allow_config_change=True)
     ckpt = mofkit.load_checkpoint(tmp_path / "last.pt")
     assert ckpt["step"] == 2 and [c["step"] for c in ckpt["config_changes"]] == [1]
     assert list(ckpt["config_changes"][0]["changes"]) == [name]
 
 
 def test_resume_allows_run_length_and_logging_changes_and_compares_unknown_fields_generically(tmp_path):
-    mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=1, progress=False)
-    mofkit.train(_tiny(epochs=3, log_every=2, checkpoint_every_steps=5, checkpoint_every_min=1.0, num_workers=0),
-                 _grids(4), tmp_path, max_steps=2, progress=False)
+    mofkit.train(tiny_config(), random_grids(4), tmp_path, max_steps=1, progress=False)
+    mofkit.train(tiny_config(epochs=3, log_every=2, checkpoint_every_steps=5, checkpoint_every_min=1.0, num_workers=0),
+                 random_grids(4), tmp_path, max_steps=2, progress=False)
     ckpt = mofkit.load_checkpoint(tmp_path / "last.pt")
     assert ckpt["step"] == 2 and ckpt["config_changes"] == []
     # a field the checkpoint predates counts as _config_from_checkpoint reads it (legacy value, else default);
     # one it has that differs is a change
     saved = {**ckpt["config"]}
-    assert mofkit._config_changes(saved, _tiny()) == {}
+    assert mofkit._config_changes(saved, tiny_config()) == {}
     legacy = mofkit._config_from_checkpoint({"config": {}})
     for name in ("seed", "transform"):
         predates = {k: v for k, v in saved.items() if k != name}
-        assert mofkit._config_changes(predates, _tiny(**{name: getattr(legacy, name)})) == {}
-    assert mofkit._config_changes({**saved, "lr": 1.0}, _tiny()) == {"lr": [1.0, _tiny().lr]}
-    assert mofkit._config_changes({**saved, "future_field": 3}, _tiny()) == {}  # unknown to this version
+        assert mofkit._config_changes(predates, tiny_config(**{name: getattr(legacy, name)})) == {}
+    assert mofkit._config_changes({**saved, "lr": 1.0}, tiny_config()) == {"lr": [1.0, tiny_config().lr]}
+    assert mofkit._config_changes({**saved, "future_field": 3}, tiny_config()) == {}  # unknown to this version
 
 
 def test_training_diverged_says_truly_which_checkpoint_is_kept(tmp_path):
     with pytest.raises(mofkit.TrainingDiverged, match="non-finite loss at step 1 .*no checkpoint exists for this run"):
-        mofkit.train(_tiny(), _grids(4, fill=float("nan")), tmp_path / "a", max_steps=3, progress=False)
+        mofkit.train(tiny_config(), random_grids(4, fill=float("nan")), tmp_path / "a", max_steps=3, progress=False)
     assert not (tmp_path / "a" / "last.pt").exists()
-    mofkit.train(_tiny(checkpoint_every_steps=1), _grids(4), tmp_path / "b", max_steps=2, progress=False)
+    mofkit.train(tiny_config(checkpoint_every_steps=1), random_grids(4), tmp_path / "b", max_steps=2, progress=False)
     with pytest.raises(mofkit.TrainingDiverged, match=r"at step 3 .*last good checkpoint .*last.pt \(step 2\) is kept; "
                                                       r"this call saved none"):
-        mofkit.train(_tiny(checkpoint_every_steps=1), _grids(4, fill=float("nan")), tmp_path / "b", max_steps=4,
+        mofkit.train(tiny_config(checkpoint_every_steps=1), random_grids(4, fill=float("nan")), tmp_path / "b", max_steps=4,
                      progress=False)
 
 
 def test_a_checkpoint_with_nan_e_scale_names_its_file(tmp_path):
-    mofkit.train(_tiny(), _grids(4), tmp_path, max_steps=1, progress=False)
+    mofkit.train(tiny_config(), random_grids(4), tmp_path, max_steps=1, progress=False)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     ckpt["e_scale_K"] = float("nan")
     torch.save(ckpt, tmp_path / "nan.pt")

@@ -1,0 +1,138 @@
+"""Tests of the benchmark scripts: benchmarks/reproduce.py (the measured reproduction) and benchmarks/mutation.py
+(its mutants must still find their fragment of mofkit.py)."""
+import json
+
+import numpy as np
+import pytest
+
+from helpers import REPO  # first: it puts the repository on sys.path
+import mofkit  # noqa: E402
+from benchmarks import mutation, reproduce  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def coremof_cifs(tmp_path_factory):
+    """14 real CoRE MOF structures as CIF files (read from the installed package, no network)."""
+    folder = tmp_path_factory.mktemp("cifs")
+    for name, atoms in mofkit.iter_coremof(names=mofkit.coremof_names()[5000:5014]):
+        atoms.write(folder / f"{name}.cif", format="cif")
+    return folder
+
+
+def test_reproduce_split_keeps_refcode_groups_together_and_skips_what_fails():
+    assert mofkit.refcode("FUVDEH12_clean") == mofkit.refcode("FUVDEH_clean") == mofkit.refcode("FUVDEH01_charged") == "FUVDEH"
+    assert mofkit.refcode("ja4015666_si_002_clean") == mofkit.refcode("ja4015666_si_003_clean") == "ja4015666"
+    assert mofkit.refcode("ABCDEFG_clean") == "ABCDEFG"  # not a CSD refcode: its own group
+    names = [f"{code}{suffix}_clean" for code in ("AAAAAA", "BBBBBB", "CCCCCC", "DDDDDD", "EEEEEE", "FFFFFF",
+                                                  "GGGGGG", "HHHHHH") for suffix in ("", "01", "02")]
+    names += [f"p{k}_si_00{k}_clean" for k in range(6)] + ["bad_clean"]
+    rows = mofkit.make_split(names, n_heldout=4, n_train=9, seed=3, parses=lambda n: n != "bad_clean")
+    assert rows == mofkit.make_split(names, n_heldout=4, n_train=9, seed=3, parses=lambda n: n != "bad_clean")
+    assert rows != mofkit.make_split(names, n_heldout=4, n_train=9, seed=4, parses=lambda n: n != "bad_clean")
+    sides = {}
+    for name, group, split in rows:
+        assert group == mofkit.refcode(name) and name != "bad_clean"
+        sides.setdefault(group, set()).add(split)
+    assert all(len(s) == 1 for s in sides.values())  # no group straddles train and held-out
+    counts = {s: sum(r[2] == s for r in rows) for s in ("heldout", "train")}
+    assert 4 <= counts["heldout"] < 4 + 3 and 9 <= counts["train"] < 9 + 3  # stops within one group
+
+
+def test_reproduce_cpu_pipeline_end_to_end_resumes_and_ships(tmp_path, coremof_cifs):
+    out = tmp_path / "out"
+    tiny = ["--scale", "cpu", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
+            str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "2.0",
+            "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--no-progress"]
+    assert reproduce.main(tiny + ["--chunk-min", "0"]) is None  # a call out of time at once: split written, no grids
+    split = mofkit.read_split(tmp_path / "split.csv")
+    assert len(split["heldout"]) == 4 and len(split["train"]) == 8 and not (out / "heldout").exists()
+    first = reproduce.main(tiny + ["--budget-min", "0.02", "--ship", str(tmp_path / "w" / "g.pt"),
+                            "--manifest", str(tmp_path / "m.csv")])
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(first))
+    assert {p.name for p in out.glob("*.png")} == {"slices_0.png", "slices_1.png", "loss.png", "one_nn.png"}
+    assert first["data"]["train_grids"] == 8 and first["data"]["heldout_grids"] == first["data"]["n_eval"] == 4
+    assert first["training"]["train_time_min"] >= 0.02 and first["training"]["steps"] > 0
+    ev = first["evaluation"]
+    rows = {(r["set"], r["features"]): r for r in ev["one_nn"]}
+    assert {s for s, _ in rows} == {"generated (seed 0)", "generated (seed 1)", "generated (seed 2)",
+                                    "real train (floor)", "near-blank", "mean train grid + noise",
+                                    "untrained generator"}
+    assert {f for _, f in rows} == {"raw", "pooled", "histogram"}
+    for key, r in rows.items():
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"], key
+    props = ev["properties"]  # an untrained generator barely varies from sample to sample
+    assert props["untrained generator"]["spread K"] < 0.5 * props["held-out (reference)"]["spread K"]
+    assert rows[("mean train grid + noise", "raw")]["generated_accuracy"] == 1.0  # near-copies find each other
+    assert ev["accuracy"] == pytest.approx(np.mean([rows[(f"generated (seed {k})", "raw")]["accuracy"]
+                                                    for k in range(3)]))
+    assert ev["properties"]["held-out (reference)"]["spread K"] > 0
+    weights = first["weights"]
+    assert weights["sha256"] == mofkit.sha256_file(tmp_path / "w" / "g.pt") and weights["path"] == "w/g.pt"
+    assert mofkit.read_manifest(tmp_path / "m.csv", kind="weights")[0]["sha256"] == weights["sha256"]
+    G = mofkit.load_generator(tmp_path / "w" / "g.pt", tmp_path / "m.csv")
+    assert mofkit.sample(G, 2).shape == (2, 1, 16, 16, 16)
+    # the weights carry the voxelize settings of their training grids, so held-out grids can be made to match
+    assert (G.grid_params["size"], G.grid_params["spacing_A"], G.grid_params["frame"]) == (16, 2.0, "cube")
+    assert np.array_equal(mofkit.sample(tmp_path / "w" / "g.pt", 2), mofkit.sample(G, 2))  # a path works too
+
+    budget = first["training"]["train_time_min"] + 0.02  # stops at the first log past its budget: may overshoot
+    again = reproduce.main(tiny + ["--budget-min", str(budget)])  # a bigger budget continues the same run
+    assert again["training"]["steps"] > first["training"]["steps"] and again["training"]["train_time_min"] >= budget
+    steps = mofkit.load_history(out / "run")["step"]
+    assert steps.is_monotonic_increasing and steps.is_unique
+    floor = lambda r: [x for x in r["evaluation"]["one_nn"] if x["set"] == "real train (floor)"]
+    assert floor(again) == floor(first)  # same seeded real sets
+
+
+def test_reproduce_gpu_scale_runs_in_chunks_on_cpu(tmp_path, coremof_cifs):
+    """The --scale gpu code path (chunk deadlines, epoch target, evaluation in a later call) with tiny sizes."""
+    out = tmp_path / "out"
+    tiny = ["--scale", "gpu", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
+            str(tmp_path / "split.csv"), "--n-heldout", "4", "--size", "16", "--spacing-A", "2.0", "--channels", "8",
+            "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--fast-gpu", "0", "--device", "cpu",
+            "--no-progress"]
+    times = []  # training time in the checkpoint after each call
+    while sum(t > 0 for t in times) < 2:  # 3 s chunks: voxelizing, then training, each call resuming
+        assert reproduce.main(tiny + ["--epochs", str(10**6), "--chunk-min", "0.05"]) is None and len(times) < 20
+        times.append(reproduce.training_state(out / "run")[1])
+    assert times == sorted(times) and times[-1] > times[-2] > 0
+    assert len(mofkit.read_split(tmp_path / "split.csv")["train"]) == 10  # gpu scale: every other structure
+    results = reproduce.main(tiny + ["--epochs", "1", "--chunk-min", "1"])  # target already reached: evaluates
+    assert results["training"]["steps"] == mofkit.load_checkpoint(out / "run" / "last.pt")["step"]
+    assert results["data"]["n_eval"] == 4 and (out / "results.json").exists()
+
+
+def test_every_mutant_finds_its_fragment_once():
+    """A mutant whose fragment moved or changed would be reported "stale" and test nothing."""
+    source = (REPO / "mofkit.py").read_text()
+    assert {m.name: source.count(m.old) for m in mutation.MUTANTS if source.count(m.old) != 1} == {}
+    assert len({m.name for m in mutation.MUTANTS}) == len(mutation.MUTANTS)
+
+
+def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp_path, coremof_cifs):
+    """--scale atoms: energy + density shards without cell properties, the multi-channel run and the energy-only
+    comparator on channel 0, energy 1-NN for both by the same protocol, the structure report and targets."""
+    rp, out = reproduce, tmp_path / "out"
+    tiny = ["--scale", "atoms", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
+            str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "1.0",
+            "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--epochs", "1",
+            "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"), "--manifest", str(tmp_path / "m.csv")]
+    results = rp.main(tiny)
+    params = mofkit.ShardDataset(out / "train").params
+    assert params.density_classes == mofkit.METAL_DENSITY_CLASSES and not params.cell_properties
+    multi, energy = (mofkit.load_checkpoint(out / run / "last.pt") for run in ("run", "run_energy"))
+    assert multi["config"]["grid_channels"] == 1 + len(params.density_classes)
+    assert energy["config"]["grid_channels"] == 1 and energy["grid_params"]["size"] == 16
+    assert "density_classes" not in energy["grid_params"] and multi["grid_params"] == params.to_dict()
+    assert results["training"]["epochs"] >= 1 and results["training_energy_only"]["epochs"] >= 1
+    for key in ("evaluation", "evaluation_energy_only"):
+        sets = {r["set"] for r in results[key]["one_nn"]}
+        assert "generated (seed 0)" in sets and "real train (floor)" in sets, key
+    floor = lambda k: [r for r in results[k]["one_nn"] if r["set"] == "real train (floor)"]
+    assert floor("evaluation") == floor("evaluation_energy_only")  # the same real energies on both sides
+    targets = {row["figure"]: row for row in results["structures"]["targets"]}
+    assert {"atoms_per_nm3", "nn_median_A", "bonded_fraction", "contact_fraction", "energy_r"} <= set(targets)
+    assert results["structures"]["n"] == 4 and targets["atoms_per_nm3"]["real"] > 0
+    assert (out / "generated_0.xyz").exists() and (out / "atoms.png").exists()
+    G = mofkit.load_generator(tmp_path / "w" / "atoms.pt", tmp_path / "m.csv")
+    assert G.out_channels == 1 + len(params.density_classes)
