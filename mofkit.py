@@ -2763,6 +2763,12 @@ class Generator(torch.nn.Module):
         layers += [nn.ConvTranspose3d(widths[-1], out_channels, 4, 2, 1, bias=False),
                    nn.Sigmoid() if transform == "wells" else nn.Tanh()]
         self.net = nn.Sequential(*layers)
+        # torch draws a transposed convolution's initial weights with its output channels as the fan-in, so
+        # every extra grid channel shrinks all output weights: with 1 + 10 channels they start sqrt(11)
+        # smaller and the generator stayed near 0 in every channel for 10 epochs (README, "Atoms from grids").
+        # Scaled back, each channel starts as an energy-only generator's would (a no-op for one channel).
+        with torch.no_grad():
+            layers[-2].weight.mul_(math.sqrt(out_channels))
 
     def forward(self, z):
         x = self.project(z).view(-1, self.channels, 4, 4, 4)

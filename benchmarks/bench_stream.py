@@ -41,7 +41,7 @@ def write_shards(folder, n_shards):
     base = rng.uniform(-1500, 5000, (PER_SHARD, 1, SIZE, SIZE, SIZE)).astype(np.float16)
     for k in range(n_shards):
         names = [f"synthetic_{k}_{i}" for i in range(PER_SHARD)]
-        meta = {"source": "synthetic", "params": asdict(mofkit.ShardParams()), "members": names,
+        meta = {"source": "synthetic", "params": asdict(mofkit.GridParams()), "members": names,
                 "names": names, "failures": [], "properties": {"columns": [], "rows": [[] for _ in names]}}
         mofkit.write_shard(folder / f"shard_{k:05d}.npy", np.roll(base, k, axis=0), meta)
 

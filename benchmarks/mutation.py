@@ -159,6 +159,8 @@ MUTANTS = [
            "moving_average"),
     Mutant("signed_drops_repulsion", "recipe", '{"wells": 0.0, "signed": -1.0}', '{"wells": 0.0, "signed": 0.0}',
            "signed_transform"),
+    Mutant("generator_init_shrinks", "recipe", "layers[-2].weight.mul_(math.sqrt(out_channels))",
+           "layers[-2].weight.mul_(1.0)", "output_weights_start_the_same"),
     Mutant("cube_symmetry_no_flip", "recipe", "return grid.flip(flips) if flips else grid", "return grid",
            "cube_symmetries"),
     Mutant("evaluate_skips_round_trip", "evaluation", "clip = lambda x: np.asarray(gan_round_trip(x, e_scale_K), "

@@ -126,13 +126,13 @@ def ensure_split(scale: Scale, source=None, check_parses=True):
 
 # --- 2. grids ----------------------------------------------------------------
 
-def shard_params(scale: Scale) -> mofkit.ShardParams:
+def shard_params(scale: Scale) -> mofkit.GridParams:
     """The scale's grids. atoms: energy + METAL_DENSITY_CLASSES channels, without the whole-cell properties
     (nothing here reads them, and they cost 2-20x the grids)."""
     if scale.atoms:
-        return mofkit.ShardParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A,
+        return mofkit.GridParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A,
                                   density_classes=mofkit.METAL_DENSITY_CLASSES, cell_properties=False)
-    return mofkit.ShardParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A)
+    return mofkit.GridParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A)
 
 
 def runs(scale: Scale) -> dict:

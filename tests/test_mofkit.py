@@ -1241,6 +1241,18 @@ def test_gan_parameter_counts_match_study():
                                    and m.padding == (1, 1, 1) for m in convs)
 
 
+def test_generator_output_weights_start_the_same_for_any_grid_channel_count():
+    """torch's default init of a transposed convolution takes its output channels as the fan-in, so it shrinks
+    with them; the generator's last layer is scaled back: 1 and 11 grid channels both start with torch's
+    one-channel kaiming-uniform bound, 1 / sqrt(1 x 4^3)."""
+    for c in (1, 11):
+        torch.manual_seed(0)
+        w = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=c, transform="signed").net[-2].weight
+        assert w.abs().max().item() == pytest.approx(1 / 8, rel=0.02), c  # 8 x c x 64 uniform draws reach it
+        assert w.abs().max().item() <= 1 / 8 + 1e-7
+        assert w.std().item() == pytest.approx(1 / 8 / math.sqrt(3), rel=0.1), c
+
+
 @pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
 def test_gan_shapes_and_ranges(dim, channels, grid_channels):
     torch.manual_seed(0)
