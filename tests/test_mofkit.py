@@ -2211,10 +2211,13 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
     assert not (tmp_path / "colab" / "mounts.txt").exists()  # Drive is never mounted unless USE_DRIVE
     out_dir = content / "out"
     for name in ["slices_real_vs_generated.png", "generated_0.xyz", "run_quick/history.csv", "evaluation.png",
-                 "isotherm_fits.png", "loss_curves.png", "property_histograms.png"]:
+                 "isotherm_fits.png", "loss_curves.png", "property_histograms.png", "atoms_real_vs_generated.png",
+                 "generated_cluster_route.xyz"]:
         assert (out_dir / name).stat().st_size > 0, name
     import ase.io
     assert len(ase.io.read(out_dir / "FIQCEN_decoded.xyz")) > 100
+    # generated atoms come from the multi-channel generator's density channels: elements, not one placeholder
+    assert len(set(ase.io.read(out_dir / "generated_0.xyz").get_chemical_symbols()) & {"C", "O", "H"}) >= 2
     steps = mofkit.load_history(out_dir / "run_quick" / "history.csv")["step"]
     assert steps.is_unique and steps.max() == 20  # resumed, not restarted; the second run added nothing
     assert (out_dir / "run_quick" / "last.pt").stat().st_size < 20 * 2 ** 20  # quick keeps checkpoints small
