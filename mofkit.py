@@ -2765,7 +2765,7 @@ class Generator(torch.nn.Module):
         self.net = nn.Sequential(*layers)
         # torch draws a transposed convolution's initial weights with its output channels as the fan-in, so
         # every extra grid channel shrinks all output weights: with 1 + 10 channels they start sqrt(11)
-        # smaller and the generator stayed near 0 in every channel for 10 epochs (README, "Atoms from grids").
+        # smaller, and the generator learned none of them (README, "Generated atoms": the run and the pilots).
         # Scaled back, each channel starts as an energy-only generator's would (a no-op for one channel).
         with torch.no_grad():
             layers[-2].weight.mul_(math.sqrt(out_channels))
