@@ -9,7 +9,8 @@ One flat module, in pipeline order, after a preamble of units, constants, gas da
   4. Isotherms        Freundlich / Sips / Langmuir / BET fits, isotherm tables, grid isotherm estimate
   5. Shards           sharded grid datasets, data_manifest.csv, streaming torch dataset
   6. Models           the study's 3D GAN generator and discriminator
-  7. Training         LSGAN training with checkpoints that resume exactly, AMP, DDP; sampling trained generators
+  7. Training         GAN training (the kit's recipe or the study's) with checkpoints that resume exactly, AMP,
+                      DDP; sampling trained generators
   8. Scoring          1-NN two-sample accuracy, memorisation, adsorption-property distances
   9. Pictures         CT-style slice montages, loss curves, property histograms, isotherm fits
  10. Inverse          energy / density grid -> atoms -> XYZ
@@ -2880,10 +2881,10 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 
 
 # =============================================================================
-# 7. Training: LSGAN with exact-resume checkpoints, mixed precision, DDP; sampling a trained generator
+# 7. Training: the kit's and the study's recipes, exact-resume checkpoints, mixed precision, DDP; sampling
 # =============================================================================
 
-# Training runs one LSGAN update of D and then of G on EVERY batch (the study's script ran D over all
+# Training runs one update of D and then of G on EVERY batch (the study's script ran D over all
 # shards and then G over all shards; that is not copied). Everything a run needs to continue bit-for-bit
 # lives in one checkpoint, written atomically (temp + rename) so a Colab disconnect mid-write leaves the
 # previous one intact. Multi-GPU: launch with torchrun; each process reads RANK / WORLD_SIZE / LOCAL_RANK.
