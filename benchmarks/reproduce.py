@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/reproduce.py --scale cpu --epochs 10 --ship weights/generator_cpu32.pt
     python benchmarks/reproduce.py --scale gpu --chunk-min 9 [--out runs/gpu64]         # repeat until it says done
+    OMP_NUM_THREADS=1 python benchmarks/reproduce.py --scale atoms --ship weights/generator_atoms32.pt
 
 (the first line made benchmarks/results_cpu32/ and the shipped weights: ~25 min voxelizing on 2 shared cores,
 5 min training, ~4 min scoring; without --epochs the cpu scale trains for --budget-min, default 60 min).
@@ -23,6 +24,11 @@ Scales:
        On a machine shared with other jobs run it with OMP_NUM_THREADS=1: torch's OpenMP threads spin-wait,
        and with another process holding one of 2 cores, 2 threads voxelized 18x and trained 3-5x slower than
        1 thread (measured on the 2-core dev machine, 2026-11-25).
+  atoms the cpu split at 32^3 with 0.5 A voxels (a 16 A cube), energy + atom-density channels
+       (METAL_DENSITY_CLASSES), 10 epochs of the kit's recipe for the multi-channel generator and for an
+       energy-only one on the same grids' channel 0; both are scored on energy, and 64 generated and 64 held-out
+       cubes are decoded to atoms and compared (mofkit.structure_report / structure_targets; README,
+       "Generated atoms").
   gpu  every structure that parses (benchmarks/split_gpu64.csv: ~1,200 held-out names, the rest train), 64^3
        at 0.5 A, the study's model (dim 64, 512 channels) with the kit's recipe and TrainConfig.fast_gpu()'s
        speed settings, 48 epochs, voxelized on the GPU. Each call stops after --chunk-min minutes
@@ -128,7 +134,7 @@ def ensure_split(scale: Scale, source=None, check_parses=True):
 
 def shard_params(scale: Scale) -> mofkit.GridParams:
     """The scale's grids. atoms: energy + METAL_DENSITY_CLASSES channels, without the whole-cell properties
-    (nothing here reads them, and they cost 2-20x the grids)."""
+    (nothing here reads them, and they cost more than the grids)."""
     if scale.atoms:
         return mofkit.GridParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A,
                                   density_classes=mofkit.METAL_DENSITY_CLASSES, cell_properties=False)
