@@ -25,7 +25,7 @@ Scales:
        and with another process holding one of 2 cores, 2 threads voxelized 18x and trained 3-5x slower than
        1 thread (measured on the 2-core dev machine, 2026-11-25).
   atoms the cpu split at 32^3 with 0.5 A voxels (a 16 A cube), energy + atom-density channels
-       (METAL_DENSITY_CLASSES), 10 epochs of the kit's recipe for the multi-channel generator and for an
+       (METAL_DENSITY_CLASSES), 30 epochs of the kit's recipe for the multi-channel generator and for an
        energy-only one on the same grids' channel 0; both are scored on energy, and 64 generated and 64 held-out
        cubes are decoded to atoms and compared (mofkit.structure_report / structure_targets; README,
        "Generated atoms").
@@ -96,7 +96,7 @@ SCALES = {
                  n_eval=500, fast_gpu=False, study=False, split_csv="benchmarks/split_cpu32.csv"),
     "gpu": Scale(size=64, spacing_A=0.5, n_heldout=1200, n_train=None, channels=512, batch_size=64, epochs=48,
                  n_eval=1000, fast_gpu=True, study=False, split_csv="benchmarks/split_gpu64.csv"),
-    "atoms": Scale(size=32, spacing_A=0.5, n_heldout=500, n_train=2000, channels=64, batch_size=8, epochs=10,
+    "atoms": Scale(size=32, spacing_A=0.5, n_heldout=500, n_train=2000, channels=64, batch_size=8, epochs=30,
                    n_eval=500, fast_gpu=False, study=False, split_csv="benchmarks/split_cpu32.csv", atoms=True),
 }
 N_STRUCTURES = 64  # generated and held-out grids decoded to atoms for the structure report (atoms scale)
