@@ -2216,8 +2216,10 @@ def test_notebook_runs_as_colab_would_twice(tmp_path, monkeypatch):
         assert (out_dir / name).stat().st_size > 0, name
     import ase.io
     assert len(ase.io.read(out_dir / "FIQCEN_decoded.xyz")) > 100
-    # generated atoms come from the multi-channel generator's density channels: elements, not one placeholder
-    assert len(set(ase.io.read(out_dir / "generated_0.xyz").get_chemical_symbols()) & {"C", "O", "H"}) >= 2
+    # generated atoms come from the multi-channel generator's density channels: each keeps its class
+    generated_atoms = ase.io.read(out_dir / "generated_0.xyz")
+    assert len(generated_atoms) > 0
+    assert set(generated_atoms.arrays["density_class"]) <= set(mofkit.METAL_DENSITY_CLASSES)
     steps = mofkit.load_history(out_dir / "run_quick" / "history.csv")["step"]
     assert steps.is_unique and steps.max() == 20  # resumed, not restarted; the second run added nothing
     assert (out_dir / "run_quick" / "last.pt").stat().st_size < 20 * 2 ** 20  # quick keeps checkpoints small
