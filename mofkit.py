@@ -1085,7 +1085,10 @@ class GridParams:
     cutoff_A: float = 12.8
     cap_K: float = 5000.0
     temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
-    density_classes: tuple = ()  # atom-density channels after the energy (density_channels, sigma = spacing_A)
+    density_classes: tuple = ()  # atom-density channels after the energy (density_channels)
+    # Width of the channels' Gaussians; None: spacing_A. Decoding real grids does not depend on it (max, not sum, of
+    # Gaussians: every atom stays a peak), so it is chosen for the generator (README, "Atoms from grids").
+    density_sigma_A: float = None
     # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost more than the cube grid itself
     # (grids over the full cell at 0.3 A; README, "Properties of the whole crystal"); False stores NaN for them
     # (density and window columns stay), for datasets made only to train on.
@@ -1094,6 +1097,8 @@ class GridParams:
     def __post_init__(self):
         if self.temperature_K is None:
             object.__setattr__(self, "temperature_K", PROBE_TEMPERATURE_K[self.probe])
+        if self.density_sigma_A is None:
+            object.__setattr__(self, "density_sigma_A", self.spacing_A)
         for f in dataclasses.fields(self):  # 5000 and 5000.0 must give the same parameters hash
             object.__setattr__(self, f.name, (float if f.default is None else type(f.default))(getattr(self, f.name)))
         _check_grid_settings(self.size, self.frame, self.spacing_A, self.cutoff_A, self.cap_K)
@@ -1105,6 +1110,8 @@ class GridParams:
             check_density_classes(self.density_classes)
             if self.frame != "cube":
                 raise ValueError(f"density_classes need frame='cube' (density_channels' frame), got {self.frame!r}")
+        if not (math.isfinite(self.density_sigma_A) and self.density_sigma_A > 0):
+            raise ValueError(f"density_sigma_A={self.density_sigma_A}: must be a positive width in angstrom")
 
     @property
     def channels(self) -> list:
@@ -1114,14 +1121,20 @@ class GridParams:
     def voxelize_kwargs(self) -> dict:
         """The `voxelize` keywords (size, frame, spacing_A, probe, cutoff_A, cap_K)."""
         return {k: v for k, v in asdict(self).items() if k not in ("temperature_K", "density_classes",
-                                                                   "cell_properties")}
+                                                                   "density_sigma_A", "cell_properties")}
+
+    def decode_kwargs(self) -> dict:
+        """The keywords grid_to_atoms and structure_report need to read these grids' density channels."""
+        return {"spacing_A": self.spacing_A, "classes": self.density_classes, "sigma_A": self.density_sigma_A}
 
     def to_dict(self) -> dict:
-        """The fields; at the defaults of density_classes and cell_properties exactly those (and so the hash) of
-        the parameters before these fields existed."""
+        """The fields; at the defaults of density_classes, density_sigma_A and cell_properties exactly those (and so
+        the hash) of the parameters before these fields existed. Without density channels their width is moot."""
         fields = asdict(self)
         if not self.density_classes:
             del fields["density_classes"]
+        if not self.density_classes or self.density_sigma_A == self.spacing_A:
+            del fields["density_sigma_A"]
         if self.cell_properties:
             del fields["cell_properties"]
         return fields
@@ -2374,7 +2387,8 @@ def _build_shard(path, members, label, params, table, device=None, progress=True
             for name, grid_K in _voxelize_chunk(chunk, params, device, failures).items():
                 props[name] = list(structure_properties(atoms_by_name[name], grid_K, params, device, name).values())
                 atom_channels = [density_channels(atoms_by_name[name], params.size, params.spacing_A,
-                                                  classes=params.density_classes)] if params.density_classes else []
+                                                  params.density_sigma_A, params.density_classes)
+                                 ] if params.density_classes else []
                 grids[name] = np.concatenate([grid_K[None]] + atom_channels).astype(np.float16)
             bar.update(len(chunk))
     reported = {n for n, _ in failures}
@@ -2638,13 +2652,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     @property
     def params(self) -> GridParams:
-        """How the first shard's grids were made: .channels says what each channel is, .density_classes and
-        .spacing_A are what grid_to_atoms / structure_report need to decode them. With channels=[0] of
-        multi-channel shards (the energy alone) density_classes is ()."""
+        """How the first shard's grids were made: .channels says what each channel is, .decode_kwargs() what
+        grid_to_atoms / structure_report need to decode them. With channels=[0] of multi-channel shards (the
+        energy alone) density_classes is ()."""
         params = GridParams(**read_shard_meta(self.shards[0])["params"])
         picked = np.arange(len(params.channels))[self.channels if self.channels is not None else slice(None)]
         if picked.reshape(-1).tolist() == [0]:
-            return dataclasses.replace(params, density_classes=())
+            return dataclasses.replace(params, density_classes=(), density_sigma_A=None)
         if picked.reshape(-1).tolist() != list(range(len(params.channels))):
             raise ValueError(f"ShardDataset channels={self.channels}: grid parameters describe every channel or "
                              f"the energy alone ([0])")

@@ -86,6 +86,7 @@ class Scale:
     study: bool                     # TrainConfig.study(): the study's exact recipe instead of the kit's
     split_csv: str                  # committed split, relative to the repository root
     atoms: bool = False             # energy + atom-density channels, and an energy-only comparator on channel 0
+    density_sigma_A: float = 0.0    # atoms: the density Gaussians' width (0: the voxel spacing)
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -137,7 +138,8 @@ def shard_params(scale: Scale) -> mofkit.GridParams:
     (nothing here reads them, and they cost more than the grids)."""
     if scale.atoms:
         return mofkit.GridParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A,
-                                  density_classes=mofkit.METAL_DENSITY_CLASSES, cell_properties=False)
+                                  density_classes=mofkit.METAL_DENSITY_CLASSES, cell_properties=False,
+                                  density_sigma_A=scale.density_sigma_A or None)
     return mofkit.GridParams(size=scale.size, frame="cube", spacing_A=scale.spacing_A)
 
 
@@ -273,13 +275,13 @@ def structure_results(out, checkpoint, heldout, e_scale_K, n=N_STRUCTURES, seed=
     """Generated and held-out grids decoded to atoms the same way (density route) and compared by
     mofkit.structure_report / structure_targets; writes two generated structures as XYZ and a picture."""
     params = mofkit.ShardDataset(out / "heldout").params
-    kw = dict(spacing_A=params.spacing_A, classes=params.density_classes, e_scale_K=e_scale_K)
+    kw = dict(params.decode_kwargs(), e_scale_K=e_scale_K)
     real = heldout[:n]
     generated = mofkit.sample(checkpoint, len(real), seed=2000 + seed)
     tables = {"generated": mofkit.structure_report(generated, **kw), "real": mofkit.structure_report(real, **kw)}
     targets = mofkit.structure_targets(tables["generated"], tables["real"])
     print(targets)
-    decode = lambda g: mofkit.grid_to_atoms(g, params.spacing_A, classes=params.density_classes)
+    decode = lambda g: mofkit.grid_to_atoms(g, **params.decode_kwargs())
     for k in range(2):
         mofkit.write_xyz(decode(generated[k]), out / f"generated_{k}.xyz")
     write_atoms_picture(decode(real[0]), decode(generated[0]), out / "atoms.png")

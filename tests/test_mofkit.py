@@ -2064,6 +2064,38 @@ def test_shards_with_density_channels_round_trip(tmp_path):
     assert len(mofkit.structure_report(generated, spacing_A=0.5, classes=classes, e_scale_K=800.0)) == 2
 
 
+def test_density_width_is_a_grid_parameter(tmp_path):
+    """GridParams.density_sigma_A: shards are built with it, decode_kwargs hands it to the decoder, and at the
+    voxel spacing (its default) the parameters and their hash are those from before it existed."""
+    classes = mofkit.DENSITY_CLASSES
+    base = dict(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=classes, cell_properties=False)
+    plain, wide = mofkit.GridParams(**base), mofkit.GridParams(**base, density_sigma_A=0.75)
+    assert plain.density_sigma_A == 0.5 and "density_sigma_A" not in plain.to_json()
+    assert mofkit.GridParams(**base, density_sigma_A=0.5) == plain and wide.hash != plain.hash
+    assert wide.to_dict()["density_sigma_A"] == 0.75 and params_from_json(wide) == wide
+    assert "density_sigma_A" not in mofkit.GridParams(size=16, density_sigma_A=0.75).to_json()  # no channels
+    assert wide.decode_kwargs() == {"spacing_A": 0.5, "classes": classes, "sigma_A": 0.75}
+    for bad in (0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="density_sigma_A"):
+            mofkit.GridParams(**base, density_sigma_A=bad)
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    (folder / "s.cif").write_text(make_cif([("Cu", 0.1, 0.1, 0.1), ("O", 0.3, 0.1, 0.1), ("C", 0.1, 0.35, 0.2)],
+                                           a=9.0))
+    mofkit.build_shards(tmp_path / "out", folder, params=wide, shard_size=1, progress=False)
+    data = mofkit.ShardDataset(tmp_path / "out")
+    assert data.params == wide
+    grid = next(iter(data)).numpy()
+    atoms = mofkit.read_structure(folder / "s.cif")
+    np.testing.assert_allclose(grid[1:], mofkit.density_channels(atoms, 16, 0.5, 0.75, classes), atol=5e-4)
+    assert not np.allclose(grid[1:], mofkit.density_channels(atoms, 16, 0.5, 0.5, classes), atol=0.05)
+    decoded = mofkit.grid_to_atoms(grid, **data.params.decode_kwargs())
+    scores = mofkit.round_trip_scores(decoded, atoms, 16, 0.5, tol_A=0.1, classes=classes)
+    assert scores["n_true"] >= 3 and scores["class_recall"] == 1.0 and scores["class_precision"] == 1.0
+    assert mofkit.ShardDataset(tmp_path / "out", channels=[0]).params.to_dict() == mofkit.GridParams(
+        **{**base, "density_classes": ()}).to_dict()
+
+
 def test_training_shards_without_cell_properties_and_energy_only_views(tmp_path):
     """cell_properties=False skips the whole-cell grids (NaN in their columns, density kept); channels=[0] of
     multi-channel shards is an energy-only dataset, recorded as such with the weights; evaluate(channels=(0,))
