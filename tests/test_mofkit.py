@@ -1915,6 +1915,25 @@ def test_density_round_trip_recovers_every_atom(tmp_path):
     assert len(mofkit.grid_to_atoms(stacked, spacing)) == len(decoded)
 
 
+def test_peak_neighbours_merge_a_blob_with_two_diagonal_tops():
+    """A blob whose top is split over two diagonal voxels (a generator's speckle) is two atoms 0.71 A apart by
+    face neighbours and one by all 26; clean atoms decode the same either way."""
+    atoms = small_framework()
+    clean = mofkit.density_channels(atoms, 24, 0.5)
+    by_face, by_all = (mofkit.grid_to_atoms(clean, 0.5, peak_neighbours=k) for k in (6, 26))
+    assert np.array_equal(by_face.positions, by_all.positions)
+    ijk = np.stack(np.meshgrid(*[np.arange(12)] * 3, indexing="ij"))
+    r2 = ((ijk - np.array([6.5, 6.5, 6.0])[:, None, None, None]) ** 2).sum(0)
+    speckled = np.zeros((len(mofkit.DENSITY_CLASSES), 12, 12, 12), np.float32)
+    speckled[1] = 0.8 * np.exp(-r2 / 18.0)  # one smooth blob of carbon density ...
+    speckled[1, 6, 6, 6] = speckled[1, 7, 7, 6] = 0.9  # ... with two tops on diagonal voxels
+    two, one = (mofkit.grid_to_atoms(speckled, 0.5, peak_neighbours=k) for k in (6, 26))
+    assert len(two) == 2 and mofkit.contact_count(two) == 1
+    assert len(one) == 1 and one.positions[0] == pytest.approx([3.0, 3.0, 3.0], abs=0.05)
+    with pytest.raises(ValueError, match="peak_neighbours"):
+        mofkit.grid_to_atoms(clean, 0.5, peak_neighbours=18)
+
+
 def test_round_trip_scores_count_misses_and_wrong_classes():
     from ase import Atoms
     from scipy.spatial.distance import cdist
