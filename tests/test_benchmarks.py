@@ -7,7 +7,7 @@ import pytest
 
 from helpers import REPO  # first: it puts the repository on sys.path
 import mofkit  # noqa: E402
-from benchmarks import mutation, reproduce  # noqa: E402
+from benchmarks import decoder_sweep, mutation, reproduce  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +116,12 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     tiny = ["--scale", "atoms", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
             str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "1.0",
             "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--epochs", "1",
-            "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"), "--manifest", str(tmp_path / "m.csv")]
+            "--density-sigma-A", "1.5", "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"),
+            "--manifest", str(tmp_path / "m.csv")]
     results = rp.main(tiny)
     params = mofkit.ShardDataset(out / "train").params
     assert params.density_classes == mofkit.METAL_DENSITY_CLASSES and not params.cell_properties
+    assert params.density_sigma_A == 1.5
     multi, energy = (mofkit.load_checkpoint(out / run / "last.pt") for run in ("run", "run_energy"))
     assert multi["config"]["grid_channels"] == 1 + len(params.density_classes)
     assert energy["config"]["grid_channels"] == 1 and energy["grid_params"]["size"] == 16
@@ -136,3 +138,8 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     assert (out / "generated_0.xyz").exists() and (out / "atoms.png").exists()
     G = mofkit.load_generator(tmp_path / "w" / "atoms.pt", tmp_path / "m.csv")
     assert G.out_channels == 1 + len(params.density_classes)
+    # the decoder sweep decodes the same draws: its default row is the structure report above
+    table = decoder_sweep.sweep(out / "run" / "last.pt", out / "heldout", n=4, settings=[(6, None), (26, 0.3)])
+    assert len(table) == 4 and list(table.side) == ["generated", "real"] * 2
+    default = table[(table.neighbours == 6) & (table.side == "real")].iloc[0]
+    assert default.atoms_per_nm3 == pytest.approx(targets["atoms_per_nm3"]["real"])
