@@ -1087,7 +1087,7 @@ class GridParams:
     temperature_K: float = None  # of the stored K_H and Q_st; None: PROBE_TEMPERATURE_K[probe] (H2: 77 K)
     density_classes: tuple = ()  # atom-density channels after the energy (density_channels)
     # Width of the channels' Gaussians; None: spacing_A. Decoding real grids does not depend on it (max, not sum, of
-    # Gaussians: every atom stays a peak), so it is chosen for the generator (README, "Atoms from grids").
+    # Gaussians: every atom stays a peak), so it is chosen for the generator (README, "Generated atoms").
     density_sigma_A: float = None
     # The whole crystal's K_H, Q_st and He void fraction in the footer. They cost more than the cube grid itself
     # (grids over the full cell at 0.3 A; README, "Properties of the whole crystal"); False stores NaN for them
