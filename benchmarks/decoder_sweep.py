@@ -20,14 +20,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mofkit  # noqa: E402
+from benchmarks.reproduce import N_STRUCTURES, SCALES  # noqa: E402
 
 SETTINGS = [(6, None), (26, None), (6, 0.6), (26, 0.6), (26, 0.45), (26, 0.3)]  # (peak_neighbours, threshold)
 
 
-def sweep(generator, heldout_dir, n=64, seed=0, settings=SETTINGS) -> pd.DataFrame:
-    """One row per (decoder setting, side): the structure report's medians and the composition."""
+def sweep(generator, heldout_dir, n=N_STRUCTURES, seed=0, settings=SETTINGS) -> pd.DataFrame:
+    """One row per (decoder setting, side): the structure report's medians and the composition, on the draws
+    reproduce.py's structure report decodes (its held-out grids, generated ones sampled with seed 2000 + seed)."""
     kw = mofkit.ShardDataset(heldout_dir).params.decode_kwargs()
-    real = mofkit.read_grids(heldout_dir, 500, seed=seed)[0][:n]  # the draw reproduce.py decodes
+    real = mofkit.read_grids(heldout_dir, SCALES["atoms"].n_eval, seed=seed)[0][:n]
     generated = mofkit.sample(generator, len(real), seed=2000 + seed)
     rows = []
     for neighbours, threshold in settings:
@@ -47,7 +49,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("generator", help="generator file or training checkpoint")
     p.add_argument("heldout", type=Path, help="folder of held-out shards made with the generator's GridParams")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--n", type=int, default=N_STRUCTURES)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*placeholder.*")

@@ -61,9 +61,10 @@ def fingerprints(mofkit, tmp_dir) -> dict:
         mofkit.load_coremof(n).write(cifs / f"{n}.cif")
     mofkit.build_shards(tmp / "shards", str(cifs), params=params, shard_size=3, progress=False)
     ds = mofkit.ShardDataset(tmp / "shards", seed=0, batch_size=2)
-    grids = np.concatenate([np.load(p, mmap_mode="r") for p in sorted((tmp / "shards").glob("shard_*.npy"))])
+    shards = sorted((tmp / "shards").glob("shard_*.npy"))
+    grids = np.concatenate([np.load(p, mmap_mode="r") for p in shards])
     out["shard grids"] = h(grids)
-    meta = mofkit.read_shard_meta(sorted((tmp / "shards").glob("shard_*.npy"))[0])
+    meta = mofkit.read_shard_meta(shards[0])
     out["shard properties"] = json.dumps(meta.get("properties"), sort_keys=True)[:2000]
     config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=2, log_every=1, device="cpu", epochs=3,
                                 checkpoint_every_steps=1000)
