@@ -2764,12 +2764,13 @@ class Generator(torch.nn.Module):
     """z (N, latent) -> grids (N, out_channels, dim, dim, dim) in GAN space (see `to_gan_input`): a Sigmoid
     output in [0, 1] for the study's "wells" transform, Tanh in [-1, 1] for "signed"."""
 
-    def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells"):
+    def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells", density_blur=False):
         super().__init__()
         nn = torch.nn
         widths = _widths(dim, channels)
         self.dim, self.latent, self.channels, self.out_channels = dim, latent, channels, out_channels
         self.transform = _check_transform(transform)
+        self.density_blur = density_blur
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
@@ -2786,8 +2787,25 @@ class Generator(torch.nn.Module):
             layers[-2].weight.mul_(math.sqrt(out_channels))
 
     def forward(self, z):
-        x = self.project(z).view(-1, self.channels, 4, 4, 4)
-        return self.net(torch.relu(x))
+        x = self.net[:-1](torch.relu(self.project(z).view(-1, self.channels, 4, 4, 4)))
+        if self.density_blur and self.out_channels > 1:  # before the activation: a blurred peak can still reach 1
+            x = torch.cat([x[:, :1], binomial_blur(x[:, 1:])], 1)
+        return self.net[-1](x)
+
+
+def binomial_blur(x):
+    """[1, 2, 1] / 4 along each axis of (N, C, D, D, D), each channel on its own, edges replicated.
+
+    A k4 s2 transposed convolution overlaps its outputs unevenly, so a generator's last layer leaves a checkerboard
+    (Odena et al. 2016, "Deconvolution and checkerboard artifacts"); on density channels its diagonal voxel tops
+    decode as pairs of atoms 0.7 A apart (README, "Generated atoms"). This filter's response is zero at the
+    grid's Nyquist frequency, where density Gaussians at least a voxel wide carry under 1% of their amplitude
+    (StyleGAN's low-pass after upsampling, here fixed).
+    """
+    c = x.shape[1]
+    k1 = x.new_tensor([1.0, 2.0, 1.0]) / 4
+    k = (k1[:, None, None] * k1[None, :, None] * k1[None, None, :]).expand(c, 1, 3, 3, 3)
+    return torch.nn.functional.conv3d(torch.nn.functional.pad(x, (1,) * 6, mode="replicate"), k, groups=c)
 
 
 class Discriminator(torch.nn.Module):
@@ -2946,6 +2964,8 @@ class TrainConfig:
                                     # (Yazici et al. 2019); 0 = sample the raw generator
     r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
+    density_blur: bool = True       # the generator's density channels through `binomial_blur` (no-op for one
+                                    # channel): no checkerboard atoms (README, "Generated atoms")
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
@@ -3114,12 +3134,14 @@ def load_checkpoint(path, map_location="cpu"):
 def _config_from_checkpoint(ckpt):
     names = TrainConfig.__dataclass_fields__.keys()
     # checkpoints written before a field existed ran with the behaviour its study-preset value names
-    legacy = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True, "r1_gamma": 0.0}
+    legacy = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True, "r1_gamma": 0.0,
+              "density_blur": False}
     return TrainConfig(**{**legacy, **{k: v for k, v in ckpt["config"].items() if k in names}})
 
 
 def _models(config):
-    return (Generator(config.dim, config.latent, config.channels, config.grid_channels, config.transform),
+    return (Generator(config.dim, config.latent, config.channels, config.grid_channels, config.transform,
+                      config.density_blur),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid))
 
 
@@ -4110,7 +4132,7 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
         if is_model:
             torch.manual_seed(seed)
             fresh = Generator(generator.dim, generator.latent, generator.channels, generator.out_channels,
-                              generator.transform)
+                              generator.transform, generator.density_blur)
             sets["untrained generator"] = clip(five_d(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K),
                                                       "untrained generator"))
     rows = [{"set": name, "features": f, **_one_nn_scores(heldout, grids, f, n_boot, seed, device)}

@@ -165,6 +165,12 @@ MUTANTS = [
            "signed_transform"),
     Mutant("generator_init_shrinks", "recipe", "layers[-2].weight.mul_(math.sqrt(out_channels))",
            "layers[-2].weight.mul_(1.0)", "output_weights_start_the_same"),
+    Mutant("density_blur_skipped", "recipe", "if self.density_blur and self.out_channels > 1:", "if False:",
+           "density_blur"),
+    Mutant("density_blur_after_activation", "recipe", "        return self.net[-1](x)\n",
+           "        return binomial_blur(self.net[-1](x)) if self.density_blur else self.net[-1](x)\n", "density_blur"),
+    Mutant("blur_kernel_box", "recipe", "k1 = x.new_tensor([1.0, 2.0, 1.0]) / 4", "k1 = x.new_tensor([1.0, 1.0, 1.0]) / 3",
+           "binomial_blur"),
     Mutant("cube_symmetry_no_flip", "recipe", "return grid.flip(flips) if flips else grid", "return grid",
            "cube_symmetries"),
     Mutant("evaluate_skips_round_trip", "evaluation", "clip = lambda x: np.asarray(gan_round_trip(x, e_scale_K), "

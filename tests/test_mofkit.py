@@ -1253,6 +1253,39 @@ def test_generator_output_weights_start_the_same_for_any_grid_channel_count():
         assert w.std().item() == pytest.approx(1 / 8 / math.sqrt(3), rel=0.1), c
 
 
+def test_binomial_blur_matches_scipy_and_removes_the_checkerboard():
+    import scipy.ndimage
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 6, 7, 5)))
+    k1 = np.array([1.0, 2.0, 1.0]) / 4
+    k = k1[:, None, None] * k1[None, :, None] * k1[None, None, :]
+    ref = np.stack([[scipy.ndimage.convolve(c, k, mode="nearest") for c in g] for g in x.numpy()])  # edge replicated
+    np.testing.assert_allclose(mofkit.binomial_blur(x).numpy(), ref, rtol=1e-12, atol=1e-12)
+    checker = torch.from_numpy((np.indices((8, 8, 8)).sum(0) % 2 * 2 - 1.0)[None, None])
+    assert mofkit.binomial_blur(checker)[..., 1:-1, 1:-1, 1:-1].abs().max() == 0  # zero response at Nyquist
+    torch.testing.assert_close(mofkit.binomial_blur(torch.full((1, 1, 4, 4, 4), 0.3)), torch.full((1, 1, 4, 4, 4), 0.3))
+
+
+def test_density_blur_smooths_only_the_density_channels_before_the_activation():
+    torch.manual_seed(0)
+    plain = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=3, transform="signed")
+    blurred = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=3, transform="signed", density_blur=True)
+    blurred.load_state_dict(plain.state_dict())  # the same parameters: old checkpoints load either way
+    plain.eval(), blurred.eval()
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        a, b = plain(z), blurred(z)
+        torch.testing.assert_close(b[:, :1], a[:, :1])  # energy untouched
+        torch.testing.assert_close(b[:, 1:], torch.tanh(mofkit.binomial_blur(torch.atanh(a[:, 1:].double())).float()),
+                                   atol=1e-4, rtol=1e-4)
+    assert mofkit._config_from_checkpoint({"config": {}}).density_blur is False  # models trained before it: none
+    assert mofkit.TrainConfig().density_blur is True
+    one = mofkit.Generator(dim=16, latent=8, channels=16, density_blur=True).eval()
+    ref = mofkit.Generator(dim=16, latent=8, channels=16).eval()
+    ref.load_state_dict(one.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(one(z), ref(z))  # one channel: nothing to blur
+
+
 @pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
 def test_gan_shapes_and_ranges(dim, channels, grid_channels):
     torch.manual_seed(0)
