@@ -15,7 +15,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import scipy.ndimage
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,12 +27,17 @@ from benchmarks.reproduce import N_STRUCTURES, SCALES  # noqa: E402
 SETTINGS = [(6, None), (26, None), (6, 0.6), (26, 0.6), (26, 0.45), (26, 0.3)]  # (peak_neighbours, threshold)
 
 
-def sweep(generator, heldout_dir, n=N_STRUCTURES, seed=0, settings=SETTINGS) -> pd.DataFrame:
-    """One row per (decoder setting, side): the structure report's medians and the composition, on the draws
-    reproduce.py's structure report decodes (its held-out grids, generated ones sampled with seed 2000 + seed)."""
-    kw = mofkit.ShardDataset(heldout_dir).params.decode_kwargs()
+def draws(generator, heldout_dir, n=N_STRUCTURES, seed=0):
+    """(real, generated) grids: the draws reproduce.py's structure report decodes (its held-out grids, generated
+    ones sampled with seed 2000 + seed)."""
     real = mofkit.read_grids(heldout_dir, SCALES["atoms"].n_eval, seed=seed)[0][:n]
-    generated = mofkit.sample(generator, len(real), seed=2000 + seed)
+    return real, mofkit.sample(generator, len(real), seed=2000 + seed)
+
+
+def sweep(generator, heldout_dir, n=N_STRUCTURES, seed=0, settings=SETTINGS) -> pd.DataFrame:
+    """One row per (decoder setting, side): the structure report's medians and the composition, on `draws`."""
+    kw = mofkit.ShardDataset(heldout_dir).params.decode_kwargs()
+    real, generated = draws(generator, heldout_dir, n, seed)
     rows = []
     for neighbours, threshold in settings:
         for side, grids in (("generated", generated), ("real", real)):
@@ -43,6 +50,21 @@ def sweep(generator, heldout_dir, n=N_STRUCTURES, seed=0, settings=SETTINGS) -> 
                          "contact_fraction": report["contact_fraction"].mean(),
                          **{c: medians[c] for c in ("frac_C", "frac_O", "frac_H", "frac_N", "frac_metal")}})
     return pd.DataFrame(rows)
+
+
+def peak_anatomy(grids, n_classes, floor=0.5) -> dict:
+    """Where the decoder's per-class peaks come from: local maxima (26 neighbours) of the density summed over
+    classes above `floor`, per cube, and at them the summed density and the strongest channel's share of it
+    (medians). In real cubes each atom is one class, so the strongest channel at a peak is near 1 (the share is
+    lower only where bonded neighbours of other classes add to the sum); a generator that puts density where atoms
+    are but splits it over classes scores a lower share, and its per-class peaks miss the decoder's threshold."""
+    density = np.asarray(grids)[:, -n_classes:]
+    total = density.sum(1)
+    peaks = (total == scipy.ndimage.maximum_filter(total, size=(1, 3, 3, 3))) & (total > floor)
+    strongest = density.max(1)[peaks]
+    return {"peaks_per_cube": peaks.sum() / len(density), "sum_at_peaks": float(np.median(total[peaks])),
+            "strongest_at_peaks": float(np.median(strongest)),
+            "strongest_share": float(np.median(strongest / total[peaks]))}
 
 
 def main(argv=None):
@@ -58,6 +80,11 @@ def main(argv=None):
     sigma = mofkit.ShardDataset(args.heldout).params.density_sigma_A
     print(f"density width {sigma} A; {args.n} generated vs {args.n} held-out cubes")
     print(table.round(3).to_string(index=False))
+    n_classes = len(mofkit.ShardDataset(args.heldout).params.density_classes)
+    anatomy = pd.DataFrame({side: peak_anatomy(grids, n_classes) for side, grids in
+                            zip(("real", "generated"), draws(args.generator, args.heldout, args.n, args.seed))}).T
+    print("peaks of the density summed over classes (> 0.5), medians:")
+    print(anatomy.round(3).to_string())
     return table
 
 

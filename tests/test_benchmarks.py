@@ -137,9 +137,21 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     assert results["structures"]["n"] == 4 and targets["atoms_per_nm3"]["real"] > 0
     assert (out / "generated_0.xyz").exists() and (out / "atoms.png").exists()
     G = mofkit.load_generator(tmp_path / "w" / "atoms.pt", tmp_path / "m.csv")
-    assert G.out_channels == 1 + len(params.density_classes)
+    assert G.out_channels == 1 + len(params.density_classes) and G.density_blur and multi["config"]["density_blur"]
     # the decoder sweep decodes the same draws: its default row is the structure report above
     table = decoder_sweep.sweep(out / "run" / "last.pt", out / "heldout", n=4, settings=[(6, None), (26, 0.3)])
     assert len(table) == 4 and list(table.side) == ["generated", "real"] * 2
+    real, generated = decoder_sweep.draws(out / "run" / "last.pt", out / "heldout", n=4)
+    n_classes = len(mofkit.ShardDataset(out / "heldout").params.density_classes)
+    anatomy = decoder_sweep.peak_anatomy(real, n_classes)
+    assert 0 < anatomy["strongest_share"] <= 1 and anatomy["peaks_per_cube"] > 10
+    total = real[:, -n_classes:].sum(1)
+    single, hedged = real.copy(), real.copy()
+    single[:, -n_classes:], hedged[:, -n_classes:] = 0, 0
+    single[:, -1] = total  # every atom's density in one channel: share 1 at every peak
+    hedged[:, -1] = hedged[:, -2] = total / 2  # split evenly over two classes: share 1/2, same peaks
+    assert decoder_sweep.peak_anatomy(single, n_classes)["strongest_share"] == 1
+    split = decoder_sweep.peak_anatomy(hedged, n_classes)
+    assert split["strongest_share"] == pytest.approx(0.5) and split["sum_at_peaks"] == pytest.approx(anatomy["sum_at_peaks"])
     default = table[(table.neighbours == 6) & (table.side == "real")].iloc[0]
     assert default.atoms_per_nm3 == pytest.approx(targets["atoms_per_nm3"]["real"])
