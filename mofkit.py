@@ -3665,7 +3665,7 @@ def _generator_from(state, ema=True):
     return G.eval()
 
 
-def _load_any_generator(path):
+def _load_any_generator(path, ema=True):
     """A training checkpoint or an exported generator file -> Generator (see `_generator_from`)."""
     path = Path(path)
     try:
@@ -3673,23 +3673,26 @@ def _load_any_generator(path):
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable generator or checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(state, dict) and state.get("format") == GENERATOR_FORMAT:
+        if not ema and state.get("ema"):
+            raise ValueError(f"{path}: a generator file holds only the EMA weights; ema=False needs the checkpoint")
         return load_generator(path)
-    return _generator_from(load_checkpoint(path))
+    return _generator_from(load_checkpoint(path), ema=ema)
 
 
-def sample(generator_or_path, n, batch_size=16, seed=0, device=None, e_scale_K=None):
+def sample(generator_or_path, n, batch_size=16, seed=0, device=None, e_scale_K=None, ema=True):
     """n generated grids in kelvin, np.float32 (n, C, D, D, D); channel 0 energy, others densities in [0, 1].
 
     Pass a training checkpoint or a generator file from `export_generator` (path; the EMA weights when the run
-    kept them), or a Generator (with `.e_scale_K` as `load_generator` sets it, or pass `e_scale_K`). The
-    generator runs in eval mode (BatchNorm running statistics), so a grid depends only on its latent vector
-    and `seed`, not on `batch_size`.
+    kept them; ema=False: a checkpoint's raw weights), or a Generator (with `.e_scale_K` as `load_generator` sets
+    it, or pass `e_scale_K`). The generator runs in eval mode (BatchNorm running statistics), so a grid depends
+    only on its latent vector and `seed`, not on `batch_size`.
     """
     if not (isinstance(n, int) and n >= 0):
         raise ValueError(f"sample: n={n!r} must be a whole number >= 0")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"sample: batch_size={batch_size!r} must be a whole number >= 1")
-    G = generator_or_path if isinstance(generator_or_path, torch.nn.Module) else _load_any_generator(generator_or_path)
+    G = (generator_or_path if isinstance(generator_or_path, torch.nn.Module)
+         else _load_any_generator(generator_or_path, ema))
     e_scale_K = getattr(G, "e_scale_K", None) if e_scale_K is None else e_scale_K
     if e_scale_K is None:
         raise ValueError("sample: pass e_scale_K (kelvin) with a Generator, or give a checkpoint path")

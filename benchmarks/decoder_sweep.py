@@ -27,17 +27,17 @@ from benchmarks.reproduce import N_STRUCTURES, SCALES  # noqa: E402
 SETTINGS = [(6, None), (26, None), (6, 0.6), (26, 0.6), (26, 0.45), (26, 0.3)]  # (peak_neighbours, threshold)
 
 
-def draws(generator, heldout_dir, n=N_STRUCTURES, seed=0):
+def draws(generator, heldout_dir, n=N_STRUCTURES, seed=0, ema=True):
     """(real, generated) grids: the draws reproduce.py's structure report decodes (its held-out grids, generated
-    ones sampled with seed 2000 + seed)."""
+    ones sampled with seed 2000 + seed; ema=False: a checkpoint's raw generator instead of its moving average)."""
     real = mofkit.read_grids(heldout_dir, SCALES["atoms"].n_eval, seed=seed)[0][:n]
-    return real, mofkit.sample(generator, len(real), seed=2000 + seed)
+    return real, mofkit.sample(generator, len(real), seed=2000 + seed, ema=ema)
 
 
-def sweep(generator, heldout_dir, n=N_STRUCTURES, seed=0, settings=SETTINGS) -> pd.DataFrame:
+def sweep(generator, heldout_dir, n=N_STRUCTURES, seed=0, settings=SETTINGS, ema=True) -> pd.DataFrame:
     """One row per (decoder setting, side): the structure report's medians and the composition, on `draws`."""
     kw = mofkit.ShardDataset(heldout_dir).params.decode_kwargs()
-    real, generated = draws(generator, heldout_dir, n, seed)
+    real, generated = draws(generator, heldout_dir, n, seed, ema)
     rows = []
     for neighbours, threshold in settings:
         for side, grids in (("generated", generated), ("real", real)):
@@ -73,16 +73,18 @@ def main(argv=None):
     p.add_argument("heldout", type=Path, help="folder of held-out shards made with the generator's GridParams")
     p.add_argument("--n", type=int, default=N_STRUCTURES)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="a checkpoint's raw generator instead of its moving average")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*placeholder.*")
     torch.set_num_threads(1)
-    table = sweep(args.generator, args.heldout, args.n, args.seed)
+    table = sweep(args.generator, args.heldout, args.n, args.seed, ema=not args.raw)
     sigma = mofkit.ShardDataset(args.heldout).params.density_sigma_A
-    print(f"density width {sigma} A; {args.n} generated vs {args.n} held-out cubes")
+    print(f"density width {sigma} A; {args.n} generated ({'raw' if args.raw else 'moving-average'} weights) vs "
+          f"{args.n} held-out cubes")
     print(table.round(3).to_string(index=False))
     n_classes = len(mofkit.ShardDataset(args.heldout).params.density_classes)
-    anatomy = pd.DataFrame({side: peak_anatomy(grids, n_classes) for side, grids in
-                            zip(("real", "generated"), draws(args.generator, args.heldout, args.n, args.seed))}).T
+    grids = draws(args.generator, args.heldout, args.n, args.seed, ema=not args.raw)
+    anatomy = pd.DataFrame({side: peak_anatomy(g, n_classes) for side, g in zip(("real", "generated"), grids)}).T
     print("peaks of the density summed over classes (> 0.5), medians:")
     print(anatomy.round(3).to_string())
     return table

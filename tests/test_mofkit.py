@@ -1613,8 +1613,12 @@ def test_ema_generator_is_the_moving_average_of_the_weights(tmp_path):
         expected = decay * w0.detach() + (1 - decay) * ckpt["generator"][name]
         torch.testing.assert_close(ckpt["generator_ema"][name], expected)
     # sampling a checkpoint uses the average (BatchNorm statistics re-estimated), not the raw weights
-    raw = mofkit.sample(res.generator, 2, e_scale_K=800.0)
+    raw = mofkit.sample(res.generator, 2, e_scale_K=ckpt["e_scale_K"])
     assert not np.allclose(mofkit.sample(res.checkpoint, 2), raw)
+    np.testing.assert_array_equal(mofkit.sample(res.checkpoint, 2, ema=False), raw)  # ema=False: the raw weights
+    exported = mofkit.export_generator(res.checkpoint, tmp_path / "g.pt")
+    with pytest.raises(ValueError, match="g.pt: a generator file holds only the EMA weights"):
+        mofkit.sample(exported, 2, ema=False)
     assert mofkit.train(tiny_config(ema=0.0), random_grids(4), tmp_path / "b", max_steps=1,
                         progress=False).checkpoint.exists()
     assert mofkit.load_checkpoint(tmp_path / "b" / "last.pt")["generator_ema"] is None
