@@ -2797,10 +2797,10 @@ def binomial_blur(x):
     """[1, 2, 1] / 4 along each axis of (N, C, D, D, D), each channel on its own, edges replicated.
 
     A k4 s2 transposed convolution overlaps its outputs unevenly, so a generator's last layer leaves a checkerboard
-    (Odena et al. 2016, "Deconvolution and checkerboard artifacts"); on density channels its diagonal voxel tops
-    decode as pairs of atoms 0.7 A apart (README, "Generated atoms"). This filter's response is zero at the
-    grid's Nyquist frequency, where density Gaussians at least a voxel wide carry under 1% of their amplitude
-    (StyleGAN's low-pass after upsampling, here fixed).
+    (Odena et al. 2016, "Deconvolution and checkerboard artifacts"); on density channels its body-diagonal tops
+    decode as pairs of atoms under 0.7 A apart. This filter's response is zero at the grid's Nyquist frequency
+    (StyleGAN's low-pass after upsampling, here fixed). Measured on density channels (README, "Generated atoms"):
+    it helps with Gaussians 1.5 voxels wide and fails with 1 voxel.
     """
     c = x.shape[1]
     k1 = x.new_tensor([1.0, 2.0, 1.0]) / 4
@@ -2964,8 +2964,9 @@ class TrainConfig:
                                     # (Yazici et al. 2019); 0 = sample the raw generator
     r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
-    density_blur: bool = True       # the generator's density channels through `binomial_blur` (no-op for one
-                                    # channel): no checkerboard atoms (README, "Generated atoms")
+    density_blur: bool = False      # the generator's density channels through `binomial_blur` (no-op for one
+                                    # channel): helps at density width 1.5 voxels, fails at 1 (README,
+                                    # "Generated atoms")
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids

@@ -67,6 +67,20 @@ def peak_anatomy(grids, n_classes, floor=0.5) -> dict:
             "strongest_share": float(np.median(strongest / total[peaks]))}
 
 
+def contact_pairs(atoms_list, spacing_A, contact_A=0.7) -> pd.Series:
+    """Pairs of decoded atoms closer than contact_A, counted by their two classes and by the voxel offset between
+    them (sorted |rounded offset|: (0, 1, 1) = face-diagonal voxels): two tops of one blob, or two atoms."""
+    from scipy.spatial import cKDTree
+    counts = {}
+    for atoms in atoms_list:
+        cls, pos = atoms.arrays["density_class"], atoms.positions
+        for i, j in (cKDTree(pos).query_pairs(contact_A) if len(atoms) > 1 else ()):
+            offset = tuple(sorted(np.abs(np.round((pos[i] - pos[j]) / spacing_A)).astype(int).tolist()))
+            key = ("-".join(sorted((str(cls[i]), str(cls[j])))), str(offset))
+            counts[key] = counts.get(key, 0) + 1
+    return pd.Series(counts, dtype=int).sort_values(ascending=False)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("generator", help="generator file or training checkpoint")
@@ -87,6 +101,10 @@ def main(argv=None):
     anatomy = pd.DataFrame({side: peak_anatomy(g, n_classes) for side, g in zip(("real", "generated"), grids)}).T
     print("peaks of the density summed over classes (> 0.5), medians:")
     print(anatomy.round(3).to_string())
+    kw = mofkit.ShardDataset(args.heldout).params.decode_kwargs()
+    pairs = contact_pairs([mofkit.grid_to_atoms(g, **kw) for g in grids[1]], kw["spacing_A"])
+    print(f"contact pairs (< 0.7 A) of the generated cubes, default decoder: {pairs.sum()}, the most common:")
+    print(pairs.head(5).to_string())
     return table
 
 

@@ -25,8 +25,9 @@ Scales:
        and with another process holding one of 2 cores, 2 threads voxelized 18x and trained 3-5x slower than
        1 thread (measured on the 2-core dev machine, 2026-11-25).
   atoms the cpu split at 32^3 with 0.5 A voxels (a 16 A cube), energy + atom-density channels
-       (METAL_DENSITY_CLASSES), 30 epochs of the kit's recipe for the multi-channel generator and for an
-       energy-only one on the same grids' channel 0; both are scored on energy, and 64 generated and 64 held-out
+       (METAL_DENSITY_CLASSES, Gaussians 0.75 A wide), 60 epochs of the kit's recipe with the density low-pass
+       (TrainConfig.density_blur) for the multi-channel generator and for an energy-only one on the same
+       grids' channel 0; both are scored on energy, and 64 generated and 64 held-out
        cubes are decoded to atoms and compared (mofkit.structure_report / structure_targets; README,
        "Generated atoms").
   gpu  every structure that parses (benchmarks/split_gpu64.csv: ~1,200 held-out names, the rest train), 64^3
@@ -87,6 +88,7 @@ class Scale:
     split_csv: str                  # committed split, relative to the repository root
     atoms: bool = False             # energy + atom-density channels, and an energy-only comparator on channel 0
     density_sigma_A: float = 0.0    # atoms: the density Gaussians' width (0: the voxel spacing)
+    density_blur: int = 0           # atoms: TrainConfig.density_blur (1: on)
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -97,8 +99,9 @@ SCALES = {
                  n_eval=500, fast_gpu=False, study=False, split_csv="benchmarks/split_cpu32.csv"),
     "gpu": Scale(size=64, spacing_A=0.5, n_heldout=1200, n_train=None, channels=512, batch_size=64, epochs=48,
                  n_eval=1000, fast_gpu=True, study=False, split_csv="benchmarks/split_gpu64.csv"),
-    "atoms": Scale(size=32, spacing_A=0.5, n_heldout=500, n_train=2000, channels=64, batch_size=8, epochs=30,
-                   n_eval=500, fast_gpu=False, study=False, split_csv="benchmarks/split_cpu32.csv", atoms=True),
+    "atoms": Scale(size=32, spacing_A=0.5, n_heldout=500, n_train=2000, channels=64, batch_size=8, epochs=60,
+                   n_eval=500, fast_gpu=False, study=False, split_csv="benchmarks/split_cpu32.csv", atoms=True,
+                   density_sigma_A=0.75, density_blur=1),
 }
 N_STRUCTURES = 64  # generated and held-out grids decoded to atoms for the structure report (atoms scale)
 
@@ -168,7 +171,7 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
     """The scale's TrainConfig: the kit's recipe (or the study's with scale.study, batch 2), `recipe` overriding fields."""
     fields = dict(dim=scale.size, channels=scale.channels, epochs=scale.epochs, seed=scale.seed,
                   checkpoint_every_min=scale.checkpoint_every_min, device=device,
-                  grid_channels=len(shard_params(scale).channels))
+                  grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur))
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig

@@ -153,5 +153,11 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     assert decoder_sweep.peak_anatomy(single, n_classes)["strongest_share"] == 1
     split = decoder_sweep.peak_anatomy(hedged, n_classes)
     assert split["strongest_share"] == pytest.approx(0.5) and split["sum_at_peaks"] == pytest.approx(anatomy["sum_at_peaks"])
+    from ase import Atoms
+    pair = Atoms("CCH", positions=[[2.0, 2.0, 2.0], [2.0, 2.5, 2.5], [5.0, 5.0, 5.0]])  # C-C 0.71 A: not a contact
+    pair.new_array("density_class", np.array(["C", "C", "H"]))
+    assert decoder_sweep.contact_pairs([pair], 0.5).empty
+    pair.positions[1] = [2.0, 2.45, 2.45]  # 0.64 A apart on face-diagonal voxels
+    assert decoder_sweep.contact_pairs([pair, pair], 0.5).to_dict() == {("C-C", "(0, 1, 1)"): 2}
     default = table[(table.neighbours == 6) & (table.side == "real")].iloc[0]
     assert default.atoms_per_nm3 == pytest.approx(targets["atoms_per_nm3"]["real"])

@@ -1278,7 +1278,6 @@ def test_density_blur_smooths_only_the_density_channels_before_the_activation():
         torch.testing.assert_close(b[:, 1:], torch.tanh(mofkit.binomial_blur(torch.atanh(a[:, 1:].double())).float()),
                                    atol=1e-4, rtol=1e-4)
     assert mofkit._config_from_checkpoint({"config": {}}).density_blur is False  # models trained before it: none
-    assert mofkit.TrainConfig().density_blur is True
     one = mofkit.Generator(dim=16, latent=8, channels=16, density_blur=True).eval()
     ref = mofkit.Generator(dim=16, latent=8, channels=16).eval()
     ref.load_state_dict(one.state_dict())
