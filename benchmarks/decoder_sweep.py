@@ -37,7 +37,11 @@ def draws(generator, heldout_dir, n=N_STRUCTURES, seed=0, ema=True):
 def sweep(generator, heldout_dir, n=N_STRUCTURES, seed=0, settings=SETTINGS, ema=True) -> pd.DataFrame:
     """One row per (decoder setting, side): the structure report's medians and the composition, on `draws`."""
     kw = mofkit.ShardDataset(heldout_dir).params.decode_kwargs()
-    real, generated = draws(generator, heldout_dir, n, seed, ema)
+    return decoder_table(*draws(generator, heldout_dir, n, seed, ema), kw, settings)
+
+
+def decoder_table(real, generated, kw, settings=SETTINGS) -> pd.DataFrame:
+    """`sweep` on given grids; kw: the shards' GridParams.decode_kwargs()."""
     rows = []
     for neighbours, threshold in settings:
         for side, grids in (("generated", generated), ("real", real)):
@@ -91,17 +95,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*placeholder.*")
     torch.set_num_threads(1)
-    table = sweep(args.generator, args.heldout, args.n, args.seed, ema=not args.raw)
-    sigma = mofkit.ShardDataset(args.heldout).params.density_sigma_A
-    print(f"density width {sigma} A; {args.n} generated ({'raw' if args.raw else 'moving-average'} weights) vs "
-          f"{args.n} held-out cubes")
-    print(table.round(3).to_string(index=False))
-    n_classes = len(mofkit.ShardDataset(args.heldout).params.density_classes)
+    params = mofkit.ShardDataset(args.heldout).params
+    kw = params.decode_kwargs()
     grids = draws(args.generator, args.heldout, args.n, args.seed, ema=not args.raw)
-    anatomy = pd.DataFrame({side: peak_anatomy(g, n_classes) for side, g in zip(("real", "generated"), grids)}).T
+    table = decoder_table(*grids, kw)
+    print(f"density width {params.density_sigma_A} A; {args.n} generated ({'raw' if args.raw else 'moving-average'} "
+          f"weights) vs {args.n} held-out cubes")
+    print(table.round(3).to_string(index=False))
+    anatomy = pd.DataFrame({side: peak_anatomy(g, len(params.density_classes))
+                            for side, g in zip(("real", "generated"), grids)}).T
     print("peaks of the density summed over classes (> 0.5), medians:")
     print(anatomy.round(3).to_string())
-    kw = mofkit.ShardDataset(args.heldout).params.decode_kwargs()
     pairs = contact_pairs([mofkit.grid_to_atoms(g, **kw) for g in grids[1]], kw["spacing_A"])
     print(f"contact pairs (< 0.7 A) of the generated cubes, default decoder: {pairs.sum()}, the most common:")
     print(pairs.head(5).to_string())
