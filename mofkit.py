@@ -2762,21 +2762,28 @@ def _widths(dim, channels):
 
 class Generator(torch.nn.Module):
     """z (N, latent) -> grids (N, out_channels, dim, dim, dim) in GAN space (see `to_gan_input`): a Sigmoid
-    output in [0, 1] for the study's "wells" transform, Tanh in [-1, 1] for "signed"."""
+    output in [0, 1] for the study's "wells" transform, Tanh in [-1, 1] for "signed".
 
-    def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells", density_blur=False):
+    Density channels (all but channel 0): density_head="channels" gives each its own output; "occupancy" makes
+    them sigmoid(o) * exp(l_c - max_c l_c) from one occupancy output o and per-class logits l_c, so that, as in
+    `density_channels`, the largest class equals the occupancy; density_blur low-passes o (or every channel).
+    """
+
+    def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells", density_blur=False,
+                 density_head="channels"):
         super().__init__()
         nn = torch.nn
         widths = _widths(dim, channels)
         self.dim, self.latent, self.channels, self.out_channels = dim, latent, channels, out_channels
         self.transform = _check_transform(transform)
-        self.density_blur = density_blur
+        self.density_blur, self.density_head = density_blur, _check_density_head(density_head)
+        occupancy = density_head == "occupancy" and out_channels > 1
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out),
                        nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose3d(widths[-1], out_channels, 4, 2, 1, bias=False),
+        layers += [nn.ConvTranspose3d(widths[-1], out_channels + occupancy, 4, 2, 1, bias=False),
                    nn.Sigmoid() if transform == "wells" else nn.Tanh()]
         self.net = nn.Sequential(*layers)
         # torch draws a transposed convolution's initial weights with its output channels as the fan-in, so
@@ -2784,13 +2791,33 @@ class Generator(torch.nn.Module):
         # smaller, and the generator learned none of them (README, "Generated atoms": the run and the pilots).
         # Scaled back, each channel starts as an energy-only generator's would (a no-op for one channel).
         with torch.no_grad():
-            layers[-2].weight.mul_(math.sqrt(out_channels))
+            layers[-2].weight.mul_(math.sqrt(out_channels + occupancy))
 
     def forward(self, z):
         x = self.net[:-1](torch.relu(self.project(z).view(-1, self.channels, 4, 4, 4)))
-        if self.density_blur and self.out_channels > 1:  # before the activation: a blurred peak can still reach 1
-            x = torch.cat([x[:, :1], binomial_blur(x[:, 1:])], 1)
-        return self.net[-1](x)
+        if self.out_channels == 1:
+            return self.net[-1](x)
+        energy, density = self.net[-1](x[:, :1]), x[:, 1:]
+        if self.density_head == "occupancy":
+            occupancy, logits = density[:, :1], density[:, 1:]
+            if self.density_blur:
+                occupancy = binomial_blur(occupancy)
+            # max over classes = the occupancy, as in density_channels (a max of Gaussians): the strongest class
+            # carries all of it, so an atom's peak cannot be split below the decoder's threshold
+            density = torch.sigmoid(occupancy) * torch.exp(logits - logits.amax(1, True))
+            return torch.cat([energy, 2 * density - 1 if self.transform == "signed" else density], 1)
+        if self.density_blur:  # before the activation: a blurred peak can still reach 1
+            density = binomial_blur(density)
+        return torch.cat([energy, self.net[-1](density)], 1)
+
+
+DENSITY_HEADS = ("channels", "occupancy")
+
+
+def _check_density_head(head):
+    if head not in DENSITY_HEADS:
+        raise ValueError(f"density_head={head!r}: use one of {DENSITY_HEADS}")
+    return head
 
 
 def binomial_blur(x):
@@ -2967,6 +2994,9 @@ class TrainConfig:
     density_blur: bool = False      # the generator's density channels through `binomial_blur` (no-op for one
                                     # channel): helps at density width 1.5 voxels, fails at 1 (README,
                                     # "Generated atoms")
+    density_head: str = "channels"  # "channels": one output per density class; "occupancy": one occupancy
+                                    # times per-class shares whose largest is 1 (`Generator`; no-op for one
+                                    # channel)
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
@@ -2994,6 +3024,7 @@ class TrainConfig:
         if self.d_sigmoid and self.loss != "lsgan":
             raise ValueError(f"TrainConfig: loss={self.loss!r} needs D's raw score (d_sigmoid=False)")
         _check_transform(self.transform)
+        _check_density_head(self.density_head)
         _widths(self.dim, self.channels)
 
     @classmethod
@@ -3136,13 +3167,13 @@ def _config_from_checkpoint(ckpt):
     names = TrainConfig.__dataclass_fields__.keys()
     # checkpoints written before a field existed ran with the behaviour its study-preset value names
     legacy = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True, "r1_gamma": 0.0,
-              "density_blur": False}
+              "density_blur": False, "density_head": "channels"}
     return TrainConfig(**{**legacy, **{k: v for k, v in ckpt["config"].items() if k in names}})
 
 
 def _models(config):
     return (Generator(config.dim, config.latent, config.channels, config.grid_channels, config.transform,
-                      config.density_blur),
+                      config.density_blur, config.density_head),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid))
 
 

@@ -89,6 +89,7 @@ class Scale:
     atoms: bool = False             # energy + atom-density channels, and an energy-only comparator on channel 0
     density_sigma_A: float = 0.0    # atoms: the density Gaussians' width (0: the voxel spacing)
     density_blur: int = 0           # atoms: TrainConfig.density_blur (1: on)
+    density_head: str = "channels"  # atoms: TrainConfig.density_head ("channels" or "occupancy")
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -171,7 +172,7 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
     """The scale's TrainConfig: the kit's recipe (or the study's with scale.study, batch 2), `recipe` overriding fields."""
     fields = dict(dim=scale.size, channels=scale.channels, epochs=scale.epochs, seed=scale.seed,
                   checkpoint_every_min=scale.checkpoint_every_min, device=device,
-                  grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur))
+                  grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur), density_head=scale.density_head)
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig
@@ -356,7 +357,7 @@ def main(argv=None):
     p.add_argument("--manifest", type=Path, default=ROOT / "data_manifest.csv")
     p.add_argument("--no-progress", action="store_true")
     for f in dataclasses.fields(Scale):  # tiny settings for tests, or another channel count
-        p.add_argument("--" + f.name.replace("_", "-"), type=str if f.name == "split_csv" else
+        p.add_argument("--" + f.name.replace("_", "-"), type=str if f.type in ("str", str) else
                        (float if f.type in ("float", float) else int), default=None)
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Scale) if getattr(args, f.name) is not None}

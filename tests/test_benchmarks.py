@@ -116,7 +116,7 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     tiny = ["--scale", "atoms", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
             str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "1.0",
             "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--epochs", "1",
-            "--density-sigma-A", "1.5", "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"),
+            "--density-sigma-A", "1.5", "--density-head", "occupancy", "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"),
             "--manifest", str(tmp_path / "m.csv")]
     results = rp.main(tiny)
     params = mofkit.ShardDataset(out / "train").params
@@ -138,6 +138,7 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     assert (out / "generated_0.xyz").exists() and (out / "atoms.png").exists()
     G = mofkit.load_generator(tmp_path / "w" / "atoms.pt", tmp_path / "m.csv")
     assert G.out_channels == 1 + len(params.density_classes) and G.density_blur and multi["config"]["density_blur"]
+    assert G.density_head == "occupancy" and energy["config"]["density_head"] == "occupancy"  # a no-op there
     # the decoder sweep decodes the same draws: its default row is the structure report above
     table = decoder_sweep.sweep(out / "run" / "last.pt", out / "heldout", n=4, settings=[(6, None), (26, 0.3)])
     assert len(table) == 4 and list(table.side) == ["generated", "real"] * 2

@@ -1285,6 +1285,35 @@ def test_density_blur_smooths_only_the_density_channels_before_the_activation():
         torch.testing.assert_close(one(z), ref(z))  # one channel: nothing to blur
 
 
+def test_occupancy_head_gives_the_strongest_class_the_whole_occupancy():
+    torch.manual_seed(0)
+    z = torch.randn(2, 8)
+    for transform, blur in [("signed", False), ("wells", True)]:
+        G = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, transform=transform, density_blur=blur,
+                             density_head="occupancy").eval()
+        assert G.net[-2].weight.shape[1] == 5  # energy, occupancy, 3 class logits
+        with torch.no_grad():
+            features = G.net[:-1](torch.relu(G.project(z).view(-1, 16, 4, 4, 4))).double()
+            out = mofkit.from_gan_output(G(z), 1.0, transform).double()
+        activation = torch.sigmoid if transform == "wells" else torch.tanh
+        torch.testing.assert_close(out[:, 0], -activation(features[:, 0]))  # energy: as the channels head's
+        occupancy = features[:, 1:2]
+        occupancy = torch.sigmoid(mofkit.binomial_blur(occupancy) if blur else occupancy)[:, 0]
+        density = out[:, 1:]
+        torch.testing.assert_close(density.amax(1), occupancy, atol=1e-6, rtol=1e-6)  # the largest class: all of it
+        assert density.min() >= 0 and (density < occupancy[:, None] - 1e-3).any()  # the others: a share of it
+        order = features[:, 2:].argsort(1)  # shares follow the class logits
+        assert torch.equal(density.argsort(1), order)
+    with pytest.raises(ValueError, match="density_head='soft'"):
+        mofkit.TrainConfig(density_head="soft")
+    assert mofkit._config_from_checkpoint({"config": {}}).density_head == "channels"  # models trained before it
+    one = mofkit.Generator(dim=16, latent=8, channels=16, density_head="occupancy").eval()
+    ref = mofkit.Generator(dim=16, latent=8, channels=16).eval()
+    ref.load_state_dict(one.state_dict())  # one channel: no densities, the same model
+    with torch.no_grad():
+        torch.testing.assert_close(one(z), ref(z))
+
+
 @pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
 def test_gan_shapes_and_ranges(dim, channels, grid_channels):
     torch.manual_seed(0)
