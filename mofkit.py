@@ -2951,7 +2951,7 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 # rank 0 at every D/G forward): per-GPU batch statistics match the single-GPU recipe, and SyncBatchNorm
 # would add a collective to each of the ~8 BN layers in each of the 3 forwards per step.
 
-ARCH_FIELDS = ("dim", "channels", "latent", "grid_channels")
+ARCH_FIELDS = ("dim", "channels", "latent", "grid_channels", "density_head")
 HISTORY_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "samples_per_s", "time_s")
 
 
@@ -3479,8 +3479,9 @@ def _resume_from(resume, last, config, allow_config_change=False):
     if resume is True and not path.exists():
         return None
     ckpt = load_checkpoint(path)
+    saved = _config_from_checkpoint(ckpt)  # fields a checkpoint predates read as what it ran with
     for name in ARCH_FIELDS:
-        theirs, ours = ckpt["config"].get(name), getattr(config, name)
+        theirs, ours = getattr(saved, name), getattr(config, name)
         if theirs != ours:
             raise CheckpointError(f"{path}: checkpoint has {name}={theirs} but the config asks for {ours}; "
                                   "use a matching config or another out_dir")

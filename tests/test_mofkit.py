@@ -1518,6 +1518,8 @@ def test_train_corrupt_or_mismatched_checkpoint_clear_error_and_kept(tmp_path):
     good = last.read_bytes()
     with pytest.raises(mofkit.CheckpointError, match="channels=8 but the config asks for 16"):
         mofkit.train(tiny_config(channels=16), random_grids(4), tmp_path, max_steps=2, progress=False)
+    with pytest.raises(mofkit.CheckpointError, match="density_head=channels but the config asks for occupancy"):
+        mofkit.train(tiny_config(density_head="occupancy"), random_grids(4), tmp_path, max_steps=2, progress=False)
     with pytest.raises(mofkit.CheckpointError, match="already there"):
         mofkit.train(tiny_config(), random_grids(4), tmp_path, resume=False, max_steps=2, progress=False)
     assert last.read_bytes() == good
