@@ -71,6 +71,16 @@ def peak_anatomy(grids, n_classes, floor=0.5) -> dict:
             "strongest_share": float(np.median(strongest / total[peaks]))}
 
 
+def occupancy(grids, n_classes) -> dict:
+    """The occupancy -- the largest class density at each voxel, what `density_channels` (a max of Gaussians) puts
+    there and what Generator(density_head="occupancy") outputs directly -- over every voxel of the cubes: the
+    shares of voxels below 0.1 (empty space) and above 0.5 and 0.8 (atom cores; 0.8 is the default decoder's
+    threshold at density width 0.75 A), and its 99th percentile."""
+    occ = np.asarray(grids)[:, -n_classes:].max(1)
+    return {"below_0.1": float(np.mean(occ < 0.1)), "above_0.5": float(np.mean(occ > 0.5)),
+            "above_0.8": float(np.mean(occ > 0.8)), "q99": float(np.quantile(occ, 0.99))}
+
+
 def contact_pairs(atoms_list, spacing_A, contact_A=0.7) -> pd.Series:
     """Pairs of decoded atoms closer than contact_A, counted by their two classes and by the voxel offset between
     them (sorted |rounded offset|: (0, 1, 1) = face-diagonal voxels): two tops of one blob, or two atoms."""
@@ -102,10 +112,13 @@ def main(argv=None):
     print(f"density width {params.density_sigma_A} A; {args.n} generated ({'raw' if args.raw else 'moving-average'} "
           f"weights) vs {args.n} held-out cubes")
     print(table.round(3).to_string(index=False))
-    anatomy = pd.DataFrame({side: peak_anatomy(g, len(params.density_classes))
-                            for side, g in zip(("real", "generated"), grids)}).T
+    n_classes = len(params.density_classes)
+    anatomy = pd.DataFrame({side: peak_anatomy(g, n_classes) for side, g in zip(("real", "generated"), grids)}).T
     print("peaks of the density summed over classes (> 0.5), medians:")
     print(anatomy.round(3).to_string())
+    print("occupancy (the largest class density at each voxel), over all voxels:")
+    print(pd.DataFrame({side: occupancy(g, n_classes) for side, g in zip(("real", "generated"), grids)}).T
+          .round(4).to_string())
     pairs = contact_pairs([mofkit.grid_to_atoms(g, **kw) for g in grids[1]], kw["spacing_A"])
     print(f"contact pairs (< 0.7 A) of the generated cubes, default decoder: {pairs.sum()}, the most common:")
     print(pairs.head(5).to_string())

@@ -154,6 +154,12 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     assert decoder_sweep.peak_anatomy(single, n_classes)["strongest_share"] == 1
     split = decoder_sweep.peak_anatomy(hedged, n_classes)
     assert split["strongest_share"] == pytest.approx(0.5) and split["sum_at_peaks"] == pytest.approx(anatomy["sum_at_peaks"])
+    occupied = decoder_sweep.occupancy(single, n_classes)  # one channel: its values are the occupancy
+    voxels = total.ravel()
+    assert occupied == pytest.approx({"below_0.1": np.mean(voxels < 0.1), "above_0.5": np.mean(voxels > 0.5),
+                                      "above_0.8": np.mean(voxels > 0.8), "q99": np.quantile(voxels, 0.99)})
+    assert decoder_sweep.occupancy(hedged, n_classes)["q99"] == pytest.approx(occupied["q99"] / 2)
+    assert 0 < occupied["above_0.8"] < occupied["above_0.5"] < 1 - occupied["below_0.1"]
     from ase import Atoms
     pair = Atoms("CCH", positions=[[2.0, 2.0, 2.0], [2.0, 2.5, 2.5], [5.0, 5.0, 5.0]])  # C-C 0.71 A: not a contact
     pair.new_array("density_class", np.array(["C", "C", "H"]))
