@@ -2996,7 +2996,7 @@ class TrainConfig:
                                     # "Generated atoms")
     density_head: str = "channels"  # "channels": one output per density class; "occupancy": one occupancy
                                     # times per-class shares whose largest is 1 (`Generator`; no-op for one
-                                    # channel)
+                                    # channel): measured worse (README, "Generated atoms")
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids

@@ -172,7 +172,8 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
     """The scale's TrainConfig: the kit's recipe (or the study's with scale.study, batch 2), `recipe` overriding fields."""
     fields = dict(dim=scale.size, channels=scale.channels, epochs=scale.epochs, seed=scale.seed,
                   checkpoint_every_min=scale.checkpoint_every_min, device=device,
-                  grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur), density_head=scale.density_head)
+                  grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur),
+                  density_head=scale.density_head)
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig
