@@ -3163,12 +3163,14 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+# checkpoints written before a field existed ran with the behaviour its study-preset value names
+LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
+                 "r1_gamma": 0.0, "density_blur": False, "density_head": "channels"}
+
+
 def _config_from_checkpoint(ckpt):
     names = TrainConfig.__dataclass_fields__.keys()
-    # checkpoints written before a field existed ran with the behaviour its study-preset value names
-    legacy = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True, "r1_gamma": 0.0,
-              "density_blur": False, "density_head": "channels"}
-    return TrainConfig(**{**legacy, **{k: v for k, v in ckpt["config"].items() if k in names}})
+    return TrainConfig(**{**LEGACY_CONFIG, **{k: v for k, v in ckpt["config"].items() if k in names}})
 
 
 def _models(config):
@@ -3479,9 +3481,8 @@ def _resume_from(resume, last, config, allow_config_change=False):
     if resume is True and not path.exists():
         return None
     ckpt = load_checkpoint(path)
-    saved = _config_from_checkpoint(ckpt)  # fields a checkpoint predates read as what it ran with
-    for name in ARCH_FIELDS:
-        theirs, ours = getattr(saved, name), getattr(config, name)
+    for name in ARCH_FIELDS:  # a field the checkpoint predates reads as what it ran with
+        theirs, ours = ckpt["config"].get(name, LEGACY_CONFIG.get(name)), getattr(config, name)
         if theirs != ours:
             raise CheckpointError(f"{path}: checkpoint has {name}={theirs} but the config asks for {ours}; "
                                   "use a matching config or another out_dir")
