@@ -2951,7 +2951,7 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 # rank 0 at every D/G forward): per-GPU batch statistics match the single-GPU recipe, and SyncBatchNorm
 # would add a collective to each of the ~8 BN layers in each of the 3 forwards per step.
 
-ARCH_FIELDS = ("dim", "channels", "latent", "grid_channels", "density_head")
+ARCH_FIELDS = ("dim", "channels", "generator_channels", "latent", "grid_channels", "density_head")
 HISTORY_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "samples_per_s", "time_s")
 
 
@@ -2974,6 +2974,8 @@ class TrainConfig:
     """
     dim: int = 64                   # grid edge in voxels (8, 16, 32, 64, 128, ...)
     channels: int = 512             # feature channels at the 4^3 bottleneck
+    generator_channels: int = 0     # the generator's own, when it differs from D's (0: channels, as the study);
+                                    # the generator is the cheap half on CPU (README, "Generated atoms")
     latent: int = 200
     grid_channels: int = 1          # channel 0 = energy (K); more channels = atom densities in [0, 1]
     epochs: int = 48
@@ -3015,6 +3017,7 @@ class TrainConfig:
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "latent": self.latent >= 1,
                   "lr": self.lr > 0, "ema": 0 <= self.ema < 1, "r1_gamma": self.r1_gamma >= 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
+                  "generator_channels": self.generator_channels >= 0,
                   "log_every": self.log_every >= 1, "checkpoint_every_steps": self.checkpoint_every_steps >= 1}
         for name, ok in checks.items():
             if not ok:
@@ -3026,6 +3029,11 @@ class TrainConfig:
         _check_transform(self.transform)
         _check_density_head(self.density_head)
         _widths(self.dim, self.channels)
+        if self.generator_channels:
+            try:
+                _widths(self.dim, self.generator_channels)
+            except ValueError as e:  # dim passed above, so this is "channels=...: must be divisible ..."
+                raise ValueError(f"TrainConfig: generator_{e}") from None
 
     @classmethod
     def study(cls, **overrides):
@@ -3165,7 +3173,7 @@ def load_checkpoint(path, map_location="cpu"):
 
 # checkpoints written before a field existed ran with the behaviour its study-preset value names
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
-                 "r1_gamma": 0.0, "density_blur": False, "density_head": "channels"}
+                 "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3174,8 +3182,8 @@ def _config_from_checkpoint(ckpt):
 
 
 def _models(config):
-    return (Generator(config.dim, config.latent, config.channels, config.grid_channels, config.transform,
-                      config.density_blur, config.density_head),
+    return (Generator(config.dim, config.latent, config.generator_channels or config.channels, config.grid_channels,
+                      config.transform, config.density_blur, config.density_head),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid))
 
 
@@ -3683,7 +3691,7 @@ def _generator_from(state, ema=True):
                            for k, v in (weights or state["generator"]).items()})
     except RuntimeError as e:
         raise CheckpointError(f"generator weights do not fit the recorded model (dim={config.dim}, "
-                              f"channels={config.channels}, latent={config.latent}): {e}") from None
+                              f"channels={config.generator_channels or config.channels}, latent={config.latent}): {e}") from None
     if weights is not None:
         _recalibrate_batchnorm(G)
     for name, t in G.state_dict().items():

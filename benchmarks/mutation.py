@@ -176,6 +176,10 @@ MUTANTS = [
            "occupancy_head"),
     Mutant("occupancy_signed_unmapped", "recipe", '2 * density - 1 if self.transform == "signed" else density',
            "density", "occupancy_head"),
+    Mutant("generator_channels_ignored", "recipe", "Generator(config.dim, config.latent, config.generator_channels "
+           "or config.channels,", "Generator(config.dim, config.latent, config.channels,", "generator_channels"),
+    Mutant("generator_channels_not_architecture", "checkpoint", '"channels", "generator_channels", "latent"',
+           '"channels", "latent"', "generator_channels"),
     Mutant("blur_kernel_box", "recipe", "k1 = x.new_tensor([1.0, 2.0, 1.0]) / 4", "k1 = x.new_tensor([1.0, 1.0, 1.0]) / 3",
            "binomial_blur"),
     Mutant("cube_symmetry_no_flip", "recipe", "return grid.flip(flips) if flips else grid", "return grid",

@@ -90,6 +90,7 @@ class Scale:
     density_sigma_A: float = 0.0    # atoms: the density Gaussians' width (0: the voxel spacing)
     density_blur: int = 0           # atoms: TrainConfig.density_blur (1: on)
     density_head: str = "channels"  # atoms: TrainConfig.density_head ("channels" or "occupancy")
+    generator_channels: int = 0     # TrainConfig.generator_channels (0: channels)
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -173,7 +174,7 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
     fields = dict(dim=scale.size, channels=scale.channels, epochs=scale.epochs, seed=scale.seed,
                   checkpoint_every_min=scale.checkpoint_every_min, device=device,
                   grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur),
-                  density_head=scale.density_head)
+                  density_head=scale.density_head, generator_channels=scale.generator_channels)
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig

@@ -1512,6 +1512,21 @@ def test_train_history_csv_and_load_history(tmp_path):
     assert mofkit.load_history(tmp_path / "history.csv")["step"].tolist() == [2, 4, 5, 6]
 
 
+def test_generator_channels_widen_the_generator_only_and_travel_with_its_files(tmp_path):
+    config = tiny_config(generator_channels=16)
+    G, D = mofkit._models(config)
+    assert (G.channels, D.channels) == (16, 8) and G.net[0].in_channels == 16 and D.features[-3].out_channels == 8
+    assert mofkit._models(tiny_config())[0].channels == 8  # 0: the one width of the study
+    assert mofkit._config_from_checkpoint({"config": {}}).generator_channels == 0  # models trained before it
+    with pytest.raises(ValueError, match="generator_channels=6: must be divisible by 4"):
+        tiny_config(dim=32, generator_channels=6)
+    mofkit.train(config, random_grids(4), tmp_path, max_steps=2, progress=False)
+    G = mofkit.load_generator(mofkit.export_generator(tmp_path / "last.pt", tmp_path / "g.pt"))
+    assert G.channels == 16 and mofkit.sample(G, 2).shape == (2, 1, 16, 16, 16)
+    with pytest.raises(mofkit.CheckpointError, match="generator_channels=16 but the config asks for 0"):
+        mofkit.train(tiny_config(), random_grids(4), tmp_path, max_steps=3, progress=False)
+
+
 def test_train_corrupt_or_mismatched_checkpoint_clear_error_and_kept(tmp_path):
     mofkit.train(tiny_config(), random_grids(4), tmp_path, max_steps=1, progress=False)
     last = tmp_path / "last.pt"
