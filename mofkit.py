@@ -5121,10 +5121,12 @@ def main_train(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), default=None, **extra)
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
-    config = (TrainConfig.fast_gpu if args.fast_gpu else TrainConfig.study if args.study else TrainConfig)(**overrides)
-    dataset = ShardDataset(args.shards, seed=config.seed, batch_size=config.batch_size)
-    _, grid_channels, dim = read_shard_meta(dataset.shards[0])["shape"][:3]
-    config = dataclasses.replace(config, dim=dim, grid_channels=grid_channels)
+    shards = ShardDataset(args.shards).shards
+    # the grid size is the shards', so widths are checked against it, not against the default dim
+    _, grid_channels, dim = read_shard_meta(shards[0])["shape"][:3]
+    preset = TrainConfig.fast_gpu if args.fast_gpu else TrainConfig.study if args.study else TrainConfig
+    config = preset(**overrides, dim=dim, grid_channels=grid_channels)
+    dataset = ShardDataset(shards, seed=config.seed, batch_size=config.batch_size)
     result = train(config, dataset, args.out, resume=True, max_steps=args.max_steps, progress=not args.no_progress,
                    allow_config_change=args.allow_config_change)
     print(f"checkpoint: {result.checkpoint}")
