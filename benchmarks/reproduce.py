@@ -91,6 +91,7 @@ class Scale:
     density_blur: int = 0           # atoms: TrainConfig.density_blur (1: on)
     density_head: str = "channels"  # atoms: TrainConfig.density_head ("channels" or "occupancy")
     generator_channels: int = 0     # TrainConfig.generator_channels (0: channels)
+    r1_gamma: float = 0.0           # TrainConfig.r1_gamma (0: no R1 penalty)
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -174,7 +175,8 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
     fields = dict(dim=scale.size, channels=scale.channels, epochs=scale.epochs, seed=scale.seed,
                   checkpoint_every_min=scale.checkpoint_every_min, device=device,
                   grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur),
-                  density_head=scale.density_head, generator_channels=scale.generator_channels)
+                  density_head=scale.density_head, generator_channels=scale.generator_channels,
+                  r1_gamma=scale.r1_gamma)
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig
