@@ -3691,7 +3691,7 @@ def _generator_from(state, ema=True):
                            for k, v in (weights or state["generator"]).items()})
     except RuntimeError as e:
         raise CheckpointError(f"generator weights do not fit the recorded model (dim={config.dim}, "
-                              f"channels={config.generator_channels or config.channels}, latent={config.latent}): {e}") from None
+                              f"channels={G.channels}, latent={config.latent}): {e}") from None
     if weights is not None:
         _recalibrate_batchnorm(G)
     for name, t in G.state_dict().items():
