@@ -239,6 +239,9 @@ for run, dataset, steps in [("list", data, 2), ("stream", mofkit._Reiterable(dat
     res = mofkit.train(cfg, dataset, {out!r} + "/" + run, max_steps=steps, progress=False)
     torch.save([p.detach() for m in (res.generator, res.discriminator) for p in m.parameters()],
                {out!r} + f"/{{run}}/params{{rank}}.pt")
+# the script made the group, so it ends it: a gloo group left to interpreter exit can abort the process
+# ("terminate called without an active exception", exit -6; seen once in CI)
+torch.distributed.destroy_process_group()
 """
 
 
