@@ -2750,13 +2750,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # is the one those counts pin down: the projection has a bias and no BatchNorm (a ReLU follows it), the last
 # transposed convolution has no BatchNorm, and every discriminator convolution (the first too) does.
 
-def _widths(dim, channels):
+def _widths(dim, channels, name="channels"):
     """Feature channels from the 4^3 bottleneck outwards: channels, channels/2, ... (one per resolution step)."""
     steps = round(math.log2(dim / 4)) if dim >= 8 else 0
     if steps < 1 or 4 * 2 ** steps != dim:
         raise ValueError(f"dim={dim}: grid size must be 4 * 2^n with n >= 1 (8, 16, 32, 64, 128, ...)")
     if channels % 2 ** (steps - 1):
-        raise ValueError(f"channels={channels}: must be divisible by {2 ** (steps - 1)} for dim={dim}")
+        raise ValueError(f"{name}={channels}: must be divisible by {2 ** (steps - 1)} for dim={dim}")
     return [channels >> i for i in range(steps)]
 
 
@@ -3030,10 +3030,7 @@ class TrainConfig:
         _check_density_head(self.density_head)
         _widths(self.dim, self.channels)
         if self.generator_channels:
-            try:
-                _widths(self.dim, self.generator_channels)
-            except ValueError as e:  # dim passed above, so this is "channels=...: must be divisible ..."
-                raise ValueError(f"TrainConfig: generator_{e}") from None
+            _widths(self.dim, self.generator_channels, "generator_channels")
 
     @classmethod
     def study(cls, **overrides):
