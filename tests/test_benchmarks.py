@@ -7,7 +7,7 @@ import pytest
 
 from helpers import REPO  # first: it puts the repository on sys.path
 import mofkit  # noqa: E402
-from benchmarks import decoder_sweep, mutation, reproduce  # noqa: E402
+from benchmarks import capacity_fit, decoder_sweep, mutation, reproduce  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,10 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     assert decoder_sweep.contact_pairs([pair, pair], 0.5).to_dict() == {("C-C", "(0, 1, 1)"): 2}
     default = table[(table.neighbours == 6) & (table.side == "real")].iloc[0]
     assert default.atoms_per_nm3 == pytest.approx(targets["atoms_per_nm3"]["real"])
+    # the capacity check: a generator fitted to real cubes directly, each through its own latent
+    fit_table, mse = capacity_fit.main([str(out / "heldout"), "--n", "2", "--steps", "60", "--generator-channels", "8"])
+    assert mse[-1] < 0.3 * mse[0] and list(fit_table.side) == ["fit", "real"] * 2
+    fitted, _ = capacity_fit.fit(real[:2], 60, generator_channels=8)
+    gap = lambda a, b: float(np.abs(a[:, 1:] - b[:, 1:]).mean())  # density channels
+    assert gap(fitted[0:1], real[0:1]) < gap(fitted[0:1], real[1:2])
+    assert gap(fitted[1:2], real[1:2]) < gap(fitted[1:2], real[0:1])
