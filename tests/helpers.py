@@ -239,9 +239,14 @@ for run, dataset, steps in [("list", data, 2), ("stream", mofkit._Reiterable(dat
     res = mofkit.train(cfg, dataset, {out!r} + "/" + run, max_steps=steps, progress=False)
     torch.save([p.detach() for m in (res.generator, res.discriminator) for p in m.parameters()],
                {out!r} + f"/{{run}}/params{{rank}}.pt")
-# the script made the group, so it ends it: a gloo group left to interpreter exit can abort the process
-# ("terminate called without an active exception", exit -6; seen once in CI)
+# The script made the group, so it ends it, both ranks together, and then leaves without the interpreter's
+# teardown: torch's at-exit teardown after a gloo run sometimes aborts a rank ("terminate called without an
+# active exception", exit -6) after all its work is saved -- twice in CI, 1 of 40 pairs here without
+# OMP_NUM_THREADS, even with the group destroyed; with this ending 0 of 130 (2026-12-06).
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 """
 
 
