@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mofkit  # noqa: E402
-from benchmarks.decoder_sweep import decoder_table, occupancy, peak_anatomy  # noqa: E402
+from benchmarks.decoder_sweep import decoder_table, heldout_draw, occupancy, peak_anatomy  # noqa: E402
 from benchmarks.reproduce import SCALES  # noqa: E402
 
 SETTINGS = [(6, None), (26, 0.6)]  # (peak_neighbours, threshold): the default decoder and decoder_sweep's 26 / 0.6
@@ -66,7 +66,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     params = mofkit.ShardDataset(args.heldout).params
     kw = params.decode_kwargs()
-    real = mofkit.read_grids(args.heldout, SCALES["atoms"].n_eval, seed=0)[0][:args.n]
+    real = heldout_draw(args.heldout, args.n)
     start = time.perf_counter()
     fitted, mse = fit(real, args.steps, args.generator_channels, bool(args.density_blur), args.lr, args.seed,
                       log_every=max(1, args.steps // 10))

@@ -27,10 +27,15 @@ from benchmarks.reproduce import N_STRUCTURES, SCALES  # noqa: E402
 SETTINGS = [(6, None), (26, None), (6, 0.6), (26, 0.6), (26, 0.45), (26, 0.3)]  # (peak_neighbours, threshold)
 
 
+def heldout_draw(heldout_dir, n=N_STRUCTURES, seed=0):
+    """The held-out grids reproduce.py's structure report decodes: the first n of its evaluation draw."""
+    return mofkit.read_grids(heldout_dir, SCALES["atoms"].n_eval, seed=seed)[0][:n]
+
+
 def draws(generator, heldout_dir, n=N_STRUCTURES, seed=0, ema=True):
-    """(real, generated) grids: the draws reproduce.py's structure report decodes (its held-out grids, generated
+    """(real, generated) grids: the draws reproduce.py's structure report decodes (`heldout_draw`, generated
     ones sampled with seed 2000 + seed; ema=False: a checkpoint's raw generator instead of its moving average)."""
-    real = mofkit.read_grids(heldout_dir, SCALES["atoms"].n_eval, seed=seed)[0][:n]
+    real = heldout_draw(heldout_dir, n, seed)
     return real, mofkit.sample(generator, len(real), seed=2000 + seed, ema=ema)
 
 
