@@ -2837,9 +2837,15 @@ def binomial_blur(x):
 
 class Discriminator(torch.nn.Module):
     """grids (N, in_channels, dim, dim, dim) in GAN space -> D(x) in (0, 1), shape (N,); with sigmoid=False
-    the raw score (the logit), as LSGAN's own discriminator (Mao et al. 2017) has no output squashing."""
+    the raw score (the logit), as LSGAN's own discriminator (Mao et al. 2017) has no output squashing.
 
-    def __init__(self, dim=64, channels=512, in_channels=1, sigmoid=True):
+    patch=True adds PatchGAN's local scores (Isola et al. 2017): a 1x1x1 convolution on the second block's
+    features (dim/4 per edge, each seeing 10 voxels), so that every neighbourhood of a grid is judged, not only the
+    whole through the 4^3 bottleneck. The output is then (N, 1 + (dim/4)^3): column 0 the global score, the rest
+    the patches'; the losses weigh the two parts equally (`discriminator_loss`).
+    """
+
+    def __init__(self, dim=64, channels=512, in_channels=1, sigmoid=True, patch=False):
         super().__init__()
         self.sigmoid = sigmoid
         nn = torch.nn
@@ -2850,9 +2856,16 @@ class Discriminator(torch.nn.Module):
             layers += [nn.Conv3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels * 4 ** 3, 1)
+        if patch and len(widths) < 2:
+            raise ValueError(f"dim={dim}: patch scores need dim >= 16 (they are read at dim/4)")
+        self.patch_head = nn.Conv3d(widths[1], 1, 1) if patch else None
 
     def forward(self, x):
-        score = self.head(self.features(x).flatten(1)).squeeze(1)
+        if self.patch_head is None:
+            score = self.head(self.features(x).flatten(1)).squeeze(1)
+        else:
+            local = self.features[:6](x)  # two blocks of (conv, norm, ReLU): dim/4 per edge
+            score = torch.cat([self.head(self.features[6:](local).flatten(1)), self.patch_head(local).flatten(1)], 1)
         return torch.sigmoid(score) if self.sigmoid else score
 
 
@@ -2993,6 +3006,7 @@ class TrainConfig:
                                     # (Yazici et al. 2019); 0 = sample the raw generator
     r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
+    d_patch: bool = False           # D also scores each neighbourhood (PatchGAN; `Discriminator`)
     density_blur: bool = False      # the generator's density channels through `binomial_blur` (no-op for one
                                     # channel): helps at density width 1.5 voxels, fails at 1 (README,
                                     # "Generated atoms")
@@ -3181,15 +3195,31 @@ def _config_from_checkpoint(ckpt):
 def _models(config):
     return (Generator(config.dim, config.latent, config.generator_channels or config.channels, config.grid_channels,
                       config.transform, config.density_blur, config.density_head),
-            Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid))
+            Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid,
+                          patch=config.d_patch))
 
 
 # --- the objective -------------------------------------------------------------
 
+def _score_parts(d):
+    """A discriminator's output as its parts: (global,) for shape (N,), (global, patches) for (N, 1 + P)."""
+    return (d,) if d.ndim == 1 else (d[:, 0], d[:, 1:])
+
+
+def global_score(d):
+    """The whole-grid score of a discriminator output, with or without patch scores (`Discriminator`)."""
+    return _score_parts(d)[0]
+
+
 def discriminator_loss(loss, d_real, d_fake):
     """The loss D minimises, from its outputs on real and generated batches (`loss` as in TrainConfig):
     lsgan 0.5 (mean (D(x) - 1)^2 + mean D(G(z))^2); hinge mean relu(1 - D(x)) + mean relu(1 + D(G(z)));
-    nonsat mean softplus(-D(x)) + mean softplus(D(G(z))) (the logistic loss on raw scores)."""
+    nonsat mean softplus(-D(x)) + mean softplus(D(G(z))) (the logistic loss on raw scores). With patch scores
+    the loss is the global score's plus the patches' (each patch a sample of the mean)."""
+    return sum(_discriminator_loss(loss, r, f) for r, f in zip(_score_parts(d_real), _score_parts(d_fake)))
+
+
+def _discriminator_loss(loss, d_real, d_fake):
     F = torch.nn.functional
     if loss == "lsgan":
         return 0.5 * (F.mse_loss(d_real, torch.ones_like(d_real)) + F.mse_loss(d_fake, torch.zeros_like(d_fake)))
@@ -3202,7 +3232,12 @@ def discriminator_loss(loss, d_real, d_fake):
 
 def generator_loss(loss, d_gen):
     """The loss G minimises from D's output on its batch: lsgan mean (D(G(z)) - 1)^2; hinge -mean D(G(z));
-    nonsat mean softplus(-D(G(z))) (Goodfellow et al.'s non-saturating form)."""
+    nonsat mean softplus(-D(G(z))) (Goodfellow et al.'s non-saturating form); with patch scores, summed as in
+    `discriminator_loss`."""
+    return sum(_generator_loss(loss, d) for d in _score_parts(d_gen))
+
+
+def _generator_loss(loss, d_gen):
     F = torch.nn.functional
     if loss == "lsgan":
         return F.mse_loss(d_gen, torch.ones_like(d_gen))
@@ -3313,7 +3348,9 @@ def _gan_step(run, real, step):
         loss_d = discriminator_loss(config.loss, d_real, d_fake)
     total_d = loss_d
     if r1:  # zero-centred gradient penalty on real data, scaled by the interval (lazy regularisation)
-        grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+        # on the score per grid: the global one plus the patches' mean (as the loss weighs them)
+        per_grid = sum(part.flatten(1).mean(1) if part.ndim == 2 else part for part in _score_parts(d_real))
+        grad, = torch.autograd.grad(per_grid.sum(), real, create_graph=True)
         total_d = loss_d + 0.5 * config.r1_gamma * config.r1_every * grad.float().pow(2).flatten(1).sum(1).mean()
     run.opt_d.zero_grad(set_to_none=True)
     run.scaler.scale(total_d).backward()
@@ -3334,7 +3371,7 @@ def _gan_step(run, real, step):
             torch._foreach_lerp_(list(run.G_ema.parameters()), list(run.G.parameters()), 1 - decay)
             for b_ema, b in zip(run.G_ema.buffers(), run.G.buffers()):
                 b_ema.copy_(b)
-    return torch.stack([loss_d, loss_g, d_real.mean(), d_fake.mean()]).detach()
+    return torch.stack([loss_d, loss_g, global_score(d_real).mean(), global_score(d_fake).mean()]).detach()
 
 
 # --- data --------------------------------------------------------------------

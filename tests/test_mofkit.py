@@ -1341,6 +1341,34 @@ def test_discriminator_raw_score_is_the_logit_of_the_sigmoid_output_and_trains(t
     assert res.discriminator.sigmoid is False and mofkit.load_checkpoint(res.checkpoint)["config"]["d_sigmoid"] is False
 
 
+def test_patch_discriminator_scores_each_neighbourhood_and_the_whole():
+    """d_patch: column 0 is the plain discriminator's score (same weights), the other (dim/4)^3 columns are local:
+    a change in one corner of the grid moves only the patch scores whose 10-voxel field covers it."""
+    torch.manual_seed(0)
+    D = mofkit.Discriminator(dim=32, channels=16, in_channels=2, sigmoid=False, patch=True).eval()
+    plain = mofkit.Discriminator(dim=32, channels=16, in_channels=2, sigmoid=False).eval()
+    plain.load_state_dict({k: v for k, v in D.state_dict().items() if not k.startswith("patch_head")})
+    x = torch.rand(3, 2, 32, 32, 32)
+    with torch.no_grad():
+        d = D(x)
+        assert d.shape == (3, 1 + 8 ** 3)
+        torch.testing.assert_close(mofkit.global_score(d), plain(x))
+        y = x.clone()
+        y[:, :, :2, :2, :2] = 5.0
+        moved = (D(y)[:, 1:] - d[:, 1:]).abs().view(3, 8, 8, 8) > 1e-6
+    assert moved[:, 0, 0, 0].all() and not moved[:, 2:].any() and not moved[:, :, 2:].any()
+    assert not moved[:, :, :, 2:].any()
+    with pytest.raises(ValueError, match="dim=8: patch scores"):
+        mofkit.Discriminator(dim=8, channels=8, patch=True)
+    # the losses: the global score's plus the patches' (each patch one sample of the mean)
+    d_real, d_fake = torch.tensor([[0.9, 0.2, 1.4], [0.3, -2.0, 0.5]]), torch.tensor([[0.1, -0.3, 0.6], [-1.2, 0.4, 0.0]])
+    hinge = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
+    expect = hinge(d_real[:, 0], d_fake[:, 0]) + hinge(d_real[:, 1:], d_fake[:, 1:])
+    assert mofkit.discriminator_loss("hinge", d_real, d_fake).item() == pytest.approx(expect.item())
+    assert mofkit.generator_loss("hinge", d_fake).item() == pytest.approx(
+        (-d_fake[:, 0].mean() - d_fake[:, 1:].mean()).item())
+
+
 def test_gan_rejects_bad_sizes():
     with pytest.raises(ValueError, match="dim=48"):
         mofkit.Generator(dim=48)
@@ -1613,16 +1641,22 @@ def test_gan_losses_are_the_published_objectives():
         sum(-math.log(sig(x)) for x in [0.1, -0.3, 0.6]) / 3, rel=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["kit", "study"])
+@pytest.mark.parametrize("preset", ["kit", "study", "patch"])
 def test_gan_step_minimises_each_players_loss(preset):
     """One _gan_step: D's loss is measured on D before its update and G's on D after it, from the same fakes;
     each player's update lowers its own loss on those inputs (a flipped target would raise it). The objectives
-    are written out here: the kit's hinge loss on raw scores, the study's least squares on a Sigmoid output."""
+    are written out here: the kit's hinge loss on raw scores, the study's least squares on a Sigmoid output,
+    the hinge loss on the global score plus on the patch scores (d_patch; the log shows the global score)."""
     if preset == "kit":
         config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0)
         assert (config.loss, config.d_sigmoid) == ("hinge", False)
         loss_d_of = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
         loss_g_of = lambda g: -g.mean()
+    elif preset == "patch":
+        config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0, d_patch=True)
+        hinge = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
+        loss_d_of = lambda r, f: hinge(r[:, 0], f[:, 0]) + hinge(r[:, 1:], f[:, 1:])
+        loss_g_of = lambda g: -g[:, 0].mean() - g[:, 1:].mean()
     else:
         config = mofkit.TrainConfig.study(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3)
         loss_d_of = lambda r, f: 0.5 * (((r - 1) ** 2).mean() + (f ** 2).mean())
@@ -1639,12 +1673,39 @@ def test_gan_step_minimises_each_players_loss(preset):
     if preset == "study":  # the study: D ends in a Sigmoid
         assert ((0 < out_real) & (out_real < 1)).all()
     expect_d = loss_d_of(out_real, out_fake)
-    assert loss_d == pytest.approx(expect_d.item(), rel=1e-5) and d_real == pytest.approx(out_real.mean().item(), rel=1e-5)
+    assert loss_d == pytest.approx(expect_d.item(), rel=1e-5)
+    assert d_real == pytest.approx(out_real[..., 0].mean().item() if preset == "patch" else out_real.mean().item(),
+                                   rel=1e-5)
     assert loss_d_of(run.D(real), run.D(fake)) < expect_d   # D moved towards its targets
     expect_g = loss_g_of(run.D(fake))
     assert loss_g == pytest.approx(expect_g.item(), rel=1e-4, abs=1e-6)
     torch.manual_seed(5)
     assert loss_g_of(run.D(run.G(torch.randn(4, 8)))) < expect_g  # G moved D's verdict on its samples to "real"
+
+
+@pytest.mark.parametrize("d_patch", [False, True])
+def test_r1_step_gives_d_the_gradient_of_the_written_out_penalty(d_patch):
+    """A lazy-R1 step: D's gradient is that of hinge + 0.5 gamma r1_every E|grad_x s(x)|^2 on real grids, with s
+    the score per grid (with patch scores: the global one plus the patches' mean)."""
+    gamma, every = 0.7, 4
+    config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, ema=0.0, r1_gamma=gamma, r1_every=every,
+                                d_patch=d_patch)
+    mofkit._seed_all(0)
+    run = mofkit._build_run(config, torch.device("cpu"))
+    real = mofkit.to_gan_input(torch.stack(random_grids(4)), 800.0, config.transform)
+    D0 = copy.deepcopy(run.D)
+    torch.manual_seed(5)
+    fake = run.G(torch.randn(4, 8)).detach()
+    torch.manual_seed(5)
+    mofkit._gan_step(run, real, step=2 * every)
+    x = real.clone().requires_grad_(True)
+    d_real, d_fake = D0(x), D0(fake)
+    score = d_real[:, 0] + d_real[:, 1:].mean(1) if d_patch else d_real
+    grad_x, = torch.autograd.grad(score.sum(), x, create_graph=True)
+    total = mofkit.discriminator_loss("hinge", d_real, d_fake) + 0.5 * gamma * every * grad_x.pow(2).sum((1, 2, 3, 4)).mean()
+    expect = torch.autograd.grad(total, list(D0.parameters()))
+    for (name, p), g in zip(run.D.named_parameters(), expect):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_ema_generator_is_the_moving_average_of_the_weights(tmp_path):
@@ -1685,8 +1746,9 @@ def test_cube_symmetries_are_the_48_distinct_rotations_and_reflections():
         mofkit.cube_symmetry(g, 48)
 
 
-def test_augmented_training_resumes_exactly_and_r1_runs(tmp_path):
-    cfg = tiny_config(augment=True, r1_gamma=1.0, r1_every=2, transform="signed")
+@pytest.mark.parametrize("d_patch", [False, True])
+def test_augmented_training_resumes_exactly_and_r1_runs(tmp_path, d_patch):
+    cfg = tiny_config(augment=True, r1_gamma=1.0, r1_every=2, transform="signed", d_patch=d_patch)
     straight = mofkit.train(cfg, random_grids(6), tmp_path / "a", max_steps=4, progress=False)
     mofkit.train(cfg, random_grids(6), tmp_path / "b", max_steps=2, progress=False)
     resumed = mofkit.train(cfg, random_grids(6), tmp_path / "b", max_steps=4, progress=False)
