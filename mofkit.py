@@ -2839,22 +2839,28 @@ class Discriminator(torch.nn.Module):
     """grids (N, in_channels, dim, dim, dim) in GAN space -> D(x) in (0, 1), shape (N,); with sigmoid=False
     the raw score (the logit), as LSGAN's own discriminator (Mao et al. 2017) has no output squashing.
 
+    norm="batch" is the study's BatchNorm after every convolution. `_gan_step` runs D on a real batch and on a
+    generated batch apart, so each is normalised by its own statistics: D cannot see a contrast (a scale of its
+    input about 0) shared by a whole batch, e.g. every generated peak weaker than real (tested). norm="none":
+    no normalisation, the convolutions get a bias.
+
     patch=True adds PatchGAN's local scores (Isola et al. 2017): a 1x1x1 convolution on the second block's
     features (dim/4 per edge, each seeing 10 voxels), so that every neighbourhood of a grid is judged, not only the
     whole through the 4^3 bottleneck. The output is then (N, 1 + (dim/4)^3): column 0 the global score, the rest
     the patches'; the losses weigh the two parts equally (`discriminator_loss`).
     """
 
-    def __init__(self, dim=64, channels=512, in_channels=1, sigmoid=True, patch=False):
+    def __init__(self, dim=64, channels=512, in_channels=1, sigmoid=True, patch=False, norm="batch"):
         super().__init__()
-        self.sigmoid = sigmoid
+        self.sigmoid, self.norm = sigmoid, _check_d_norm(norm)
         nn = torch.nn
         widths = _widths(dim, channels)[::-1]
         self.dim, self.channels, self.in_channels = dim, channels, in_channels
-        layers = []
-        for c_in, c_out in zip([in_channels] + widths, widths):
-            layers += [nn.Conv3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers)
+        blocks = [[nn.Conv3d(c_in, c_out, 4, 2, 1, bias=norm == "none")]
+                  + ([nn.BatchNorm3d(c_out)] if norm == "batch" else []) + [nn.ReLU(inplace=True)]
+                  for c_in, c_out in zip([in_channels] + widths, widths)]
+        self._local_layers = sum(len(b) for b in blocks[:2])  # the modules up to the patch scores
+        self.features = nn.Sequential(*(m for b in blocks for m in b))
         self.head = nn.Linear(channels * 4 ** 3, 1)
         if patch and len(widths) < 2:
             raise ValueError(f"dim={dim}: patch scores need dim >= 16 (they are read at dim/4)")
@@ -2864,9 +2870,19 @@ class Discriminator(torch.nn.Module):
         if self.patch_head is None:
             score = self.head(self.features(x).flatten(1)).squeeze(1)
         else:
-            local = self.features[:6](x)  # two blocks of (conv, norm, ReLU): dim/4 per edge
-            score = torch.cat([self.head(self.features[6:](local).flatten(1)), self.patch_head(local).flatten(1)], 1)
+            local = self.features[:self._local_layers](x)  # two blocks: dim/4 per edge
+            score = torch.cat([self.head(self.features[self._local_layers:](local).flatten(1)),
+                               self.patch_head(local).flatten(1)], 1)
         return torch.sigmoid(score) if self.sigmoid else score
+
+
+D_NORMS = ("batch", "none")
+
+
+def _check_d_norm(norm):
+    if norm not in D_NORMS:
+        raise ValueError(f"d_norm={norm!r}: use one of {D_NORMS}")
+    return norm
 
 
 # Input transforms (kelvin -> GAN space), on channel 0; extra channels (atom densities already in [0, 1])
@@ -3007,6 +3023,7 @@ class TrainConfig:
     r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
     d_patch: bool = False           # D also scores each neighbourhood (PatchGAN; `Discriminator`)
+    d_norm: str = "batch"           # D's normalisation: "batch" (the study's) or "none" (`Discriminator`)
     density_blur: bool = False      # the generator's density channels through `binomial_blur` (no-op for one
                                     # channel): helps at density width 1.5 voxels, fails at 1 (README,
                                     # "Generated atoms")
@@ -3042,6 +3059,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: loss={self.loss!r} needs D's raw score (d_sigmoid=False)")
         _check_transform(self.transform)
         _check_density_head(self.density_head)
+        _check_d_norm(self.d_norm)
         _widths(self.dim, self.channels)
         if self.generator_channels:
             _widths(self.dim, self.generator_channels, "generator_channels")
@@ -3051,7 +3069,7 @@ class TrainConfig:
         """The study's recipe exactly: Sigmoid D under MSE (targets 1/0), batch 2, 48 epochs, Adam 2e-4
         (0.5, 0.999), the "wells" transform, no EMA, no regulariser, no augmentation."""
         preset = dict(batch_size=2, epochs=48, loss="lsgan", d_sigmoid=True, transform="wells", ema=0.0,
-                      r1_gamma=0.0, augment=False)
+                      r1_gamma=0.0, augment=False, d_norm="batch")
         return cls(**{**preset, **overrides})
 
     @classmethod
@@ -3184,7 +3202,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 # checkpoints written before a field existed ran with the behaviour its study-preset value names
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
-                 "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0}
+                 "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
+                 "d_norm": "batch"}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3196,7 +3215,7 @@ def _models(config):
     return (Generator(config.dim, config.latent, config.generator_channels or config.channels, config.grid_channels,
                       config.transform, config.density_blur, config.density_head),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid,
-                          patch=config.d_patch))
+                          patch=config.d_patch, norm=config.d_norm))
 
 
 # --- the objective -------------------------------------------------------------

@@ -1369,6 +1369,25 @@ def test_patch_discriminator_scores_each_neighbourhood_and_the_whole():
         (-d_fake[:, 0].mean() - d_fake[:, 1:].mean()).item())
 
 
+def test_batchnorm_discriminator_cannot_see_a_contrast_shared_by_a_batch():
+    """The study's D normalises each batch by its own statistics, and _gan_step shows it real and generated batches
+    apart: a whole batch at 0.6x the contrast scores exactly as the batch itself. Without the norm it does not."""
+    torch.manual_seed(0)
+    x = 2 * torch.rand(4, 3, 16, 16, 16) - 1
+    for patch in (False, True):
+        batch = mofkit.Discriminator(dim=16, channels=8, in_channels=3, sigmoid=False, patch=patch)
+        plain = mofkit.Discriminator(dim=16, channels=8, in_channels=3, sigmoid=False, patch=patch, norm="none")
+        with torch.no_grad():
+            torch.testing.assert_close(batch(0.6 * x), batch(x))
+            assert (plain(0.6 * x) - plain(x)).abs().max() > 1e-3
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in plain.modules())
+    assert all(m.bias is not None for m in plain.modules() if isinstance(m, torch.nn.Conv3d))
+    with pytest.raises(ValueError, match="d_norm='layer'"):
+        mofkit.TrainConfig(d_norm="layer")
+    assert mofkit.TrainConfig.study(d_patch=True).d_norm == "batch"
+    assert mofkit._config_from_checkpoint({"config": {}}).d_norm == "batch"  # models trained before it
+
+
 def test_gan_rejects_bad_sizes():
     with pytest.raises(ValueError, match="dim=48"):
         mofkit.Generator(dim=48)
@@ -1683,13 +1702,13 @@ def test_gan_step_minimises_each_players_loss(preset):
     assert loss_g_of(run.D(run.G(torch.randn(4, 8)))) < expect_g  # G moved D's verdict on its samples to "real"
 
 
-@pytest.mark.parametrize("d_patch", [False, True])
-def test_r1_step_gives_d_the_gradient_of_the_written_out_penalty(d_patch):
+@pytest.mark.parametrize("d_patch,d_norm", [(False, "batch"), (True, "batch"), (True, "none")])
+def test_r1_step_gives_d_the_gradient_of_the_written_out_penalty(d_patch, d_norm):
     """A lazy-R1 step: D's gradient is that of hinge + 0.5 gamma r1_every E|grad_x s(x)|^2 on real grids, with s
     the score per grid (with patch scores: the global one plus the patches' mean)."""
     gamma, every = 0.7, 4
     config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, ema=0.0, r1_gamma=gamma, r1_every=every,
-                                d_patch=d_patch)
+                                d_patch=d_patch, d_norm=d_norm)
     mofkit._seed_all(0)
     run = mofkit._build_run(config, torch.device("cpu"))
     real = mofkit.to_gan_input(torch.stack(random_grids(4)), 800.0, config.transform)
