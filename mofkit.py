@@ -2839,10 +2839,10 @@ class Discriminator(torch.nn.Module):
     """grids (N, in_channels, dim, dim, dim) in GAN space -> D(x) in (0, 1), shape (N,); with sigmoid=False
     the raw score (the logit), as LSGAN's own discriminator (Mao et al. 2017) has no output squashing.
 
-    norm="batch" is the study's BatchNorm after every convolution. `_gan_step` runs D on a real batch and on a
-    generated batch apart, so each is normalised by its own statistics: D cannot see a contrast (a scale of its
-    input about 0) shared by a whole batch, e.g. every generated peak weaker than real (tested). norm="none":
-    no normalisation, the convolutions get a bias.
+    norm="batch" is the study's BatchNorm after every convolution. Run on a real batch and on a generated batch
+    apart (TrainConfig(d_norm="batch"), the study's step), each is normalised by its own statistics: D cannot see
+    a contrast (a scale of its input about 0) shared by a whole batch, e.g. every generated peak weaker than real
+    (tested). d_norm="joint" shows it both as one batch; norm="none": no normalisation, convolutions with a bias.
 
     patch=True adds PatchGAN's local scores (Isola et al. 2017): a 1x1x1 convolution on the second block's
     features (dim/4 per edge, each seeing 10 voxels), so that every neighbourhood of a grid is judged, not only the
@@ -2852,7 +2852,7 @@ class Discriminator(torch.nn.Module):
 
     def __init__(self, dim=64, channels=512, in_channels=1, sigmoid=True, patch=False, norm="batch"):
         super().__init__()
-        self.sigmoid, self.norm = sigmoid, _check_d_norm(norm)
+        self.sigmoid, self.norm = sigmoid, _check_d_norm(norm, D_NORMS[:2])
         nn = torch.nn
         widths = _widths(dim, channels)[::-1]
         self.dim, self.channels, self.in_channels = dim, channels, in_channels
@@ -2876,12 +2876,12 @@ class Discriminator(torch.nn.Module):
         return torch.sigmoid(score) if self.sigmoid else score
 
 
-D_NORMS = ("batch", "none")
+D_NORMS = ("batch", "none", "joint")  # "joint": BatchNorm, shown real and generated grids as one batch (_gan_step)
 
 
-def _check_d_norm(norm):
-    if norm not in D_NORMS:
-        raise ValueError(f"d_norm={norm!r}: use one of {D_NORMS}")
+def _check_d_norm(norm, allowed=D_NORMS):
+    if norm not in allowed:
+        raise ValueError(f"d_norm={norm!r}: use one of {allowed}")
     return norm
 
 
@@ -3023,7 +3023,8 @@ class TrainConfig:
     r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
     d_patch: bool = False           # D also scores each neighbourhood (PatchGAN; `Discriminator`)
-    d_norm: str = "batch"           # D's normalisation: "batch" (the study's) or "none" (`Discriminator`)
+    d_norm: str = "batch"           # D's normalisation: "batch" (the study's: real and generated batches apart),
+                                    # "joint" (BatchNorm over both as one batch) or "none" (`Discriminator`)
     density_blur: bool = False      # the generator's density channels through `binomial_blur` (no-op for one
                                     # channel): helps at density width 1.5 voxels, fails at 1 (README,
                                     # "Generated atoms")
@@ -3215,7 +3216,7 @@ def _models(config):
     return (Generator(config.dim, config.latent, config.generator_channels or config.channels, config.grid_channels,
                       config.transform, config.density_blur, config.density_head),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid,
-                          patch=config.d_patch, norm=config.d_norm))
+                          patch=config.d_patch, norm="none" if config.d_norm == "none" else "batch"))
 
 
 # --- the objective -------------------------------------------------------------
@@ -3362,8 +3363,12 @@ def _gan_step(run, real, step):
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
         fake = run.G_step(z)
-        d_real = (run.D_step_r1 if r1 else run.D_step)(real).float()
-        d_fake = run.D_step(fake.detach()).float()
+        if config.d_norm == "joint":  # one batch, real then generated: BatchNorm sees both (`Discriminator`)
+            both = (run.D_step_r1 if r1 else run.D_step)(torch.cat([real, fake.detach()])).float()
+            d_real, d_fake = both[:len(real)], both[len(real):]
+        else:
+            d_real = (run.D_step_r1 if r1 else run.D_step)(real).float()
+            d_fake = run.D_step(fake.detach()).float()
         loss_d = discriminator_loss(config.loss, d_real, d_fake)
     total_d = loss_d
     if r1:  # zero-centred gradient penalty on real data, scaled by the interval (lazy regularisation)
@@ -3377,7 +3382,10 @@ def _gan_step(run, real, step):
 
     run.D.requires_grad_(False)  # the G step needs D's input gradients only
     with run.autocast(device_type):
-        d_gen = run.D_step_for_G(fake).float()
+        if config.d_norm == "joint":
+            d_gen = run.D_step_for_G(torch.cat([real.detach(), fake])).float()[len(real):]
+        else:
+            d_gen = run.D_step_for_G(fake).float()
         loss_g = generator_loss(config.loss, d_gen)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()

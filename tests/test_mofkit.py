@@ -1384,6 +1384,12 @@ def test_batchnorm_discriminator_cannot_see_a_contrast_shared_by_a_batch():
     assert all(m.bias is not None for m in plain.modules() if isinstance(m, torch.nn.Conv3d))
     with pytest.raises(ValueError, match="d_norm='layer'"):
         mofkit.TrainConfig(d_norm="layer")
+    with pytest.raises(ValueError, match="d_norm='joint'"):  # a way of running the batch-normalised D, not a module
+        mofkit.Discriminator(dim=16, channels=8, norm="joint")
+    # shown as one batch (d_norm="joint"), the same D tells the dimmed half from the rest
+    with torch.no_grad():
+        joint = batch(torch.cat([x, 0.6 * x]))
+    assert (joint[4:] - joint[:4]).abs().max() > 1e-3
     assert mofkit.TrainConfig.study(d_patch=True).d_norm == "batch"
     assert mofkit._config_from_checkpoint({"config": {}}).d_norm == "batch"  # models trained before it
 
@@ -1660,17 +1666,22 @@ def test_gan_losses_are_the_published_objectives():
         sum(-math.log(sig(x)) for x in [0.1, -0.3, 0.6]) / 3, rel=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["kit", "study", "patch"])
+@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint"])
 def test_gan_step_minimises_each_players_loss(preset):
     """One _gan_step: D's loss is measured on D before its update and G's on D after it, from the same fakes;
     each player's update lowers its own loss on those inputs (a flipped target would raise it). The objectives
     are written out here: the kit's hinge loss on raw scores, the study's least squares on a Sigmoid output,
-    the hinge loss on the global score plus on the patch scores (d_patch; the log shows the global score)."""
-    if preset == "kit":
-        config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0)
+    the hinge loss on the global score plus on the patch scores (d_patch; the log shows the global score), the
+    hinge loss with real and generated grids through D as one batch (d_norm="joint")."""
+    scores = lambda D, real, fake: (D(real), D(fake))
+    if preset in ("kit", "joint"):
+        config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0,
+                                    d_norm="batch" if preset == "kit" else "joint")
         assert (config.loss, config.d_sigmoid) == ("hinge", False)
         loss_d_of = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
         loss_g_of = lambda g: -g.mean()
+        if preset == "joint":
+            scores = lambda D, real, fake: D(torch.cat([real, fake])).split(len(real))
     elif preset == "patch":
         config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0, d_patch=True)
         hinge = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
@@ -1688,21 +1699,21 @@ def test_gan_step_minimises_each_players_loss(preset):
     loss_d, loss_g, d_real, d_fake = mofkit._gan_step(run, real, step=1).tolist()
     torch.manual_seed(5)
     fake = G0(torch.randn(4, 8)).detach()
-    out_real, out_fake = D0(real), D0(fake)
+    out_real, out_fake = scores(D0, real, fake)
     if preset == "study":  # the study: D ends in a Sigmoid
         assert ((0 < out_real) & (out_real < 1)).all()
     expect_d = loss_d_of(out_real, out_fake)
     assert loss_d == pytest.approx(expect_d.item(), rel=1e-5)
     assert d_real == pytest.approx(out_real[..., 0].mean().item() if preset == "patch" else out_real.mean().item(),
                                    rel=1e-5)
-    assert loss_d_of(run.D(real), run.D(fake)) < expect_d   # D moved towards its targets
-    expect_g = loss_g_of(run.D(fake))
+    assert loss_d_of(*scores(run.D, real, fake)) < expect_d   # D moved towards its targets
+    expect_g = loss_g_of(scores(run.D, real, fake)[1])
     assert loss_g == pytest.approx(expect_g.item(), rel=1e-4, abs=1e-6)
     torch.manual_seed(5)
-    assert loss_g_of(run.D(run.G(torch.randn(4, 8)))) < expect_g  # G moved D's verdict on its samples to "real"
+    assert loss_g_of(scores(run.D, real, run.G(torch.randn(4, 8)))[1]) < expect_g  # G moved D's verdict to "real"
 
 
-@pytest.mark.parametrize("d_patch,d_norm", [(False, "batch"), (True, "batch"), (True, "none")])
+@pytest.mark.parametrize("d_patch,d_norm", [(False, "batch"), (True, "batch"), (True, "none"), (False, "joint")])
 def test_r1_step_gives_d_the_gradient_of_the_written_out_penalty(d_patch, d_norm):
     """A lazy-R1 step: D's gradient is that of hinge + 0.5 gamma r1_every E|grad_x s(x)|^2 on real grids, with s
     the score per grid (with patch scores: the global one plus the patches' mean)."""
@@ -1718,7 +1729,11 @@ def test_r1_step_gives_d_the_gradient_of_the_written_out_penalty(d_patch, d_norm
     torch.manual_seed(5)
     mofkit._gan_step(run, real, step=2 * every)
     x = real.clone().requires_grad_(True)
-    d_real, d_fake = D0(x), D0(fake)
+    if d_norm == "joint":  # one batch through BatchNorm: real then generated
+        both = D0(torch.cat([x, fake]))
+        d_real, d_fake = both[:4], both[4:]
+    else:
+        d_real, d_fake = D0(x), D0(fake)
     score = d_real[:, 0] + d_real[:, 1:].mean(1) if d_patch else d_real
     grad_x, = torch.autograd.grad(score.sum(), x, create_graph=True)
     total = mofkit.discriminator_loss("hinge", d_real, d_fake) + 0.5 * gamma * every * grad_x.pow(2).sum((1, 2, 3, 4)).mean()
