@@ -49,6 +49,7 @@ DENSITY = "density or round_trip or grid_to_atoms"
 CLUSTER = "cluster_route"
 CLI = "cli_"
 GAN = "gan_losses or gan_step_minimises"
+DISCRIMINATOR = "gan_step_minimises or r1_step or patch_discriminator or contrast_shared"
 
 MUTANTS = [
     # LJ kernel, force field and periodic images
@@ -158,6 +159,17 @@ MUTANTS = [
     Mutant("hinge_fake_sign", "GAN loss", "F.relu(1 + d_fake).mean()", "F.relu(1 - d_fake).mean()", GAN),
     Mutant("nonsat_g_saturating", "GAN loss", "return F.softplus(-d_gen).mean()", "return -F.softplus(d_gen).mean()",
            GAN),
+    # the discriminator's options (patch scores, normalisation) and R1
+    Mutant("r1_unscaled_by_interval", "R1", "0.5 * config.r1_gamma * config.r1_every *", "0.5 * config.r1_gamma *",
+           DISCRIMINATOR),
+    Mutant("r1_patch_sum_not_mean", "R1", "per_grid = sum(part.flatten(1).mean(1)", "per_grid = sum(part.flatten(1).sum(1)",
+           DISCRIMINATOR),
+    Mutant("patch_loss_dropped", "GAN loss", "zip(_score_parts(d_real), _score_parts(d_fake)))",
+           "zip(_score_parts(d_real)[:1], _score_parts(d_fake)[:1]))", DISCRIMINATOR),
+    Mutant("joint_g_step_apart", "discriminator norm", "d_gen = run.D_step_for_G(torch.cat([real.detach(), fake])).float()[len(real):]",
+           "d_gen = run.D_step_for_G(fake).float()", DISCRIMINATOR),
+    Mutant("d_norm_none_keeps_batchnorm", "discriminator norm", '+ ([nn.BatchNorm3d(c_out)] if norm == "batch" else [])',
+           "+ [nn.BatchNorm3d(c_out)]", DISCRIMINATOR),
     # the kit's recipe and the evaluation protocol
     Mutant("ema_weights_swapped", "recipe", "list(run.G.parameters()), 1 - decay)", "list(run.G.parameters()), decay)",
            "moving_average"),

@@ -92,6 +92,8 @@ class Scale:
     density_head: str = "channels"  # atoms: TrainConfig.density_head ("channels" or "occupancy")
     generator_channels: int = 0     # TrainConfig.generator_channels (0: channels)
     r1_gamma: float = 0.0           # TrainConfig.r1_gamma (0: no R1 penalty)
+    d_norm: str = "batch"           # TrainConfig.d_norm ("batch", "joint" or "none")
+    d_patch: int = 0                # TrainConfig.d_patch (1: on)
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -176,7 +178,7 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   checkpoint_every_min=scale.checkpoint_every_min, device=device,
                   grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur),
                   density_head=scale.density_head, generator_channels=scale.generator_channels,
-                  r1_gamma=scale.r1_gamma)
+                  r1_gamma=scale.r1_gamma, d_norm=scale.d_norm, d_patch=bool(scale.d_patch))
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig

@@ -116,7 +116,7 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     tiny = ["--scale", "atoms", "--source", str(coremof_cifs), "--out", str(out), "--split-csv",
             str(tmp_path / "split.csv"), "--n-train", "8", "--n-heldout", "4", "--size", "16", "--spacing-A", "1.0",
             "--channels", "8", "--batch-size", "2", "--n-eval", "4", "--shard-size", "4", "--epochs", "1",
-            "--density-sigma-A", "1.5", "--density-head", "occupancy", "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"),
+            "--density-sigma-A", "1.5", "--density-head", "occupancy", "--d-norm", "joint", "--d-patch", "1", "--no-progress", "--ship", str(tmp_path / "w" / "atoms.pt"),
             "--manifest", str(tmp_path / "m.csv")]
     results = rp.main(tiny)
     params = mofkit.ShardDataset(out / "train").params
@@ -124,6 +124,7 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     assert params.density_sigma_A == 1.5
     multi, energy = (mofkit.load_checkpoint(out / run / "last.pt") for run in ("run", "run_energy"))
     assert multi["config"]["grid_channels"] == 1 + len(params.density_classes)
+    assert (multi["config"]["d_norm"], multi["config"]["d_patch"]) == ("joint", True)
     assert energy["config"]["grid_channels"] == 1 and energy["grid_params"]["size"] == 16
     assert "density_classes" not in energy["grid_params"] and multi["grid_params"] == params.to_dict()
     assert results["training"]["epochs"] >= 1 and results["training_energy_only"]["epochs"] >= 1
