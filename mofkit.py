@@ -2852,7 +2852,8 @@ class Discriminator(torch.nn.Module):
 
     def __init__(self, dim=64, channels=512, in_channels=1, sigmoid=True, patch=False, norm="batch"):
         super().__init__()
-        self.sigmoid, self.norm = sigmoid, _check_d_norm(norm, D_NORMS[:2])
+        self.sigmoid = sigmoid
+        _check_d_norm(norm, D_NORMS[:2])
         nn = torch.nn
         widths = _widths(dim, channels)[::-1]
         self.dim, self.channels, self.in_channels = dim, channels, in_channels
@@ -3363,17 +3364,17 @@ def _gan_step(run, real, step):
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
         fake = run.G_step(z)
+        D_real = run.D_step_r1 if r1 else run.D_step
         if config.d_norm == "joint":  # one batch, real then generated: BatchNorm sees both (`Discriminator`)
-            both = (run.D_step_r1 if r1 else run.D_step)(torch.cat([real, fake.detach()])).float()
+            both = D_real(torch.cat([real, fake.detach()])).float()
             d_real, d_fake = both[:len(real)], both[len(real):]
         else:
-            d_real = (run.D_step_r1 if r1 else run.D_step)(real).float()
-            d_fake = run.D_step(fake.detach()).float()
+            d_real, d_fake = D_real(real).float(), run.D_step(fake.detach()).float()
         loss_d = discriminator_loss(config.loss, d_real, d_fake)
     total_d = loss_d
     if r1:  # zero-centred gradient penalty on real data, scaled by the interval (lazy regularisation)
         # on the score per grid: the global one plus the patches' mean (as the loss weighs them)
-        per_grid = sum(part.flatten(1).mean(1) if part.ndim == 2 else part for part in _score_parts(d_real))
+        per_grid = sum(part.mean(1) if part.ndim == 2 else part for part in _score_parts(d_real))
         grad, = torch.autograd.grad(per_grid.sum(), real, create_graph=True)
         total_d = loss_d + 0.5 * config.r1_gamma * config.r1_every * grad.float().pow(2).flatten(1).sum(1).mean()
     run.opt_d.zero_grad(set_to_none=True)

@@ -162,7 +162,7 @@ MUTANTS = [
     # the discriminator's options (patch scores, normalisation) and R1
     Mutant("r1_unscaled_by_interval", "R1", "0.5 * config.r1_gamma * config.r1_every *", "0.5 * config.r1_gamma *",
            DISCRIMINATOR),
-    Mutant("r1_patch_sum_not_mean", "R1", "per_grid = sum(part.flatten(1).mean(1)", "per_grid = sum(part.flatten(1).sum(1)",
+    Mutant("r1_patch_sum_not_mean", "R1", "per_grid = sum(part.mean(1)", "per_grid = sum(part.sum(1)",
            DISCRIMINATOR),
     Mutant("patch_loss_dropped", "GAN loss", "zip(_score_parts(d_real), _score_parts(d_fake)))",
            "zip(_score_parts(d_real)[:1], _score_parts(d_fake)[:1]))", DISCRIMINATOR),
