@@ -3023,6 +3023,8 @@ class TrainConfig:
                                     # (Yazici et al. 2019); 0 = sample the raw generator
     r1_gamma: float = 0.0           # weight of the zero-centred R1 penalty on D(real) (Mescheder et al. 2018)
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
+    marginal_weight: float = 0.0    # weight of `marginal_w2` (generated vs real batch, per channel) in G's loss:
+                                    # a voxel-level term beside the adversarial one (README, "Generated atoms")
     d_patch: bool = False           # D also scores each neighbourhood (PatchGAN; `Discriminator`)
     d_norm: str = "batch"           # D's normalisation: "batch" (the study's: real and generated batches apart),
                                     # "joint" (BatchNorm over both as one batch) or "none" (`Discriminator`)
@@ -3049,6 +3051,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "latent": self.latent >= 1,
                   "lr": self.lr > 0, "ema": 0 <= self.ema < 1, "r1_gamma": self.r1_gamma >= 0,
+                  "marginal_weight": self.marginal_weight >= 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
                   "generator_channels": self.generator_channels >= 0,
                   "log_every": self.log_every >= 1, "checkpoint_every_steps": self.checkpoint_every_steps >= 1}
@@ -3071,7 +3074,7 @@ class TrainConfig:
         """The study's recipe exactly: Sigmoid D under MSE (targets 1/0), batch 2, 48 epochs, Adam 2e-4
         (0.5, 0.999), the "wells" transform, no EMA, no regulariser, no augmentation."""
         preset = dict(batch_size=2, epochs=48, loss="lsgan", d_sigmoid=True, transform="wells", ema=0.0,
-                      r1_gamma=0.0, augment=False, d_norm="batch")
+                      r1_gamma=0.0, augment=False, d_norm="batch", marginal_weight=0.0)
         return cls(**{**preset, **overrides})
 
     @classmethod
@@ -3205,7 +3208,7 @@ def load_checkpoint(path, map_location="cpu"):
 # checkpoints written before a field existed ran with the behaviour its study-preset value names
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
-                 "d_norm": "batch"}
+                 "d_norm": "batch", "marginal_weight": 0.0}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3267,6 +3270,26 @@ def _generator_loss(loss, d_gen):
     if loss == "nonsat":
         return F.softplus(-d_gen).mean()
     raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
+
+
+MARGINAL_VOXELS = 16384  # per channel and step: sorting all of a batch of 8 at 32^3 costs more than the step
+
+
+def marginal_w2(fake, real, voxels=None):
+    """The squared 2-Wasserstein distance between the voxel values of two equal-shape batches (N, C, D, D, D),
+    channel by channel, averaged over channels: in one dimension the optimal coupling pairs sorted values, so it
+    is the mean squared difference of the sorted values (the histogram loss of texture synthesis, Risser et al.
+    2017). Blind to where values sit, it tells G how many voxels should be how strong (e.g. peaks as high and as
+    many as real ones), which a discriminator normalising each batch apart cannot (README, "Generated atoms").
+    `voxels`: compare that many voxels per channel drawn at random (global torch RNG) instead of all."""
+    if fake.shape != real.shape:
+        raise ValueError(f"marginal_w2: batches of shape {tuple(fake.shape)} and {tuple(real.shape)} differ")
+    flat = lambda x: x.float().transpose(0, 1).flatten(1)
+    fake, real = flat(fake), flat(real)
+    if voxels is not None:
+        pick = lambda x: x[:, torch.randint(x.shape[1], (voxels,), device=x.device)]
+        fake, real = pick(fake), pick(real)
+    return (fake.sort(dim=1).values - real.sort(dim=1).values).pow(2).mean()
 
 
 CUBE_SYMMETRIES = 48  # 6 axis permutations x 8 sign flips: the cube's rotations and reflections
@@ -3356,7 +3379,8 @@ def _build_run(config, device, ddp=False):
 
 def _gan_step(run, real, step):
     """One update of D, then of G, on a batch of GAN-space grids (`run.config.loss`; lazy R1 on D every
-    `r1_every` steps; then the EMA of G); returns [loss_d, loss_g, D(real), D(fake)] (loss_d without R1)."""
+    `r1_every` steps; G's loss with `marginal_weight` times `marginal_w2` against this real batch; then the EMA
+    of G); returns [loss_d, loss_g, D(real), D(fake)] (loss_d without R1, loss_g with the marginal term)."""
     config, device_type = run.config, real.device.type
     r1 = config.r1_gamma > 0 and step % config.r1_every == 0
     z = torch.randn(real.shape[0], run.G.latent, device=real.device)
@@ -3388,6 +3412,8 @@ def _gan_step(run, real, step):
         else:
             d_gen = run.D_step_for_G(fake).float()
         loss_g = generator_loss(config.loss, d_gen)
+        if config.marginal_weight > 0:
+            loss_g = loss_g + config.marginal_weight * marginal_w2(fake, real.detach(), MARGINAL_VOXELS)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)

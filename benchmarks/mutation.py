@@ -170,6 +170,12 @@ MUTANTS = [
            "d_gen = run.D_step_for_G(fake).float()", DISCRIMINATOR),
     Mutant("d_norm_none_keeps_batchnorm", "discriminator norm", '+ ([nn.BatchNorm3d(c_out)] if norm == "batch" else [])',
            "+ [nn.BatchNorm3d(c_out)]", DISCRIMINATOR),
+    # the marginal term in G's loss
+    Mutant("marginal_unsorted_real", "GAN loss", "(fake.sort(dim=1).values - real.sort(dim=1).values)",
+           "(fake.sort(dim=1).values - real)", "marginal"),
+    Mutant("marginal_same_draw", "GAN loss", "fake, real = pick(fake), pick(real)",
+           "at = torch.randint(fake.shape[1], (voxels,), device=fake.device); fake, real = fake[:, at], real[:, at]",
+           "marginal"),
     # the kit's recipe and the evaluation protocol
     Mutant("ema_weights_swapped", "recipe", "list(run.G.parameters()), 1 - decay)", "list(run.G.parameters()), decay)",
            "moving_average"),

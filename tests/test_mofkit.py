@@ -1666,31 +1666,70 @@ def test_gan_losses_are_the_published_objectives():
         sum(-math.log(sig(x)) for x in [0.1, -0.3, 0.6]) / 3, rel=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint"])
+def sorted_pairs_w2(a, b):
+    """The squared 2-Wasserstein distance of two equal-size samples of numbers by an optimal assignment
+    (scipy's Hungarian solver on squared differences): independent of sorting."""
+    from scipy.optimize import linear_sum_assignment
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    cost = (a[:, None] - b[None, :]) ** 2
+    rows, cols = linear_sum_assignment(cost)
+    return cost[rows, cols].mean()
+
+
+def test_marginal_w2_is_the_optimal_transport_cost_per_channel():
+    rng = np.random.default_rng(3)
+    widths = np.array([0.5, 1.0, 2.0])[:, None, None, None]  # channels of their own widths
+    fake, real = (torch.tensor(rng.normal(size=(2, 3, 4, 4, 4)) * s, dtype=torch.float32) for s in (1.0, widths))
+    expect = np.mean([sorted_pairs_w2(fake[:, c], real[:, c]) for c in range(3)])
+    assert mofkit.marginal_w2(fake, real).item() == pytest.approx(expect, rel=1e-5)
+    # blind to where values sit: voxels shuffled across grids and positions, channel by channel, cost nothing
+    shuffled = torch.stack([real[:, c].flatten()[torch.randperm(128)].reshape(2, 4, 4, 4) for c in range(3)], 1)
+    assert mofkit.marginal_w2(shuffled, real).item() == pytest.approx(0, abs=1e-12)
+    # ... but not to channels swapped, nor to a batch-wide contrast (what BatchNorm in D cannot see)
+    assert mofkit.marginal_w2(real[:, [1, 0, 2]], real).item() > 0.05
+    assert mofkit.marginal_w2(0.8 * real, real).item() == pytest.approx(0.04 * real.pow(2).mean().item(), rel=1e-5)
+    # on `voxels` drawn at random per channel (the trainer's speed setting): the cost of those draws
+    torch.manual_seed(1)
+    drawn = mofkit.marginal_w2(fake, real, voxels=40).item()
+    torch.manual_seed(1)
+    at_fake, at_real = torch.randint(128, (40,)), torch.randint(128, (40,))
+    flat = lambda x, c: x[:, c].flatten()
+    assert drawn == pytest.approx(np.mean([sorted_pairs_w2(flat(fake, c)[at_fake], flat(real, c)[at_real])
+                                           for c in range(3)]), rel=1e-5)
+    with pytest.raises(ValueError, match=r"marginal_w2: batches of shape \(2, 3, 4, 4, 4\) and \(1, 3, 4, 4, 4\)"):
+        mofkit.marginal_w2(fake, real[:1])
+
+
+@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal"])
 def test_gan_step_minimises_each_players_loss(preset):
     """One _gan_step: D's loss is measured on D before its update and G's on D after it, from the same fakes;
     each player's update lowers its own loss on those inputs (a flipped target would raise it). The objectives
     are written out here: the kit's hinge loss on raw scores, the study's least squares on a Sigmoid output,
     the hinge loss on the global score plus on the patch scores (d_patch; the log shows the global score), the
-    hinge loss with real and generated grids through D as one batch (d_norm="joint")."""
+    hinge loss with real and generated grids through D as one batch (d_norm="joint"), the hinge loss plus the
+    marginal term against the real batch (marginal_weight)."""
     scores = lambda D, real, fake: (D(real), D(fake))
-    if preset in ("kit", "joint"):
+    if preset in ("kit", "joint", "marginal"):
+        weight = 3.0 if preset == "marginal" else 0.0
         config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0,
-                                    d_norm="batch" if preset == "kit" else "joint")
+                                    d_norm="joint" if preset == "joint" else "batch", marginal_weight=weight)
         assert (config.loss, config.d_sigmoid) == ("hinge", False)
         loss_d_of = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
-        loss_g_of = lambda g: -g.mean()
+        def loss_g_of(g, f):  # the voxels the G step drew: torch's RNG as it was right after z
+            with torch.random.fork_rng():
+                torch.set_rng_state(after_z)
+                return -g.mean() + weight * mofkit.marginal_w2(f, real, mofkit.MARGINAL_VOXELS)
         if preset == "joint":
             scores = lambda D, real, fake: D(torch.cat([real, fake])).split(len(real))
     elif preset == "patch":
         config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0, d_patch=True)
         hinge = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
         loss_d_of = lambda r, f: hinge(r[:, 0], f[:, 0]) + hinge(r[:, 1:], f[:, 1:])
-        loss_g_of = lambda g: -g[:, 0].mean() - g[:, 1:].mean()
+        loss_g_of = lambda g, f: -g[:, 0].mean() - g[:, 1:].mean()
     else:
         config = mofkit.TrainConfig.study(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3)
         loss_d_of = lambda r, f: 0.5 * (((r - 1) ** 2).mean() + (f ** 2).mean())
-        loss_g_of = lambda g: ((g - 1) ** 2).mean()
+        loss_g_of = lambda g, f: ((g - 1) ** 2).mean()
     mofkit._seed_all(0)
     run = mofkit._build_run(config, torch.device("cpu"))
     real = mofkit.to_gan_input(torch.stack(random_grids(4)), 800.0, config.transform)
@@ -1699,6 +1738,7 @@ def test_gan_step_minimises_each_players_loss(preset):
     loss_d, loss_g, d_real, d_fake = mofkit._gan_step(run, real, step=1).tolist()
     torch.manual_seed(5)
     fake = G0(torch.randn(4, 8)).detach()
+    after_z = torch.get_rng_state()
     out_real, out_fake = scores(D0, real, fake)
     if preset == "study":  # the study: D ends in a Sigmoid
         assert ((0 < out_real) & (out_real < 1)).all()
@@ -1707,10 +1747,11 @@ def test_gan_step_minimises_each_players_loss(preset):
     assert d_real == pytest.approx(out_real[..., 0].mean().item() if preset == "patch" else out_real.mean().item(),
                                    rel=1e-5)
     assert loss_d_of(*scores(run.D, real, fake)) < expect_d   # D moved towards its targets
-    expect_g = loss_g_of(scores(run.D, real, fake)[1])
-    assert loss_g == pytest.approx(expect_g.item(), rel=1e-4, abs=1e-6)
+    expect_g = loss_g_of(scores(run.D, real, fake)[1], fake)
+    assert loss_g == pytest.approx(float(expect_g), rel=1e-4, abs=1e-6)
     torch.manual_seed(5)
-    assert loss_g_of(scores(run.D, real, run.G(torch.randn(4, 8)))[1]) < expect_g  # G moved D's verdict to "real"
+    moved = run.G(torch.randn(4, 8))
+    assert loss_g_of(scores(run.D, real, moved)[1], moved) < expect_g  # G moved towards its targets
 
 
 @pytest.mark.parametrize("d_patch,d_norm", [(False, "batch"), (True, "batch"), (True, "none"), (False, "joint")])
