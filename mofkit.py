@@ -3025,6 +3025,8 @@ class TrainConfig:
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
     marginal_weight: float = 0.0    # weight of `marginal_w2` (generated vs real batch, per channel) in G's loss:
                                     # a voxel-level term beside the adversarial one (README, "Generated atoms")
+    marginal_channels: str = "all"  # the channels it compares: "all", or "density" (1 onwards; the energy
+                                    # channel's distance is ~10x a density channel's and would take the term)
     d_patch: bool = False           # D also scores each neighbourhood (PatchGAN; `Discriminator`)
     d_norm: str = "batch"           # D's normalisation: "batch" (the study's: real and generated batches apart),
                                     # "joint" (BatchNorm over both as one batch) or "none" (`Discriminator`)
@@ -3065,6 +3067,10 @@ class TrainConfig:
         _check_transform(self.transform)
         _check_density_head(self.density_head)
         _check_d_norm(self.d_norm)
+        if self.marginal_channels not in MARGINAL_CHANNELS:
+            raise ValueError(f"TrainConfig: marginal_channels={self.marginal_channels!r}: use one of {MARGINAL_CHANNELS}")
+        if self.marginal_channels == "density" and self.marginal_weight > 0 and self.grid_channels < 2:
+            raise ValueError("TrainConfig: marginal_channels='density' needs density channels (grid_channels >= 2)")
         _widths(self.dim, self.channels)
         if self.generator_channels:
             _widths(self.dim, self.generator_channels, "generator_channels")
@@ -3208,7 +3214,7 @@ def load_checkpoint(path, map_location="cpu"):
 # checkpoints written before a field existed ran with the behaviour its study-preset value names
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
-                 "d_norm": "batch", "marginal_weight": 0.0}
+                 "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all"}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3272,6 +3278,7 @@ def _generator_loss(loss, d_gen):
     raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
 
 
+MARGINAL_CHANNELS = ("all", "density")
 MARGINAL_VOXELS = 16384  # per channel and step: sorting all of a batch of 8 at 32^3 costs more than the step
 
 
@@ -3413,7 +3420,9 @@ def _gan_step(run, real, step):
             d_gen = run.D_step_for_G(fake).float()
         loss_g = generator_loss(config.loss, d_gen)
         if config.marginal_weight > 0:
-            loss_g = loss_g + config.marginal_weight * marginal_w2(fake, real.detach(), MARGINAL_VOXELS)
+            first = 1 if config.marginal_channels == "density" else 0
+            loss_g = loss_g + config.marginal_weight * marginal_w2(fake[:, first:], real[:, first:].detach(),
+                                                                   MARGINAL_VOXELS)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)

@@ -176,6 +176,8 @@ MUTANTS = [
     Mutant("marginal_same_draw", "GAN loss", "fake, real = pick(fake), pick(real)",
            "at = torch.randint(fake.shape[1], (voxels,), device=fake.device); fake, real = fake[:, at], real[:, at]",
            "marginal"),
+    Mutant("marginal_density_takes_energy", "GAN loss", 'first = 1 if config.marginal_channels == "density" else 0',
+           "first = 0", "marginal"),
     # the kit's recipe and the evaluation protocol
     Mutant("ema_weights_swapped", "recipe", "list(run.G.parameters()), 1 - decay)", "list(run.G.parameters()), decay)",
            "moving_average"),

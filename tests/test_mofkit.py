@@ -1696,29 +1696,36 @@ def test_marginal_w2_is_the_optimal_transport_cost_per_channel():
     flat = lambda x, c: x[:, c].flatten()
     assert drawn == pytest.approx(np.mean([sorted_pairs_w2(flat(fake, c)[at_fake], flat(real, c)[at_real])
                                            for c in range(3)]), rel=1e-5)
+    with pytest.raises(ValueError, match="marginal_channels='energy'"):
+        mofkit.TrainConfig(marginal_channels="energy")
+    with pytest.raises(ValueError, match="marginal_channels='density' needs density channels"):
+        mofkit.TrainConfig(marginal_weight=1.0, marginal_channels="density")
     with pytest.raises(ValueError, match=r"marginal_w2: batches of shape \(2, 3, 4, 4, 4\) and \(1, 3, 4, 4, 4\)"):
         mofkit.marginal_w2(fake, real[:1])
 
 
-@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal"])
+@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal", "marginal_density"])
 def test_gan_step_minimises_each_players_loss(preset):
     """One _gan_step: D's loss is measured on D before its update and G's on D after it, from the same fakes;
     each player's update lowers its own loss on those inputs (a flipped target would raise it). The objectives
     are written out here: the kit's hinge loss on raw scores, the study's least squares on a Sigmoid output,
     the hinge loss on the global score plus on the patch scores (d_patch; the log shows the global score), the
     hinge loss with real and generated grids through D as one batch (d_norm="joint"), the hinge loss plus the
-    marginal term against the real batch (marginal_weight)."""
+    marginal term against the real batch (marginal_weight; on every channel, or the density channels only)."""
     scores = lambda D, real, fake: (D(real), D(fake))
-    if preset in ("kit", "joint", "marginal"):
-        weight = 3.0 if preset == "marginal" else 0.0
+    first = 1 if preset == "marginal_density" else 0
+    if preset in ("kit", "joint", "marginal", "marginal_density"):
+        weight = 3.0 if preset.startswith("marginal") else 0.0
         config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0,
-                                    d_norm="joint" if preset == "joint" else "batch", marginal_weight=weight)
+                                    grid_channels=1 + first, marginal_weight=weight,
+                                    marginal_channels="density" if first else "all",
+                                    d_norm="joint" if preset == "joint" else "batch")
         assert (config.loss, config.d_sigmoid) == ("hinge", False)
         loss_d_of = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
         def loss_g_of(g, f):  # the voxels the G step drew: torch's RNG as it was right after z
             with torch.random.fork_rng():
                 torch.set_rng_state(after_z)
-                return -g.mean() + weight * mofkit.marginal_w2(f, real, mofkit.MARGINAL_VOXELS)
+                return -g.mean() + weight * mofkit.marginal_w2(f[:, first:], real[:, first:], mofkit.MARGINAL_VOXELS)
         if preset == "joint":
             scores = lambda D, real, fake: D(torch.cat([real, fake])).split(len(real))
     elif preset == "patch":
@@ -1732,7 +1739,7 @@ def test_gan_step_minimises_each_players_loss(preset):
         loss_g_of = lambda g, f: ((g - 1) ** 2).mean()
     mofkit._seed_all(0)
     run = mofkit._build_run(config, torch.device("cpu"))
-    real = mofkit.to_gan_input(torch.stack(random_grids(4)), 800.0, config.transform)
+    real = mofkit.to_gan_input(torch.stack(random_grids(4, channels=config.grid_channels)), 800.0, config.transform)
     G0, D0 = copy.deepcopy(run.G), copy.deepcopy(run.D)
     torch.manual_seed(5)
     loss_d, loss_g, d_real, d_fake = mofkit._gan_step(run, real, step=1).tolist()
