@@ -3025,8 +3025,8 @@ class TrainConfig:
     r1_every: int = 16              # lazy R1: applied every this many steps, scaled up to match (StyleGAN2)
     marginal_weight: float = 0.0    # weight of `marginal_w2` (generated vs real batch, per channel) in G's loss:
                                     # a voxel-level term beside the adversarial one (README, "Generated atoms")
-    marginal_channels: str = "all"  # the channels it compares: "all", or "density" (1 onwards; the energy
-                                    # channel's distance is ~10x a density channel's and would take the term)
+    marginal_channels: str = "all"  # the channels it compares: "all", or "density" (1 onwards: the energy
+                                    # channel's distance dwarfs a density channel's and takes the term; README)
     d_patch: bool = False           # D also scores each neighbourhood (PatchGAN; `Discriminator`)
     d_norm: str = "batch"           # D's normalisation: "batch" (the study's: real and generated batches apart),
                                     # "joint" (BatchNorm over both as one batch) or "none" (`Discriminator`)
