@@ -3291,12 +3291,18 @@ def marginal_w2(fake, real, voxels=None):
     `voxels`: compare that many voxels per channel drawn at random (global torch RNG) instead of all."""
     if fake.shape != real.shape:
         raise ValueError(f"marginal_w2: batches of shape {tuple(fake.shape)} and {tuple(real.shape)} differ")
-    flat = lambda x: x.float().transpose(0, 1).flatten(1)
-    fake, real = flat(fake), flat(real)
-    if voxels is not None:
-        pick = lambda x: x[:, torch.randint(x.shape[1], (voxels,), device=x.device)]
-        fake, real = pick(fake), pick(real)
+    fake, real = _channel_values(fake, voxels), _channel_values(real, voxels)
     return (fake.sort(dim=1).values - real.sort(dim=1).values).pow(2).mean()
+
+
+def _channel_values(x, voxels=None):
+    """(C, M): each channel's voxel values over the batch (N, C, D, D, D), in (grid, voxel) order: all of them
+    (M = N D^3), or `voxels` of those positions drawn at random, picked without copying the whole batch."""
+    x = x.float().flatten(2)
+    if voxels is None:
+        return x.transpose(0, 1).flatten(1)
+    at = torch.randint(x.shape[0] * x.shape[2], (voxels,), device=x.device)
+    return x[at // x.shape[2], :, at % x.shape[2]].T
 
 
 CUBE_SYMMETRIES = 48  # 6 axis permutations x 8 sign flips: the cube's rotations and reflections

@@ -173,9 +173,8 @@ MUTANTS = [
     # the marginal term in G's loss
     Mutant("marginal_unsorted_real", "GAN loss", "(fake.sort(dim=1).values - real.sort(dim=1).values)",
            "(fake.sort(dim=1).values - real)", "marginal"),
-    Mutant("marginal_same_draw", "GAN loss", "fake, real = pick(fake), pick(real)",
-           "at = torch.randint(fake.shape[1], (voxels,), device=fake.device); fake, real = fake[:, at], real[:, at]",
-           "marginal"),
+    Mutant("marginal_draw_not_random", "GAN loss", "at = torch.randint(x.shape[0] * x.shape[2], (voxels,), device=x.device)",
+           "at = torch.arange(voxels, device=x.device) % (x.shape[0] * x.shape[2])", "marginal"),
     Mutant("marginal_density_takes_energy", "GAN loss", 'first = 1 if config.marginal_channels == "density" else 0',
            "first = 0", "marginal"),
     # the kit's recipe and the evaluation protocol
