@@ -3027,6 +3027,8 @@ class TrainConfig:
                                     # a voxel-level term beside the adversarial one (README, "Generated atoms")
     marginal_channels: str = "all"  # the channels it compares: "all", or "density" (1 onwards: the energy
                                     # channel's distance dwarfs a density channel's and takes the term; README)
+    pair_weight: float = 0.0        # weight of `pair_w2` on the summed density channels (generated vs real
+                                    # batch) in G's loss: how pairs of voxels a contact to a bond apart compare
     d_patch: bool = False           # D also scores each neighbourhood (PatchGAN; `Discriminator`)
     d_norm: str = "batch"           # D's normalisation: "batch" (the study's: real and generated batches apart),
                                     # "joint" (BatchNorm over both as one batch) or "none" (`Discriminator`)
@@ -3054,6 +3056,7 @@ class TrainConfig:
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "latent": self.latent >= 1,
                   "lr": self.lr > 0, "ema": 0 <= self.ema < 1, "r1_gamma": self.r1_gamma >= 0,
                   "marginal_weight": self.marginal_weight >= 0,
+                  "pair_weight": self.pair_weight >= 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
                   "generator_channels": self.generator_channels >= 0,
                   "log_every": self.log_every >= 1, "checkpoint_every_steps": self.checkpoint_every_steps >= 1}
@@ -3071,6 +3074,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: marginal_channels={self.marginal_channels!r}: use one of {MARGINAL_CHANNELS}")
         if self.marginal_channels == "density" and self.marginal_weight > 0 and self.grid_channels < 2:
             raise ValueError("TrainConfig: marginal_channels='density' needs density channels (grid_channels >= 2)")
+        if self.pair_weight > 0 and self.grid_channels < 2:
+            raise ValueError("TrainConfig: pair_weight needs density channels (grid_channels >= 2)")
         _widths(self.dim, self.channels)
         if self.generator_channels:
             _widths(self.dim, self.generator_channels, "generator_channels")
@@ -3080,7 +3085,8 @@ class TrainConfig:
         """The study's recipe exactly: Sigmoid D under MSE (targets 1/0), batch 2, 48 epochs, Adam 2e-4
         (0.5, 0.999), the "wells" transform, no EMA, no regulariser, no augmentation."""
         preset = dict(batch_size=2, epochs=48, loss="lsgan", d_sigmoid=True, transform="wells", ema=0.0,
-                      r1_gamma=0.0, augment=False, d_norm="batch", marginal_weight=0.0)
+                      r1_gamma=0.0, augment=False, d_norm="batch", marginal_weight=0.0,
+                      pair_weight=0.0)
         return cls(**{**preset, **overrides})
 
     @classmethod
@@ -3214,7 +3220,8 @@ def load_checkpoint(path, map_location="cpu"):
 # checkpoints written before a field existed ran with the behaviour its study-preset value names
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
-                 "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all"}
+                 "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
+                 "pair_weight": 0.0}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3305,6 +3312,60 @@ def _channel_values(x, voxels=None):
     return x[at // x.shape[2], :, at % x.shape[2]].T
 
 
+# voxel offsets, each standing for its images under the cube's symmetries: at 0.5 A spacing 0.5-1.5 A, from the
+# split tops of one blob (contacts < 0.7 A) to the bond lengths of organic linkers (1.0-1.5 A)
+PAIR_OFFSETS = ((1, 0, 0), (1, 1, 0), (1, 1, 1), (2, 0, 0), (2, 1, 0), (2, 1, 1), (2, 2, 0), (3, 0, 0))
+
+
+def pair_w2(fake, real, voxels=None):
+    """How the arrangement of two equal-shape batches of fields (N, D, D, D) differs: for each offset class of
+    PAIR_OFFSETS, the values at pairs of voxels that far apart (every direction of the class), summed and
+    differenced (|a - b|), and the squared 2-Wasserstein distance between generated and real of each (sorted
+    values, as `marginal_w2`), averaged. A peak a bond length from another raises the sum at that offset; a
+    broad blob with two tops lowers the difference at short offsets, which a sharp peak keeps high: pairs see
+    what `marginal_w2`, blind to where values sit, cannot (README, "Generated atoms"). `voxels`: that many pairs
+    per class drawn at random (global torch RNG: a direction of the class, then a voxel it fits from) instead
+    of all."""
+    if fake.shape != real.shape or fake.ndim != 4:
+        raise ValueError(f"pair_w2: batches of shape {tuple(fake.shape)} and {tuple(real.shape)}: "
+                         f"need two equal (N, D, D, D)")
+    total = 0.0
+    for offset in PAIR_OFFSETS:
+        directions = _pair_directions(offset, fake.device)
+        f, r = _pair_values(fake, directions, voxels), _pair_values(real, directions, voxels)
+        total = total + sum((a.sort().values - b.sort().values).pow(2).mean() for a, b in zip(f, r))
+    return total / (2 * len(PAIR_OFFSETS))
+
+
+def _pair_directions(offset, device):
+    """(K, 3): the distinct images of a voxel offset under the cube's 48 symmetries."""
+    import itertools
+    images = {tuple(s * offset[a] for s, a in zip(signs, perm))
+              for perm in itertools.permutations(range(3)) for signs in itertools.product((1, -1), repeat=3)}
+    return torch.tensor(sorted(images), device=device)
+
+
+def _pair_values(x, directions, voxels=None):
+    """(a + b, |a - b|) over pairs of voxels (a at r, b at r + d) of the fields x (N, D, D, D), d one of
+    `directions` (K, 3): every pair that fits in the grid, or `voxels` pairs drawn at random."""
+    x = x.float()
+    n, size = x.shape[0], x.shape[1]
+    if voxels is None:
+        pairs = []
+        for d in directions.tolist():
+            fit = tuple(slice(max(0, -c), size - max(0, c)) for c in d)
+            moved = tuple(slice(max(0, c), size + min(0, c)) for c in d)
+            pairs.append((x[(slice(None), *fit)].flatten(), x[(slice(None), *moved)].flatten()))
+        a, b = (torch.cat(v) for v in zip(*pairs))
+    else:
+        d = directions[torch.randint(len(directions), (voxels,), device=x.device)]
+        low, high = (-d).clamp(min=0), size - d.clamp(min=0)
+        at = low + (torch.rand(voxels, 3, device=x.device) * (high - low)).long()
+        grid = torch.randint(n, (voxels,), device=x.device)
+        a, b = x[grid, at[:, 0], at[:, 1], at[:, 2]], x[grid, *(at + d).unbind(1)]
+    return a + b, (a - b).abs()
+
+
 CUBE_SYMMETRIES = 48  # 6 axis permutations x 8 sign flips: the cube's rotations and reflections
 
 
@@ -3392,8 +3453,9 @@ def _build_run(config, device, ddp=False):
 
 def _gan_step(run, real, step):
     """One update of D, then of G, on a batch of GAN-space grids (`run.config.loss`; lazy R1 on D every
-    `r1_every` steps; G's loss with `marginal_weight` times `marginal_w2` against this real batch; then the EMA
-    of G); returns [loss_d, loss_g, D(real), D(fake)] (loss_d without R1, loss_g with the marginal term)."""
+    `r1_every` steps; G's loss with `marginal_weight` times `marginal_w2` and `pair_weight` times `pair_w2` against
+    this real batch; then the EMA of G); returns [loss_d, loss_g, D(real), D(fake)] (loss_d without R1, loss_g
+    with those terms)."""
     config, device_type = run.config, real.device.type
     r1 = config.r1_gamma > 0 and step % config.r1_every == 0
     z = torch.randn(real.shape[0], run.G.latent, device=real.device)
@@ -3429,6 +3491,9 @@ def _gan_step(run, real, step):
             first = 1 if config.marginal_channels == "density" else 0
             loss_g = loss_g + config.marginal_weight * marginal_w2(fake[:, first:], real[:, first:].detach(),
                                                                    MARGINAL_VOXELS)
+        if config.pair_weight > 0:  # on the density summed over classes: where atoms are, whatever their class
+            loss_g = loss_g + config.pair_weight * pair_w2(fake[:, 1:].sum(1), real[:, 1:].detach().sum(1),
+                                                           MARGINAL_VOXELS)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)

@@ -177,6 +177,14 @@ MUTANTS = [
            "at = torch.arange(voxels, device=x.device) % (x.shape[0] * x.shape[2])", "marginal"),
     Mutant("marginal_density_takes_energy", "GAN loss", 'first = 1 if config.marginal_channels == "density" else 0',
            "first = 0", "marginal"),
+    # the pair term in G's loss
+    Mutant("pair_unsorted_real", "GAN loss", "(a.sort().values - b.sort().values)", "(a.sort().values - b)", "pair"),
+    Mutant("pair_one_direction", "GAN loss", "d = directions[torch.randint(len(directions), (voxels,), device=x.device)]",
+           "d = directions[torch.zeros(voxels, dtype=torch.long, device=x.device)]", "pair"),
+    Mutant("pair_draw_at_the_corner", "GAN loss", "at = low + (torch.rand(voxels, 3, device=x.device) * (high - low)).long()",
+           "at = low + 0 * high", "pair"),
+    Mutant("pair_takes_energy", "GAN loss", "pair_w2(fake[:, 1:].sum(1), real[:, 1:].detach().sum(1),",
+           "pair_w2(fake.sum(1), real[:, 1:].detach().sum(1),", "pair"),
     # the kit's recipe and the evaluation protocol
     Mutant("ema_weights_swapped", "recipe", "list(run.G.parameters()), 1 - decay)", "list(run.G.parameters()), decay)",
            "moving_average"),

@@ -96,6 +96,7 @@ class Scale:
     d_patch: int = 0                # TrainConfig.d_patch (1: on)
     marginal_weight: float = 0.0    # TrainConfig.marginal_weight (0: none)
     marginal_channels: str = "all"  # TrainConfig.marginal_channels ("all" or "density")
+    pair_weight: float = 0.0        # TrainConfig.pair_weight (0: none)
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -181,7 +182,8 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur),
                   density_head=scale.density_head, generator_channels=scale.generator_channels,
                   r1_gamma=scale.r1_gamma, d_norm=scale.d_norm, d_patch=bool(scale.d_patch),
-                  marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels)
+                  marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels,
+                  pair_weight=scale.pair_weight)
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig

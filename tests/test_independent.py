@@ -422,7 +422,8 @@ def _train_value(field):
 def test_cli_train_every_config_flag_reaches_train(tmp_path, monkeypatch, capsys):
     shards = tmp_path / "shards"
     shards.mkdir()
-    mofkit.write_shard(shards / "shard_00000.npy", np.zeros((2, 1, 8, 8, 8)),
+    # energy + one density channel: options on the density channels (pair_weight) need one
+    mofkit.write_shard(shards / "shard_00000.npy", np.zeros((2, 2, 8, 8, 8)),
                        {"source": "t", "params": {}, "members": ["a", "b"], "names": ["a", "b"], "failures": [],
                         "properties": {"columns": [], "rows": [[], []]}})
     train = _Spy(lambda config, dataset, out, **k: mofkit.TrainResult(None, None, Path(out) / "last.pt", []))
@@ -444,7 +445,7 @@ def test_cli_train_every_config_flag_reaches_train(tmp_path, monkeypatch, capsys
     mofkit.main(argv)
     (config, dataset, out), kwargs = train.calls[0]
     assert {k: getattr(config, k) for k in expected} == expected
-    assert (config.dim, config.grid_channels) == (8, 1)  # from the shards
+    assert (config.dim, config.grid_channels) == (8, 2)  # from the shards
     assert out == str(tmp_path / "run") and kwargs["max_steps"] == 5 and kwargs["progress"] is False
     assert len(expected) >= 15
     mofkit.main(["train", str(shards), "--fast-gpu", "--lr", "0.001"])

@@ -3,6 +3,7 @@ import os
 import sys
 import copy
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -1704,28 +1705,81 @@ def test_marginal_w2_is_the_optimal_transport_cost_per_channel():
         mofkit.marginal_w2(fake, real[:1])
 
 
-@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal", "marginal_density"])
+def brute_pairs(x, offset):
+    """(sums, |differences|) of the values of every pair of voxels of the fields x (N, D, D, D) whose offset has
+    the absolute components of `offset` in any order and sign, by loops over every vector in the cube."""
+    x = np.asarray(x, np.float64)
+    size, reach = x.shape[1], max(offset)
+    sums, diffs = [], []
+    for d in itertools.product(range(-reach, reach + 1), repeat=3):
+        if sorted(map(abs, d)) != sorted(offset):
+            continue
+        for grid in x:
+            for r in itertools.product(range(size), repeat=3):
+                q = tuple(a + b for a, b in zip(r, d))
+                if all(0 <= c < size for c in q):
+                    sums.append(grid[r] + grid[q])
+                    diffs.append(abs(grid[r] - grid[q]))
+    return np.array(sums), np.array(diffs)
+
+
+def test_pair_w2_compares_the_values_of_voxel_pairs_by_optimal_transport():
+    rng = np.random.default_rng(4)
+    fake = torch.tensor(rng.normal(size=(1, 4, 4, 4)), dtype=torch.float32)
+    real = torch.tensor(rng.normal(size=(1, 4, 4, 4)) * 1.5 + 0.3, dtype=torch.float32)
+    expect = np.mean([sorted_pairs_w2(f, r) for offset in mofkit.PAIR_OFFSETS
+                      for f, r in zip(brute_pairs(fake, offset), brute_pairs(real, offset))])
+    assert mofkit.pair_w2(fake, real).item() == pytest.approx(expect, rel=1e-4)
+    assert mofkit.pair_w2(real, real).item() == 0
+    # it sees arrangement: two peaks a bond (2 voxels) apart vs the same values 4 apart; every voxel value is
+    # the same, so the marginal term is blind to the change
+    near, far = torch.zeros(1, 8, 8, 8), torch.zeros(1, 8, 8, 8)
+    near[0, 2, 3, 3] = near[0, 4, 3, 3] = far[0, 1, 3, 3] = far[0, 5, 3, 3] = 1.0
+    assert mofkit.marginal_w2(near[:, None], far[:, None]).item() == 0
+    assert mofkit.pair_w2(near, far).item() > 1e-4
+    # drawn pairs (the trainer's setting) estimate the whole: fields smooth along one axis only, so a draw that
+    # missed directions of a class, or voxels, would be off
+    smooth = torch.tensor(rng.normal(size=(2, 6, 6, 6)), dtype=torch.float32).cumsum(1) / 2
+    rough = torch.tensor(rng.normal(size=(2, 6, 6, 6)), dtype=torch.float32)
+    torch.manual_seed(0)
+    whole, drawn = mofkit.pair_w2(smooth, rough).item(), mofkit.pair_w2(smooth, rough, voxels=100_000).item()
+    assert drawn == pytest.approx(whole, rel=0.05)
+    with pytest.raises(ValueError, match=r"pair_w2: batches of shape \(2, 6, 6, 6\) and \(1, 6, 6, 6\)"):
+        mofkit.pair_w2(smooth, rough[:1])
+    with pytest.raises(ValueError, match="pair_weight needs density channels"):
+        mofkit.TrainConfig(pair_weight=1.0)
+
+
+@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal", "marginal_density", "pair"])
 def test_gan_step_minimises_each_players_loss(preset):
     """One _gan_step: D's loss is measured on D before its update and G's on D after it, from the same fakes;
     each player's update lowers its own loss on those inputs (a flipped target would raise it). The objectives
     are written out here: the kit's hinge loss on raw scores, the study's least squares on a Sigmoid output,
     the hinge loss on the global score plus on the patch scores (d_patch; the log shows the global score), the
     hinge loss with real and generated grids through D as one batch (d_norm="joint"), the hinge loss plus the
-    marginal term against the real batch (marginal_weight; on every channel, or the density channels only)."""
+    marginal term against the real batch (marginal_weight; on every channel, or the density channels only), the
+    hinge loss plus the pair term on the density channels summed (pair_weight)."""
     scores = lambda D, real, fake: (D(real), D(fake))
     first = 1 if preset == "marginal_density" else 0
-    if preset in ("kit", "joint", "marginal", "marginal_density"):
+    if preset in ("kit", "joint", "marginal", "marginal_density", "pair"):
         weight = 3.0 if preset.startswith("marginal") else 0.0
+        pair_weight = 2.0 if preset == "pair" else 0.0
         config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0,
-                                    grid_channels=1 + first, marginal_weight=weight,
-                                    marginal_channels="density" if first else "all",
+                                    grid_channels=3 if preset == "pair" else 1 + first, marginal_weight=weight,
+                                    marginal_channels="density" if first else "all", pair_weight=pair_weight,
                                     d_norm="joint" if preset == "joint" else "batch")
         assert (config.loss, config.d_sigmoid) == ("hinge", False)
         loss_d_of = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
         def loss_g_of(g, f):  # the voxels the G step drew: torch's RNG as it was right after z
             with torch.random.fork_rng():
                 torch.set_rng_state(after_z)
-                return -g.mean() + weight * mofkit.marginal_w2(f[:, first:], real[:, first:], mofkit.MARGINAL_VOXELS)
+                loss = -g.mean()
+                if weight:
+                    loss = loss + weight * mofkit.marginal_w2(f[:, first:], real[:, first:], mofkit.MARGINAL_VOXELS)
+                if pair_weight:  # on the density channels summed
+                    loss = loss + pair_weight * mofkit.pair_w2(f[:, 1:].sum(1), real[:, 1:].sum(1),
+                                                               mofkit.MARGINAL_VOXELS)
+                return loss
         if preset == "joint":
             scores = lambda D, real, fake: D(torch.cat([real, fake])).split(len(real))
     elif preset == "patch":
