@@ -3027,8 +3027,10 @@ class TrainConfig:
                                     # a voxel-level term beside the adversarial one (README, "Generated atoms")
     marginal_channels: str = "all"  # the channels it compares: "all", or "density" (1 onwards: the energy
                                     # channel's distance dwarfs a density channel's and takes the term; README)
-    pair_weight: float = 0.0        # weight of `pair_w2` on the summed density channels (generated vs real
-                                    # batch) in G's loss: how pairs of voxels a contact to a bond apart compare
+    pair_weight: float = 0.0        # weight of `pair_w2` (generated vs real batch) in G's loss: how pairs of
+                                    # voxels a contact to a bond length apart compare, on the density field
+    pair_field: str = "max"         # made of the density channels by: "max" (the occupancy, as density_channels
+                                    # and the decoder see atoms) or "sum" (lets G split atoms over classes; README)
     d_patch: bool = False           # D also scores each neighbourhood (PatchGAN; `Discriminator`)
     d_norm: str = "batch"           # D's normalisation: "batch" (the study's: real and generated batches apart),
                                     # "joint" (BatchNorm over both as one batch) or "none" (`Discriminator`)
@@ -3074,6 +3076,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: marginal_channels={self.marginal_channels!r}: use one of {MARGINAL_CHANNELS}")
         if self.marginal_channels == "density" and self.marginal_weight > 0 and self.grid_channels < 2:
             raise ValueError("TrainConfig: marginal_channels='density' needs density channels (grid_channels >= 2)")
+        if self.pair_field not in PAIR_FIELDS:
+            raise ValueError(f"TrainConfig: pair_field={self.pair_field!r}: use one of {PAIR_FIELDS}")
         if self.pair_weight > 0 and self.grid_channels < 2:
             raise ValueError("TrainConfig: pair_weight needs density channels (grid_channels >= 2)")
         _widths(self.dim, self.channels)
@@ -3221,7 +3225,7 @@ def load_checkpoint(path, map_location="cpu"):
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
-                 "pair_weight": 0.0}
+                 "pair_weight": 0.0, "pair_field": "sum"}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3312,6 +3316,7 @@ def _channel_values(x, voxels=None):
     return x[at // x.shape[2], :, at % x.shape[2]].T
 
 
+PAIR_FIELDS = ("max", "sum")
 # voxel offsets, each standing for its images under the cube's symmetries: at 0.5 A spacing 0.5-1.5 A, from the
 # split tops of one blob (contacts < 0.7 A) to the bond lengths of organic linkers (1.0-1.5 A)
 PAIR_OFFSETS = ((1, 0, 0), (1, 1, 0), (1, 1, 1), (2, 0, 0), (2, 1, 0), (2, 1, 1), (2, 2, 0), (3, 0, 0))
@@ -3491,9 +3496,9 @@ def _gan_step(run, real, step):
             first = 1 if config.marginal_channels == "density" else 0
             loss_g = loss_g + config.marginal_weight * marginal_w2(fake[:, first:], real[:, first:].detach(),
                                                                    MARGINAL_VOXELS)
-        if config.pair_weight > 0:  # on the density summed over classes: where atoms are, whatever their class
-            loss_g = loss_g + config.pair_weight * pair_w2(fake[:, 1:].sum(1), real[:, 1:].detach().sum(1),
-                                                           MARGINAL_VOXELS)
+        if config.pair_weight > 0:  # where atoms are, whatever their class
+            field = (lambda x: x[:, 1:].amax(1)) if config.pair_field == "max" else (lambda x: x[:, 1:].sum(1))
+            loss_g = loss_g + config.pair_weight * pair_w2(field(fake), field(real.detach()), MARGINAL_VOXELS)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)

@@ -183,8 +183,9 @@ MUTANTS = [
            "d = directions[torch.zeros(voxels, dtype=torch.long, device=x.device)]", "pair"),
     Mutant("pair_draw_at_the_corner", "GAN loss", "at = low + (torch.rand(voxels, 3, device=x.device) * (high - low)).long()",
            "at = low + 0 * high", "pair"),
-    Mutant("pair_takes_energy", "GAN loss", "pair_w2(fake[:, 1:].sum(1), real[:, 1:].detach().sum(1),",
-           "pair_w2(fake.sum(1), real[:, 1:].detach().sum(1),", "pair"),
+    Mutant("pair_max_takes_energy", "GAN loss", "(lambda x: x[:, 1:].amax(1)) if", "(lambda x: x.amax(1)) if", "pair"),
+    Mutant("pair_field_ignored", "GAN loss", 'if config.pair_field == "max" else (lambda x: x[:, 1:].sum(1))',
+           "if True else None", "pair"),
     # the kit's recipe and the evaluation protocol
     Mutant("ema_weights_swapped", "recipe", "list(run.G.parameters()), 1 - decay)", "list(run.G.parameters()), decay)",
            "moving_average"),

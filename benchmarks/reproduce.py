@@ -97,6 +97,7 @@ class Scale:
     marginal_weight: float = 0.0    # TrainConfig.marginal_weight (0: none)
     marginal_channels: str = "all"  # TrainConfig.marginal_channels ("all" or "density")
     pair_weight: float = 0.0        # TrainConfig.pair_weight (0: none)
+    pair_field: str = "max"         # TrainConfig.pair_field ("max" or "sum")
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -183,7 +184,7 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   density_head=scale.density_head, generator_channels=scale.generator_channels,
                   r1_gamma=scale.r1_gamma, d_norm=scale.d_norm, d_patch=bool(scale.d_patch),
                   marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels,
-                  pair_weight=scale.pair_weight)
+                  pair_weight=scale.pair_weight, pair_field=scale.pair_field)
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig

@@ -1748,9 +1748,11 @@ def test_pair_w2_compares_the_values_of_voxel_pairs_by_optimal_transport():
         mofkit.pair_w2(smooth, rough[:1])
     with pytest.raises(ValueError, match="pair_weight needs density channels"):
         mofkit.TrainConfig(pair_weight=1.0)
+    with pytest.raises(ValueError, match="pair_field='mean'"):
+        mofkit.TrainConfig(pair_field="mean")
 
 
-@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal", "marginal_density", "pair"])
+@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal", "marginal_density", "pair_max", "pair_sum"])
 def test_gan_step_minimises_each_players_loss(preset):
     """One _gan_step: D's loss is measured on D before its update and G's on D after it, from the same fakes;
     each player's update lowers its own loss on those inputs (a flipped target would raise it). The objectives
@@ -1758,16 +1760,18 @@ def test_gan_step_minimises_each_players_loss(preset):
     the hinge loss on the global score plus on the patch scores (d_patch; the log shows the global score), the
     hinge loss with real and generated grids through D as one batch (d_norm="joint"), the hinge loss plus the
     marginal term against the real batch (marginal_weight; on every channel, or the density channels only), the
-    hinge loss plus the pair term on the density channels summed (pair_weight)."""
+    hinge loss plus the pair term on the density channels' largest or their sum (pair_weight, pair_field)."""
     scores = lambda D, real, fake: (D(real), D(fake))
     first = 1 if preset == "marginal_density" else 0
-    if preset in ("kit", "joint", "marginal", "marginal_density", "pair"):
+    if preset in ("kit", "joint", "marginal", "marginal_density", "pair_max", "pair_sum"):
         weight = 3.0 if preset.startswith("marginal") else 0.0
-        pair_weight = 2.0 if preset == "pair" else 0.0
+        pair_weight = 2.0 if preset.startswith("pair") else 0.0
         config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0,
-                                    grid_channels=3 if preset == "pair" else 1 + first, marginal_weight=weight,
+                                    grid_channels=3 if pair_weight else 1 + first, marginal_weight=weight,
                                     marginal_channels="density" if first else "all", pair_weight=pair_weight,
+                                    pair_field=preset[5:] if pair_weight else "max",
                                     d_norm="joint" if preset == "joint" else "batch")
+        field = lambda x: x[:, 1:].sum(1) if preset == "pair_sum" else x[:, 1:].max(1).values
         assert (config.loss, config.d_sigmoid) == ("hinge", False)
         loss_d_of = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
         def loss_g_of(g, f):  # the voxels the G step drew: torch's RNG as it was right after z
@@ -1776,9 +1780,8 @@ def test_gan_step_minimises_each_players_loss(preset):
                 loss = -g.mean()
                 if weight:
                     loss = loss + weight * mofkit.marginal_w2(f[:, first:], real[:, first:], mofkit.MARGINAL_VOXELS)
-                if pair_weight:  # on the density channels summed
-                    loss = loss + pair_weight * mofkit.pair_w2(f[:, 1:].sum(1), real[:, 1:].sum(1),
-                                                               mofkit.MARGINAL_VOXELS)
+                if pair_weight:  # on the density channels' largest, or their sum
+                    loss = loss + pair_weight * mofkit.pair_w2(field(f), field(real), mofkit.MARGINAL_VOXELS)
                 return loss
         if preset == "joint":
             scores = lambda D, real, fake: D(torch.cat([real, fake])).split(len(real))
