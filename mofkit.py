@@ -3221,7 +3221,8 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-# checkpoints written before a field existed ran with the behaviour its study-preset value names
+# checkpoints written before a field existed ran with the behaviour its study-preset value names (pair_field:
+# the pair term's first version took the summed density)
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
@@ -3367,7 +3368,8 @@ def _pair_values(x, directions, voxels=None):
         low, high = (-d).clamp(min=0), size - d.clamp(min=0)
         at = low + (torch.rand(voxels, 3, device=x.device) * (high - low)).long()
         grid = torch.randint(n, (voxels,), device=x.device)
-        a, b = x[grid, at[:, 0], at[:, 1], at[:, 2]], x[grid, *(at + d).unbind(1)]
+        to = at + d
+        a, b = x[grid, at[:, 0], at[:, 1], at[:, 2]], x[grid, to[:, 0], to[:, 1], to[:, 2]]
     return a + b, (a - b).abs()
 
 
