@@ -3303,8 +3303,13 @@ def marginal_w2(fake, real, voxels=None):
     `voxels`: compare that many voxels per channel drawn at random (global torch RNG) instead of all."""
     if fake.shape != real.shape:
         raise ValueError(f"marginal_w2: batches of shape {tuple(fake.shape)} and {tuple(real.shape)} differ")
-    fake, real = _channel_values(fake, voxels), _channel_values(real, voxels)
-    return (fake.sort(dim=1).values - real.sort(dim=1).values).pow(2).mean()
+    return _sorted_w2(_channel_values(fake, voxels), _channel_values(real, voxels))
+
+
+def _sorted_w2(a, b):
+    """The squared 2-Wasserstein distance between equal-size samples of numbers along the last axis, averaged over
+    the others: in one dimension the optimal coupling pairs sorted values."""
+    return (a.sort(dim=-1).values - b.sort(dim=-1).values).pow(2).mean()
 
 
 def _channel_values(x, voxels=None):
@@ -3339,7 +3344,7 @@ def pair_w2(fake, real, voxels=None):
     for offset in PAIR_OFFSETS:
         directions = _pair_directions(offset, fake.device)
         f, r = _pair_values(fake, directions, voxels), _pair_values(real, directions, voxels)
-        total = total + sum((a.sort().values - b.sort().values).pow(2).mean() for a, b in zip(f, r))
+        total = total + sum(_sorted_w2(a, b) for a, b in zip(f, r))
     return total / (2 * len(PAIR_OFFSETS))
 
 

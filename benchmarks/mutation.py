@@ -171,14 +171,13 @@ MUTANTS = [
     Mutant("d_norm_none_keeps_batchnorm", "discriminator norm", '+ ([nn.BatchNorm3d(c_out)] if norm == "batch" else [])',
            "+ [nn.BatchNorm3d(c_out)]", DISCRIMINATOR),
     # the marginal term in G's loss
-    Mutant("marginal_unsorted_real", "GAN loss", "(fake.sort(dim=1).values - real.sort(dim=1).values)",
-           "(fake.sort(dim=1).values - real)", "marginal"),
+    Mutant("w2_unsorted_real", "GAN loss", "(a.sort(dim=-1).values - b.sort(dim=-1).values)",
+           "(a.sort(dim=-1).values - b)", "marginal or pair"),
     Mutant("marginal_draw_not_random", "GAN loss", "at = torch.randint(x.shape[0] * x.shape[2], (voxels,), device=x.device)",
            "at = torch.arange(voxels, device=x.device) % (x.shape[0] * x.shape[2])", "marginal"),
     Mutant("marginal_density_takes_energy", "GAN loss", 'first = 1 if config.marginal_channels == "density" else 0',
            "first = 0", "marginal"),
     # the pair term in G's loss
-    Mutant("pair_unsorted_real", "GAN loss", "(a.sort().values - b.sort().values)", "(a.sort().values - b)", "pair"),
     Mutant("pair_one_direction", "GAN loss", "d = directions[torch.randint(len(directions), (voxels,), device=x.device)]",
            "d = directions[torch.zeros(voxels, dtype=torch.long, device=x.device)]", "pair"),
     Mutant("pair_draw_at_the_corner", "GAN loss", "at = low + (torch.rand(voxels, 3, device=x.device) * (high - low)).long()",
