@@ -2767,17 +2767,21 @@ class Generator(torch.nn.Module):
     Density channels (all but channel 0): density_head="channels" gives each its own output; "occupancy" makes
     them sigmoid(o) * exp(l_c - max_c l_c) from one occupancy output o and per-class logits l_c, so that, as in
     `density_channels`, the largest class equals the occupancy; density_blur low-passes o (or every channel).
+    "atoms" makes the occupancy itself as `density_channels` does, a max of Gaussians sigma_voxels wide, centred
+    on voxels whose atom presence sigmoid(o + ATOM_PRIOR_LOGIT) is their height (`gaussian_dilate`): every peak
+    has an atom's shape, so what is left to learn is where atoms are.
     """
 
     def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells", density_blur=False,
-                 density_head="channels"):
+                 density_head="channels", sigma_voxels=0.0):
         super().__init__()
         nn = torch.nn
         widths = _widths(dim, channels)
         self.dim, self.latent, self.channels, self.out_channels = dim, latent, channels, out_channels
         self.transform = _check_transform(transform)
         self.density_blur, self.density_head = density_blur, _check_density_head(density_head)
-        occupancy = density_head == "occupancy" and out_channels > 1
+        self.sigma_voxels = _check_atoms_head(density_head, sigma_voxels, density_blur)
+        occupancy = density_head != "channels" and out_channels > 1
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
@@ -2798,26 +2802,63 @@ class Generator(torch.nn.Module):
         if self.out_channels == 1:
             return self.net[-1](x)
         energy, density = self.net[-1](x[:, :1]), x[:, 1:]
-        if self.density_head == "occupancy":
+        if self.density_head != "channels":
             occupancy, logits = density[:, :1], density[:, 1:]
-            if self.density_blur:
-                occupancy = binomial_blur(occupancy)
+            if self.density_head == "atoms":
+                occupancy = gaussian_dilate(torch.sigmoid(occupancy + ATOM_PRIOR_LOGIT), self.sigma_voxels)
+            else:
+                occupancy = torch.sigmoid(binomial_blur(occupancy) if self.density_blur else occupancy)
             # max over classes = the occupancy, as in density_channels (a max of Gaussians): the strongest class
             # carries all of it, so an atom's peak cannot be split below the decoder's threshold
-            density = torch.sigmoid(occupancy) * torch.exp(logits - logits.amax(1, True))
+            density = occupancy * torch.exp(logits - logits.amax(1, True))
             return torch.cat([energy, 2 * density - 1 if self.transform == "signed" else density], 1)
         if self.density_blur:  # before the activation: a blurred peak can still reach 1
             density = binomial_blur(density)
         return torch.cat([energy, self.net[-1](density)], 1)
 
 
-DENSITY_HEADS = ("channels", "occupancy")
+DENSITY_HEADS = ("channels", "occupancy", "atoms")
+# The "atoms" head's presence starts near 1% (RetinaNet's prior for rare objects, Lin et al. 2017): a voxel of
+# a real 32^3 cube at 0.5 A holds an atom centre ~0.7% of the time, so the untrained field starts nearly empty.
+ATOM_PRIOR_LOGIT = math.log(0.01 / 0.99)
 
 
 def _check_density_head(head):
     if head not in DENSITY_HEADS:
         raise ValueError(f"density_head={head!r}: use one of {DENSITY_HEADS}")
     return head
+
+
+def _check_atoms_head(head, sigma_voxels, density_blur):
+    """sigma_voxels for the "atoms" head (the data's density_sigma_A / spacing_A), 0.0 for the others."""
+    if head != "atoms":
+        return 0.0
+    if not (math.isfinite(sigma_voxels) and sigma_voxels > 0):
+        raise ValueError(f"density_head='atoms' draws Gaussians sigma_voxels wide: give the data's "
+                         f"density_sigma_A / spacing_A (> 0), got {sigma_voxels!r}")
+    if density_blur:
+        raise ValueError("density_head='atoms' draws smooth Gaussians itself: density_blur must be off")
+    return float(sigma_voxels)
+
+
+def gaussian_dilate(x, sigma_voxels):
+    """max over voxels y of x(y) * exp(-|v - y|^2 / 2 sigma^2) at every voxel v of (N, C, D, D, D), x >= 0.
+
+    With x a one-hot at an atom's voxel this is `density_channels` of that atom (same window: 3 sigma, a cube);
+    with several, the max of their Gaussians, each as tall as its x. The Gaussian is a product over axes and
+    every factor is positive, so the max over the window is three 1-D maxes in turn (a separable dilation):
+    2 * reach shifted copies per axis instead of (2 * reach + 1)^3. Voxels beyond the cube count as 0.
+    """
+    reach, n = math.ceil(3 * sigma_voxels), x.shape[-1]
+    for axis in (-3, -2, -1):
+        out = x
+        for o in range(1, min(reach, n - 1) + 1):
+            pad = [0, 0] * (-1 - axis)
+            ahead = torch.nn.functional.pad(x.narrow(axis, o, n - o), pad + [0, o])  # x(v + o)
+            behind = torch.nn.functional.pad(x.narrow(axis, 0, n - o), pad + [o, 0])  # x(v - o)
+            out = torch.maximum(out, torch.maximum(ahead, behind) * math.exp(-o * o / (2 * sigma_voxels ** 2)))
+        x = out
+    return x
 
 
 def binomial_blur(x):
@@ -2981,7 +3022,8 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 # rank 0 at every D/G forward): per-GPU batch statistics match the single-GPU recipe, and SyncBatchNorm
 # would add a collective to each of the ~8 BN layers in each of the 3 forwards per step.
 
-ARCH_FIELDS = ("dim", "channels", "generator_channels", "latent", "grid_channels", "density_head")
+ARCH_FIELDS = ("dim", "channels", "generator_channels", "latent", "grid_channels", "density_head",
+               "density_sigma_voxels")
 HISTORY_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "samples_per_s", "time_s")
 
 
@@ -3039,7 +3081,9 @@ class TrainConfig:
                                     # "Generated atoms")
     density_head: str = "channels"  # "channels": one output per density class; "occupancy": one occupancy
                                     # times per-class shares whose largest is 1 (`Generator`; no-op for one
-                                    # channel): measured worse (README, "Generated atoms")
+                                    # channel): measured worse (README, "Generated atoms"); "atoms": atom
+                                    # presences drawn as Gaussians density_sigma_voxels wide (`Generator`)
+    density_sigma_voxels: float = 0.0  # the "atoms" head's Gaussian width: the data's density_sigma_A / spacing_A
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
@@ -3071,6 +3115,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: loss={self.loss!r} needs D's raw score (d_sigmoid=False)")
         _check_transform(self.transform)
         _check_density_head(self.density_head)
+        _check_atoms_head(self.density_head, self.density_sigma_voxels, self.density_blur)
         _check_d_norm(self.d_norm)
         if self.marginal_channels not in MARGINAL_CHANNELS:
             raise ValueError(f"TrainConfig: marginal_channels={self.marginal_channels!r}: use one of {MARGINAL_CHANNELS}")
@@ -3226,7 +3271,7 @@ def load_checkpoint(path, map_location="cpu"):
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
-                 "pair_weight": 0.0, "pair_field": "sum"}
+                 "pair_weight": 0.0, "pair_field": "sum", "density_sigma_voxels": 0.0}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3236,7 +3281,7 @@ def _config_from_checkpoint(ckpt):
 
 def _models(config):
     return (Generator(config.dim, config.latent, config.generator_channels or config.channels, config.grid_channels,
-                      config.transform, config.density_blur, config.density_head),
+                      config.transform, config.density_blur, config.density_head, config.density_sigma_voxels),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid,
                           patch=config.d_patch, norm="none" if config.d_norm == "none" else "batch"))
 
@@ -3712,6 +3757,17 @@ def _grid_params_of(dataset):
     return dataset.params.to_dict() if isinstance(dataset, ShardDataset) else None
 
 
+def _check_sigma_of_data(config, grid_params):
+    """The "atoms" head must draw the Gaussians the data holds (when the data says which)."""
+    if config.density_head != "atoms" or grid_params is None:
+        return
+    params = GridParams(**grid_params)
+    want = params.density_sigma_A / params.spacing_A
+    if not math.isclose(config.density_sigma_voxels, want, rel_tol=1e-6):
+        raise ValueError(f"TrainConfig: density_sigma_voxels={config.density_sigma_voxels} but the shards' Gaussians "
+                         f"are {params.density_sigma_A} / {params.spacing_A} = {want:g} voxels wide")
+
+
 def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_steps=None, progress=True,
           max_minutes=None, allow_config_change=False):
     """Train the GAN on `dataset` (kelvin grids (C, D, D, D): a list, torch Dataset or ShardDataset).
@@ -3745,6 +3801,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
         state = _TrainState(_e_scale(config, dataset, world, device), _grid_params_of(dataset))
     else:
         state = _restore(run, ckpt, rank)
+    _check_sigma_of_data(config, _grid_params_of(dataset))
     if rank == 0:
         _write_history_csv(history_csv, state.history)  # drops rows logged after the checkpoint we resume from
     stop_at = max_steps if max_steps is not None else float("inf")
@@ -4357,7 +4414,8 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
         if is_model:
             torch.manual_seed(seed)
             fresh = Generator(generator.dim, generator.latent, generator.channels, generator.out_channels,
-                              generator.transform, generator.density_blur)
+                              generator.transform, generator.density_blur, generator.density_head,
+                              generator.sigma_voxels)
             sets["untrained generator"] = clip(five_d(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K),
                                                       "untrained generator"))
     rows = [{"set": name, "features": f, **_one_nn_scores(heldout, grids, f, n_boot, seed, device)}

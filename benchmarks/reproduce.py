@@ -89,7 +89,8 @@ class Scale:
     atoms: bool = False             # energy + atom-density channels, and an energy-only comparator on channel 0
     density_sigma_A: float = 0.0    # atoms: the density Gaussians' width (0: the voxel spacing)
     density_blur: int = 0           # atoms: TrainConfig.density_blur (1: on)
-    density_head: str = "channels"  # atoms: TrainConfig.density_head ("channels" or "occupancy")
+    density_head: str = "channels"  # atoms: TrainConfig.density_head ("channels", "occupancy" or "atoms": then
+                                    # --density-blur 0; its Gaussians' width is the data's)
     generator_channels: int = 0     # TrainConfig.generator_channels (0: channels)
     r1_gamma: float = 0.0           # TrainConfig.r1_gamma (0: no R1 penalty)
     d_norm: str = "batch"           # TrainConfig.d_norm ("batch", "joint" or "none")
@@ -182,6 +183,8 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   checkpoint_every_min=scale.checkpoint_every_min, device=device,
                   grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur),
                   density_head=scale.density_head, generator_channels=scale.generator_channels,
+                  density_sigma_voxels=shard_params(scale).density_sigma_A / scale.spacing_A
+                  if scale.density_head == "atoms" else 0.0,
                   r1_gamma=scale.r1_gamma, d_norm=scale.d_norm, d_patch=bool(scale.d_patch),
                   marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels,
                   pair_weight=scale.pair_weight, pair_field=scale.pair_field)

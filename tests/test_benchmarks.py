@@ -109,6 +109,16 @@ def test_every_mutant_finds_its_fragment_once():
     assert len({m.name for m in mutation.MUTANTS}) == len(mutation.MUTANTS)
 
 
+def test_reproduce_atoms_head_takes_its_width_from_the_scale():
+    import dataclasses
+    scale = dataclasses.replace(reproduce.SCALES["atoms"], density_head="atoms", density_blur=0)
+    config = reproduce.train_config(scale, "cpu")
+    assert (config.density_head, config.density_sigma_voxels, config.grid_channels) == ("atoms", 1.5, 11)
+    assert reproduce.train_config(reproduce.SCALES["atoms"], "cpu").density_sigma_voxels == 0.0
+    with pytest.raises(ValueError, match="density_blur must be off"):
+        reproduce.train_config(dataclasses.replace(scale, density_blur=1), "cpu")
+
+
 def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp_path, coremof_cifs):
     """--scale atoms: energy + density shards without cell properties, the multi-channel run and the energy-only
     comparator on channel 0, energy 1-NN for both by the same protocol, the structure report and targets."""

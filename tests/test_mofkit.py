@@ -1315,6 +1315,89 @@ def test_occupancy_head_gives_the_strongest_class_the_whole_occupancy():
         torch.testing.assert_close(one(z), ref(z))
 
 
+def brute_dilate(x, sigma_voxels):
+    """max over every voxel y within the 3-sigma cube of v of x(y) * exp(-|v - y|^2 / 2 sigma^2), by loops."""
+    x = np.asarray(x, dtype=np.float64)
+    reach, n = math.ceil(3 * sigma_voxels), x.shape[-1]
+    out = np.zeros_like(x)
+    for index in zip(*np.nonzero(x)):
+        *lead, i, j, k = index
+        lo = [max(0, c - reach) for c in (i, j, k)]
+        hi = [min(n, c + reach + 1) for c in (i, j, k)]
+        a, b, c = np.meshgrid(*[np.arange(l, h) for l, h in zip(lo, hi)], indexing="ij")
+        g = x[index] * np.exp(-((a - i) ** 2 + (b - j) ** 2 + (c - k) ** 2) / (2 * sigma_voxels ** 2))
+        view = out[tuple(lead)][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        np.maximum(view, g, out=view)
+    return out
+
+
+def test_gaussian_dilate_draws_each_voxel_as_density_channels_draws_an_atom():
+    """The separable dilation equals the max over every voxel's Gaussian (loops), at any height, near the cube's
+    faces too; heights 1 on atoms' voxels give density_channels of those atoms."""
+    from ase import Atoms
+    rng = np.random.default_rng(0)
+    for sigma in (0.5, 1.0, 1.5):
+        x = np.where(rng.random((2, 3, 9, 9, 9)) < 0.02, rng.random((2, 3, 9, 9, 9)), 0.0)
+        x[0, 0, 0, 0, 8] = 0.9  # a corner: its Gaussian is cut by three faces
+        np.testing.assert_allclose(mofkit.gaussian_dilate(torch.from_numpy(x), sigma).numpy(),
+                                   brute_dilate(x, sigma), rtol=1e-12, atol=1e-15)
+    voxels = np.array([[3, 4, 5], [4, 5, 5], [8, 2, 9], [0, 11, 6]])  # two bonded, one near a face
+    atoms = Atoms("C4", positions=voxels * 0.5, cell=[40.0] * 3, pbc=True)  # images far beyond the cube
+    onehot = torch.zeros(1, 1, 12, 12, 12)
+    onehot[0, 0, voxels[:, 0], voxels[:, 1], voxels[:, 2]] = 1
+    expected = mofkit.density_channels(atoms, size=12, spacing_A=0.5, sigma_A=0.75, classes=("C", "other"))
+    np.testing.assert_allclose(mofkit.gaussian_dilate(onehot, 1.5)[0].numpy(), expected[:1], rtol=1e-6, atol=1e-7)
+
+
+def test_atoms_head_draws_each_presence_as_a_gaussian_shared_out_by_class():
+    torch.manual_seed(0)
+    z = torch.randn(2, 8)
+    for transform in ("signed", "wells"):
+        G = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, transform=transform,
+                             density_head="atoms", sigma_voxels=1.5).eval()
+        assert G.net[-2].weight.shape[1] == 5  # energy, presence, 3 class logits
+        with torch.no_grad():
+            features = G.net[:-1](torch.relu(G.project(z).view(-1, 16, 4, 4, 4))).double()
+            out = mofkit.from_gan_output(G(z), 1.0, transform).double()
+        activation = torch.sigmoid if transform == "wells" else torch.tanh
+        torch.testing.assert_close(out[:, 0], -activation(features[:, 0]))  # energy: as the channels head's
+        presence = torch.sigmoid(features[:, 1] + mofkit.ATOM_PRIOR_LOGIT)
+        occupancy = torch.from_numpy(brute_dilate(presence.numpy(), 1.5))
+        density = out[:, 1:]
+        torch.testing.assert_close(density.amax(1), occupancy, atol=1e-6, rtol=1e-5)  # the largest class: all of it
+        assert density.min() >= 0 and (density < occupancy[:, None] - 1e-3).any()  # the others: a share of it
+        assert torch.equal(density.argsort(1), features[:, 2:].argsort(1))  # shares follow the class logits
+        assert presence.median() < 0.02  # untrained: nearly empty, as real cubes are between atoms
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma_voxels"):
+            mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, density_head="atoms", sigma_voxels=bad)
+        with pytest.raises(ValueError, match="sigma_voxels"):
+            mofkit.TrainConfig(grid_channels=4, density_head="atoms", density_sigma_voxels=bad)
+    with pytest.raises(ValueError, match="density_blur must be off"):
+        mofkit.TrainConfig(grid_channels=4, density_head="atoms", density_sigma_voxels=1.5, density_blur=True)
+    assert mofkit._config_from_checkpoint({"config": {}}).density_sigma_voxels == 0.0  # models trained before it
+    params = mofkit.GridParams(size=16, spacing_A=0.5, cutoff_A=5.0, density_classes=("C", "O", "other"),
+                               density_sigma_A=0.75, cell_properties=False).to_dict()
+    config = mofkit.TrainConfig(dim=16, grid_channels=4, density_head="atoms", density_sigma_voxels=1.5)
+    mofkit._check_sigma_of_data(config, params)  # 0.75 / 0.5: the same width
+    mofkit._check_sigma_of_data(config, None)  # grids that do not say: nothing to check
+    with pytest.raises(ValueError, match="density_sigma_voxels=1.0 but the shards' Gaussians are 0.75 / 0.5 = 1.5"):
+        mofkit._check_sigma_of_data(dataclasses.replace(config, density_sigma_voxels=1.0), params)
+
+
+def test_atoms_head_trains_resumes_and_samples_with_its_width(tmp_path):
+    config = tiny_config(grid_channels=3, density_head="atoms", density_sigma_voxels=1.5)
+    mofkit.train(config, random_grids(4, channels=3), tmp_path, max_steps=2, progress=False)
+    mofkit.export_generator(tmp_path / "last.pt", tmp_path / "g.pt")
+    G = mofkit.load_generator(tmp_path / "g.pt")
+    assert (G.density_head, G.sigma_voxels) == ("atoms", 1.5)
+    x = mofkit.sample(tmp_path / "last.pt", 2, seed=0)
+    assert x.shape == (2, 3, 16, 16, 16) and 0 <= x[:, 1:].min() and x[:, 1:].max() <= 1
+    with pytest.raises(mofkit.CheckpointError, match="density_sigma_voxels=1.5 but the config asks for 1.0"):
+        mofkit.train(dataclasses.replace(config, density_sigma_voxels=1.0), random_grids(4, channels=3), tmp_path,
+                     max_steps=3, progress=False)
+
+
 @pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
 def test_gan_shapes_and_ranges(dim, channels, grid_channels):
     torch.manual_seed(0)
