@@ -2768,12 +2768,14 @@ class Generator(torch.nn.Module):
     them sigmoid(o) * exp(l_c - max_c l_c) from one occupancy output o and per-class logits l_c, so that, as in
     `density_channels`, the largest class equals the occupancy; density_blur low-passes o (or every channel).
     "atoms" makes the occupancy itself as `density_channels` does, a max of Gaussians sigma_voxels wide, centred
-    on voxels whose atom presence sigmoid(o + ATOM_PRIOR_LOGIT) is their height (`gaussian_dilate`): every peak
-    has an atom's shape, so what is left to learn is where atoms are.
+    on sites whose atom presence sigmoid(o + ATOM_PRIOR_LOGIT) is their height (`gaussian_dilate`): every peak
+    has an atom's shape, so what is left to learn is where atoms are. The sites are the voxel centres
+    (subvoxels=1) or, with subvoxels=2, those and the points halfway between them (one presence output per
+    site of a voxel, 2^3): an atom between two voxels, as most real ones are, can then be drawn as one.
     """
 
     def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells", density_blur=False,
-                 density_head="channels", sigma_voxels=0.0):
+                 density_head="channels", sigma_voxels=0.0, subvoxels=1):
         super().__init__()
         nn = torch.nn
         widths = _widths(dim, channels)
@@ -2781,13 +2783,17 @@ class Generator(torch.nn.Module):
         self.transform = _check_transform(transform)
         self.density_blur, self.density_head = density_blur, _check_density_head(density_head)
         self.sigma_voxels = _check_atoms_head(density_head, sigma_voxels, density_blur)
-        occupancy = density_head != "channels" and out_channels > 1
+        if subvoxels not in (1, 2):
+            raise ValueError(f"subvoxels={subvoxels!r}: expected 1 or 2 presence sites per voxel edge")
+        self.subvoxels = subvoxels if density_head == "atoms" else 1
+        # outputs beyond the grid channels: the occupancy, or one presence per site of a voxel
+        extra = 0 if density_head == "channels" or out_channels == 1 else self.subvoxels ** 3
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out),
                        nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose3d(widths[-1], out_channels + occupancy, 4, 2, 1, bias=False),
+        layers += [nn.ConvTranspose3d(widths[-1], out_channels + extra, 4, 2, 1, bias=False),
                    nn.Sigmoid() if transform == "wells" else nn.Tanh()]
         self.net = nn.Sequential(*layers)
         # torch draws a transposed convolution's initial weights with its output channels as the fan-in, so
@@ -2795,23 +2801,29 @@ class Generator(torch.nn.Module):
         # smaller, and the generator learned none of them (README, "Generated atoms": the run and the pilots).
         # Scaled back, each channel starts as an energy-only generator's would (a no-op for one channel).
         with torch.no_grad():
-            layers[-2].weight.mul_(math.sqrt(out_channels + occupancy))
+            layers[-2].weight.mul_(math.sqrt(out_channels + extra))
 
-    def forward(self, z):
+    def forward(self, z, with_presence=False):
+        """Grids; with_presence=True (the "atoms" head): (grids, presence (N, 1, S, S, S) on the sites)."""
+        if with_presence and (self.density_head != "atoms" or self.out_channels == 1):
+            raise ValueError("with_presence: only the 'atoms' density head has atom presences")
         x = self.net[:-1](torch.relu(self.project(z).view(-1, self.channels, 4, 4, 4)))
         if self.out_channels == 1:
             return self.net[-1](x)
         energy, density = self.net[-1](x[:, :1]), x[:, 1:]
         if self.density_head != "channels":
-            occupancy, logits = density[:, :1], density[:, 1:]
+            sites = self.subvoxels ** 3
+            occupancy, logits = density[:, :sites], density[:, sites:]
             if self.density_head == "atoms":
-                occupancy = gaussian_dilate(torch.sigmoid(occupancy + ATOM_PRIOR_LOGIT), self.sigma_voxels)
+                presence = _interleave_sites(torch.sigmoid(occupancy + ATOM_PRIOR_LOGIT), self.subvoxels)
+                occupancy = gaussian_dilate(presence, self.sigma_voxels, self.subvoxels)
             else:
                 occupancy = torch.sigmoid(binomial_blur(occupancy) if self.density_blur else occupancy)
             # max over classes = the occupancy, as in density_channels (a max of Gaussians): the strongest class
             # carries all of it, so an atom's peak cannot be split below the decoder's threshold
             density = occupancy * torch.exp(logits - logits.amax(1, True))
-            return torch.cat([energy, 2 * density - 1 if self.transform == "signed" else density], 1)
+            grids = torch.cat([energy, 2 * density - 1 if self.transform == "signed" else density], 1)
+            return (grids, presence) if with_presence else grids
         if self.density_blur:  # before the activation: a blurred peak can still reach 1
             density = binomial_blur(density)
         return torch.cat([energy, self.net[-1](density)], 1)
@@ -2841,22 +2853,51 @@ def _check_atoms_head(head, sigma_voxels, density_blur):
     return float(sigma_voxels)
 
 
-def gaussian_dilate(x, sigma_voxels):
-    """max over voxels y of x(y) * exp(-|v - y|^2 / 2 sigma^2) at every voxel v of (N, C, D, D, D), x >= 0.
+# Closer than any bond: the shortest in MOFs is O-H, 0.96 A; 1.8 voxels is 0.9 A at the atoms scale's 0.5 A.
+CLASH_VOXELS = 1.8
 
-    With x a one-hot at an atom's voxel this is `density_channels` of that atom (same window: 3 sigma, a cube);
-    with several, the max of their Gaussians, each as tall as its x. The Gaussian is a product over axes and
-    every factor is positive, so the max over the window is three 1-D maxes in turn (a separable dilation):
-    2 * reach shifted copies per axis instead of (2 * reach + 1)^3. Voxels beyond the cube count as 0.
+
+def clash_pairs(presence, sub=1):
+    """Pairs of atoms closer than CLASH_VOXELS per grid, expected: the sum over every such pair of sites of the
+    product of their presences (N, 1, S, S, S) on sites 1/sub voxel apart, averaged over the batch. Each
+    unordered pair counts once; 0 exactly when no two atoms of nonzero presence are that close."""
+    reach, n = CLASH_VOXELS * sub, presence.shape[-1]
+    total = presence.new_zeros(())
+    for o in itertools.product(range(-math.floor(reach), math.floor(reach) + 1), repeat=3):
+        if o <= (0, 0, 0) or sum(c * c for c in o) > reach * reach:
+            continue  # o and -o are one pair
+        here = tuple(slice(max(0, -c), n - max(0, c)) for c in o)
+        there = tuple(slice(max(0, c), n + min(0, c)) for c in o)
+        total = total + (presence[(..., *here)] * presence[(..., *there)]).sum()
+    return total / presence.shape[0]
+
+
+def _interleave_sites(x, sub):
+    """(N, sub^3, D, D, D) -> (N, 1, sub*D, sub*D, sub*D): channel (a, b, c) of voxel (i, j, k) goes to site
+    (sub*i + a, sub*j + b, sub*k + c), i.e. (a, b, c) / sub voxel past the voxel's centre."""
+    n, d = x.shape[0], x.shape[-1]
+    x = x.reshape(n, sub, sub, sub, d, d, d).permute(0, 4, 1, 5, 2, 6, 3)
+    return x.reshape(n, 1, sub * d, sub * d, sub * d)
+
+
+def gaussian_dilate(x, sigma_voxels, sub=1):
+    """max over sites y of x(y) * exp(-|v - y|^2 / 2 sigma^2) at every voxel v: x (N, C, sub*D, sub*D, sub*D)
+    holds heights >= 0 at sites 1/sub voxel apart (site sub*i + a is a/sub voxel past voxel i), out (N, C, D, D, D).
+
+    With x a one-hot at an atom's site this is `density_channels` of that atom (window: 3 sigma, a cube); with
+    several, the max of their Gaussians, each as tall as its x. The Gaussian is a product over axes and every
+    factor is positive, so the max over the window is three 1-D maxes in turn (a separable dilation): 2 * reach
+    + 1 shifted copies per axis instead of (2 * reach + 1)^3. Sites beyond the grid count as 0.
     """
-    reach, n = math.ceil(3 * sigma_voxels), x.shape[-1]
+    reach = math.ceil(3 * sigma_voxels * sub)  # in sites
     for axis in (-3, -2, -1):
-        out = x
-        for o in range(1, min(reach, n - 1) + 1):
-            pad = [0, 0] * (-1 - axis)
-            ahead = torch.nn.functional.pad(x.narrow(axis, o, n - o), pad + [0, o])  # x(v + o)
-            behind = torch.nn.functional.pad(x.narrow(axis, 0, n - o), pad + [o, 0])  # x(v - o)
-            out = torch.maximum(out, torch.maximum(ahead, behind) * math.exp(-o * o / (2 * sigma_voxels ** 2)))
+        n, dim = x.shape[axis], x.ndim + axis
+        padded = torch.nn.functional.pad(x, [0, 0] * (-1 - axis) + [reach, reach])
+        every = (slice(None),) * dim + (slice(None, None, sub),)  # the sites at voxel centres
+        out = None
+        for o in range(-reach, reach + 1):  # voxel i takes site sub*i + o
+            term = padded.narrow(axis, reach + o, n)[every] * math.exp(-(o / sub) ** 2 / (2 * sigma_voxels ** 2))
+            out = term if out is None else torch.maximum(out, term)
         x = out
     return x
 
@@ -3023,7 +3064,7 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 # would add a collective to each of the ~8 BN layers in each of the 3 forwards per step.
 
 ARCH_FIELDS = ("dim", "channels", "generator_channels", "latent", "grid_channels", "density_head",
-               "density_sigma_voxels")
+               "density_sigma_voxels", "atom_subvoxels")
 HISTORY_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "samples_per_s", "time_s")
 
 
@@ -3084,6 +3125,9 @@ class TrainConfig:
                                     # channel): measured worse (README, "Generated atoms"); "atoms": atom
                                     # presences drawn as Gaussians density_sigma_voxels wide (`Generator`)
     density_sigma_voxels: float = 0.0  # the "atoms" head's Gaussian width: the data's density_sigma_A / spacing_A
+    atom_subvoxels: int = 1         # the "atoms" head's presence sites per voxel edge: 1 (voxel centres) or 2
+    clash_weight: float = 0.0       # the "atoms" head: weight of `clash_pairs` (pairs of atoms closer than any
+                                    # bond) in G's loss, as AlphaFold's clash term (README, "Generated atoms")
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
@@ -3102,7 +3146,8 @@ class TrainConfig:
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "latent": self.latent >= 1,
                   "lr": self.lr > 0, "ema": 0 <= self.ema < 1, "r1_gamma": self.r1_gamma >= 0,
                   "marginal_weight": self.marginal_weight >= 0,
-                  "pair_weight": self.pair_weight >= 0,
+                  "pair_weight": self.pair_weight >= 0, "atom_subvoxels": self.atom_subvoxels in (1, 2),
+                  "clash_weight": self.clash_weight >= 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
                   "generator_channels": self.generator_channels >= 0,
                   "log_every": self.log_every >= 1, "checkpoint_every_steps": self.checkpoint_every_steps >= 1}
@@ -3121,6 +3166,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: marginal_channels={self.marginal_channels!r}: use one of {MARGINAL_CHANNELS}")
         if self.marginal_channels == "density" and self.marginal_weight > 0 and self.grid_channels < 2:
             raise ValueError("TrainConfig: marginal_channels='density' needs density channels (grid_channels >= 2)")
+        if self.clash_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
+            raise ValueError("TrainConfig: clash_weight needs atom presences: density_head='atoms' and density "
+                             "channels (grid_channels >= 2)")
         if self.pair_field not in PAIR_FIELDS:
             raise ValueError(f"TrainConfig: pair_field={self.pair_field!r}: use one of {PAIR_FIELDS}")
         if self.pair_weight > 0 and self.grid_channels < 2:
@@ -3271,7 +3319,8 @@ def load_checkpoint(path, map_location="cpu"):
 LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wells", "d_sigmoid": True,
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
-                 "pair_weight": 0.0, "pair_field": "sum", "density_sigma_voxels": 0.0}
+                 "pair_weight": 0.0, "pair_field": "sum", "density_sigma_voxels": 0.0,
+                 "atom_subvoxels": 1, "clash_weight": 0.0}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3281,7 +3330,8 @@ def _config_from_checkpoint(ckpt):
 
 def _models(config):
     return (Generator(config.dim, config.latent, config.generator_channels or config.channels, config.grid_channels,
-                      config.transform, config.density_blur, config.density_head, config.density_sigma_voxels),
+                      config.transform, config.density_blur, config.density_head, config.density_sigma_voxels,
+                      config.atom_subvoxels),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid,
                           patch=config.d_patch, norm="none" if config.d_norm == "none" else "batch"))
 
@@ -3519,7 +3569,7 @@ def _gan_step(run, real, step):
     if r1:
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
-        fake = run.G_step(z)
+        fake, presence = run.G_step(z, with_presence=True) if config.clash_weight > 0 else (run.G_step(z), None)
         D_real = run.D_step_r1 if r1 else run.D_step
         if config.d_norm == "joint":  # one batch, real then generated: BatchNorm sees both (`Discriminator`)
             both = D_real(torch.cat([real, fake.detach()])).float()
@@ -3551,6 +3601,8 @@ def _gan_step(run, real, step):
         if config.pair_weight > 0:  # where atoms are, whatever their class
             field = (lambda x: x[:, 1:].amax(1)) if config.pair_field == "max" else (lambda x: x[:, 1:].sum(1))
             loss_g = loss_g + config.pair_weight * pair_w2(field(fake), field(real.detach()), MARGINAL_VOXELS)
+        if presence is not None:
+            loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)
@@ -4415,7 +4467,7 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
             torch.manual_seed(seed)
             fresh = Generator(generator.dim, generator.latent, generator.channels, generator.out_channels,
                               generator.transform, generator.density_blur, generator.density_head,
-                              generator.sigma_voxels)
+                              generator.sigma_voxels, generator.subvoxels)
             sets["untrained generator"] = clip(five_d(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K),
                                                       "untrained generator"))
     rows = [{"set": name, "features": f, **_one_nn_scores(heldout, grids, f, n_boot, seed, device)}

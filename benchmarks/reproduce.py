@@ -98,6 +98,8 @@ class Scale:
     marginal_weight: float = 0.0    # TrainConfig.marginal_weight (0: none)
     marginal_channels: str = "all"  # TrainConfig.marginal_channels ("all" or "density")
     pair_weight: float = 0.0        # TrainConfig.pair_weight (0: none)
+    atom_subvoxels: int = 1         # TrainConfig.atom_subvoxels (the "atoms" head's sites per voxel edge)
+    clash_weight: float = 0.0       # TrainConfig.clash_weight (0: none; the "atoms" head)
     pair_field: str = "max"         # TrainConfig.pair_field ("max" or "sum")
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
@@ -187,7 +189,8 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   if scale.density_head == "atoms" else 0.0,
                   r1_gamma=scale.r1_gamma, d_norm=scale.d_norm, d_patch=bool(scale.d_patch),
                   marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels,
-                  pair_weight=scale.pair_weight, pair_field=scale.pair_field)
+                  pair_weight=scale.pair_weight, pair_field=scale.pair_field,
+                  atom_subvoxels=scale.atom_subvoxels, clash_weight=scale.clash_weight)
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig

@@ -1315,19 +1315,23 @@ def test_occupancy_head_gives_the_strongest_class_the_whole_occupancy():
         torch.testing.assert_close(one(z), ref(z))
 
 
-def brute_dilate(x, sigma_voxels):
-    """max over every voxel y within the 3-sigma cube of v of x(y) * exp(-|v - y|^2 / 2 sigma^2), by loops."""
+def brute_dilate(x, sigma_voxels, sub=1):
+    """max over every site y (1/sub voxel apart) within ceil(3 sigma sub) sites (a cube) of voxel v of x(y) *
+    exp(-|v - y|^2 / 2 sigma^2), by loops over the sites that hold something."""
     x = np.asarray(x, dtype=np.float64)
-    reach, n = math.ceil(3 * sigma_voxels), x.shape[-1]
-    out = np.zeros_like(x)
+    reach = math.ceil(3 * sigma_voxels * sub) / sub + 1e-9  # in voxels
+    n = x.shape[-1] // sub
+    out = np.zeros(x.shape[:-3] + (n, n, n))
+    v = np.arange(n)
     for index in zip(*np.nonzero(x)):
         *lead, i, j, k = index
-        lo = [max(0, c - reach) for c in (i, j, k)]
-        hi = [min(n, c + reach + 1) for c in (i, j, k)]
-        a, b, c = np.meshgrid(*[np.arange(l, h) for l, h in zip(lo, hi)], indexing="ij")
-        g = x[index] * np.exp(-((a - i) ** 2 + (b - j) ** 2 + (c - k) ** 2) / (2 * sigma_voxels ** 2))
-        view = out[tuple(lead)][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        np.maximum(view, g, out=view)
+        d = [v - c / sub for c in (i, j, k)]  # voxels from the site, per axis
+        if any(np.abs(e).min() > reach for e in d):
+            continue
+        a, b, c = np.meshgrid(*d, indexing="ij")
+        g = x[index] * np.exp(-(a ** 2 + b ** 2 + c ** 2) / (2 * sigma_voxels ** 2))
+        g[(np.abs(a) > reach) | (np.abs(b) > reach) | (np.abs(c) > reach)] = 0
+        np.maximum(out[tuple(lead)], g, out=out[tuple(lead)])
     return out
 
 
@@ -1341,12 +1345,23 @@ def test_gaussian_dilate_draws_each_voxel_as_density_channels_draws_an_atom():
         x[0, 0, 0, 0, 8] = 0.9  # a corner: its Gaussian is cut by three faces
         np.testing.assert_allclose(mofkit.gaussian_dilate(torch.from_numpy(x), sigma).numpy(),
                                    brute_dilate(x, sigma), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(mofkit.gaussian_dilate(torch.from_numpy(x), sigma, 3).numpy(),  # sites 1/3 apart
+                                   brute_dilate(x, sigma, 3), rtol=1e-12, atol=1e-15)
     voxels = np.array([[3, 4, 5], [4, 5, 5], [8, 2, 9], [0, 11, 6]])  # two bonded, one near a face
     atoms = Atoms("C4", positions=voxels * 0.5, cell=[40.0] * 3, pbc=True)  # images far beyond the cube
     onehot = torch.zeros(1, 1, 12, 12, 12)
     onehot[0, 0, voxels[:, 0], voxels[:, 1], voxels[:, 2]] = 1
     expected = mofkit.density_channels(atoms, size=12, spacing_A=0.5, sigma_A=0.75, classes=("C", "other"))
     np.testing.assert_allclose(mofkit.gaussian_dilate(onehot, 1.5)[0].numpy(), expected[:1], rtol=1e-6, atol=1e-7)
+    # atoms between voxels, drawn on sites half a voxel apart, decode where they are
+    sites = np.array([[7, 8, 9], [12, 9, 9], [17, 4, 13], [3, 15, 6]])  # odd: half a voxel past a centre; 1.27 A
+    half = torch.zeros(1, 1, 24, 24, 24)
+    half[0, 0, sites[:, 0], sites[:, 1], sites[:, 2]] = 1
+    field = mofkit.gaussian_dilate(half, 1.5, 2)[0].numpy()
+    decoded = mofkit.grid_to_atoms(np.concatenate([field, 0 * field]), spacing_A=0.5, classes=("C", "other"),
+                                   sigma_A=0.75)
+    got = decoded.positions[np.lexsort(decoded.positions.T[::-1])]
+    np.testing.assert_allclose(got, sites[np.lexsort(sites.T[::-1])] * 0.25, atol=1e-6)
 
 
 def test_atoms_head_draws_each_presence_as_a_gaussian_shared_out_by_class():
@@ -1368,6 +1383,24 @@ def test_atoms_head_draws_each_presence_as_a_gaussian_shared_out_by_class():
         assert density.min() >= 0 and (density < occupancy[:, None] - 1e-3).any()  # the others: a share of it
         assert torch.equal(density.argsort(1), features[:, 2:].argsort(1))  # shares follow the class logits
         assert presence.median() < 0.02  # untrained: nearly empty, as real cubes are between atoms
+    G = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, transform="wells", density_head="atoms",
+                         sigma_voxels=1.5, subvoxels=2).eval()
+    assert G.net[-2].weight.shape[1] == 12  # energy, 8 presences (the sites of a voxel), 3 class logits
+    with torch.no_grad():
+        features = G.net[:-1](torch.relu(G.project(z).view(-1, 16, 4, 4, 4))).double()
+        out = mofkit.from_gan_output(G(z), 1.0, "wells").double()
+    presence = torch.sigmoid(features[:, 1:9] + mofkit.ATOM_PRIOR_LOGIT).numpy()
+    sites = np.zeros((2, 32, 32, 32))
+    for a, b, c in itertools.product(range(2), repeat=3):  # output (a, b, c) of voxel (i, j, k): site 2i+a, ...
+        sites[:, a::2, b::2, c::2] = presence[:, 4 * a + 2 * b + c]
+    torch.testing.assert_close(out[:, 1:].amax(1), torch.from_numpy(brute_dilate(sites, 1.5, 2)), atol=1e-6,
+                               rtol=1e-5)
+    assert torch.equal(out[:, 1:].argsort(1), features[:, 9:].argsort(1))
+    with pytest.raises(ValueError, match="subvoxels=3"):
+        mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, density_head="atoms", sigma_voxels=1.5,
+                         subvoxels=3)
+    with pytest.raises(ValueError, match="atom_subvoxels=3"):
+        mofkit.TrainConfig(grid_channels=4, density_head="atoms", density_sigma_voxels=1.5, atom_subvoxels=3)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="sigma_voxels"):
             mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, density_head="atoms", sigma_voxels=bad)
@@ -1386,15 +1419,19 @@ def test_atoms_head_draws_each_presence_as_a_gaussian_shared_out_by_class():
 
 
 def test_atoms_head_trains_resumes_and_samples_with_its_width(tmp_path):
-    config = tiny_config(grid_channels=3, density_head="atoms", density_sigma_voxels=1.5)
+    config = tiny_config(grid_channels=3, density_head="atoms", density_sigma_voxels=1.5, atom_subvoxels=2,
+                         clash_weight=0.1)
     mofkit.train(config, random_grids(4, channels=3), tmp_path, max_steps=2, progress=False)
     mofkit.export_generator(tmp_path / "last.pt", tmp_path / "g.pt")
     G = mofkit.load_generator(tmp_path / "g.pt")
-    assert (G.density_head, G.sigma_voxels) == ("atoms", 1.5)
+    assert (G.density_head, G.sigma_voxels, G.subvoxels) == ("atoms", 1.5, 2)
     x = mofkit.sample(tmp_path / "last.pt", 2, seed=0)
     assert x.shape == (2, 3, 16, 16, 16) and 0 <= x[:, 1:].min() and x[:, 1:].max() <= 1
     with pytest.raises(mofkit.CheckpointError, match="density_sigma_voxels=1.5 but the config asks for 1.0"):
         mofkit.train(dataclasses.replace(config, density_sigma_voxels=1.0), random_grids(4, channels=3), tmp_path,
+                     max_steps=3, progress=False)
+    with pytest.raises(mofkit.CheckpointError, match="atom_subvoxels=2 but the config asks for 1"):
+        mofkit.train(dataclasses.replace(config, atom_subvoxels=1), random_grids(4, channels=3), tmp_path,
                      max_steps=3, progress=False)
 
 
@@ -1835,7 +1872,37 @@ def test_pair_w2_compares_the_values_of_voxel_pairs_by_optimal_transport():
         mofkit.TrainConfig(pair_field="mean")
 
 
-@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal", "marginal_density", "pair_max", "pair_sum"])
+def brute_clash(presence, sub=1):
+    """Sum over every pair of sites (1/sub voxel apart) closer than CLASH_VOXELS of p p, mean over grids (pdist)."""
+    from scipy.spatial.distance import pdist
+    p = np.asarray(presence, dtype=np.float64).reshape(len(presence), -1)
+    n = round(p.shape[1] ** (1 / 3))
+    sites = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3) / sub
+    close = pdist(sites) <= mofkit.CLASH_VOXELS + 1e-9
+    i, j = np.triu_indices(len(sites), 1)
+    return np.mean([(q[i[close]] * q[j[close]]).sum() for q in p])
+
+
+def test_clash_pairs_counts_pairs_of_atoms_closer_than_any_bond():
+    p = torch.zeros(1, 1, 8, 8, 8)
+    p[0, 0, 1, 1, 1] = p[0, 0, 2, 2, 1] = 1.0  # sqrt(2) voxels: 0.71 A at 0.5 A
+    p[0, 0, 5, 5, 5] = p[0, 0, 7, 5, 5] = 1.0  # 2 voxels, 1.0 A: a bond, not a clash
+    assert mofkit.clash_pairs(p).item() == pytest.approx(1.0)
+    p[0, 0, 1, 2, 2] = 0.5  # sqrt(2) from the first, 1 from the second
+    assert mofkit.clash_pairs(p).item() == pytest.approx(2.0)
+    rng = np.random.default_rng(0)
+    for sub in (1, 2):
+        x = rng.random((3, 1) + (6 * sub,) * 3) ** 4
+        assert mofkit.clash_pairs(torch.from_numpy(x), sub).item() == pytest.approx(brute_clash(x, sub), rel=1e-10)
+    with pytest.raises(ValueError, match="clash_weight needs atom presences"):
+        mofkit.TrainConfig(grid_channels=3, clash_weight=1.0)
+    with pytest.raises(ValueError, match="with_presence"):
+        mofkit.Generator(dim=16, latent=8, channels=16, out_channels=3)(torch.randn(1, 8), with_presence=True)
+    assert mofkit._config_from_checkpoint({"config": {}}).clash_weight == 0.0
+
+
+@pytest.mark.parametrize("preset", ["kit", "study", "patch", "joint", "marginal", "marginal_density", "pair_max",
+                                    "pair_sum", "clash"])
 def test_gan_step_minimises_each_players_loss(preset):
     """One _gan_step: D's loss is measured on D before its update and G's on D after it, from the same fakes;
     each player's update lowers its own loss on those inputs (a flipped target would raise it). The objectives
@@ -1843,17 +1910,22 @@ def test_gan_step_minimises_each_players_loss(preset):
     the hinge loss on the global score plus on the patch scores (d_patch; the log shows the global score), the
     hinge loss with real and generated grids through D as one batch (d_norm="joint"), the hinge loss plus the
     marginal term against the real batch (marginal_weight; on every channel, or the density channels only), the
-    hinge loss plus the pair term on the density channels' largest or their sum (pair_weight, pair_field)."""
+    hinge loss plus the pair term on the density channels' largest or their sum (pair_weight, pair_field), the
+    hinge loss plus the clash term on the "atoms" head's presences (clash_weight)."""
     scores = lambda D, real, fake: (D(real), D(fake))
     first = 1 if preset == "marginal_density" else 0
-    if preset in ("kit", "joint", "marginal", "marginal_density", "pair_max", "pair_sum"):
+    clash = 0.05 if preset == "clash" else 0.0
+    presences = {}  # grids -> the presences they were drawn from (the clash preset)
+    if preset in ("kit", "joint", "marginal", "marginal_density", "pair_max", "pair_sum", "clash"):
         weight = 3.0 if preset.startswith("marginal") else 0.0
         pair_weight = 2.0 if preset.startswith("pair") else 0.0
         config = mofkit.TrainConfig(dim=16, channels=8, latent=8, batch_size=4, lr=1e-3, ema=0.0,
-                                    grid_channels=3 if pair_weight else 1 + first, marginal_weight=weight,
+                                    grid_channels=3 if pair_weight or clash else 1 + first, marginal_weight=weight,
                                     marginal_channels="density" if first else "all", pair_weight=pair_weight,
                                     pair_field=preset[5:] if pair_weight else "max",
-                                    d_norm="joint" if preset == "joint" else "batch")
+                                    d_norm="joint" if preset == "joint" else "batch", clash_weight=clash,
+                                    density_head="atoms" if clash else "channels",
+                                    density_sigma_voxels=1.5 if clash else 0.0)
         field = lambda x: x[:, 1:].sum(1) if preset == "pair_sum" else x[:, 1:].max(1).values
         assert (config.loss, config.d_sigmoid) == ("hinge", False)
         loss_d_of = lambda r, f: torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
@@ -1865,6 +1937,8 @@ def test_gan_step_minimises_each_players_loss(preset):
                     loss = loss + weight * mofkit.marginal_w2(f[:, first:], real[:, first:], mofkit.MARGINAL_VOXELS)
                 if pair_weight:  # on the density channels' largest, or their sum
                     loss = loss + pair_weight * mofkit.pair_w2(field(f), field(real), mofkit.MARGINAL_VOXELS)
+                if clash:
+                    loss = loss + clash * brute_clash(presences[id(f)].detach())
                 return loss
         if preset == "joint":
             scores = lambda D, real, fake: D(torch.cat([real, fake])).split(len(real))
@@ -1883,8 +1957,14 @@ def test_gan_step_minimises_each_players_loss(preset):
     G0, D0 = copy.deepcopy(run.G), copy.deepcopy(run.D)
     torch.manual_seed(5)
     loss_d, loss_g, d_real, d_fake = mofkit._gan_step(run, real, step=1).tolist()
+    def draw(G):
+        if not clash:
+            return G(torch.randn(4, 8)).detach()
+        grids, presence = G(torch.randn(4, 8), with_presence=True)
+        presences[id(grids)] = presence
+        return grids
     torch.manual_seed(5)
-    fake = G0(torch.randn(4, 8)).detach()
+    fake = draw(G0)
     after_z = torch.get_rng_state()
     out_real, out_fake = scores(D0, real, fake)
     if preset == "study":  # the study: D ends in a Sigmoid
@@ -1897,7 +1977,7 @@ def test_gan_step_minimises_each_players_loss(preset):
     expect_g = loss_g_of(scores(run.D, real, fake)[1], fake)
     assert loss_g == pytest.approx(float(expect_g), rel=1e-4, abs=1e-6)
     torch.manual_seed(5)
-    moved = run.G(torch.randn(4, 8))
+    moved = draw(run.G)
     assert loss_g_of(scores(run.D, real, moved)[1], moved) < expect_g  # G moved towards its targets
 
 
