@@ -2814,14 +2814,15 @@ class Generator(torch.nn.Module):
         if self.density_head != "channels":
             sites = self.subvoxels ** 3
             occupancy, logits = density[:, :sites], density[:, sites:]
-            if self.density_head == "atoms":
+            # class shares exp(l_c - max_c l_c): the largest is 1, so the largest class carries the whole occupancy,
+            # as in density_channels (a max of Gaussians), and an atom's peak is not split below the decoder's threshold
+            shares = torch.exp(logits - logits.amax(1, True))
+            if self.density_head == "atoms":  # each atom's Gaussian in its site's classes, as density_channels
                 presence = _interleave_sites(torch.sigmoid(occupancy + ATOM_PRIOR_LOGIT), self.subvoxels)
-                occupancy = gaussian_dilate(presence, self.sigma_voxels, self.subvoxels)
+                density = gaussian_dilate(presence * _spread_to_sites(shares, self.subvoxels), self.sigma_voxels,
+                                          self.subvoxels)
             else:
-                occupancy = torch.sigmoid(binomial_blur(occupancy) if self.density_blur else occupancy)
-            # max over classes = the occupancy, as in density_channels (a max of Gaussians): the strongest class
-            # carries all of it, so an atom's peak cannot be split below the decoder's threshold
-            density = occupancy * torch.exp(logits - logits.amax(1, True))
+                density = torch.sigmoid(binomial_blur(occupancy) if self.density_blur else occupancy) * shares
             grids = torch.cat([energy, 2 * density - 1 if self.transform == "signed" else density], 1)
             return (grids, presence) if with_presence else grids
         if self.density_blur:  # before the activation: a blurred peak can still reach 1
@@ -2870,6 +2871,13 @@ def clash_pairs(presence, sub=1):
         there = tuple(slice(max(0, c), n + min(0, c)) for c in o)
         total = total + (presence[(..., *here)] * presence[(..., *there)]).sum()
     return total / presence.shape[0]
+
+
+def _spread_to_sites(x, sub):
+    """(N, C, D, D, D) -> (N, C, sub*D, sub*D, sub*D): each voxel's values on each of its sites."""
+    for axis in (-3, -2, -1):
+        x = x.repeat_interleave(sub, axis)
+    return x
 
 
 def _interleave_sites(x, sub):

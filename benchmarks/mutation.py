@@ -213,6 +213,8 @@ MUTANTS = [
            "gaussian_dilate or atoms_head"),
     Mutant("sites_interleaved_wrong", "recipe", "permute(0, 4, 1, 5, 2, 6, 3)", "permute(0, 1, 4, 2, 5, 3, 6)",
            "atoms_head"),
+    Mutant("atom_classes_per_voxel", "recipe", "gaussian_dilate(presence * _spread_to_sites(shares, self.subvoxels), "
+           "self.sigma_voxels,", "shares * gaussian_dilate(presence, self.sigma_voxels,", "atoms_head"),
     Mutant("atoms_prior_dropped", "recipe", "torch.sigmoid(occupancy + ATOM_PRIOR_LOGIT)", "torch.sigmoid(occupancy)",
            "atoms_head"),
     Mutant("atoms_width_not_architecture", "checkpoint", '"density_sigma_voxels", "atom_subvoxels")',
