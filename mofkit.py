@@ -2767,11 +2767,12 @@ class Generator(torch.nn.Module):
     Density channels (all but channel 0): density_head="channels" gives each its own output; "occupancy" makes
     them sigmoid(o) * exp(l_c - max_c l_c) from one occupancy output o and per-class logits l_c, so that, as in
     `density_channels`, the largest class equals the occupancy; density_blur low-passes o (or every channel).
-    "atoms" makes the occupancy itself as `density_channels` does, a max of Gaussians sigma_voxels wide, centred
-    on sites whose atom presence sigmoid(o + ATOM_PRIOR_LOGIT) is their height (`gaussian_dilate`): every peak
-    has an atom's shape, so what is left to learn is where atoms are. The sites are the voxel centres
-    (subvoxels=1) or, with subvoxels=2, those and the points halfway between them (one presence output per
-    site of a voxel, 2^3): an atom between two voxels, as most real ones are, can then be drawn as one.
+    "atoms" draws the channels as `density_channels` draws atoms, a max of Gaussians sigma_voxels wide
+    (`gaussian_dilate`), one on every site, as tall in class c as the site's presence
+    sigmoid(o + ATOM_PRIOR_LOGIT) times its share exp(l_c - max_c l_c): every peak has an atom's shape and lies
+    in its own classes, so what is left to learn is where atoms are and of what. The sites are the voxel
+    centres (subvoxels=1) or, with subvoxels=2, those and the points halfway between them (one presence output
+    per site of a voxel, 2^3): an atom between two voxels, as most real ones are, can then be drawn as one.
     """
 
     def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells", density_blur=False,
