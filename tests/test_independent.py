@@ -406,7 +406,9 @@ def test_cli_evaluate_options_reach_read_grids_evaluate_and_the_plot(tmp_path, m
 
 def _train_value(field):
     """A valid non-default value for a TrainConfig field, or None where none is known."""
-    known = {"device": "cpu", "precision": "bf16", "transform": "wells", "loss": "lsgan"}  # lsgan: d_sigmoid both ways
+    known = {"device": "cpu", "precision": "bf16", "transform": "wells", "loss": "lsgan",  # lsgan: d_sigmoid both ways
+             "density_head": "atoms",  # what clash_weight needs
+             "density_blur": None}  # the atoms head draws smooth Gaussians itself: the flag is checked on its own
     if field.name in known:
         return known[field.name]
     default = field.default
@@ -457,3 +459,5 @@ def test_cli_train_every_config_flag_reaches_train(tmp_path, monkeypatch, capsys
     config = train.calls[2][0][0]
     preset = mofkit.TrainConfig.study(epochs=2)
     assert dataclasses.replace(config, dim=preset.dim, grid_channels=preset.grid_channels) == preset
+    mofkit.main(["train", str(shards), "--density-blur"])
+    assert train.calls[3][0][0].density_blur is True
