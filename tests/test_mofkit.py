@@ -1286,6 +1286,13 @@ def test_density_blur_smooths_only_the_density_channels_before_the_activation():
         torch.testing.assert_close(one(z), ref(z))  # one channel: nothing to blur
 
 
+def head_outputs(G, z, transform):
+    """(the last layer's raw outputs, the generator's grids back in [0, 1] / kelvin per unit E_scale), float64."""
+    with torch.no_grad():
+        features = G.net[:-1](torch.relu(G.project(z).view(-1, G.channels, 4, 4, 4))).double()
+        return features, mofkit.from_gan_output(G(z), 1.0, transform).double()
+
+
 def test_occupancy_head_gives_the_strongest_class_the_whole_occupancy():
     torch.manual_seed(0)
     z = torch.randn(2, 8)
@@ -1293,9 +1300,7 @@ def test_occupancy_head_gives_the_strongest_class_the_whole_occupancy():
         G = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, transform=transform, density_blur=blur,
                              density_head="occupancy").eval()
         assert G.net[-2].weight.shape[1] == 5  # energy, occupancy, 3 class logits
-        with torch.no_grad():
-            features = G.net[:-1](torch.relu(G.project(z).view(-1, 16, 4, 4, 4))).double()
-            out = mofkit.from_gan_output(G(z), 1.0, transform).double()
+        features, out = head_outputs(G, z, transform)
         activation = torch.sigmoid if transform == "wells" else torch.tanh
         torch.testing.assert_close(out[:, 0], -activation(features[:, 0]))  # energy: as the channels head's
         occupancy = features[:, 1:2]
@@ -1371,9 +1376,7 @@ def test_atoms_head_draws_each_presence_as_a_gaussian_shared_out_by_class():
         G = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, transform=transform,
                              density_head="atoms", sigma_voxels=1.5).eval()
         assert G.net[-2].weight.shape[1] == 5  # energy, presence, 3 class logits
-        with torch.no_grad():
-            features = G.net[:-1](torch.relu(G.project(z).view(-1, 16, 4, 4, 4))).double()
-            out = mofkit.from_gan_output(G(z), 1.0, transform).double()
+        features, out = head_outputs(G, z, transform)
         activation = torch.sigmoid if transform == "wells" else torch.tanh
         torch.testing.assert_close(out[:, 0], -activation(features[:, 0]))  # energy: as the channels head's
         presence = torch.sigmoid(features[:, 1] + mofkit.ATOM_PRIOR_LOGIT)
@@ -1389,9 +1392,7 @@ def test_atoms_head_draws_each_presence_as_a_gaussian_shared_out_by_class():
     G = mofkit.Generator(dim=16, latent=8, channels=16, out_channels=4, transform="wells", density_head="atoms",
                          sigma_voxels=1.5, subvoxels=2).eval()
     assert G.net[-2].weight.shape[1] == 12  # energy, 8 presences (the sites of a voxel), 3 class logits
-    with torch.no_grad():
-        features = G.net[:-1](torch.relu(G.project(z).view(-1, 16, 4, 4, 4))).double()
-        out = mofkit.from_gan_output(G(z), 1.0, "wells").double()
+    features, out = head_outputs(G, z, "wells")
     presence = torch.sigmoid(features[:, 1:9] + mofkit.ATOM_PRIOR_LOGIT).numpy()
     logits = features[:, 9:].numpy()
     shares = np.exp(logits - logits.max(1, keepdims=True))
