@@ -201,7 +201,8 @@ MUTANTS = [
            "torch.softmax(logits, 1)", "occupancy_head"),
     Mutant("occupancy_blur_skipped", "recipe", "torch.sigmoid(binomial_blur(occupancy) if self.density_blur else "
            "occupancy)", "torch.sigmoid(occupancy)", "occupancy_head"),
-    Mutant("dilate_one_axis", "recipe", "for axis in (-3, -2, -1):\n        n, dim", "for axis in (-1,):\n        n, dim",
+    Mutant("dilate_one_axis", "recipe", "for axis in (-3, -2, -1):\n        n, dim",
+           "for axis in (-1,):\n        n, dim",
            "gaussian_dilate or atoms_head"),
     Mutant("dilate_one_side", "recipe", "for o in range(-reach, reach + 1):  # voxel i",
            "for o in range(0, reach + 1):  # voxel i",
