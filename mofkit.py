@@ -3858,11 +3858,12 @@ def train(config: TrainConfig, dataset, out_dir="mofkit_run", resume=True, max_s
 def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_steps, progress, max_minutes=None):
     _seed_all(config.seed + rank)
     run = _build_run(config, device, ddp=world > 1)
+    grid_params = _grid_params_of(dataset)
+    _check_sigma_of_data(config, grid_params)
     if ckpt is None:
-        state = _TrainState(_e_scale(config, dataset, world, device), _grid_params_of(dataset))
+        state = _TrainState(_e_scale(config, dataset, world, device), grid_params)
     else:
         state = _restore(run, ckpt, rank)
-    _check_sigma_of_data(config, _grid_params_of(dataset))
     if rank == 0:
         _write_history_csv(history_csv, state.history)  # drops rows logged after the checkpoint we resume from
     stop_at = max_steps if max_steps is not None else float("inf")

@@ -98,9 +98,9 @@ class Scale:
     marginal_weight: float = 0.0    # TrainConfig.marginal_weight (0: none)
     marginal_channels: str = "all"  # TrainConfig.marginal_channels ("all" or "density")
     pair_weight: float = 0.0        # TrainConfig.pair_weight (0: none)
+    pair_field: str = "max"         # TrainConfig.pair_field ("max" or "sum")
     atom_subvoxels: int = 1         # TrainConfig.atom_subvoxels (the "atoms" head's sites per voxel edge)
     clash_weight: float = 0.0       # TrainConfig.clash_weight (0: none; the "atoms" head)
-    pair_field: str = "max"         # TrainConfig.pair_field ("max" or "sum")
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -181,11 +181,12 @@ def build_grids(out, split, scale, source=None, device=None, deadline=math.inf, 
 
 def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
     """The scale's TrainConfig: the kit's recipe (or the study's with scale.study, batch 2), `recipe` overriding fields."""
+    params = shard_params(scale)
     fields = dict(dim=scale.size, channels=scale.channels, epochs=scale.epochs, seed=scale.seed,
                   checkpoint_every_min=scale.checkpoint_every_min, device=device,
-                  grid_channels=len(shard_params(scale).channels), density_blur=bool(scale.density_blur),
+                  grid_channels=len(params.channels), density_blur=bool(scale.density_blur),
                   density_head=scale.density_head, generator_channels=scale.generator_channels,
-                  density_sigma_voxels=shard_params(scale).density_sigma_A / scale.spacing_A
+                  density_sigma_voxels=params.density_sigma_A / params.spacing_A
                   if scale.density_head == "atoms" else 0.0,
                   r1_gamma=scale.r1_gamma, d_norm=scale.d_norm, d_patch=bool(scale.d_patch),
                   marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels,
