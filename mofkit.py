@@ -3137,6 +3137,11 @@ class TrainConfig:
     atom_subvoxels: int = 1         # the "atoms" head's presence sites per voxel edge: 1 (voxel centres) or 2
     clash_weight: float = 0.0       # the "atoms" head: weight of `clash_pairs` (pairs of atoms closer than any
                                     # bond) in G's loss, as AlphaFold's clash term (README, "Generated atoms")
+    init_from: str = ""             # a generator file (`export_generator`) that G starts from instead of random
+                                    # weights: every tensor, and of the output layer the energy channel's
+                                    # (`_init_generator`); read when a run starts, not when it resumes
+    freeze_trunk: bool = False      # with init_from: only the density outputs train, so the energy channel stays
+                                    # init_from's exactly (README, "Generated atoms")
     augment: bool = False           # train on real grids under random cube symmetries (48 rotations/reflections:
                                     # the crystal rotated); held-out grids stay as `voxelize` makes them
     e_scale_K: float | None = None  # None: the dataset's `e_scale_K`, else `pick_e_scale` on its first 64 grids
@@ -3178,6 +3183,9 @@ class TrainConfig:
         if self.clash_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
             raise ValueError("TrainConfig: clash_weight needs atom presences: density_head='atoms' and density "
                              "channels (grid_channels >= 2)")
+        if self.freeze_trunk and not (self.init_from and self.grid_channels >= 2):
+            raise ValueError("TrainConfig: freeze_trunk needs init_from (the trunk to keep) and density channels "
+                             "(grid_channels >= 2: the outputs that train)")
         if self.pair_field not in PAIR_FIELDS:
             raise ValueError(f"TrainConfig: pair_field={self.pair_field!r}: use one of {PAIR_FIELDS}")
         if self.pair_weight > 0 and self.grid_channels < 2:
@@ -3329,7 +3337,7 @@ LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wel
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
                  "pair_weight": 0.0, "pair_field": "sum", "density_sigma_voxels": 0.0,
-                 "atom_subvoxels": 1, "clash_weight": 0.0}
+                 "atom_subvoxels": 1, "clash_weight": 0.0, "init_from": "", "freeze_trunk": False}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3547,6 +3555,8 @@ def _build_run(config, device, ddp=False):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     G, D = (m.to(device) for m in _models(config))
+    if config.freeze_trunk:
+        _freeze_trunk(G)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
     G_ema = copy.deepcopy(G).requires_grad_(False) if config.ema > 0 else None
@@ -3565,6 +3575,52 @@ def _build_run(config, device, ddp=False):
         D_step_for_G = torch.compile(D) if ddp else D_step
     return _Run(config, G, D, G_ema, G_step, D_step, D_step_for_G, D_step_r1, opt_g, opt_d, scaler, precision,
                 memory_format)
+
+
+def _output_layer(G):
+    return G.net[-2]  # the last transposed convolution; its output channels: energy, then the density outputs
+
+
+def _freeze_trunk(G):
+    """Train only G's density outputs: every layer before the output layer, and the output layer's energy channel,
+    get no gradient (Adam then leaves them as they are)."""
+    for p in G.parameters():
+        p.requires_grad_(False)
+    weight = _output_layer(G).weight.requires_grad_(True)  # (in, out, k, k, k): out channel 0 is the energy
+    keep = torch.ones_like(weight)
+    keep[:, 0] = 0
+    weight.register_hook(lambda grad: grad * keep)
+
+
+def _init_generator(run, path, e_scale_K, grid_params):
+    """Copy the generator file `path` into a new run's G (and its EMA): every tensor but the output layer's, which
+    must match in name and shape, and of the output layer the energy channel. The file must have been trained on
+    grids made the same way and in the same units (grid parameters, E_scale), or its energy channel means something
+    else."""
+    source = load_generator(path)
+    if not math.isclose(source.e_scale_K, e_scale_K, rel_tol=1e-6) or source.transform != run.G.transform:
+        raise ValueError(f"init_from={str(path)!r}: E_scale {source.e_scale_K} K and transform {source.transform!r}, "
+                         f"this run {e_scale_K} K and {run.G.transform!r}: its energy channel would mean another thing")
+    if grid_params is not None and source.grid_params is not None and \
+            GridParams(**source.grid_params) != GridParams(**grid_params):
+        raise ValueError(f"init_from={str(path)!r}: trained on grids {source.grid_params}, this run's are "
+                         f"{grid_params}")
+    output = next(n for n, m in run.G.named_modules() if m is _output_layer(run.G)) + ".weight"
+    ours, theirs = run.G.state_dict(), source.state_dict()
+    for name, value in theirs.items():
+        fits = name in ours and (ours[name].shape == value.shape if name != output
+                                 else ours[name].shape[0] == value.shape[0] and ours[name].shape[2:] == value.shape[2:])
+        if not fits:
+            raise ValueError(f"init_from={str(path)!r}: its {name} {tuple(value.shape)} does not fit this run's "
+                             f"generator ({tuple(ours[name].shape) if name in ours else 'no such tensor'})")
+    with torch.no_grad():
+        for G in filter(None, (run.G, run.G_ema)):
+            weights = G.state_dict()
+            for name, value in theirs.items():
+                if name == output:
+                    weights[name][:, :1] = value[:, :1]
+                else:
+                    weights[name].copy_(value)
 
 
 def _gan_step(run, real, step):
@@ -3738,7 +3794,8 @@ def load_history(path):
 
 # TrainConfig fields a resumed run may change: they do not alter the sequence of updates. Every other field (those
 # added later included) must match the checkpoint, or the caller says allow_config_change=True.
-RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "log_every", "checkpoint_every_steps", "checkpoint_every_min")
+RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "log_every", "checkpoint_every_steps", "checkpoint_every_min",
+                     "init_from")  # read only when a run starts
 
 
 def _config_changes(saved, config) -> dict:
@@ -3862,6 +3919,8 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
     _check_sigma_of_data(config, grid_params)
     if ckpt is None:
         state = _TrainState(_e_scale(config, dataset, world, device), grid_params)
+        if config.init_from:
+            _init_generator(run, config.init_from, state.e_scale_K, grid_params)
     else:
         state = _restore(run, ckpt, rank)
     if rank == 0:

@@ -101,6 +101,9 @@ class Scale:
     pair_field: str = "max"         # TrainConfig.pair_field ("max" or "sum")
     atom_subvoxels: int = 1         # TrainConfig.atom_subvoxels (the "atoms" head's sites per voxel edge)
     clash_weight: float = 0.0       # TrainConfig.clash_weight (0: none; the "atoms" head)
+    init_from: str = ""             # TrainConfig.init_from of the run, relative to the repository root (the
+                                    # energy-only comparator starts from scratch)
+    freeze_trunk: int = 0           # TrainConfig.freeze_trunk (1: on)
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -191,7 +194,9 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   r1_gamma=scale.r1_gamma, d_norm=scale.d_norm, d_patch=bool(scale.d_patch),
                   marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels,
                   pair_weight=scale.pair_weight, pair_field=scale.pair_field,
-                  atom_subvoxels=scale.atom_subvoxels, clash_weight=scale.clash_weight)
+                  atom_subvoxels=scale.atom_subvoxels, clash_weight=scale.clash_weight,
+                  init_from=str(ROOT / scale.init_from) if scale.init_from else "",
+                  freeze_trunk=bool(scale.freeze_trunk))
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig
@@ -226,7 +231,9 @@ def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", p
             minutes = min(minutes, budget_min - time_s / 60)
         if minutes <= 0:
             return
-        config = train_config(scale, device, **({"grid_channels": len(channels)} if channels else {}))
+        # the energy-only comparator starts from scratch whatever the run starts from
+        energy_only = dict(grid_channels=len(channels), init_from="", freeze_trunk=False) if channels else {}
+        config = train_config(scale, device, **energy_only)
         dataset = mofkit.ShardDataset(out / "train", seed=scale.seed, batch_size=config.batch_size, channels=channels)
         mofkit.train(config, dataset, run_dir, resume=True, progress=progress, max_minutes=minutes)
 

@@ -1439,6 +1439,40 @@ def test_atoms_head_trains_resumes_and_samples_with_its_width(tmp_path):
                      max_steps=3, progress=False)
 
 
+def test_init_from_starts_the_generator_from_a_file_and_freeze_trunk_trains_only_the_density_outputs(tmp_path):
+    # a channels-head generator, trained and exported: the file an atoms-head run starts from
+    source = tiny_config(grid_channels=3)
+    mofkit.train(source, random_grids(4, channels=3), tmp_path / "source", max_steps=2, progress=False)
+    mofkit.export_generator(tmp_path / "source" / "last.pt", tmp_path / "g.pt", dtype=torch.float32)
+    theirs = mofkit.load_generator(tmp_path / "g.pt").state_dict()
+    atoms = dict(grid_channels=3, density_head="atoms", density_sigma_voxels=1.5, init_from=str(tmp_path / "g.pt"))
+    output = "net.3.weight"  # dim 16: two layers of three, then the output layer
+    trunk = [k for k in theirs if k != output and "running" not in k and "num_batches" not in k]
+
+    def after(config, name, steps):
+        mofkit.train(config, random_grids(4, channels=3, seed=1), tmp_path / name, max_steps=steps, progress=False)
+        return {k: v.float() for k, v in mofkit.load_checkpoint(tmp_path / name / "last.pt")["generator"].items()}
+
+    frozen = after(tiny_config(**atoms, freeze_trunk=True), "frozen", 3)
+    assert all(torch.equal(frozen[k], theirs[k]) for k in trunk)
+    assert torch.equal(frozen[output][:, :1], theirs[output][:, :1])  # the energy channel: the file's, still
+    assert frozen[output].shape[1] == 1 + 1 + 2  # energy, one presence, two class logits
+    fresh = after(tiny_config(**{**atoms, "init_from": ""}), "fresh", 3)
+    assert not torch.equal(frozen[output][:, 1:], fresh[output][:, 1:])  # the density outputs trained
+    # freed, the trunk moves from where the file put it
+    free = after(tiny_config(**atoms), "free", 1)
+    moved = [k for k in trunk if not torch.equal(free[k], theirs[k])]
+    assert moved and all((free[k] - theirs[k]).abs().max() < 0.01 for k in trunk)  # one Adam step of 2e-4
+    with pytest.raises(ValueError, match="freeze_trunk needs init_from"):
+        tiny_config(grid_channels=3, freeze_trunk=True)
+    with pytest.raises(ValueError, match="E_scale 800.0 K .* this run 900.0 K"):
+        after(tiny_config(**{**atoms, "e_scale_K": 900.0}), "other_scale", 1)
+    with pytest.raises(ValueError, match=r"its project.weight \(512, 8\) does not fit .* \(\(1024, 8\)\)"):
+        after(tiny_config(**atoms, channels=16), "wider", 1)
+    with pytest.raises(mofkit.CheckpointError, match="not a readable generator file"):
+        after(tiny_config(**{**atoms, "init_from": str(tmp_path / "missing.pt")}), "missing", 1)
+
+
 @pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
 def test_gan_shapes_and_ranges(dim, channels, grid_channels):
     torch.manual_seed(0)
