@@ -1451,14 +1451,17 @@ def test_init_from_starts_the_generator_from_a_file_and_freeze_trunk_trains_only
 
     def after(config, name, steps):
         mofkit.train(config, random_grids(4, channels=3, seed=1), tmp_path / name, max_steps=steps, progress=False)
-        return {k: v.float() for k, v in mofkit.load_checkpoint(tmp_path / name / "last.pt")["generator"].items()}
+        ckpt = mofkit.load_checkpoint(tmp_path / name / "last.pt")
+        after.ema = {k: v.float() for k, v in ckpt["generator_ema"].items()}
+        return {k: v.float() for k, v in ckpt["generator"].items()}
 
     frozen = after(tiny_config(**atoms, freeze_trunk=True), "frozen", 3)
-    assert all(torch.equal(frozen[k], theirs[k]) for k in trunk)
+    assert all(torch.equal(frozen[k], theirs[k]) and torch.equal(after.ema[k], theirs[k]) for k in trunk)
     assert torch.equal(frozen[output][:, :1], theirs[output][:, :1])  # the energy channel: the file's, still
     assert frozen[output].shape[1] == 1 + 1 + 2  # energy, one presence, two class logits
     fresh = after(tiny_config(**{**atoms, "init_from": ""}), "fresh", 3)
-    assert not torch.equal(frozen[output][:, 1:], fresh[output][:, 1:])  # the density outputs trained
+    # the density outputs start from the same random draw as a run from scratch, and train
+    assert 0 < (frozen[output][:, 1:] - fresh[output][:, 1:]).abs().max() < 0.01
     # freed, the trunk moves from where the file put it
     free = after(tiny_config(**atoms), "free", 1)
     moved = [k for k in trunk if not torch.equal(free[k], theirs[k])]
