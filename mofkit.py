@@ -2773,10 +2773,12 @@ class Generator(torch.nn.Module):
     in its own classes, so what is left to learn is where atoms are and of what. The sites are the voxel
     centres (subvoxels=1) or, with subvoxels=2, those and the points halfway between them (one presence output
     per site of a voxel, 2^3): an atom between two voxels, as most real ones are, can then be drawn as one.
+    density_upsample="resize" computes the density outputs from the last features upsampled and two 3^3
+    convolutions instead of the last transposed convolution, which then draws the energy alone.
     """
 
     def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells", density_blur=False,
-                 density_head="channels", sigma_voxels=0.0, subvoxels=1):
+                 density_head="channels", sigma_voxels=0.0, subvoxels=1, density_upsample="transposed"):
         super().__init__()
         nn = torch.nn
         widths = _widths(dim, channels)
@@ -2787,28 +2789,44 @@ class Generator(torch.nn.Module):
         if subvoxels not in (1, 2):
             raise ValueError(f"subvoxels={subvoxels!r}: expected 1 or 2 presence sites per voxel edge")
         self.subvoxels = subvoxels if density_head == "atoms" else 1
+        if density_upsample not in DENSITY_UPSAMPLES:
+            raise ValueError(f"density_upsample={density_upsample!r}: use one of {DENSITY_UPSAMPLES}")
+        self.density_upsample = density_upsample if out_channels > 1 else "transposed"
         # outputs beyond the grid channels: the occupancy, or one presence per site of a voxel
         extra = 0 if density_head == "channels" or out_channels == 1 else self.subvoxels ** 3
+        density_outputs = out_channels - 1 + extra
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm3d(c_out),
                        nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose3d(widths[-1], out_channels + extra, 4, 2, 1, bias=False),
+        resize = self.density_upsample == "resize"
+        layers += [nn.ConvTranspose3d(widths[-1], 1 if resize else 1 + density_outputs, 4, 2, 1, bias=False),
                    nn.Sigmoid() if transform == "wells" else nn.Tanh()]
         self.net = nn.Sequential(*layers)
+        # "resize": the density outputs from the last features upsampled (trilinear) and two 3^3 convolutions at
+        # full resolution, not from the stride-2 transposed convolution, whose 8 output sub-lattices each have
+        # their own filter: the atoms head put every atom on one of them (README, "Generated atoms"), as in
+        # Odena et al. 2016's checkerboard artefacts, and their fix
+        self.density_net = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+            nn.Conv3d(widths[-1], widths[-1], 3, 1, 1), nn.ReLU(inplace=True),
+            nn.Conv3d(widths[-1], density_outputs, 3, 1, 1)) if resize else None
         # torch draws a transposed convolution's initial weights with its output channels as the fan-in, so
         # every extra grid channel shrinks all output weights: with 1 + 10 channels they start sqrt(11)
         # smaller, and the generator learned none of them (README, "Generated atoms": the run and the pilots).
         # Scaled back, each channel starts as an energy-only generator's would (a no-op for one channel).
         with torch.no_grad():
-            layers[-2].weight.mul_(math.sqrt(out_channels + extra))
+            layers[-2].weight.mul_(math.sqrt(layers[-2].out_channels))
 
     def forward(self, z, with_presence=False):
         """Grids; with_presence=True (the "atoms" head): (grids, presence (N, 1, S, S, S) on the sites)."""
         if with_presence and (self.density_head != "atoms" or self.out_channels == 1):
             raise ValueError("with_presence: only the 'atoms' density head has atom presences")
-        x = self.net[:-1](torch.relu(self.project(z).view(-1, self.channels, 4, 4, 4)))
+        features = self.net[:-2](torch.relu(self.project(z).view(-1, self.channels, 4, 4, 4)))
+        x = self.net[-2](features)
+        if self.density_net is not None:
+            x = torch.cat([x, self.density_net(features)], 1)
         if self.out_channels == 1:
             return self.net[-1](x)
         energy, density = self.net[-1](x[:, :1]), x[:, 1:]
@@ -2832,6 +2850,7 @@ class Generator(torch.nn.Module):
 
 
 DENSITY_HEADS = ("channels", "occupancy", "atoms")
+DENSITY_UPSAMPLES = ("transposed", "resize")
 # The "atoms" head's presence starts near 1% (RetinaNet's prior for rare objects, Lin et al. 2017): a voxel of
 # a real 32^3 cube at 0.5 A holds an atom centre ~0.7% of the time, so the untrained field starts nearly empty.
 ATOM_PRIOR_LOGIT = math.log(0.01 / 0.99)
@@ -3073,7 +3092,7 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 # would add a collective to each of the ~8 BN layers in each of the 3 forwards per step.
 
 ARCH_FIELDS = ("dim", "channels", "generator_channels", "latent", "grid_channels", "density_head",
-               "density_sigma_voxels", "atom_subvoxels")
+               "density_sigma_voxels", "atom_subvoxels", "density_upsample")
 HISTORY_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "samples_per_s", "time_s")
 
 
@@ -3135,6 +3154,8 @@ class TrainConfig:
                                     # presences drawn as Gaussians density_sigma_voxels wide (`Generator`)
     density_sigma_voxels: float = 0.0  # the "atoms" head's Gaussian width: the data's density_sigma_A / spacing_A
     atom_subvoxels: int = 1         # the "atoms" head's presence sites per voxel edge: 1 (voxel centres) or 2
+    density_upsample: str = "transposed"  # the density outputs from the last stride-2 transposed convolution, as
+                                    # the energy, or "resize": upsampled features and 3^3 convolutions (`Generator`)
     clash_weight: float = 0.0       # the "atoms" head: weight of `clash_pairs` (pairs of atoms closer than any
                                     # bond) in G's loss, as AlphaFold's clash term (README, "Generated atoms")
     init_from: str = ""             # a generator file (`export_generator`) that G starts from instead of random
@@ -3337,7 +3358,8 @@ LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wel
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
                  "pair_weight": 0.0, "pair_field": "sum", "density_sigma_voxels": 0.0,
-                 "atom_subvoxels": 1, "clash_weight": 0.0, "init_from": "", "freeze_trunk": False}
+                 "atom_subvoxels": 1, "clash_weight": 0.0, "init_from": "", "freeze_trunk": False,
+                 "density_upsample": "transposed"}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3348,7 +3370,7 @@ def _config_from_checkpoint(ckpt):
 def _models(config):
     return (Generator(config.dim, config.latent, config.generator_channels or config.channels, config.grid_channels,
                       config.transform, config.density_blur, config.density_head, config.density_sigma_voxels,
-                      config.atom_subvoxels),
+                      config.atom_subvoxels, config.density_upsample),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid,
                           patch=config.d_patch, norm="none" if config.d_norm == "none" else "batch"))
 
@@ -3586,6 +3608,9 @@ def _freeze_trunk(G):
     get no gradient (Adam then leaves them as they are)."""
     for p in G.parameters():
         p.requires_grad_(False)
+    if G.density_net is not None:  # "resize": the density outputs are their own layers, the output layer the energy
+        G.density_net.requires_grad_(True)
+        return
     weight = _output_layer(G).weight.requires_grad_(True)  # (in, out, k, k, k): out channel 0 is the energy
     keep = torch.ones_like(weight)
     keep[:, 0] = 0
@@ -4536,7 +4561,7 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
             torch.manual_seed(seed)
             fresh = Generator(generator.dim, generator.latent, generator.channels, generator.out_channels,
                               generator.transform, generator.density_blur, generator.density_head,
-                              generator.sigma_voxels, generator.subvoxels)
+                              generator.sigma_voxels, generator.subvoxels, generator.density_upsample)
             sets["untrained generator"] = clip(five_d(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K),
                                                       "untrained generator"))
     rows = [{"set": name, "features": f, **_one_nn_scores(heldout, grids, f, n_boot, seed, device)}

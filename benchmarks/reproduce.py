@@ -100,6 +100,7 @@ class Scale:
     pair_weight: float = 0.0        # TrainConfig.pair_weight (0: none)
     pair_field: str = "max"         # TrainConfig.pair_field ("max" or "sum")
     atom_subvoxels: int = 1         # TrainConfig.atom_subvoxels (the "atoms" head's sites per voxel edge)
+    density_upsample: str = "transposed"  # TrainConfig.density_upsample ("transposed" or "resize")
     clash_weight: float = 0.0       # TrainConfig.clash_weight (0: none; the "atoms" head)
     init_from: str = ""             # TrainConfig.init_from of the run, relative to the repository root (the
                                     # energy-only comparator starts from scratch)
@@ -194,7 +195,8 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   r1_gamma=scale.r1_gamma, d_norm=scale.d_norm, d_patch=bool(scale.d_patch),
                   marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels,
                   pair_weight=scale.pair_weight, pair_field=scale.pair_field,
-                  atom_subvoxels=scale.atom_subvoxels, clash_weight=scale.clash_weight,
+                  atom_subvoxels=scale.atom_subvoxels, density_upsample=scale.density_upsample,
+                  clash_weight=scale.clash_weight,
                   init_from=str(ROOT / scale.init_from) if scale.init_from else "",
                   freeze_trunk=bool(scale.freeze_trunk))
     if scale.study:

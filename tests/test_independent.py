@@ -408,6 +408,7 @@ def _train_value(field):
     """A valid non-default value for a TrainConfig field, or None where none is known."""
     known = {"device": "cpu", "precision": "bf16", "transform": "wells", "loss": "lsgan",  # lsgan: d_sigmoid both ways
              "density_head": "atoms",  # what clash_weight needs
+             "density_upsample": "resize",
              "init_from": "g.pt",  # what freeze_trunk needs (train is a spy here: the file is never read)
              "density_blur": None}  # the atoms head draws smooth Gaussians itself: the flag is checked on its own
     if field.name in known:

@@ -1466,6 +1466,13 @@ def test_init_from_starts_the_generator_from_a_file_and_freeze_trunk_trains_only
     free = after(tiny_config(**atoms), "free", 1)
     moved = [k for k in trunk if not torch.equal(free[k], theirs[k])]
     assert moved and all((free[k] - theirs[k]).abs().max() < 0.01 for k in trunk)  # one Adam step of 2e-4
+    # "resize": the output layer keeps the energy alone, the density outputs are their own layers and train
+    resized = after(tiny_config(**atoms, freeze_trunk=True, density_upsample="resize"), "resized", 3)
+    assert all(torch.equal(resized[k], theirs[k]) for k in trunk)
+    assert resized[output].shape[1] == 1 and torch.equal(resized[output], theirs[output][:, :1])
+    resized_fresh = after(tiny_config(**{**atoms, "init_from": ""}, density_upsample="resize"), "resized_fresh", 3)
+    head = [k for k in resized if k.startswith("density_net.")]
+    assert len(head) == 4 and all(0 < (resized[k] - resized_fresh[k]).abs().max() < 0.01 for k in head)
     with pytest.raises(ValueError, match="freeze_trunk needs init_from"):
         tiny_config(grid_channels=3, freeze_trunk=True)
     with pytest.raises(ValueError, match="E_scale 800.0 K .* this run 900.0 K"):
@@ -1474,6 +1481,23 @@ def test_init_from_starts_the_generator_from_a_file_and_freeze_trunk_trains_only
         after(tiny_config(**atoms, channels=16), "wider", 1)
     with pytest.raises(mofkit.CheckpointError, match="not a readable generator file"):
         after(tiny_config(**{**atoms, "init_from": str(tmp_path / "missing.pt")}), "missing", 1)
+
+
+def test_resize_density_upsample_draws_density_outputs_at_full_resolution():
+    torch.manual_seed(0)
+    G = mofkit.Generator(16, 8, 8, 3, "signed", False, "atoms", 1.5, 1, "resize")
+    assert G.net[-2].out_channels == 1 and G.density_net[-1].out_channels == 1 + 2  # one presence, two classes
+    x, presence = G(torch.randn(2, 8), with_presence=True)
+    assert x.shape == (2, 3, 16, 16, 16) and presence.shape == (2, 1, 16, 16, 16)
+    # the density outputs are the head's on the last features; the energy is the output layer's alone
+    with torch.no_grad():
+        features = G.net[:-2](torch.relu(G.project(torch.randn(2, 8)).view(-1, 8, 4, 4, 4)))
+        G.density_net[-1].bias.fill_(-50.0)  # no presence anywhere: the density channels are 0
+        assert G(torch.randn(2, 8))[:, 1:].eq(-1).all()
+        assert features.shape == (2, 4, 8, 8, 8)
+    assert mofkit.Generator(16, 8, 8, 1, density_upsample="resize").density_net is None  # energy only: nothing
+    with pytest.raises(ValueError, match="density_upsample='nearest'"):
+        mofkit.Generator(16, 8, 8, 3, density_upsample="nearest")
 
 
 @pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
