@@ -190,7 +190,7 @@ MUTANTS = [
            "moving_average"),
     Mutant("signed_drops_repulsion", "recipe", '{"wells": 0.0, "signed": -1.0}', '{"wells": 0.0, "signed": 0.0}',
            "signed_transform"),
-    Mutant("generator_init_shrinks", "recipe", "layers[-2].weight.mul_(math.sqrt(out_channels + extra))",
+    Mutant("generator_init_shrinks", "recipe", "layers[-2].weight.mul_(math.sqrt(layers[-2].out_channels))",
            "layers[-2].weight.mul_(1.0)", "output_weights_start_the_same"),
     Mutant("density_blur_skipped", "recipe", "if self.density_blur:  # before the activation",
            "if False:  # before the activation", "density_blur"),

@@ -1437,6 +1437,9 @@ def test_atoms_head_trains_resumes_and_samples_with_its_width(tmp_path):
     with pytest.raises(mofkit.CheckpointError, match="atom_subvoxels=2 but the config asks for 1"):
         mofkit.train(dataclasses.replace(config, atom_subvoxels=1), random_grids(4, channels=3), tmp_path,
                      max_steps=3, progress=False)
+    with pytest.raises(mofkit.CheckpointError, match="density_upsample=transposed but the config asks for resize"):
+        mofkit.train(dataclasses.replace(config, density_upsample="resize"), random_grids(4, channels=3), tmp_path,
+                     max_steps=3, progress=False)
 
 
 def test_init_from_starts_the_generator_from_a_file_and_freeze_trunk_trains_only_the_density_outputs(tmp_path):
@@ -1467,7 +1470,9 @@ def test_init_from_starts_the_generator_from_a_file_and_freeze_trunk_trains_only
     moved = [k for k in trunk if not torch.equal(free[k], theirs[k])]
     assert moved and all((free[k] - theirs[k]).abs().max() < 0.01 for k in trunk)  # one Adam step of 2e-4
     # "resize": the output layer keeps the energy alone, the density outputs are their own layers and train
+    resized_1 = after(tiny_config(**atoms, freeze_trunk=True, density_upsample="resize"), "resized_1", 1)
     resized = after(tiny_config(**atoms, freeze_trunk=True, density_upsample="resize"), "resized", 3)
+    assert all(not torch.equal(resized[k], resized_1[k]) for k in resized if k.startswith("density_net."))
     assert all(torch.equal(resized[k], theirs[k]) for k in trunk)
     assert resized[output].shape[1] == 1 and torch.equal(resized[output], theirs[output][:, :1])
     resized_fresh = after(tiny_config(**{**atoms, "init_from": ""}, density_upsample="resize"), "resized_fresh", 3)
