@@ -2806,8 +2806,8 @@ class Generator(torch.nn.Module):
         self.net = nn.Sequential(*layers)
         # "resize": the density outputs from the last features upsampled (trilinear) and two 3^3 convolutions at
         # full resolution, not from the stride-2 transposed convolution, whose 8 output sub-lattices each have
-        # their own filter: the atoms head put every atom on one of them (README, "Generated atoms"), as in
-        # Odena et al. 2016's checkerboard artefacts, and their fix
+        # their own filter: the atoms head kept its atoms on them (README, "Generated atoms"), as in Odena et
+        # al. 2016's checkerboard artefacts, and their fix
         self.density_net = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
             nn.Conv3d(widths[-1], widths[-1], 3, 1, 1), nn.ReLU(inplace=True),
@@ -3630,7 +3630,7 @@ def _init_generator(run, path, e_scale_K, grid_params):
             GridParams(**source.grid_params) != GridParams(**grid_params):
         raise ValueError(f"init_from={str(path)!r}: trained on grids {source.grid_params}, this run's are "
                          f"{grid_params}")
-    output = next(n for n, m in run.G.named_modules() if m is _output_layer(run.G)) + ".weight"
+    output = f"net.{len(run.G.net) - 2}.weight"  # _output_layer's
     ours, theirs = run.G.state_dict(), source.state_dict()
     for name, value in theirs.items():
         fits = name in ours and (ours[name].shape == value.shape if name != output
