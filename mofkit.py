@@ -2775,10 +2775,14 @@ class Generator(torch.nn.Module):
     per site of a voxel, 2^3): an atom between two voxels, as most real ones are, can then be drawn as one.
     density_upsample="resize" computes the density outputs from the last features upsampled and two 3^3
     convolutions instead of the last transposed convolution, which then draws the energy alone.
+    atom_offsets=True (the "atoms" head, voxel-centred sites) adds three outputs per site, its atom's shift
+    0.5 tanh(.) voxel along each axis (`gaussian_dilate`'s offsets): an atom may then lie anywhere, not only where
+    the output layer's sub-lattices put it (README, "Generated atoms").
     """
 
     def __init__(self, dim=64, latent=200, channels=512, out_channels=1, transform="wells", density_blur=False,
-                 density_head="channels", sigma_voxels=0.0, subvoxels=1, density_upsample="transposed"):
+                 density_head="channels", sigma_voxels=0.0, subvoxels=1, density_upsample="transposed",
+                 atom_offsets=False):
         super().__init__()
         nn = torch.nn
         widths = _widths(dim, channels)
@@ -2792,8 +2796,9 @@ class Generator(torch.nn.Module):
         if density_upsample not in DENSITY_UPSAMPLES:
             raise ValueError(f"density_upsample={density_upsample!r}: use one of {DENSITY_UPSAMPLES}")
         self.density_upsample = density_upsample if out_channels > 1 else "transposed"
-        # outputs beyond the grid channels: the occupancy, or one presence per site of a voxel
-        extra = 0 if density_head == "channels" or out_channels == 1 else self.subvoxels ** 3
+        self.atom_offsets = _check_atom_offsets(atom_offsets, density_head, self.subvoxels)
+        # outputs beyond the grid channels: the occupancy, or one presence per site of a voxel (and its shifts)
+        extra = 0 if density_head == "channels" or out_channels == 1 else self.subvoxels ** 3 + 3 * self.atom_offsets
         density_outputs = out_channels - 1 + extra
         self.project = nn.Linear(latent, channels * 4 ** 3)
         layers = []
@@ -2820,7 +2825,8 @@ class Generator(torch.nn.Module):
             layers[-2].weight.mul_(math.sqrt(layers[-2].out_channels))
 
     def forward(self, z, with_presence=False):
-        """Grids; with_presence=True (the "atoms" head): (grids, presence (N, 1, S, S, S) on the sites)."""
+        """Grids; with_presence=True (the "atoms" head): (grids, presence (N, 1, S, S, S) on the sites, their
+        shifts (N, 3, S, S, S) in voxels or None)."""
         if with_presence and (self.density_head != "atoms" or self.out_channels == 1):
             raise ValueError("with_presence: only the 'atoms' density head has atom presences")
         features = self.net[:-2](torch.relu(self.project(z).view(-1, self.channels, 4, 4, 4)))
@@ -2833,17 +2839,20 @@ class Generator(torch.nn.Module):
         if self.density_head != "channels":
             sites = self.subvoxels ** 3
             occupancy, logits = density[:, :sites], density[:, sites:]
+            shifts = None
+            if self.atom_offsets:  # within the site's own voxel: a shift of more would be another site's atom
+                shifts, logits = 0.5 * torch.tanh(logits[:, :3]), logits[:, 3:]
             # class shares exp(l_c - max_c l_c): the largest is 1, so the largest class carries the whole occupancy,
             # as in density_channels (a max of Gaussians), and an atom's peak is not split below the decoder's threshold
             shares = torch.exp(logits - logits.amax(1, True))
             if self.density_head == "atoms":  # each atom's Gaussian in its site's classes, as density_channels
                 presence = _interleave_sites(torch.sigmoid(occupancy + ATOM_PRIOR_LOGIT), self.subvoxels)
                 density = gaussian_dilate(presence * _spread_to_sites(shares, self.subvoxels), self.sigma_voxels,
-                                          self.subvoxels)
+                                          self.subvoxels, shifts)
             else:
                 density = torch.sigmoid(binomial_blur(occupancy) if self.density_blur else occupancy) * shares
             grids = torch.cat([energy, 2 * density - 1 if self.transform == "signed" else density], 1)
-            return (grids, presence) if with_presence else grids
+            return (grids, presence, shifts) if with_presence else grids
         if self.density_blur:  # before the activation: a blurred peak can still reach 1
             density = binomial_blur(density)
         return torch.cat([energy, self.net[-1](density)], 1)
@@ -2862,6 +2871,13 @@ def _check_density_head(head):
     return head
 
 
+def _check_atom_offsets(atom_offsets, head, subvoxels):
+    if atom_offsets and (head != "atoms" or subvoxels != 1):
+        raise ValueError(f"atom_offsets=True shifts the 'atoms' head's voxel-centred sites: it needs "
+                         f"density_head='atoms' and atom_subvoxels=1, got {head!r} and {subvoxels}")
+    return bool(atom_offsets)
+
+
 def _check_atoms_head(head, sigma_voxels, density_blur):
     """sigma_voxels for the "atoms" head (the data's density_sigma_A / spacing_A), 0.0 for the others."""
     if head != "atoms":
@@ -2878,10 +2894,17 @@ def _check_atoms_head(head, sigma_voxels, density_blur):
 CLASH_VOXELS = 1.8
 
 
-def clash_pairs(presence, sub=1):
+def clash_pairs(presence, sub=1, shifts=None):
     """Pairs of atoms closer than CLASH_VOXELS per grid, expected: the sum over every such pair of sites of the
     product of their presences (N, 1, S, S, S) on sites 1/sub voxel apart, averaged over the batch. Each
-    unordered pair counts once; 0 exactly when no two atoms of nonzero presence are that close."""
+    unordered pair counts once; 0 exactly when no two atoms of nonzero presence are that close.
+
+    shifts (N, 3, S, S, S), sub=1: the atoms lie that many voxels past their sites (`Generator`'s atom_offsets),
+    and a pair counts sigmoid((CLASH_VOXELS - distance) / CLASH_SOFTNESS_VOXELS) times its presences: a step
+    smoothed, so that the shifts of a pair near the limit learn to move it apart. Only sites at most
+    floor(CLASH_VOXELS) + 1 apart along every axis pair up: shifts of 0.5 voxel bring no others that near."""
+    if shifts is not None:
+        return _clash_pairs_shifted(presence, shifts)
     reach, n = CLASH_VOXELS * sub, presence.shape[-1]
     total = presence.new_zeros(())
     for o in itertools.product(range(-math.floor(reach), math.floor(reach) + 1), repeat=3):
@@ -2890,6 +2913,24 @@ def clash_pairs(presence, sub=1):
         here = tuple(slice(max(0, -c), n - max(0, c)) for c in o)
         there = tuple(slice(max(0, c), n + min(0, c)) for c in o)
         total = total + (presence[(..., *here)] * presence[(..., *there)]).sum()
+    return total / presence.shape[0]
+
+
+CLASH_SOFTNESS_VOXELS = 0.05  # a pair 2 voxels apart (1.0 A, as C-H) counts 0.02
+
+
+def _clash_pairs_shifted(presence, shifts):
+    n, far = presence.shape[-1], math.floor(CLASH_VOXELS) + 1  # two shifts bring sites at most 1 voxel nearer
+    total = presence.new_zeros(())
+    for o in itertools.product(range(-far, far + 1), repeat=3):
+        if o <= (0, 0, 0):
+            continue
+        here = tuple(slice(max(0, -c), n - max(0, c)) for c in o)
+        there = tuple(slice(max(0, c), n + min(0, c)) for c in o)
+        step = shifts[(..., *there)] - shifts[(..., *here)] + shifts.new_tensor(o).view(1, 3, 1, 1, 1)
+        distance = step.square().sum(1, keepdim=True).sqrt()
+        near = torch.sigmoid((CLASH_VOXELS - distance) / CLASH_SOFTNESS_VOXELS)
+        total = total + (presence[(..., *here)] * presence[(..., *there)] * near).sum()
     return total / presence.shape[0]
 
 
@@ -2908,7 +2949,7 @@ def _interleave_sites(x, sub):
     return x.reshape(n, 1, sub * d, sub * d, sub * d)
 
 
-def gaussian_dilate(x, sigma_voxels, sub=1):
+def gaussian_dilate(x, sigma_voxels, sub=1, offsets=None):
     """max over sites y of x(y) * exp(-|v - y|^2 / 2 sigma^2) at every voxel v: x (N, C, sub*D, sub*D, sub*D)
     holds heights >= 0 at sites 1/sub voxel apart (site sub*i + a is a/sub voxel past voxel i), out (N, C, D, D, D).
 
@@ -2916,7 +2957,14 @@ def gaussian_dilate(x, sigma_voxels, sub=1):
     several, the max of their Gaussians, each as tall as its x. The Gaussian is a product over axes and every
     factor is positive, so the max over the window is three 1-D maxes in turn (a separable dilation): 2 * reach
     + 1 shifted copies per axis instead of (2 * reach + 1)^3. Sites beyond the grid count as 0.
+
+    offsets (N, 3, D, D, D), sub=1: each site's Gaussian is centred that many voxels past it along axes -3, -2,
+    -1 (|offset| <= 0.5 here: the window is cut for it). The per-axis maxes then carry the winning site's other
+    offsets on: exact wherever one site wins along every line of the window, as with one atom, or atoms further
+    apart than the window along each axis; elsewhere a near max (which site wins can depend on the order).
     """
+    if offsets is not None:
+        return _gaussian_dilate_shifted(x, sigma_voxels, offsets)
     reach = math.ceil(3 * sigma_voxels * sub)  # in sites
     for axis in (-3, -2, -1):
         n, dim = x.shape[axis], x.ndim + axis
@@ -2927,6 +2975,26 @@ def gaussian_dilate(x, sigma_voxels, sub=1):
             term = padded.narrow(axis, reach + o, n)[every] * math.exp(-(o / sub) ** 2 / (2 * sigma_voxels ** 2))
             out = term if out is None else torch.maximum(out, term)
         x = out
+    return x
+
+
+def _gaussian_dilate_shifted(x, sigma_voxels, offsets):
+    reach = math.ceil(3 * sigma_voxels + 0.5)
+    carried = [offsets[:, a:a + 1] for a in range(3)]
+    for k, axis in enumerate((-3, -2, -1)):
+        n = x.shape[axis]
+        pad = [0, 0] * (-1 - axis) + [reach, reach]
+        padded = [torch.nn.functional.pad(t, pad) for t in [x] + carried]
+        out = rest = None
+        for o in range(-reach, reach + 1):  # voxel i takes site i + o, centred o + offset voxels away
+            here = [t.narrow(axis, reach + o, n) for t in padded]
+            term = here[0] * torch.exp(-(o + here[1]) ** 2 / (2 * sigma_voxels ** 2))
+            if out is None:
+                out, rest = term, here[2:]
+            else:
+                wins = term > out
+                out, rest = torch.where(wins, term, out), [torch.where(wins, a, b) for a, b in zip(here[2:], rest)]
+        x, carried = out, rest
     return x
 
 
@@ -3092,7 +3160,7 @@ def pick_e_scale(grids_K, percentile=99.9, values_per_grid=65536, seed=0):
 # would add a collective to each of the ~8 BN layers in each of the 3 forwards per step.
 
 ARCH_FIELDS = ("dim", "channels", "generator_channels", "latent", "grid_channels", "density_head",
-               "density_sigma_voxels", "atom_subvoxels", "density_upsample")
+               "density_sigma_voxels", "atom_subvoxels", "density_upsample", "atom_offsets")
 HISTORY_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "samples_per_s", "time_s")
 
 
@@ -3154,6 +3222,8 @@ class TrainConfig:
                                     # presences drawn as Gaussians density_sigma_voxels wide (`Generator`)
     density_sigma_voxels: float = 0.0  # the "atoms" head's Gaussian width: the data's density_sigma_A / spacing_A
     atom_subvoxels: int = 1         # the "atoms" head's presence sites per voxel edge: 1 (voxel centres) or 2
+    atom_offsets: bool = False      # the "atoms" head, voxel-centred sites: each atom also shifted within its voxel
+                                    # (`Generator`)
     density_upsample: str = "transposed"  # the density outputs from the last stride-2 transposed convolution, as
                                     # the energy, or "resize": upsampled features and 3^3 convolutions (`Generator`)
     clash_weight: float = 0.0       # the "atoms" head: weight of `clash_pairs` (pairs of atoms closer than any
@@ -3196,6 +3266,7 @@ class TrainConfig:
         _check_transform(self.transform)
         _check_density_head(self.density_head)
         _check_atoms_head(self.density_head, self.density_sigma_voxels, self.density_blur)
+        _check_atom_offsets(self.atom_offsets, self.density_head, self.atom_subvoxels)
         _check_d_norm(self.d_norm)
         if self.marginal_channels not in MARGINAL_CHANNELS:
             raise ValueError(f"TrainConfig: marginal_channels={self.marginal_channels!r}: use one of {MARGINAL_CHANNELS}")
@@ -3359,7 +3430,7 @@ LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wel
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
                  "pair_weight": 0.0, "pair_field": "sum", "density_sigma_voxels": 0.0,
                  "atom_subvoxels": 1, "clash_weight": 0.0, "init_from": "", "freeze_trunk": False,
-                 "density_upsample": "transposed"}
+                 "density_upsample": "transposed", "atom_offsets": False}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3370,7 +3441,7 @@ def _config_from_checkpoint(ckpt):
 def _models(config):
     return (Generator(config.dim, config.latent, config.generator_channels or config.channels, config.grid_channels,
                       config.transform, config.density_blur, config.density_head, config.density_sigma_voxels,
-                      config.atom_subvoxels, config.density_upsample),
+                      config.atom_subvoxels, config.density_upsample, config.atom_offsets),
             Discriminator(config.dim, config.channels, config.grid_channels, sigmoid=config.d_sigmoid,
                           patch=config.d_patch, norm="none" if config.d_norm == "none" else "batch"))
 
@@ -3659,7 +3730,8 @@ def _gan_step(run, real, step):
     if r1:
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
-        fake, presence = run.G_step(z, with_presence=True) if config.clash_weight > 0 else (run.G_step(z), None)
+        fake, presence, shifts = run.G_step(z, with_presence=True) if config.clash_weight > 0 else \
+            (run.G_step(z), None, None)
         D_real = run.D_step_r1 if r1 else run.D_step
         if config.d_norm == "joint":  # one batch, real then generated: BatchNorm sees both (`Discriminator`)
             both = D_real(torch.cat([real, fake.detach()])).float()
@@ -3692,7 +3764,7 @@ def _gan_step(run, real, step):
             field = (lambda x: x[:, 1:].amax(1)) if config.pair_field == "max" else (lambda x: x[:, 1:].sum(1))
             loss_g = loss_g + config.pair_weight * pair_w2(field(fake), field(real.detach()), MARGINAL_VOXELS)
         if presence is not None:
-            loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels)
+            loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels, shifts)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)
@@ -4561,7 +4633,8 @@ def evaluate(generator, heldout_K, train_K, n=None, sampling_seeds=(0, 1, 2), e_
             torch.manual_seed(seed)
             fresh = Generator(generator.dim, generator.latent, generator.channels, generator.out_channels,
                               generator.transform, generator.density_blur, generator.density_head,
-                              generator.sigma_voxels, generator.subvoxels, generator.density_upsample)
+                              generator.sigma_voxels, generator.subvoxels, generator.density_upsample,
+                              generator.atom_offsets)
             sets["untrained generator"] = clip(five_d(sample(fresh, n, seed=999, device=device, e_scale_K=e_scale_K),
                                                       "untrained generator"))
     rows = [{"set": name, "features": f, **_one_nn_scores(heldout, grids, f, n_boot, seed, device)}

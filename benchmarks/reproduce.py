@@ -101,6 +101,7 @@ class Scale:
     pair_field: str = "max"         # TrainConfig.pair_field ("max" or "sum")
     atom_subvoxels: int = 1         # TrainConfig.atom_subvoxels (the "atoms" head's sites per voxel edge)
     density_upsample: str = "transposed"  # TrainConfig.density_upsample ("transposed" or "resize")
+    atom_offsets: int = 0           # TrainConfig.atom_offsets (1: the "atoms" head's atoms shifted within voxels)
     clash_weight: float = 0.0       # TrainConfig.clash_weight (0: none; the "atoms" head)
     init_from: str = ""             # TrainConfig.init_from of the run, relative to the repository root (the
                                     # energy-only comparator starts from scratch)
@@ -196,6 +197,7 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   marginal_weight=scale.marginal_weight, marginal_channels=scale.marginal_channels,
                   pair_weight=scale.pair_weight, pair_field=scale.pair_field,
                   atom_subvoxels=scale.atom_subvoxels, density_upsample=scale.density_upsample,
+                  atom_offsets=bool(scale.atom_offsets),
                   clash_weight=scale.clash_weight,
                   init_from=str(ROOT / scale.init_from) if scale.init_from else "",
                   freeze_trunk=bool(scale.freeze_trunk))

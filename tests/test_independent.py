@@ -410,7 +410,8 @@ def _train_value(field):
              "density_head": "atoms",  # what clash_weight needs
              "density_upsample": "resize",
              "init_from": "g.pt",  # what freeze_trunk needs (train is a spy here: the file is never read)
-             "density_blur": None}  # the atoms head draws smooth Gaussians itself: the flag is checked on its own
+             "density_blur": None,  # the atoms head draws smooth Gaussians itself: the flag is checked on its own
+             "atom_offsets": None}  # shifts voxel-centred sites, not atom_subvoxels=2's: checked on its own
     if field.name in known:
         return known[field.name]
     default = field.default
@@ -463,3 +464,5 @@ def test_cli_train_every_config_flag_reaches_train(tmp_path, monkeypatch, capsys
     assert dataclasses.replace(config, dim=preset.dim, grid_channels=preset.grid_channels) == preset
     mofkit.main(["train", str(shards), "--density-blur"])
     assert train.calls[3][0][0].density_blur is True
+    mofkit.main(["train", str(shards), "--density-head", "atoms", "--density-sigma-voxels", "1.5", "--atom-offsets"])
+    assert train.calls[4][0][0].atom_offsets is True

@@ -1492,7 +1492,7 @@ def test_resize_density_upsample_draws_density_outputs_at_full_resolution():
     torch.manual_seed(0)
     G = mofkit.Generator(16, 8, 8, 3, "signed", False, "atoms", 1.5, 1, "resize")
     assert G.net[-2].out_channels == 1 and G.density_net[-1].out_channels == 1 + 2  # one presence, two classes
-    x, presence = G(torch.randn(2, 8), with_presence=True)
+    x, presence, _ = G(torch.randn(2, 8), with_presence=True)
     assert x.shape == (2, 3, 16, 16, 16) and presence.shape == (2, 1, 16, 16, 16)
     # the density outputs are the head's on the last features; the energy is the output layer's alone
     with torch.no_grad():
@@ -1503,6 +1503,71 @@ def test_resize_density_upsample_draws_density_outputs_at_full_resolution():
     assert mofkit.Generator(16, 8, 8, 1, density_upsample="resize").density_net is None  # energy only: nothing
     with pytest.raises(ValueError, match="density_upsample='nearest'"):
         mofkit.Generator(16, 8, 8, 3, density_upsample="nearest")
+
+
+def shifted_sites(positions_voxels, size):
+    """(heights (1, 1, D, D, D), shifts (1, 3, D, D, D)) placing atoms at continuous voxel positions: height 1 on
+    each atom's nearest voxel, shifted by the rest."""
+    site = np.round(positions_voxels).astype(int)
+    x, shifts = torch.zeros(1, 1, size, size, size, dtype=torch.float64), torch.zeros(1, 3, size, size, size,
+                                                                                        dtype=torch.float64)
+    x[0, 0, site[:, 0], site[:, 1], site[:, 2]] = 1
+    shifts[0, :, site[:, 0], site[:, 1], site[:, 2]] = torch.from_numpy(positions_voxels - site).T
+    return x, shifts
+
+
+def test_atom_offsets_draw_each_atom_where_its_shift_puts_it():
+    """One atom anywhere, or atoms whose windows do not overlap, are drawn exactly as density_channels draws them
+    and decode where they are; without shifts the drawing is gaussian_dilate's own."""
+    from ase import Atoms
+    rng = np.random.default_rng(0)
+    positions = np.array([[4.3, 5.6, 4.5], [17.7, 18.2, 16.6]])  # 13 voxels apart on every axis: no overlap
+    for one in (positions[:1], positions, rng.uniform(5, 18, (1, 3))):
+        x, shifts = shifted_sites(one, 24)
+        field = mofkit.gaussian_dilate(x, 1.5, 1, shifts)[0].numpy()
+        atoms = Atoms(f"C{len(one)}", positions=one * 0.5, cell=[60.0] * 3, pbc=True)
+        expected = mofkit.density_channels(atoms, size=24, spacing_A=0.5, sigma_A=0.75, classes=("C", "other"))
+        np.testing.assert_allclose(field, expected[:1], atol=2e-7)
+        decoded = mofkit.grid_to_atoms(np.concatenate([field, 0 * field]), spacing_A=0.5, classes=("C", "other"),
+                                       sigma_A=0.75)
+        np.testing.assert_allclose(np.sort(decoded.positions, 0), np.sort(one * 0.5, 0), atol=1e-6)
+    x = torch.from_numpy(rng.random((2, 3, 10, 10, 10)) ** 8)
+    torch.testing.assert_close(mofkit.gaussian_dilate(x, 1.5, 1, torch.zeros(2, 3, 10, 10, 10, dtype=x.dtype)),
+                               mofkit.gaussian_dilate(x, 1.5), rtol=1e-12, atol=1e-15)
+
+
+def test_atom_offsets_head_draws_its_shifted_atoms_and_refuses_other_heads():
+    torch.manual_seed(0)
+    G = mofkit.Generator(16, 8, 16, 4, "wells", False, "atoms", 1.5, 1, atom_offsets=True).eval()
+    assert G.net[-2].out_channels == 1 + 1 + 3 + 3  # energy, presence, three shifts, three class logits
+    z = torch.randn(2, 8)
+    features, out = head_outputs(G, z, "wells")
+    grids, presence, shifts = G(z, with_presence=True)
+    torch.testing.assert_close(shifts.double(), 0.5 * torch.tanh(features[:, 2:5]), rtol=1e-5, atol=1e-6)
+    assert shifts.abs().max() <= 0.5 and shifts.abs().max() > 0.1
+    logits = features[:, 5:]
+    heights = torch.sigmoid(features[:, 1:2] + mofkit.ATOM_PRIOR_LOGIT) * torch.exp(logits - logits.amax(1, True))
+    torch.testing.assert_close(out[:, 1:], mofkit.gaussian_dilate(heights, 1.5, 1, 0.5 * torch.tanh(features[:, 2:5])),
+                               rtol=1e-5, atol=1e-6)
+    for bad in [dict(density_head="channels"), dict(density_head="atoms", subvoxels=2)]:
+        with pytest.raises(ValueError, match="atom_offsets=True"):
+            mofkit.Generator(16, 8, 16, 4, sigma_voxels=1.5 if bad["density_head"] == "atoms" else 0.0,
+                             atom_offsets=True, **bad)
+    with pytest.raises(ValueError, match="atom_offsets=True"):
+        mofkit.TrainConfig(grid_channels=4, density_head="atoms", density_sigma_voxels=1.5, atom_subvoxels=2,
+                           atom_offsets=True)
+    assert mofkit._config_from_checkpoint({"config": {}}).atom_offsets is False
+
+
+def test_atom_offsets_train_with_the_clash_of_the_shifted_atoms_and_resume_only_with_them(tmp_path):
+    config = tiny_config(grid_channels=3, density_head="atoms", density_sigma_voxels=1.5, atom_offsets=True,
+                         clash_weight=0.1)
+    mofkit.train(config, random_grids(4, channels=3), tmp_path, max_steps=2, progress=False)
+    mofkit.export_generator(tmp_path / "last.pt", tmp_path / "g.pt")
+    assert mofkit.load_generator(tmp_path / "g.pt").atom_offsets
+    with pytest.raises(mofkit.CheckpointError, match="atom_offsets=True but the config asks for False"):
+        mofkit.train(dataclasses.replace(config, atom_offsets=False), random_grids(4, channels=3), tmp_path,
+                     max_steps=3, progress=False)
 
 
 @pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
@@ -1942,15 +2007,21 @@ def test_pair_w2_compares_the_values_of_voxel_pairs_by_optimal_transport():
         mofkit.TrainConfig(pair_field="mean")
 
 
-def brute_clash(presence, sub=1):
-    """Sum over every pair of sites (1/sub voxel apart) closer than CLASH_VOXELS of p p, mean over grids (pdist)."""
+def brute_clash(presence, sub=1, shifts=None):
+    """Sum over every pair of sites (1/sub voxel apart) closer than CLASH_VOXELS of p p, mean over grids (pdist);
+    with shifts (sub=1), every pair of the shifted atoms, weighed by the smoothed step."""
     from scipy.spatial.distance import pdist
     p = np.asarray(presence, dtype=np.float64).reshape(len(presence), -1)
     n = round(p.shape[1] ** (1 / 3))
     sites = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3) / sub
-    close = pdist(sites) <= mofkit.CLASH_VOXELS + 1e-9
     i, j = np.triu_indices(len(sites), 1)
-    return np.mean([(q[i[close]] * q[j[close]]).sum() for q in p])
+    if shifts is None:
+        close = pdist(sites) <= mofkit.CLASH_VOXELS + 1e-9
+        return np.mean([(q[i[close]] * q[j[close]]).sum() for q in p])
+    window = pdist(sites, "chebyshev") <= math.floor(mofkit.CLASH_VOXELS) + 1  # shifts bring no others that near
+    near = [window / (1 + np.exp((pdist(sites + s.reshape(3, -1).T) - mofkit.CLASH_VOXELS)
+                                 / mofkit.CLASH_SOFTNESS_VOXELS)) for s in shifts]
+    return np.mean([(q[i] * q[j] * w).sum() for q, w in zip(p, near)])
 
 
 def test_clash_pairs_counts_pairs_of_atoms_closer_than_any_bond():
@@ -1964,6 +2035,23 @@ def test_clash_pairs_counts_pairs_of_atoms_closer_than_any_bond():
     for sub in (1, 2):
         x = rng.random((3, 1) + (6 * sub,) * 3) ** 4
         assert mofkit.clash_pairs(torch.from_numpy(x), sub).item() == pytest.approx(brute_clash(x, sub), rel=1e-10)
+    # shifted atoms (atom_offsets): the pair's own distance, the step smoothed; zero shifts count as the sites do
+    shifts = torch.from_numpy(rng.uniform(-0.5, 0.5, (3, 3, 6, 6, 6)))
+    x = torch.from_numpy(rng.random((3, 1, 6, 6, 6)) ** 4)
+    assert mofkit.clash_pairs(x, 1, shifts).item() == pytest.approx(brute_clash(x.numpy(), 1, shifts.numpy()),
+                                                                   rel=1e-10)
+    q = torch.zeros(1, 1, 8, 8, 8, dtype=torch.float64)
+    q[0, 0, 2, 2, 2] = q[0, 0, 3, 2, 2] = q[0, 0, 6, 6, 6] = q[0, 0, 6, 6, 4] = 1.0  # 1 and 2 voxels apart
+    zero = torch.zeros(1, 3, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    count = mofkit.clash_pairs(q, 1, zero)
+    step = lambda d: 1 / (1 + math.exp((d - mofkit.CLASH_VOXELS) / mofkit.CLASH_SOFTNESS_VOXELS))
+    assert count.item() == pytest.approx(step(1) + step(2), rel=1e-12) and step(1) > 0.999 and step(2) < 0.02
+    shifted = torch.zeros(1, 3, 8, 8, 8, dtype=torch.float64)
+    shifted[0, 0, 3, 2, 2], shifted[0, 0, 2, 2, 2] = 0.4, -0.35  # the first pair 1.75 voxels apart, near the limit
+    shifted.requires_grad_(True)
+    mofkit.clash_pairs(q, 1, shifted).backward()
+    assert shifted.grad[0, 0, 3, 2, 2] < 0 < shifted.grad[0, 0, 2, 2, 2]  # moving them apart lowers the count
+    assert shifted.grad[0, 1:, 2:4, 2, 2].abs().max() < 1e-12  # and sideways does not
     with pytest.raises(ValueError, match="clash_weight needs atom presences"):
         mofkit.TrainConfig(grid_channels=3, clash_weight=1.0)
     with pytest.raises(ValueError, match="with_presence"):
@@ -2030,7 +2118,7 @@ def test_gan_step_minimises_each_players_loss(preset):
     def draw(G):
         if not clash:
             return G(torch.randn(4, 8)).detach()
-        grids, presence = G(torch.randn(4, 8), with_presence=True)
+        grids, presence, _ = G(torch.randn(4, 8), with_presence=True)
         presences[id(grids)] = presence
         return grids
     torch.manual_seed(5)
