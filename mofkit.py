@@ -2986,7 +2986,7 @@ def _gaussian_dilate_shifted(x, sigma_voxels, offsets):
         pad = [0, 0] * (-1 - axis) + [reach, reach]
         padded = [torch.nn.functional.pad(t, pad) for t in [x] + carried]
         out = rest = None
-        for o in range(-reach, reach + 1):  # voxel i takes site i + o, centred o + offset voxels away
+        for o in range(-reach, reach + 1):  # voxel v takes site v + o, centred o + offset voxels away
             here = [t.narrow(axis, reach + o, n) for t in padded]
             term = here[0] * torch.exp(-(o + here[1]) ** 2 / (2 * sigma_voxels ** 2))
             if out is None:
