@@ -2894,18 +2894,19 @@ def _check_atoms_head(head, sigma_voxels, density_blur):
 CLASH_VOXELS = 1.8
 
 
-def clash_pairs(presence, sub=1, shifts=None):
-    """Pairs of atoms closer than CLASH_VOXELS per grid, expected: the sum over every such pair of sites of the
+def clash_pairs(presence, sub=1, shifts=None, reach_voxels=CLASH_VOXELS):
+    """Pairs of atoms closer than reach_voxels per grid, expected: the sum over every such pair of sites of the
     product of their presences (N, 1, S, S, S) on sites 1/sub voxel apart, averaged over the batch. Each
     unordered pair counts once; 0 exactly when no two atoms of nonzero presence are that close.
 
     shifts (N, 3, S, S, S), sub=1: the atoms lie that many voxels past their sites (`Generator`'s atom_offsets),
-    and a pair counts sigmoid((CLASH_VOXELS - distance) / CLASH_SOFTNESS_VOXELS) times its presences: a step
-    smoothed, so that the shifts of a pair near the limit learn to move it apart. Only sites at most
-    floor(CLASH_VOXELS) + 1 apart along every axis pair up: shifts of 0.5 voxel bring no others that near."""
+    and a pair at distance d counts sigmoid((reach^2 - d^2) / (2 reach CLASH_SOFTNESS_VOXELS)) times its presences:
+    a step smoothed (in d^2, which has a gradient at d = 0), so that the shifts of a pair near the limit learn to
+    move it apart. Only sites at most floor(reach) + 1 apart along every axis pair up: shifts of 0.5 voxel bring no
+    others that near."""
     if shifts is not None:
-        return _clash_pairs_shifted(presence, shifts)
-    reach, n = CLASH_VOXELS * sub, presence.shape[-1]
+        return _clash_pairs_shifted(presence, shifts, reach_voxels)
+    reach, n = reach_voxels * sub, presence.shape[-1]
     total = presence.new_zeros(())
     for o in itertools.product(range(-math.floor(reach), math.floor(reach) + 1), repeat=3):
         if o <= (0, 0, 0) or sum(c * c for c in o) > reach * reach:
@@ -2916,11 +2917,11 @@ def clash_pairs(presence, sub=1, shifts=None):
     return total / presence.shape[0]
 
 
-CLASH_SOFTNESS_VOXELS = 0.05  # a pair 2 voxels apart (1.0 A, as C-H) counts 0.02
+CLASH_SOFTNESS_VOXELS = 0.05  # at reach 1.8, a pair 2 voxels apart (1.0 A, as C-H) counts 0.015
 
 
-def _clash_pairs_shifted(presence, shifts):
-    n, far = presence.shape[-1], math.floor(CLASH_VOXELS) + 1  # two shifts bring sites at most 1 voxel nearer
+def _clash_pairs_shifted(presence, shifts, reach):
+    n, far = presence.shape[-1], math.floor(reach) + 1  # two shifts bring sites at most 1 voxel nearer
     total = presence.new_zeros(())
     for o in itertools.product(range(-far, far + 1), repeat=3):
         if o <= (0, 0, 0):
@@ -2928,8 +2929,7 @@ def _clash_pairs_shifted(presence, shifts):
         here = tuple(slice(max(0, -c), n - max(0, c)) for c in o)
         there = tuple(slice(max(0, c), n + min(0, c)) for c in o)
         step = shifts[(..., *there)] - shifts[(..., *here)] + shifts.new_tensor(o).view(1, 3, 1, 1, 1)
-        distance = step.square().sum(1, keepdim=True).sqrt()
-        near = torch.sigmoid((CLASH_VOXELS - distance) / CLASH_SOFTNESS_VOXELS)
+        near = torch.sigmoid((reach ** 2 - step.square().sum(1, keepdim=True)) / (2 * reach * CLASH_SOFTNESS_VOXELS))
         total = total + (presence[(..., *here)] * presence[(..., *there)] * near).sum()
     return total / presence.shape[0]
 
@@ -3226,6 +3226,7 @@ class TrainConfig:
                                     # (`Generator`)
     density_upsample: str = "transposed"  # the density outputs from the last stride-2 transposed convolution, as
                                     # the energy, or "resize": upsampled features and 3^3 convolutions (`Generator`)
+    clash_voxels: float = CLASH_VOXELS  # the clash term's reach: pairs closer count (`clash_pairs`)
     clash_weight: float = 0.0       # the "atoms" head: weight of `clash_pairs` (pairs of atoms closer than any
                                     # bond) in G's loss, as AlphaFold's clash term (README, "Generated atoms")
     init_from: str = ""             # a generator file (`export_generator`) that G starts from instead of random
@@ -3252,7 +3253,7 @@ class TrainConfig:
                   "lr": self.lr > 0, "ema": 0 <= self.ema < 1, "r1_gamma": self.r1_gamma >= 0,
                   "marginal_weight": self.marginal_weight >= 0,
                   "pair_weight": self.pair_weight >= 0, "atom_subvoxels": self.atom_subvoxels in (1, 2),
-                  "clash_weight": self.clash_weight >= 0,
+                  "clash_weight": self.clash_weight >= 0, "clash_voxels": self.clash_voxels > 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
                   "generator_channels": self.generator_channels >= 0,
                   "log_every": self.log_every >= 1, "checkpoint_every_steps": self.checkpoint_every_steps >= 1}
@@ -3429,7 +3430,7 @@ LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wel
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
                  "pair_weight": 0.0, "pair_field": "sum", "density_sigma_voxels": 0.0,
-                 "atom_subvoxels": 1, "clash_weight": 0.0, "init_from": "", "freeze_trunk": False,
+                 "atom_subvoxels": 1, "clash_weight": 0.0, "clash_voxels": CLASH_VOXELS, "init_from": "", "freeze_trunk": False,
                  "density_upsample": "transposed", "atom_offsets": False}
 
 
@@ -3764,7 +3765,7 @@ def _gan_step(run, real, step):
             field = (lambda x: x[:, 1:].amax(1)) if config.pair_field == "max" else (lambda x: x[:, 1:].sum(1))
             loss_g = loss_g + config.pair_weight * pair_w2(field(fake), field(real.detach()), MARGINAL_VOXELS)
         if presence is not None:
-            loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels, shifts)
+            loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels, shifts, config.clash_voxels)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)

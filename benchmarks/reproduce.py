@@ -103,6 +103,7 @@ class Scale:
     density_upsample: str = "transposed"  # TrainConfig.density_upsample ("transposed" or "resize")
     atom_offsets: int = 0           # TrainConfig.atom_offsets (1: the "atoms" head's atoms shifted within voxels)
     clash_weight: float = 0.0       # TrainConfig.clash_weight (0: none; the "atoms" head)
+    clash_voxels: float = 1.8       # TrainConfig.clash_voxels (the clash term's reach)
     init_from: str = ""             # TrainConfig.init_from of the run, relative to the repository root (the
                                     # energy-only comparator starts from scratch)
     freeze_trunk: int = 0           # TrainConfig.freeze_trunk (1: on)
@@ -198,7 +199,7 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   pair_weight=scale.pair_weight, pair_field=scale.pair_field,
                   atom_subvoxels=scale.atom_subvoxels, density_upsample=scale.density_upsample,
                   atom_offsets=bool(scale.atom_offsets),
-                  clash_weight=scale.clash_weight,
+                  clash_weight=scale.clash_weight, clash_voxels=scale.clash_voxels,
                   init_from=str(ROOT / scale.init_from) if scale.init_from else "",
                   freeze_trunk=bool(scale.freeze_trunk))
     if scale.study:

@@ -2019,8 +2019,8 @@ def brute_clash(presence, sub=1, shifts=None):
         close = pdist(sites) <= mofkit.CLASH_VOXELS + 1e-9
         return np.mean([(q[i[close]] * q[j[close]]).sum() for q in p])
     window = pdist(sites, "chebyshev") <= math.floor(mofkit.CLASH_VOXELS) + 1  # shifts bring no others that near
-    near = [window / (1 + np.exp((pdist(sites + s.reshape(3, -1).T) - mofkit.CLASH_VOXELS)
-                                 / mofkit.CLASH_SOFTNESS_VOXELS)) for s in shifts]
+    r, tau = mofkit.CLASH_VOXELS, mofkit.CLASH_SOFTNESS_VOXELS
+    near = [window / (1 + np.exp((pdist(sites + s.reshape(3, -1).T) ** 2 - r * r) / (2 * r * tau))) for s in shifts]
     return np.mean([(q[i] * q[j] * w).sum() for q, w in zip(p, near)])
 
 
@@ -2044,7 +2044,7 @@ def test_clash_pairs_counts_pairs_of_atoms_closer_than_any_bond():
     q[0, 0, 2, 2, 2] = q[0, 0, 3, 2, 2] = q[0, 0, 6, 6, 6] = q[0, 0, 6, 6, 4] = 1.0  # 1 and 2 voxels apart
     zero = torch.zeros(1, 3, 8, 8, 8, dtype=torch.float64, requires_grad=True)
     count = mofkit.clash_pairs(q, 1, zero)
-    step = lambda d: 1 / (1 + math.exp((d - mofkit.CLASH_VOXELS) / mofkit.CLASH_SOFTNESS_VOXELS))
+    step = lambda d: 1 / (1 + math.exp((d * d - 1.8 ** 2) / (2 * 1.8 * mofkit.CLASH_SOFTNESS_VOXELS)))
     assert count.item() == pytest.approx(step(1) + step(2), rel=1e-12) and step(1) > 0.999 and step(2) < 0.02
     shifted = torch.zeros(1, 3, 8, 8, 8, dtype=torch.float64)
     shifted[0, 0, 3, 2, 2], shifted[0, 0, 2, 2, 2] = 0.4, -0.35  # the first pair 1.75 voxels apart, near the limit
@@ -2052,6 +2052,13 @@ def test_clash_pairs_counts_pairs_of_atoms_closer_than_any_bond():
     mofkit.clash_pairs(q, 1, shifted).backward()
     assert shifted.grad[0, 0, 3, 2, 2] < 0 < shifted.grad[0, 0, 2, 2, 2]  # moving them apart lowers the count
     assert shifted.grad[0, 1:, 2:4, 2, 2].abs().max() < 1e-12  # and sideways does not
+    wide = lambda d: 1 / (1 + math.exp((d * d - 2.5 ** 2) / (2 * 2.5 * mofkit.CLASH_SOFTNESS_VOXELS)))
+    assert mofkit.clash_pairs(q, 1, zero, 2.5).item() == pytest.approx(wide(1) + wide(2), rel=1e-12)  # wider reach
+    q[0, 0, 4, 2, 2], shifted.grad = 1.0, None  # an atom shifted onto another: a gradient, not NaN
+    with torch.no_grad():
+        shifted[0, 0, 3, 2, 2], shifted[0, 0, 4, 2, 2] = 0.5, -0.5
+    mofkit.clash_pairs(q, 1, shifted).backward()
+    assert torch.isfinite(shifted.grad).all()
     with pytest.raises(ValueError, match="clash_weight needs atom presences"):
         mofkit.TrainConfig(grid_channels=3, clash_weight=1.0)
     with pytest.raises(ValueError, match="with_presence"):
