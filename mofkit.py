@@ -3430,8 +3430,8 @@ LEGACY_CONFIG = {"batch_size": 2, "loss": "lsgan", "ema": 0.0, "transform": "wel
                  "r1_gamma": 0.0, "density_blur": False, "density_head": "channels", "generator_channels": 0,
                  "d_norm": "batch", "marginal_weight": 0.0, "marginal_channels": "all",
                  "pair_weight": 0.0, "pair_field": "sum", "density_sigma_voxels": 0.0,
-                 "atom_subvoxels": 1, "clash_weight": 0.0, "clash_voxels": CLASH_VOXELS, "init_from": "", "freeze_trunk": False,
-                 "density_upsample": "transposed", "atom_offsets": False}
+                 "atom_subvoxels": 1, "clash_weight": 0.0, "clash_voxels": CLASH_VOXELS, "init_from": "",
+                 "freeze_trunk": False, "density_upsample": "transposed", "atom_offsets": False}
 
 
 def _config_from_checkpoint(ckpt):
@@ -3765,7 +3765,8 @@ def _gan_step(run, real, step):
             field = (lambda x: x[:, 1:].amax(1)) if config.pair_field == "max" else (lambda x: x[:, 1:].sum(1))
             loss_g = loss_g + config.pair_weight * pair_w2(field(fake), field(real.detach()), MARGINAL_VOXELS)
         if presence is not None:
-            loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels, shifts, config.clash_voxels)
+            loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels, shifts,
+                                                                config.clash_voxels)
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)
