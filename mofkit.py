@@ -2911,10 +2911,16 @@ def clash_pairs(presence, sub=1, shifts=None, reach_voxels=CLASH_VOXELS):
     for o in itertools.product(range(-math.floor(reach), math.floor(reach) + 1), repeat=3):
         if o <= (0, 0, 0) or sum(c * c for c in o) > reach * reach:
             continue  # o and -o are one pair
-        here = tuple(slice(max(0, -c), n - max(0, c)) for c in o)
-        there = tuple(slice(max(0, c), n + min(0, c)) for c in o)
+        here, there = _offset_slices(o, n)
         total = total + (presence[(..., *here)] * presence[(..., *there)]).sum()
     return total / presence.shape[0]
+
+
+def _offset_slices(offset, size):
+    """(here, there): slices of the last len(offset) axes (each `size` long) such that x[..., *there] is x at
+    here + offset, for every point whose partner lies inside the grid."""
+    return (tuple(slice(max(0, -c), size - max(0, c)) for c in offset),
+            tuple(slice(max(0, c), size + min(0, c)) for c in offset))
 
 
 CLASH_SOFTNESS_VOXELS = 0.05  # at reach 1.8, a pair 2 voxels apart (1.0 A, as C-H) counts 0.015
@@ -2926,8 +2932,7 @@ def _clash_pairs_shifted(presence, shifts, reach):
     for o in itertools.product(range(-far, far + 1), repeat=3):
         if o <= (0, 0, 0):
             continue
-        here = tuple(slice(max(0, -c), n - max(0, c)) for c in o)
-        there = tuple(slice(max(0, c), n + min(0, c)) for c in o)
+        here, there = _offset_slices(o, n)
         step = shifts[(..., *there)] - shifts[(..., *here)] + shifts.new_tensor(o).view(1, 3, 1, 1, 1)
         near = torch.sigmoid((reach ** 2 - step.square().sum(1, keepdim=True)) / (2 * reach * CLASH_SOFTNESS_VOXELS))
         total = total + (presence[(..., *here)] * presence[(..., *there)] * near).sum()
@@ -3570,8 +3575,7 @@ def _pair_values(x, directions, voxels=None):
     if voxels is None:
         pairs = []
         for d in directions.tolist():
-            fit = tuple(slice(max(0, -c), size - max(0, c)) for c in d)
-            moved = tuple(slice(max(0, c), size + min(0, c)) for c in d)
+            fit, moved = _offset_slices(d, size)
             pairs.append((x[(slice(None), *fit)].flatten(), x[(slice(None), *moved)].flatten()))
         a, b = (torch.cat(v) for v in zip(*pairs))
     else:
