@@ -1,13 +1,15 @@
 """Tests of the benchmark scripts: benchmarks/reproduce.py (the measured reproduction) and benchmarks/mutation.py
 (its mutants must still find their fragment of mofkit.py)."""
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import REPO  # first: it puts the repository on sys.path
 import mofkit  # noqa: E402
-from benchmarks import capacity_fit, decoder_sweep, mutation, reproduce  # noqa: E402
+from benchmarks import capacity_fit, decoder_sweep, energy_to_atoms, mutation, reproduce  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +188,43 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     gap = lambda a, b: float(np.abs(a[:, 1:] - b[:, 1:]).mean())  # density channels
     assert gap(fitted[0:1], real[0:1]) < gap(fitted[0:1], real[1:2])
     assert gap(fitted[1:2], real[1:2]) < gap(fitted[1:2], real[0:1])
+
+
+def test_energy_to_atoms_moves_energy_and_atoms_together_and_decodes_a_perfect_output():
+    """The supervised decoder's data and read-out (benchmarks/energy_to_atoms.py): under any cube symmetry the
+    energy stays the field of the atoms its targets hold (sites + shifts), classes included; an output equal to
+    its targets decodes to those atoms, and a weaker peak nearer than MIN_SEPARATION_A is dropped."""
+    size, classes = 8, ("C", "O", "H")
+    atoms_vox = np.array([[1.2, 2.0, 3.3], [5.0, 5.4, 1.0], [3.0, 6.2, 5.8]])
+    axis = torch.arange(size, dtype=torch.float32)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    field = lambda vox: sum(torch.exp(-((points - torch.tensor(v, dtype=torch.float32)) ** 2).sum(-1) / 2)
+                            for v in vox)[None]
+    p, s = torch.zeros(1, size, size, size), torch.zeros(1, 3, size, size, size)
+    c = torch.full((1, size, size, size), -1)
+    for k, v in enumerate(atoms_vox):
+        site = tuple(np.rint(v).astype(int))
+        p[(0, *site)], c[(0, *site)] = 1, k
+        s[(0, slice(None), *site)] = torch.tensor(v - np.rint(v), dtype=torch.float32)
+    placements = set()
+    for seed in range(8):
+        e2, p2, s2, c2 = energy_to_atoms.augment(field(atoms_vox), p, s, c, np.random.default_rng(seed))
+        sites = p2[0].nonzero()
+        moved = sites.float() + s2[0][:, sites[:, 0], sites[:, 1], sites[:, 2]].T
+        assert torch.allclose(e2, field(moved.numpy()), atol=1e-5)  # the atoms are where the energy says
+        assert sorted(c2[0][tuple(sites.T)].tolist()) == [0, 1, 2] and int((c2 >= 0).sum()) == 3
+        placements.add(tuple(map(tuple, sites.tolist())))
+    assert len(placements) > 3  # the symmetries do move atoms
+    out = torch.full((4 + len(classes), size, size, size), -20.0)
+    out[0][p[0] > 0] = 20.0
+    out[1:4] = torch.atanh(2 * s[0].clamp(-0.49, 0.49))
+    for k in range(len(classes)):
+        out[4 + k][c[0] == k] = 20.0
+    # a weaker peak of its own two sites along z, shifted back to 0.63 A from the first atom: dropped
+    near = tuple(np.rint(atoms_vox[0]).astype(int) + [0, 0, 2])
+    out[(0, *near)], out[(1, *near)], out[(2, *near)], out[(3, *near)] = 10.0, 0.0, 0.0, math.atanh(-0.9)
+    for threshold in (0.5, "count"):
+        decoded = energy_to_atoms.decode(out, classes, 0.5, threshold)
+        order = np.argsort(decoded.positions[:, 0])
+        assert [decoded.get_chemical_symbols()[i] for i in order] == ["C", "H", "O"], threshold
+        assert np.allclose(decoded.positions[order], 0.5 * atoms_vox[[0, 2, 1]], atol=1e-5)
