@@ -19,18 +19,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mofkit  # noqa: E402
 
 
+def on_sites(atoms, params):
+    """(class index (D, D, D), -1 where no atom; shift (3, D, D, D) in voxels): each atom on its nearest voxel
+    centre, the atoms head's site, with the rest of its position as the site's shift (two on one site: the
+    first)."""
+    size, classes = params.size, list(params.density_classes)
+    voxels = atoms.positions.reshape(-1, 3) / params.spacing_A
+    sites = np.clip(np.rint(voxels).astype(int), 0, size - 1)
+    first = np.unique(np.ravel_multi_index(tuple(sites.T), (size,) * 3), return_index=True)[1]
+    cls, shift = np.full((size,) * 3, -1, np.int64), np.zeros((3,) + (size,) * 3)
+    cls[tuple(sites[first].T)] = [classes.index(c) for c in atoms.arrays["density_class"][first]]
+    shift[(slice(None), *sites[first].T)] = (voxels[first] - sites[first]).T
+    return cls, shift
+
+
 def redraw(atoms, params, shifted):
     """(C, D, D, D) density channels of `atoms` as the atoms head draws them."""
-    classes, size = params.density_classes, params.size
-    voxels = atoms.positions / params.spacing_A
-    sites = np.clip(np.rint(voxels).astype(int), 0, size - 1)
-    heights = torch.zeros(1, len(classes), size, size, size, dtype=torch.float64)
-    shifts = torch.zeros(1, 3, size, size, size, dtype=torch.float64)
-    index = [list(classes).index(c) for c in atoms.arrays["density_class"]]
-    heights[0, index, sites[:, 0], sites[:, 1], sites[:, 2]] = 1.0
-    shifts[0, :, sites[:, 0], sites[:, 1], sites[:, 2]] = torch.from_numpy(voxels - sites).T
+    cls, shift = on_sites(atoms, params)
+    heights = torch.zeros(1, len(params.density_classes), *cls.shape, dtype=torch.float64)
+    present = np.nonzero(cls >= 0)
+    heights[(0, cls[present], *present)] = 1.0
     sigma = params.density_sigma_A / params.spacing_A
-    return mofkit.gaussian_dilate(heights, sigma, 1, shifts if shifted else None)[0].numpy()
+    return mofkit.gaussian_dilate(heights, sigma, 1, torch.from_numpy(shift)[None] if shifted else None)[0].numpy()
 
 
 def main(argv):

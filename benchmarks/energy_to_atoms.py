@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mofkit  # noqa: E402
+from benchmarks.atoms_head_ceiling import on_sites  # noqa: E402
 
 MIN_SEPARATION_A = 0.9  # the shortest bond, O-H 0.96 A, less a margin
 
@@ -28,22 +29,14 @@ def read_pairs(shards, e_scale_K):
     """(energy in GAN space (N, D, D, D), presence (N, D, D, D), shifts (N, 3, D, D, D), class (N, D, D, D), atoms):
     every cube of `shards`, its atoms from the density route on their voxel sites (class -1: no atom)."""
     params = mofkit.ShardDataset(shards).params
-    kw, classes = params.decode_kwargs(), list(params.density_classes)
     energy, presence, shifts, cls, atoms = [], [], [], [], []
     for path in sorted(Path(shards).glob("shard_*.npy")):
         for g in mofkit.open_shard(path)[0]:
             g = np.asarray(g, np.float32)
-            decoded = mofkit.grid_to_atoms(g, **kw)
-            voxels = decoded.positions / params.spacing_A
-            sites = np.clip(np.rint(voxels).astype(int), 0, params.size - 1)
-            p, s = np.zeros(g.shape[1:], np.float32), np.zeros((3,) + g.shape[1:], np.float32)
-            c = np.full(g.shape[1:], -1, np.int64)
-            for a, (i, j, k) in enumerate(sites):  # two atoms on one site: the first (rare: README)
-                if not p[i, j, k]:
-                    p[i, j, k], s[:, i, j, k] = 1, voxels[a] - sites[a]
-                    c[i, j, k] = classes.index(decoded.arrays["density_class"][a])
+            atoms.append(mofkit.grid_to_atoms(g, **params.decode_kwargs()))
+            c, s = on_sites(atoms[-1], params)
             energy.append(mofkit.to_gan_input(g[:1], e_scale_K, "signed")[0])
-            presence.append(p), shifts.append(s), cls.append(c), atoms.append(decoded)
+            presence.append((c >= 0).astype(np.float32)), shifts.append(s.astype(np.float32)), cls.append(c)
     return (torch.from_numpy(np.stack(energy)), torch.from_numpy(np.stack(presence)),
             torch.from_numpy(np.stack(shifts)), torch.from_numpy(np.stack(cls)), atoms)
 
