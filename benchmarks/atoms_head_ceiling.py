@@ -5,8 +5,9 @@
 The atoms of N held-out cubes (default 32; `read_grids(seed=0)`), decoded by the density route, are put on the
 head's sites: each on its nearest voxel centre with presence 1 in its class, and with atom_offsets the rest of
 its position as the site's shift. `gaussian_dilate` draws the channels; they are decoded again, and how far each
-real atom's nearest decoded atom lies and the `structure_report` medians are compared with the real cubes'. Without shifts every atom moves to a voxel centre (up to 0.43 A at 0.5 A voxels); with them only
-where the head's per-axis max picks another site than the exact max would (`gaussian_dilate`).
+real atom's nearest decoded atom lies and the `structure_report` medians are compared with the real cubes'.
+Without shifts every atom moves to a voxel centre (up to 0.43 A at 0.5 A voxels); with them only where the head's
+per-axis max picks another site than the exact max would (`gaussian_dilate`).
 """
 import sys
 from pathlib import Path
