@@ -96,12 +96,10 @@ def decode(out, classes, spacing_A, threshold):
     prob = torch.sigmoid(out[0])
     idx = (prob == F.max_pool3d(prob[None], 3, 1, 1)[0]).nonzero()
     strength = prob[idx[:, 0], idx[:, 1], idx[:, 2]]
-    if threshold == "count":
-        idx = idx[strength.argsort(descending=True)[:int(round(prob.sum().item()))]]
-    else:
-        idx = idx[strength >= threshold]
+    chosen = (strength.argsort(descending=True)[:int(round(prob.sum().item()))] if threshold == "count"
+              else strength >= threshold)
+    idx, score = idx[chosen], strength[chosen].numpy()
     positions = ((idx + 0.5 * torch.tanh(out[1:4, idx[:, 0], idx[:, 1], idx[:, 2]]).T) * spacing_A).numpy()
-    score = prob[idx[:, 0], idx[:, 1], idx[:, 2]].numpy()
     kind = out[4:, idx[:, 0], idx[:, 1], idx[:, 2]].argmax(0).numpy()
     tree, taken, keep = cKDTree(positions.reshape(-1, 3)), np.zeros(len(positions), bool), []
     for i in np.argsort(-score):
