@@ -2939,6 +2939,65 @@ def _clash_pairs_shifted(presence, shifts, reach):
     return total / presence.shape[0]
 
 
+# The pair-count term's radii: from under the shortest bond (O-H 0.96 A) through bond lengths to second neighbours
+PAIR_RADII_A = (0.7, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.2, 2.5)
+PAIR_SITES = 768                 # candidate atoms per grid: 3.5x the ~215 of a real 16 A cube at the atoms scale
+PAIR_SOFTNESS_VOXELS = 0.1       # a pair 0.05 voxel inside a radius counts 0.62 of a pair, 0.2 voxel inside 0.88
+PAIR_ATOMS_WEIGHT = 5.0          # the atom count's weight beside the pair counts' (README, "Generated atoms")
+
+
+def atom_pair_counts(presence, shifts, sigma_voxels, radii_voxels, sites=PAIR_SITES):
+    """The atoms the "atoms" head draws, counted as the default decoder finds them, and their pairs: (atoms (N,),
+    pairs closer than each radius (N, R)) for presences (N, 1, S, S, S) on voxel centres and shifts (N, 3, S, S, S)
+    in voxels (or None).
+
+    A site holds an atom when the height it draws at its own voxel, presence * exp(-|shift|^2 / 2 sigma^2), reaches
+    the decoder's default threshold 0.6^(1 / sigma^2) (`grid_to_atoms`): that decides the count, while its gradient
+    is the presence's (straight-through, Bengio et al. 2013), so G learns to raise or drop sites. Only the `sites`
+    most present sites of each grid are candidates (pairs cost sites^2). A pair at distance d counts
+    sigmoid((r^2 - d^2) / (2 r PAIR_SOFTNESS_VOXELS)) times both atoms' indicators: smoothed, so shifts learn."""
+    n, size = presence.shape[0], presence.shape[-1]
+    p = presence.reshape(n, -1)
+    s = shifts.reshape(n, 3, -1).transpose(1, 2) if shifts is not None else p.new_zeros(n, p.shape[1], 3)
+    height = p * torch.exp(-s.square().sum(-1) / (2 * sigma_voxels ** 2))
+    is_atom = (height >= 0.6 ** (1 / sigma_voxels ** 2)).to(p.dtype) + p - p.detach()
+    top = p.topk(min(sites, p.shape[1]), 1).indices
+    axis = torch.arange(size, dtype=p.dtype, device=p.device)
+    centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1).T
+    radii = torch.as_tensor(radii_voxels, dtype=p.dtype, device=p.device).view(-1, 1, 1)
+    atoms, pairs = [], []
+    for b in range(n):
+        i = top[b]
+        at, w = centres[i] + s[b, i], is_atom[b, i]
+        d2 = (at[:, None] - at[None]).square().sum(-1)
+        near = torch.sigmoid((radii ** 2 - d2) / (2 * radii * PAIR_SOFTNESS_VOXELS))
+        pairs.append((near * torch.triu(w[:, None] * w[None], 1)).sum((1, 2)))
+        atoms.append(w.sum())
+    return torch.stack(atoms), torch.stack(pairs)
+
+
+def real_pair_counts(structures, radii_A=PAIR_RADII_A) -> dict:
+    """The reference of the pair-count term: the mean atom count of decoded real cubes (ase.Atoms) and their mean
+    number of atom pairs closer than each radius (float64)."""
+    atoms, pairs = [], []
+    for s in structures:
+        d = s.get_all_distances()[np.triu_indices(len(s), 1)] if len(s) > 1 else np.zeros(0)
+        atoms.append(len(s))
+        pairs.append([(d < r).sum() for r in radii_A])
+    return {"radii_A": list(map(float, radii_A)), "atoms": float(np.mean(atoms)),
+            "pairs": np.mean(pairs, 0).tolist(), "structures": len(atoms)}
+
+
+def pair_count_loss(atoms, pairs, reference):
+    """How far generated atom and pair counts (`atom_pair_counts`) are from `real_pair_counts`' reference: the
+    squared difference of log(1 + count), pair counts averaged over radii, plus PAIR_ATOMS_WEIGHT times the atom
+    count's, on the batch means. It tells G how many atoms to draw and how many neighbours each has at every
+    distance: bonds, not contacts (README, "Generated atoms")."""
+    ref_pairs = pairs.new_tensor(reference["pairs"])
+    shape = (torch.log1p(pairs.mean(0)) - torch.log1p(ref_pairs)).square().mean()
+    return shape + PAIR_ATOMS_WEIGHT * (torch.log1p(atoms.mean()) - math.log1p(reference["atoms"])) ** 2
+
+
 def _spread_to_sites(x, sub):
     """(N, C, D, D, D) -> (N, C, sub*D, sub*D, sub*D): each voxel's values on each of its sites."""
     for axis in (-3, -2, -1):
@@ -3234,6 +3293,14 @@ class TrainConfig:
     clash_voxels: float = CLASH_VOXELS  # the clash term's reach: pairs closer count (`clash_pairs`)
     clash_weight: float = 0.0       # the "atoms" head: weight of `clash_pairs` (pairs of atoms closer than any
                                     # bond) in G's loss, as AlphaFold's clash term (README, "Generated atoms")
+    pair_count_weight: float = 0.0  # the "atoms" head: weight of `pair_count_loss` (G's atoms and their pairs
+                                    # closer than PAIR_RADII_A, counted as the decoder finds them, against those of
+                                    # real training cubes decoded when the run starts) in G's loss (README)
+    energy_hold_weight: float = 0.0 # with init_from: weight of the mean squared difference (GAN space) between G's
+                                    # energy channel and init_from's for the same z: the trunk may then train for
+                                    # the atoms while the energy stays init_from's (README, "Generated atoms")
+    output_lr: float = 0.0          # the generator's output layer's learning rate (0: lr): its atom outputs may
+                                    # then learn faster than a trunk they share with the energy
     init_from: str = ""             # a generator file (`export_generator`) that G starts from instead of random
                                     # weights: every tensor, and of the output layer the energy channel's
                                     # (`_init_generator`); read when a run starts, not when it resumes
@@ -3259,6 +3326,8 @@ class TrainConfig:
                   "marginal_weight": self.marginal_weight >= 0,
                   "pair_weight": self.pair_weight >= 0, "atom_subvoxels": self.atom_subvoxels in (1, 2),
                   "clash_weight": self.clash_weight >= 0, "clash_voxels": self.clash_voxels > 0,
+                  "pair_count_weight": self.pair_count_weight >= 0, "energy_hold_weight": self.energy_hold_weight >= 0,
+                  "output_lr": self.output_lr >= 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
                   "generator_channels": self.generator_channels >= 0,
                   "log_every": self.log_every >= 1, "checkpoint_every_steps": self.checkpoint_every_steps >= 1}
@@ -3281,6 +3350,11 @@ class TrainConfig:
         if self.clash_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
             raise ValueError("TrainConfig: clash_weight needs atom presences: density_head='atoms' and density "
                              "channels (grid_channels >= 2)")
+        if self.pair_count_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
+            raise ValueError("TrainConfig: pair_count_weight needs atom presences: density_head='atoms' and density "
+                             "channels (grid_channels >= 2)")
+        if self.energy_hold_weight > 0 and not self.init_from:
+            raise ValueError("TrainConfig: energy_hold_weight needs init_from (the generator whose energy to hold)")
         if self.freeze_trunk and not (self.init_from and self.grid_channels >= 2):
             raise ValueError("TrainConfig: freeze_trunk needs init_from (the trunk to keep) and density channels "
                              "(grid_channels >= 2: the outputs that train)")
@@ -3350,8 +3424,8 @@ def _seed_all(seed):
 # checkpoints lacked are optional when reading (their absence means: no EMA, no grid parameters, one process).
 CHECKPOINT_KEYS = ("config", "e_scale_K", "grid_params", "generator", "generator_ema", "discriminator", "opt_g",
                    "opt_d", "scaler", "rng", "step", "epoch", "samples_in_epoch", "time_s", "history", "world_size",
-                   "config_changes")
-_CHECKPOINT_KEYS_ADDED_LATER = ("grid_params", "generator_ema", "world_size", "config_changes")
+                   "config_changes", "references")
+_CHECKPOINT_KEYS_ADDED_LATER = ("grid_params", "generator_ema", "world_size", "config_changes", "references")
 
 
 @dataclass
@@ -3365,6 +3439,7 @@ class _TrainState:
     time_s: float = 0.0                                 # training time of the calls before this one
     history: list = field(default_factory=list)         # dicts with HISTORY_COLUMNS
     config_changes: list = field(default_factory=list)  # see _resume_from
+    references: dict = field(default_factory=dict)      # what G's extra terms compare with (`_prepare_terms`)
 
 
 def _checkpoint(run, state, rng_states, time_s, world) -> dict:
@@ -3375,7 +3450,7 @@ def _checkpoint(run, state, rng_states, time_s, world) -> dict:
             "discriminator": run.D.state_dict(), "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
             "scaler": run.scaler.state_dict(), "rng": rng_states, "step": state.step, "epoch": state.epoch,
             "samples_in_epoch": state.samples_in_epoch, "time_s": time_s, "history": state.history,
-            "world_size": world, "config_changes": state.config_changes}
+            "world_size": world, "config_changes": state.config_changes, "references": state.references}
 
 
 def _restore(run, ckpt, rank) -> _TrainState:
@@ -3395,7 +3470,8 @@ def _restore(run, ckpt, rank) -> _TrainState:
     else:  # more processes than when saved: exact continuation is impossible anyway
         _seed_all(run.config.seed + rank + 7919 * ckpt["step"])
     return _TrainState(ckpt["e_scale_K"], ckpt.get("grid_params"), ckpt["step"], ckpt["epoch"],
-                       ckpt["samples_in_epoch"], ckpt["time_s"], list(ckpt["history"]), ckpt["config_changes"])
+                       ckpt["samples_in_epoch"], ckpt["time_s"], list(ckpt["history"]), ckpt["config_changes"],
+                       dict(ckpt.get("references") or {}))
 
 
 def _save(run, state, meter, path, rank, world):
@@ -3630,6 +3706,8 @@ class _Run:
     scaler: object
     precision: str
     memory_format: torch.memory_format
+    G_hold: torch.nn.Module | None = None  # energy_hold_weight: init_from's generator, whose energy G keeps
+    pair_reference: dict | None = None     # pair_count_weight: `real_pair_counts` of real training cubes
 
     def autocast(self, device_type):
         if self.precision == "fp32":
@@ -3659,7 +3737,7 @@ def _build_run(config, device, ddp=False):
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
     G_ema = copy.deepcopy(G).requires_grad_(False) if config.ema > 0 else None
     adam = dict(lr=config.lr, betas=tuple(config.betas))
-    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
+    opt_g, opt_d = torch.optim.Adam(_generator_groups(G, config), **adam), torch.optim.Adam(D.parameters(), **adam)
     precision = _resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     G_step, D_step, D_step_for_G = G, D, D
@@ -3673,6 +3751,17 @@ def _build_run(config, device, ddp=False):
         D_step_for_G = torch.compile(D) if ddp else D_step
     return _Run(config, G, D, G_ema, G_step, D_step, D_step_for_G, D_step_r1, opt_g, opt_d, scaler, precision,
                 memory_format)
+
+
+def _generator_groups(G, config):
+    """G's parameters for Adam: one group, or with output_lr the output layers (the density outputs' own with
+    density_upsample="resize") in a second group at that rate."""
+    if not config.output_lr:
+        return G.parameters()
+    outputs = [*_output_layer(G).parameters(), *(G.density_net.parameters() if G.density_net is not None else ())]
+    chosen = {id(q) for q in outputs}
+    return [{"params": [q for q in G.parameters() if id(q) not in chosen]},
+            {"params": outputs, "lr": config.output_lr}]
 
 
 def _output_layer(G):
@@ -3735,8 +3824,8 @@ def _gan_step(run, real, step):
     if r1:
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
-        fake, presence, shifts = run.G_step(z, with_presence=True) if config.clash_weight > 0 else \
-            (run.G_step(z), None, None)
+        atoms = config.clash_weight > 0 or config.pair_count_weight > 0
+        fake, presence, shifts = run.G_step(z, with_presence=True) if atoms else (run.G_step(z), None, None)
         D_real = run.D_step_r1 if r1 else run.D_step
         if config.d_norm == "joint":  # one batch, real then generated: BatchNorm sees both (`Discriminator`)
             both = D_real(torch.cat([real, fake.detach()])).float()
@@ -3768,9 +3857,18 @@ def _gan_step(run, real, step):
         if config.pair_weight > 0:  # where atoms are, whatever their class
             field = (lambda x: x[:, 1:].amax(1)) if config.pair_field == "max" else (lambda x: x[:, 1:].sum(1))
             loss_g = loss_g + config.pair_weight * pair_w2(field(fake), field(real.detach()), MARGINAL_VOXELS)
-        if presence is not None:
+        if config.clash_weight > 0:
             loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels, shifts,
                                                                 config.clash_voxels)
+        if config.pair_count_weight > 0:
+            radii = [r / run.pair_reference["spacing_A"] for r in run.pair_reference["radii_A"]]
+            counted = atom_pair_counts(presence.float(), None if shifts is None else shifts.float(),
+                                       config.density_sigma_voxels, radii)
+            loss_g = loss_g + config.pair_count_weight * pair_count_loss(*counted, run.pair_reference)
+        if run.G_hold is not None:  # train mode, as G: both normalise by this batch
+            with torch.no_grad():
+                held = run.G_hold(z)[:, :1]
+            loss_g = loss_g + config.energy_hold_weight * (fake[:, :1].float() - held.float()).square().mean()
     run.opt_g.zero_grad(set_to_none=True)
     run.scaler.scale(loss_g).backward()
     run.scaler.step(run.opt_g)
@@ -3978,6 +4076,40 @@ def _grid_params_of(dataset):
     return dataset.params.to_dict() if isinstance(dataset, ShardDataset) else None
 
 
+PAIR_REFERENCE_GRIDS = 256  # real training cubes decoded for the pair-count term's reference (0.1 s each)
+
+
+def _prepare_terms(run, state, dataset, grid_params, world, device):
+    """What G's extra terms compare with, made when a run starts and kept in its checkpoint (state.references):
+    pair_count_weight: `real_pair_counts` of the first PAIR_REFERENCE_GRIDS training cubes, decoded by the
+    default decoder (rank 0's, shared); energy_hold_weight: init_from's sha256, so that a resumed run holds the
+    energy of the very file it started from."""
+    config = run.config
+    if config.pair_count_weight > 0:
+        if "pairs" not in state.references:
+            params = GridParams(**grid_params) if grid_params is not None else None
+            if params is None or not params.density_classes:
+                raise ValueError("pair_count_weight: train on shards with density channels (a ShardDataset): their "
+                                 "grid parameters say how to decode the real cubes the term compares with")
+            grids = itertools.islice(iter(dataset), PAIR_REFERENCE_GRIDS)
+            reference = {**real_pair_counts(grid_to_atoms(g, **params.decode_kwargs()) for g in grids),
+                         "spacing_A": params.spacing_A}
+            if world > 1:
+                shared = [reference]
+                torch.distributed.broadcast_object_list(shared, 0)
+                reference = shared[0]
+            state.references["pairs"] = reference
+        run.pair_reference = state.references["pairs"]
+    if config.energy_hold_weight > 0:
+        digest = sha256_file(config.init_from)
+        kept = state.references.setdefault("energy_hold_sha256", digest)
+        if kept != digest:
+            raise CheckpointError(f"init_from={config.init_from!r}: sha256 {digest[:12]}..., but this run holds the "
+                                  f"energy of a file with sha256 {kept[:12]}...: put that file back")
+        with torch.random.fork_rng(devices=[]):  # building it draws initial weights: keep the run's RNG exact
+            run.G_hold = load_generator(config.init_from).float().to(device).train().requires_grad_(False)
+
+
 def _check_sigma_of_data(config, grid_params):
     """The "atoms" head must draw the Gaussians the data holds (when the data says which)."""
     if config.density_head != "atoms" or grid_params is None:
@@ -4026,6 +4158,7 @@ def _train(config, dataset, ckpt, last, history_csv, rank, world, device, max_st
             _init_generator(run, config.init_from, state.e_scale_K, grid_params)
     else:
         state = _restore(run, ckpt, rank)
+    _prepare_terms(run, state, dataset, grid_params, world, device)
     if rank == 0:
         _write_history_csv(history_csv, state.history)  # drops rows logged after the checkpoint we resume from
     stop_at = max_steps if max_steps is not None else float("inf")

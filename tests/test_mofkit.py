@@ -1570,6 +1570,138 @@ def test_atom_offsets_train_with_the_clash_of_the_shifted_atoms_and_resume_only_
                      max_steps=3, progress=False)
 
 
+def soft_pairs(positions_voxels, radii_voxels):
+    """Pairs closer than each radius, each smoothed as atom_pair_counts does (numpy, float64)."""
+    from scipy.spatial.distance import pdist
+    d2 = pdist(positions_voxels) ** 2
+    tau = mofkit.PAIR_SOFTNESS_VOXELS
+    return np.array([(1 / (1 + np.exp(-(r * r - d2) / (2 * r * tau)))).sum() for r in radii_voxels])
+
+
+def test_atom_pair_counts_count_the_atoms_the_decoder_finds_and_their_pairs():
+    """Atoms drawn by the atoms head (presence, shift) and decoded by grid_to_atoms: atom_pair_counts counts
+    those the decoder keeps (a site drawn below the threshold is none) and their smoothed pairs, with gradients
+    to presences (straight-through) and shifts."""
+    spacing_A, sigma_A, size = 0.5, 0.75, 16
+    sigma = sigma_A / spacing_A
+    rng = np.random.default_rng(3)
+    positions = [rng.uniform(2, size - 3, 3)]
+    while len(positions) < 14:  # atoms 1.0-3 A apart: bonds and second neighbours, none merged by the decoder
+        q = positions[rng.integers(len(positions))] + rng.normal(size=3) * 2.5
+        d = np.linalg.norm(np.array(positions) - q, axis=1).min()
+        if 2.0 <= d <= 6 and ((2 <= q) & (q <= size - 3)).all():
+            positions.append(q)
+    positions = np.array(positions)
+    presence, shifts = shifted_sites(positions, size)
+    heights = np.array([1.0] * 10 + [0.9, 0.85, 0.75, 0.5])  # the last two are drawn below 0.6^(1/sigma^2) = 0.80
+    site = np.round(positions).astype(int)
+    presence[0, 0, site[:, 0], site[:, 1], site[:, 2]] = torch.from_numpy(heights)
+    classes = ("C", "O", "other")
+    kind = torch.zeros(1, 3, size, size, size, dtype=torch.float64)
+    kind[0, 0] = 1
+    drawn = mofkit.gaussian_dilate(presence * kind, sigma, 1, shifts)[0].numpy()
+    decoded = mofkit.grid_to_atoms(drawn, spacing_A, classes=classes, sigma_A=sigma_A)
+    own = heights * np.exp(-((positions - site) ** 2).sum(1) / (2 * sigma ** 2))
+    kept = own >= 0.6 ** (1 / sigma ** 2)
+    assert kept.sum() == len(decoded) == 12 and not kept[-2:].any()
+    radii = [r / spacing_A for r in mofkit.PAIR_RADII_A]
+    atoms, pairs = mofkit.atom_pair_counts(presence, shifts, sigma, radii)
+    assert atoms.item() == 12
+    np.testing.assert_allclose(pairs[0].numpy(), soft_pairs(positions[kept], radii), rtol=1e-10)
+    from scipy.spatial.distance import cdist
+    miss_A = cdist(decoded.positions / spacing_A, positions[kept]).min(1) * spacing_A  # the same atoms
+    assert miss_A.max() < 0.15, miss_A
+    # only the `sites` most present sites are candidates
+    assert mofkit.atom_pair_counts(presence, shifts, sigma, radii, sites=3)[0].item() == 3
+    # gradients: every candidate's presence moves the count by one; the pairs move with the shifts
+    p, s = presence.clone().requires_grad_(True), shifts.clone().requires_grad_(True)
+    atoms, pairs = mofkit.atom_pair_counts(p, s, sigma, radii)
+    (atoms.sum() + pairs.sum()).backward()
+    assert (p.grad[0, 0, site[:, 0], site[:, 1], site[:, 2]] >= 1).all() and s.grad.abs().sum() > 0
+    # the reference: real_pair_counts of structures, hard counts in angstrom; the loss is 0 at it
+    reference = mofkit.real_pair_counts([decoded, decoded[:4]])
+    d = decoded.get_all_distances()[np.triu_indices(len(decoded), 1)]
+    d4 = decoded[:4].get_all_distances()[np.triu_indices(4, 1)]
+    assert reference["atoms"] == 8.0 and reference["structures"] == 2
+    assert reference["pairs"] == [((d < r).sum() + (d4 < r).sum()) / 2 for r in mofkit.PAIR_RADII_A]
+    same = torch.tensor([8.0, 8.0]), torch.tensor([reference["pairs"]] * 2)
+    assert mofkit.pair_count_loss(*same, reference).item() == pytest.approx(0, abs=1e-12)
+    fewer = torch.tensor([3.5, 3.5]), same[1]
+    assert mofkit.pair_count_loss(*fewer, reference).item() == pytest.approx(
+        mofkit.PAIR_ATOMS_WEIGHT * (math.log(4.5) - math.log(9.0)) ** 2, rel=1e-6)
+    closer = same[0], same[1] * torch.tensor([2.0] + [1.0] * (len(radii) - 1))
+    expected = (math.log1p(2 * reference["pairs"][0]) - math.log1p(reference["pairs"][0])) ** 2 / len(radii)
+    assert mofkit.pair_count_loss(*closer, reference).item() == pytest.approx(expected, rel=1e-6)
+
+
+def atom_shards(folder, n=4, size=16, seed=0):
+    """Shards of n cubes: random energies and the density channels (C, O, other; Gaussians 0.75 A wide) of
+    random atoms 1.1-3 A from a neighbour, as build_shards would store them."""
+    params = mofkit.GridParams(size=size, spacing_A=0.5, cutoff_A=5.0, density_classes=("C", "O", "other"),
+                               density_sigma_A=0.75, cell_properties=False)
+    rng = np.random.default_rng(seed)
+    grids = []
+    for _ in range(n):
+        positions = [rng.uniform(1, 7, 3)]
+        while len(positions) < 20:
+            q = positions[rng.integers(len(positions))] + rng.normal(size=3)
+            if 1.1 <= np.linalg.norm(np.array(positions) - q, axis=1).min() <= 3 and ((0 <= q) & (q < 8)).all():
+                positions.append(q)
+        from ase import Atoms
+        atoms = Atoms(rng.choice(["C", "O", "H"], len(positions)), positions=positions, cell=[8.0] * 3)
+        energy = rng.uniform(-900, 2000, (1, size, size, size))
+        grids.append(np.concatenate([energy, mofkit.density_channels(atoms, size, 0.5, 0.75, params.density_classes)]))
+    names = [f"s{i}" for i in range(n)]
+    meta = {"source": "synthetic", "params": params.to_dict(), "members": names, "names": names, "failures": [],
+            "properties": {"columns": ["id"], "rows": [[i] for i in range(n)]}}
+    mofkit.write_shard(folder / "shard_00000.npy", np.stack(grids).astype(np.float16), meta)
+    return mofkit.ShardDataset(folder, seed=0)
+
+
+def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_references(tmp_path):
+    (tmp_path / "shards").mkdir()
+    data = atom_shards(tmp_path / "shards")
+    source = tiny_config(grid_channels=4, e_scale_K=None)
+    mofkit.train(source, data, tmp_path / "source", max_steps=2, progress=False)
+    mofkit.export_generator(tmp_path / "source" / "last.pt", tmp_path / "g.pt", dtype=torch.float32)
+    config = tiny_config(grid_channels=4, e_scale_K=None, density_head="atoms", density_sigma_voxels=1.5,
+                         atom_offsets=True, pair_count_weight=1.0, energy_hold_weight=1000.0, output_lr=1e-3,
+                         init_from=str(tmp_path / "g.pt"))
+    straight = mofkit.train(config, data, tmp_path / "a", max_steps=3, progress=False)
+    mofkit.train(config, data, tmp_path / "b", max_steps=1, progress=False)
+    resumed = mofkit.train(config, data, tmp_path / "b", max_steps=3, progress=False)
+    for (k, x), y in zip(straight.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        assert torch.equal(x, y), k
+    assert [r["loss_g"] for r in straight.history] == [r["loss_g"] for r in resumed.history]
+    references = mofkit.load_checkpoint(tmp_path / "b" / "last.pt")["references"]
+    decoded = [mofkit.grid_to_atoms(g, **data.params.decode_kwargs()) for g in data]
+    assert references["pairs"] == {**mofkit.real_pair_counts(decoded), "spacing_A": 0.5}
+    assert references["pairs"]["atoms"] >= 15 and references["energy_hold_sha256"] == mofkit.sha256_file(
+        tmp_path / "g.pt")
+    # the output layer learns at output_lr, the trunk at lr
+    run = mofkit._build_run(config, torch.device("cpu"))
+    assert [g["lr"] for g in run.opt_g.param_groups] == [2e-4, 1e-3]
+    assert run.opt_g.param_groups[1]["params"] == [mofkit._output_layer(run.G).weight]
+    # held: G's energy starts as the file's and stays nearer to it than without the term
+    free = mofkit.train(dataclasses.replace(config, energy_hold_weight=0.0), data, tmp_path / "free", max_steps=3,
+                        progress=False)
+    G, z = mofkit.load_generator(tmp_path / "g.pt").train(), torch.randn(8, 8)
+    with torch.no_grad():
+        gap = {name: (G(z)[:, :1] - res.generator.train()(z)[:, :1]).square().mean().item()
+               for name, res in (("held", straight), ("free", free))}
+    assert 0 < gap["held"] < gap["free"] / 2, gap
+    with pytest.raises(mofkit.CheckpointError, match="holds the energy of a file with sha256"):
+        mofkit.export_generator(tmp_path / "a" / "last.pt", tmp_path / "g.pt", dtype=torch.float32)
+        mofkit.train(config, data, tmp_path / "b", max_steps=4, progress=False)
+    with pytest.raises(ValueError, match="pair_count_weight: train on shards with density channels"):
+        mofkit.train(dataclasses.replace(config, energy_hold_weight=0.0, init_from=""), random_grids(4, channels=4),
+                     tmp_path / "list", max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="pair_count_weight needs atom presences"):
+        tiny_config(grid_channels=4, pair_count_weight=1.0)
+    with pytest.raises(ValueError, match="energy_hold_weight needs init_from"):
+        tiny_config(energy_hold_weight=1.0)
+
+
 @pytest.mark.parametrize("dim,channels,grid_channels", [(32, 16, 1), (64, 16, 2), (128, 16, 1)])
 def test_gan_shapes_and_ranges(dim, channels, grid_channels):
     torch.manual_seed(0)
