@@ -107,6 +107,9 @@ class Scale:
     init_from: str = ""             # TrainConfig.init_from of the run, relative to the repository root (the
                                     # energy-only comparator starts from scratch)
     freeze_trunk: int = 0           # TrainConfig.freeze_trunk (1: on)
+    pair_count_weight: float = 0.0  # TrainConfig.pair_count_weight (0: none; the "atoms" head)
+    energy_hold_weight: float = 0.0 # TrainConfig.energy_hold_weight (0: none; with init_from)
+    output_lr: float = 0.0          # TrainConfig.output_lr (0: the recipe's lr)
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -201,7 +204,8 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   atom_offsets=bool(scale.atom_offsets),
                   clash_weight=scale.clash_weight, clash_voxels=scale.clash_voxels,
                   init_from=str(ROOT / scale.init_from) if scale.init_from else "",
-                  freeze_trunk=bool(scale.freeze_trunk))
+                  freeze_trunk=bool(scale.freeze_trunk), pair_count_weight=scale.pair_count_weight,
+                  energy_hold_weight=scale.energy_hold_weight, output_lr=scale.output_lr)
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig
@@ -237,7 +241,8 @@ def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", p
         if minutes <= 0:
             return
         # the energy-only comparator starts from scratch whatever the run starts from
-        energy_only = dict(grid_channels=len(channels), init_from="", freeze_trunk=False) if channels else {}
+        energy_only = dict(grid_channels=len(channels), init_from="", freeze_trunk=False, pair_count_weight=0.0,
+                           energy_hold_weight=0.0) if channels else {}
         config = train_config(scale, device, **energy_only)
         dataset = mofkit.ShardDataset(out / "train", seed=scale.seed, batch_size=config.batch_size, channels=channels)
         mofkit.train(config, dataset, run_dir, resume=True, progress=progress, max_minutes=minutes)

@@ -119,6 +119,11 @@ def test_reproduce_atoms_head_takes_its_width_from_the_scale():
     assert reproduce.train_config(reproduce.SCALES["atoms"], "cpu").density_sigma_voxels == 0.0
     with pytest.raises(ValueError, match="density_blur must be off"):
         reproduce.train_config(dataclasses.replace(scale, density_blur=1), "cpu")
+    held = dataclasses.replace(scale, atom_offsets=1, pair_count_weight=3.0, energy_hold_weight=1000.0,
+                               output_lr=2e-3, init_from="weights/generator_atoms32.pt")
+    config = reproduce.train_config(held, "cpu")
+    assert (config.pair_count_weight, config.energy_hold_weight, config.output_lr) == (3.0, 1000.0, 2e-3)
+    assert config.init_from == str(reproduce.ROOT / "weights" / "generator_atoms32.pt")
 
 
 def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp_path, coremof_cifs):

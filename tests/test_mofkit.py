@@ -1678,6 +1678,9 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     assert references["pairs"] == {**mofkit.real_pair_counts(decoded), "spacing_A": 0.5}
     assert references["pairs"]["atoms"] >= 15 and references["energy_hold_sha256"] == mofkit.sha256_file(
         tmp_path / "g.pt")
+    alone = mofkit.train(dataclasses.replace(config, pair_count_weight=0.0), data, tmp_path / "alone", max_steps=1,
+                         progress=False)
+    assert alone.history[0]["loss_g"] < straight.history[0]["loss_g"]  # the same step, the pair-count term added
     # the output layer learns at output_lr, the trunk at lr
     run = mofkit._build_run(config, torch.device("cpu"))
     assert [g["lr"] for g in run.opt_g.param_groups] == [2e-4, 1e-3]
