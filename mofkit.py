@@ -2946,21 +2946,20 @@ PAIR_SOFTNESS_VOXELS = 0.1       # a pair 0.05 voxel inside a radius counts 0.62
 PAIR_ATOMS_WEIGHT = 5.0          # the atom count's weight beside the pair counts' (README, "Generated atoms")
 
 
-def atom_pair_counts(presence, shifts, sigma_voxels, radii_voxels, sites=PAIR_SITES):
-    """The atoms the "atoms" head draws, counted as the default decoder finds them, and their pairs: (atoms (N,),
-    pairs closer than each radius (N, R)) for presences (N, 1, S, S, S) on voxel centres and shifts (N, 3, S, S, S)
-    in voxels (or None).
+def atom_pair_counts(presence, shifts, density, threshold, radii_voxels, sites=PAIR_SITES):
+    """The atoms the "atoms" head draws, counted as the decoder finds them, and their pairs: (atoms (N,), pairs
+    closer than each radius (N, R)) for presences (N, 1, S, S, S) on voxel centres, shifts (N, 3, S, S, S) in voxels
+    (or None) and the density channels they draw (N, C, S, S, S) in [0, 1].
 
-    A site holds an atom when the height it draws at its own voxel, presence * exp(-|shift|^2 / 2 sigma^2), reaches
-    the decoder's default threshold 0.6^(1 / sigma^2) (`grid_to_atoms`): that decides the count, while its gradient
-    is the presence's (straight-through, Bengio et al. 2013), so G learns to raise or drop sites. Only the `sites`
-    most present sites of each grid are candidates (pairs cost sites^2). A pair at distance d counts
-    sigmoid((r^2 - d^2) / (2 r PAIR_SOFTNESS_VOXELS)) times both atoms' indicators: smoothed, so shifts learn."""
+    A site holds an atom when its voxel is a peak of a density channel above `threshold` (`peak_voxels`, the
+    decoder's rule): that decides the count, while its gradient is the presence's (straight-through, Bengio et al.
+    2013), so G learns to raise or drop sites. Only the `sites` most present sites of each grid are candidates
+    (pairs cost sites^2). A pair at distance d counts sigmoid((r^2 - d^2) / (2 r PAIR_SOFTNESS_VOXELS)) times
+    both atoms' indicators: smoothed, so shifts learn."""
     n, size = presence.shape[0], presence.shape[-1]
     p = presence.reshape(n, -1)
     s = shifts.reshape(n, 3, -1).transpose(1, 2) if shifts is not None else p.new_zeros(n, p.shape[1], 3)
-    height = p * torch.exp(-s.square().sum(-1) / (2 * sigma_voxels ** 2))
-    is_atom = (height >= 0.6 ** (1 / sigma_voxels ** 2)).to(p.dtype) + p - p.detach()
+    is_atom = peak_voxels(density.detach(), threshold).any(1).reshape(n, -1).to(p.dtype) + p - p.detach()
     top = p.topk(min(sites, p.shape[1]), 1).indices
     axis = torch.arange(size, dtype=p.dtype, device=p.device)
     centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1).T
@@ -3862,8 +3861,10 @@ def _gan_step(run, real, step):
                                                                 config.clash_voxels)
         if config.pair_count_weight > 0:
             radii = [r / run.pair_reference["spacing_A"] for r in run.pair_reference["radii_A"]]
-            counted = atom_pair_counts(presence.float(), None if shifts is None else shifts.float(),
-                                       config.density_sigma_voxels, radii)
+            density = fake[:, 1:].float()
+            density = (density + 1) / 2 if config.transform == "signed" else density  # as `from_gan_output`
+            counted = atom_pair_counts(presence.float(), None if shifts is None else shifts.float(), density,
+                                       default_threshold(1.0, config.density_sigma_voxels), radii)
             loss_g = loss_g + config.pair_count_weight * pair_count_loss(*counted, run.pair_reference)
         if run.G_hold is not None:  # train mode, as G: both normalise by this batch
             with torch.no_grad():
@@ -5167,11 +5168,32 @@ def density_channels(atoms, size=DEFAULT_GRID.size, spacing_A=DEFAULT_GRID.spaci
     return out.reshape(len(classes), size, size, size).numpy()
 
 
+def default_threshold(spacing_A, sigma_A):
+    """The density decoder's default threshold (see `grid_to_atoms`)."""
+    return 0.6 ** ((spacing_A / sigma_A) ** 2)
+
+
+def peak_voxels(channels, threshold, neighbours=6):
+    """Where density channels (..., D, D, D) peak: above `threshold` and >= their 6 face neighbours, or all 26
+    (strictly > those at a lower index, so a flat top of two equal voxels gives one peak; cube faces may peak).
+    A bool tensor (numpy in, numpy out)."""
+    as_numpy = isinstance(channels, np.ndarray)
+    v = torch.from_numpy(channels) if as_numpy else channels
+    size = v.shape[-1]
+    padded = torch.nn.functional.pad(v, (1, 1) * 3, value=-1.0)
+    peak = v > threshold
+    for offset in itertools.product((-1, 0, 1), repeat=3):
+        if sum(map(abs, offset)) == 0 or (neighbours == 6 and sum(map(abs, offset)) != 1):
+            continue
+        neighbour = padded[(...,) + tuple(slice(1 + o, size + 1 + o) for o in offset)]
+        peak &= (v > neighbour) if offset < (0, 0, 0) else (v >= neighbour)
+    return peak.numpy() if as_numpy else peak
+
+
 def _density_peaks(channels, threshold, spacing_A, sigma_A, min_separation_A, neighbours=6):
     """(positions_A, class index, height) of atoms found as peaks in per-class density channels.
 
-    A peak is a voxel above `threshold` and >= its 6 face neighbours, or all 26 (strictly > those at a lower
-    index, so a flat top of two equal voxels gives one peak; cube faces may peak). It is refined to sub-voxel
+    A peak is a voxel `peak_voxels` finds. It is refined to sub-voxel
     along each axis by the parabola through the log values of the peak and its neighbour(s) whose
     curvature is the known Gaussian's, -(spacing/sigma)^2 per voxel^2: exact for an isolated atom, and
     on a cube face it needs only the one inner neighbour. The shift stays within the peak voxel's cell
@@ -5182,14 +5204,7 @@ def _density_peaks(channels, threshold, spacing_A, sigma_A, min_separation_A, ne
     from scipy.spatial import cKDTree
     size = channels.shape[-1]
     v = channels.astype(np.float64)
-    padded = np.pad(v, [(0, 0)] + [(1, 1)] * 3, constant_values=-1.0)
-    peak = v > threshold
-    for offset in itertools.product((-1, 0, 1), repeat=3):
-        if sum(map(abs, offset)) == 0 or (neighbours == 6 and sum(map(abs, offset)) != 1):
-            continue
-        neighbour = padded[(slice(None),) + tuple(slice(1 + o, size + 1 + o) for o in offset)]
-        peak &= (v > neighbour) if offset < (0, 0, 0) else (v >= neighbour)
-    c, *ijk = np.nonzero(peak)
+    c, *ijk = np.nonzero(peak_voxels(v, threshold, neighbours))
     ijk = np.stack(ijk, 1)
     height = v[c, ijk[:, 0], ijk[:, 1], ijk[:, 2]]
     kappa = -(spacing_A / sigma_A) ** 2
@@ -5286,7 +5301,7 @@ def grid_to_atoms(grid, spacing_A=DEFAULT_GRID.spacing_A, method="density", thre
             raise ValueError(f"grid: method='density' needs {len(classes)} density channels {classes} "
                              f"(or energy + those), got shape {g.shape}")
         sigma_A = spacing_A if sigma_A is None else sigma_A
-        threshold = 0.6 ** ((spacing_A / sigma_A) ** 2) if threshold is None else threshold
+        threshold = default_threshold(spacing_A, sigma_A) if threshold is None else threshold
         if peak_neighbours not in (6, 26):
             raise ValueError(f"peak_neighbours={peak_neighbours!r}: expected 6 or 26")
         positions, cls, _ = _density_peaks(g[-len(classes):], threshold, spacing_A, sigma_A, min_separation_A,

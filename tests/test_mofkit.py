@@ -1599,23 +1599,24 @@ def test_atom_pair_counts_count_the_atoms_the_decoder_finds_and_their_pairs():
     classes = ("C", "O", "other")
     kind = torch.zeros(1, 3, size, size, size, dtype=torch.float64)
     kind[0, 0] = 1
-    drawn = mofkit.gaussian_dilate(presence * kind, sigma, 1, shifts)[0].numpy()
-    decoded = mofkit.grid_to_atoms(drawn, spacing_A, classes=classes, sigma_A=sigma_A)
+    drawn = mofkit.gaussian_dilate(presence * kind, sigma, 1, shifts)
+    decoded = mofkit.grid_to_atoms(drawn[0].numpy(), spacing_A, classes=classes, sigma_A=sigma_A)
     own = heights * np.exp(-((positions - site) ** 2).sum(1) / (2 * sigma ** 2))
     kept = own >= 0.6 ** (1 / sigma ** 2)
     assert kept.sum() == len(decoded) == 12 and not kept[-2:].any()
     radii = [r / spacing_A for r in mofkit.PAIR_RADII_A]
-    atoms, pairs = mofkit.atom_pair_counts(presence, shifts, sigma, radii)
+    threshold = mofkit.default_threshold(spacing_A, sigma_A)
+    atoms, pairs = mofkit.atom_pair_counts(presence, shifts, drawn, threshold, radii)
     assert atoms.item() == 12
     np.testing.assert_allclose(pairs[0].numpy(), soft_pairs(positions[kept], radii), rtol=1e-10)
     from scipy.spatial.distance import cdist
     miss_A = cdist(decoded.positions / spacing_A, positions[kept]).min(1) * spacing_A  # the same atoms
     assert miss_A.max() < 0.15, miss_A
     # only the `sites` most present sites are candidates
-    assert mofkit.atom_pair_counts(presence, shifts, sigma, radii, sites=3)[0].item() == 3
+    assert mofkit.atom_pair_counts(presence, shifts, drawn, threshold, radii, sites=3)[0].item() == 3
     # gradients: every candidate's presence moves the count by one; the pairs move with the shifts
     p, s = presence.clone().requires_grad_(True), shifts.clone().requires_grad_(True)
-    atoms, pairs = mofkit.atom_pair_counts(p, s, sigma, radii)
+    atoms, pairs = mofkit.atom_pair_counts(p, s, drawn, threshold, radii)
     (atoms.sum() + pairs.sum()).backward()
     assert (p.grad[0, 0, site[:, 0], site[:, 1], site[:, 2]] >= 1).all() and s.grad.abs().sum() > 0
     # the reference: real_pair_counts of structures, hard counts in angstrom; the loss is 0 at it
