@@ -110,6 +110,8 @@ class Scale:
     pair_count_weight: float = 0.0  # TrainConfig.pair_count_weight (0: none; the "atoms" head)
     energy_hold_weight: float = 0.0 # TrainConfig.energy_hold_weight (0: none; with init_from)
     output_lr: float = 0.0          # TrainConfig.output_lr (0: the recipe's lr)
+    comparator_epochs: int = 0      # atoms: the energy-only comparator's epochs (0: epochs), e.g. 60 while a run
+                                    # that starts from a 60-epoch file (init_from) trains on for 1
     shard_size: int = 100
     checkpoint_every_min: float = 5.0
     seed: int = 0
@@ -212,6 +214,14 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
     return preset(**{**fields, "batch_size": scale.batch_size, **recipe})
 
 
+def comparator_config(scale: Scale, device="auto") -> mofkit.TrainConfig:
+    """The energy-only comparator's TrainConfig: the scale's recipe on channel 0, from scratch, without the terms
+    that act on atoms (they need density channels) and for its own epochs."""
+    return train_config(scale, device, grid_channels=1, init_from="", freeze_trunk=False, marginal_weight=0.0,
+                        marginal_channels="all", pair_weight=0.0, clash_weight=0.0, pair_count_weight=0.0,
+                        energy_hold_weight=0.0, output_lr=0.0, epochs=run_epochs(scale, "run_energy"))
+
+
 def training_state(run_dir):
     """(epoch, time_s) of the run's checkpoint, (0, 0.0) before the first one."""
     last = Path(run_dir) / "last.pt"
@@ -221,10 +231,15 @@ def training_state(run_dir):
     return ckpt["epoch"], ckpt["time_s"]
 
 
+def run_epochs(scale, name) -> int:
+    """The epoch target of one of the scale's runs (`runs`)."""
+    return scale.comparator_epochs if name == "run_energy" and scale.comparator_epochs else scale.epochs
+
+
 def training_done(run_dir, scale, budget_min) -> bool:
     epoch, time_s = training_state(run_dir)
     # train() stops at the first logged step past its deadline, so a finished budget reads >= budget_min
-    return epoch >= scale.epochs or (budget_min is not None and time_s >= 60 * budget_min)
+    return epoch >= run_epochs(scale, Path(run_dir).name) or (budget_min is not None and time_s >= 60 * budget_min)
 
 
 def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", progress=True):
@@ -240,10 +255,7 @@ def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", p
             minutes = min(minutes, budget_min - time_s / 60)
         if minutes <= 0:
             return
-        # the energy-only comparator starts from scratch whatever the run starts from
-        energy_only = dict(grid_channels=len(channels), init_from="", freeze_trunk=False, pair_count_weight=0.0,
-                           energy_hold_weight=0.0) if channels else {}
-        config = train_config(scale, device, **energy_only)
+        config = comparator_config(scale, device) if channels else train_config(scale, device)
         dataset = mofkit.ShardDataset(out / "train", seed=scale.seed, batch_size=config.batch_size, channels=channels)
         mofkit.train(config, dataset, run_dir, resume=True, progress=progress, max_minutes=minutes)
 

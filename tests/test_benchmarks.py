@@ -124,6 +124,14 @@ def test_reproduce_atoms_head_takes_its_width_from_the_scale():
     config = reproduce.train_config(held, "cpu")
     assert (config.pair_count_weight, config.energy_hold_weight, config.output_lr) == (3.0, 1000.0, 2e-3)
     assert config.init_from == str(reproduce.ROOT / "weights" / "generator_atoms32.pt")
+    # the energy-only comparator: the recipe on channel 0, from scratch, no atom terms, its own epochs
+    held = dataclasses.replace(held, marginal_weight=300.0, marginal_channels="density", clash_weight=0.1, epochs=1,
+                               comparator_epochs=60)
+    comparator = reproduce.comparator_config(held, "cpu")
+    assert comparator == reproduce.train_config(reproduce.SCALES["atoms"], "cpu", grid_channels=1, epochs=60,
+                                                density_blur=False, density_head="atoms", density_sigma_voxels=1.5,
+                                                atom_offsets=True)
+    assert reproduce.run_epochs(held, "run") == 1 and reproduce.run_epochs(held, "run_energy") == 60
 
 
 def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp_path, coremof_cifs):
