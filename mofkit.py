@@ -2953,14 +2953,15 @@ def atom_pair_counts(presence, shifts, density, threshold, radii_voxels, sites=P
 
     A site holds an atom when its voxel is a peak of a density channel above `threshold` (`peak_voxels`, the
     decoder's rule): that decides the count, while its gradient is the presence's (straight-through, Bengio et al.
-    2013), so G learns to raise or drop sites. Only the `sites` most present sites of each grid are candidates
-    (pairs cost sites^2). A pair at distance d counts sigmoid((r^2 - d^2) / (2 r PAIR_SOFTNESS_VOXELS)) times
+    2013), so G learns to raise or drop sites. Of each grid, `sites` sites are candidates (pairs cost sites^2): the
+    peaks first, then the most present of the rest (whose presences the count then pulls up). A pair at distance d counts sigmoid((r^2 - d^2) / (2 r PAIR_SOFTNESS_VOXELS)) times
     both atoms' indicators: smoothed, so shifts learn."""
     n, size = presence.shape[0], presence.shape[-1]
     p = presence.reshape(n, -1)
     s = shifts.reshape(n, 3, -1).transpose(1, 2) if shifts is not None else p.new_zeros(n, p.shape[1], 3)
-    is_atom = peak_voxels(density.detach(), threshold).any(1).reshape(n, -1).to(p.dtype) + p - p.detach()
-    top = p.topk(min(sites, p.shape[1]), 1).indices
+    peak = peak_voxels(density.detach(), threshold).any(1).reshape(n, -1).to(p.dtype)
+    is_atom = peak + p - p.detach()
+    top = (2 * peak + p.detach()).topk(min(sites, p.shape[1]), 1).indices
     axis = torch.arange(size, dtype=p.dtype, device=p.device)
     centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1).T
     radii = torch.as_tensor(radii_voxels, dtype=p.dtype, device=p.device).view(-1, 1, 1)

@@ -1612,8 +1612,14 @@ def test_atom_pair_counts_count_the_atoms_the_decoder_finds_and_their_pairs():
     from scipy.spatial.distance import cdist
     miss_A = cdist(decoded.positions / spacing_A, positions[kept]).min(1) * spacing_A  # the same atoms
     assert miss_A.max() < 0.15, miss_A
-    # only the `sites` most present sites are candidates
+    # `sites` candidates: the peaks first, then the most present of the rest
     assert mofkit.atom_pair_counts(presence, shifts, drawn, threshold, radii, sites=3)[0].item() == 3
+    decoy, centred = presence.clone(), shifts.clone()
+    centred[(0, slice(None), *site[0])] = 0  # atom 0 on its voxel, height 1; beside it a site of presence 0.95
+    decoy[(0, 0, *(site[0] - [1, 0, 0]))] = 0.95  # drawn under atom 0's taller Gaussian: no peak, no atom
+    drawn_decoy = mofkit.gaussian_dilate(decoy * kind, sigma, 1, centred)
+    assert len(mofkit.grid_to_atoms(drawn_decoy[0].numpy(), spacing_A, classes=classes, sigma_A=sigma_A)) == 12
+    assert mofkit.atom_pair_counts(decoy, centred, drawn_decoy, threshold, radii, sites=12)[0].item() == 12
     # gradients: every candidate's presence moves the count by one; the pairs move with the shifts
     p, s = presence.clone().requires_grad_(True), shifts.clone().requires_grad_(True)
     atoms, pairs = mofkit.atom_pair_counts(p, s, drawn, threshold, radii)
