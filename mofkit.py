@@ -3862,8 +3862,7 @@ def _gan_step(run, real, step):
                                                                 config.clash_voxels)
         if config.pair_count_weight > 0:
             radii = [r / run.pair_reference["spacing_A"] for r in run.pair_reference["radii_A"]]
-            density = fake[:, 1:].float()
-            density = (density + 1) / 2 if config.transform == "signed" else density  # as `from_gan_output`
+            density = from_gan_output(fake.detach(), 1.0, config.transform)[:, 1:]  # [0, 1], as the decoder reads
             counted = atom_pair_counts(presence.float(), None if shifts is None else shifts.float(), density,
                                        default_threshold(1.0, config.density_sigma_voxels), radii)
             loss_g = loss_g + config.pair_count_weight * pair_count_loss(*counted, run.pair_reference)
