@@ -2954,8 +2954,9 @@ def atom_pair_counts(presence, shifts, density, threshold, radii_voxels, sites=P
     A site holds an atom when its voxel is a peak of a density channel above `threshold` (`peak_voxels`, the
     decoder's rule): that decides the count, while its gradient is the presence's (straight-through, Bengio et al.
     2013), so G learns to raise or drop sites. Of each grid, `sites` sites are candidates (pairs cost sites^2): the
-    peaks first, then the most present of the rest (whose presences the count then pulls up). A pair at distance d counts sigmoid((r^2 - d^2) / (2 r PAIR_SOFTNESS_VOXELS)) times
-    both atoms' indicators: smoothed, so shifts learn."""
+    peaks first, then the most present of the rest (whose presences the count then pulls up). A pair at distance d
+    counts sigmoid((r^2 - d^2) / (2 r PAIR_SOFTNESS_VOXELS)) times both atoms' indicators: smoothed, so shifts
+    learn."""
     n, size = presence.shape[0], presence.shape[-1]
     p = presence.reshape(n, -1)
     s = shifts.reshape(n, 3, -1).transpose(1, 2) if shifts is not None else p.new_zeros(n, p.shape[1], 3)
@@ -5193,8 +5194,8 @@ def peak_voxels(channels, threshold, neighbours=6):
 def _density_peaks(channels, threshold, spacing_A, sigma_A, min_separation_A, neighbours=6):
     """(positions_A, class index, height) of atoms found as peaks in per-class density channels.
 
-    A peak is a voxel `peak_voxels` finds. It is refined to sub-voxel
-    along each axis by the parabola through the log values of the peak and its neighbour(s) whose
+    A peak is a voxel `peak_voxels` finds. It is refined to sub-voxel along each axis by the parabola through the
+    log values of the peak and its neighbour(s) whose
     curvature is the known Gaussian's, -(spacing/sigma)^2 per voxel^2: exact for an isolated atom, and
     on a cube face it needs only the one inner neighbour. The shift stays within the peak voxel's cell
     (a neighbour lifted by another atom cannot drag it further); peaks that land outside the cube are
