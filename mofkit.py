@@ -4093,9 +4093,11 @@ def _prepare_terms(run, state, dataset, grid_params, world, device):
             if params is None or not params.density_classes:
                 raise ValueError("pair_count_weight: train on shards with density channels (a ShardDataset): their "
                                  "grid parameters say how to decode the real cubes the term compares with")
-            grids = itertools.islice(iter(dataset), PAIR_REFERENCE_GRIDS)
-            reference = {**real_pair_counts(grid_to_atoms(g, **params.decode_kwargs()) for g in grids),
-                         "spacing_A": params.spacing_A}
+            reference = None
+            if world == 1 or torch.distributed.get_rank() == 0:  # the others take rank 0's: decode once
+                grids = itertools.islice(iter(dataset), PAIR_REFERENCE_GRIDS)
+                reference = {**real_pair_counts(grid_to_atoms(g, **params.decode_kwargs()) for g in grids),
+                             "spacing_A": params.spacing_A}
             if world > 1:
                 shared = [reference]
                 torch.distributed.broadcast_object_list(shared, 0)
