@@ -2946,6 +2946,21 @@ PAIR_SOFTNESS_VOXELS = 0.1       # a pair 0.05 voxel inside a radius counts 0.62
 PAIR_ATOMS_WEIGHT = 5.0          # the atom count's weight beside the pair counts' (README, "Generated atoms")
 
 
+def _counted_sites(presence, shifts, density, threshold, sites):
+    """The candidate atoms of each grid, as the decoder finds them: per grid (positions (K, 3) in voxels, indicator
+    (K,) 1 at an atom, 0 elsewhere, with the presence's gradient (straight-through), site index (K,)), K = `sites`
+    candidates: the peaks of `peak_voxels` first, then the most present of the rest."""
+    n, size = presence.shape[0], presence.shape[-1]
+    p = presence.reshape(n, -1)
+    s = shifts.reshape(n, 3, -1).transpose(1, 2) if shifts is not None else p.new_zeros(n, p.shape[1], 3)
+    peak = peak_voxels(density.detach(), threshold).any(1).reshape(n, -1).to(p.dtype)
+    is_atom = peak + p - p.detach()
+    top = (2 * peak + p.detach()).topk(min(sites, p.shape[1]), 1).indices
+    axis = torch.arange(size, dtype=p.dtype, device=p.device)
+    centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1).T
+    return [(centres[top[b]] + s[b, top[b]], is_atom[b, top[b]], top[b]) for b in range(n)]
+
+
 def atom_pair_counts(presence, shifts, density, threshold, radii_voxels, sites=PAIR_SITES):
     """The atoms the "atoms" head draws, counted as the decoder finds them, and their pairs: (atoms (N,), pairs
     closer than each radius (N, R)) for presences (N, 1, S, S, S) on voxel centres, shifts (N, 3, S, S, S) in voxels
@@ -2957,24 +2972,49 @@ def atom_pair_counts(presence, shifts, density, threshold, radii_voxels, sites=P
     peaks first, then the most present of the rest (whose presences the count then pulls up). A pair at distance d
     counts sigmoid((r^2 - d^2) / (2 r PAIR_SOFTNESS_VOXELS)) times both atoms' indicators: smoothed, so shifts
     learn."""
-    n, size = presence.shape[0], presence.shape[-1]
-    p = presence.reshape(n, -1)
-    s = shifts.reshape(n, 3, -1).transpose(1, 2) if shifts is not None else p.new_zeros(n, p.shape[1], 3)
-    peak = peak_voxels(density.detach(), threshold).any(1).reshape(n, -1).to(p.dtype)
-    is_atom = peak + p - p.detach()
-    top = (2 * peak + p.detach()).topk(min(sites, p.shape[1]), 1).indices
-    axis = torch.arange(size, dtype=p.dtype, device=p.device)
-    centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1).T
-    radii = torch.as_tensor(radii_voxels, dtype=p.dtype, device=p.device).view(-1, 1, 1)
+    radii = torch.as_tensor(radii_voxels, dtype=presence.dtype, device=presence.device).view(-1, 1, 1)
     atoms, pairs = [], []
-    for b in range(n):
-        i = top[b]
-        at, w = centres[i] + s[b, i], is_atom[b, i]
+    for at, w, _ in _counted_sites(presence, shifts, density, threshold, sites):
         d2 = (at[:, None] - at[None]).square().sum(-1)
         near = torch.sigmoid((radii ** 2 - d2) / (2 * radii * PAIR_SOFTNESS_VOXELS))
         pairs.append((near * torch.triu(w[:, None] * w[None], 1)).sum((1, 2)))
         atoms.append(w.sum())
     return torch.stack(atoms), torch.stack(pairs)
+
+
+BOND_MULT = 1.2      # a bond: closer than this x the sum of covalent radii (Zn-O at 2.0 A, radii 1.22 + 0.66, counts)
+REPORT_EDGE_A = 3.0  # atoms this far inside the cube's faces have all their neighbours in it
+
+
+def bond_voxels(classes, spacing_A, bond_mult=BOND_MULT):
+    """(C, C) float64 tensor: the longest bond between atoms of two density classes, in voxels, as
+    `structure_report` counts one: bond_mult x the sum of the covalent radii of the elements written for them."""
+    from ase.data import atomic_numbers, covalent_radii
+    radii = [covalent_radii[atomic_numbers[class_symbol(c, classes)]] for c in check_density_classes(classes)]
+    r = torch.tensor(radii, dtype=torch.float64)
+    return bond_mult * (r[:, None] + r[None]) / spacing_A
+
+
+def unbonded_atoms(presence, shifts, density, threshold, bonds_voxels, edge_voxels, sites=PAIR_SITES):
+    """The share of a grid's atoms with no bonded neighbour (N,), as `structure_report` counts it: atoms (as
+    `atom_pair_counts` finds them) at least edge_voxels inside every face, whose class is their site's largest
+    density channel; a neighbour j of i counts sigmoid((b^2 - d^2) / (2 b PAIR_SOFTNESS_VOXELS)) times its
+    indicator, b = bonds_voxels[class i, class j] (`bond_voxels`), and i is unbonded by max(0, 1 - that sum). Its
+    gradient drops a lonely atom, or raises and moves up its would-be neighbours."""
+    n, size = presence.shape[0], presence.shape[-1]
+    kind = density.detach().reshape(n, density.shape[1], -1).argmax(1)
+    bonds = bonds_voxels.to(presence)
+    shares = []
+    for b, (at, w, site) in enumerate(_counted_sites(presence, shifts, density, threshold, sites)):
+        c = kind[b, site]
+        limit = bonds[c[:, None], c[None]]
+        d2 = (at[:, None] - at[None]).square().sum(-1)
+        near = torch.sigmoid((limit ** 2 - d2) / (2 * limit * PAIR_SOFTNESS_VOXELS))
+        neighbours = ((near * w[None]).sum(1) - near.diagonal() * w)  # not itself
+        inner = ((at.detach() >= edge_voxels) & (at.detach() <= size - edge_voxels)).all(1).to(w.dtype)
+        lonely = inner * w.detach() * w * torch.relu(1 - neighbours)  # atoms only: a site that is none is not lonely
+        shares.append(lonely.sum() / (inner * w.detach()).sum().clamp(min=1))
+    return torch.stack(shares)
 
 
 def real_pair_counts(structures, radii_A=PAIR_RADII_A) -> dict:
@@ -2989,14 +3029,14 @@ def real_pair_counts(structures, radii_A=PAIR_RADII_A) -> dict:
             "pairs": np.mean(pairs, 0).tolist(), "structures": len(atoms)}
 
 
-def pair_count_loss(atoms, pairs, reference):
+def pair_count_loss(atoms, pairs, reference, atoms_weight=PAIR_ATOMS_WEIGHT):
     """How far generated atom and pair counts (`atom_pair_counts`) are from `real_pair_counts`' reference: the
-    squared difference of log(1 + count), pair counts averaged over radii, plus PAIR_ATOMS_WEIGHT times the atom
+    squared difference of log(1 + count), pair counts averaged over radii, plus atoms_weight times the atom
     count's, on the batch means. It tells G how many atoms to draw and how many neighbours each has at every
     distance: bonds, not contacts (README, "Generated atoms")."""
     ref_pairs = pairs.new_tensor(reference["pairs"])
     shape = (torch.log1p(pairs.mean(0)) - torch.log1p(ref_pairs)).square().mean()
-    return shape + PAIR_ATOMS_WEIGHT * (torch.log1p(atoms.mean()) - math.log1p(reference["atoms"])) ** 2
+    return shape + atoms_weight * (torch.log1p(atoms.mean()) - math.log1p(reference["atoms"])) ** 2
 
 
 def _spread_to_sites(x, sub):
@@ -3297,6 +3337,9 @@ class TrainConfig:
     pair_count_weight: float = 0.0  # the "atoms" head: weight of `pair_count_loss` (G's atoms and their pairs
                                     # closer than PAIR_RADII_A, counted as the decoder finds them, against those of
                                     # real training cubes decoded when the run starts) in G's loss (README)
+    pair_atoms_weight: float = PAIR_ATOMS_WEIGHT  # in that term, the atom count's weight beside the pairs'
+    bond_weight: float = 0.0        # the "atoms" head: weight of `unbonded_atoms` (the share of G's atoms with no
+                                    # bonded neighbour, as `structure_report` counts it; real cubes: ~0) (README)
     energy_hold_weight: float = 0.0 # with init_from: weight of the mean squared difference (GAN space) between G's
                                     # energy channel and init_from's for the same z: the trunk may then train for
                                     # the atoms while the energy stays init_from's (README, "Generated atoms")
@@ -3328,6 +3371,7 @@ class TrainConfig:
                   "pair_weight": self.pair_weight >= 0, "atom_subvoxels": self.atom_subvoxels in (1, 2),
                   "clash_weight": self.clash_weight >= 0, "clash_voxels": self.clash_voxels > 0,
                   "pair_count_weight": self.pair_count_weight >= 0, "energy_hold_weight": self.energy_hold_weight >= 0,
+                  "pair_atoms_weight": self.pair_atoms_weight >= 0, "bond_weight": self.bond_weight >= 0,
                   "output_lr": self.output_lr >= 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
                   "generator_channels": self.generator_channels >= 0,
@@ -3351,9 +3395,10 @@ class TrainConfig:
         if self.clash_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
             raise ValueError("TrainConfig: clash_weight needs atom presences: density_head='atoms' and density "
                              "channels (grid_channels >= 2)")
-        if self.pair_count_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
-            raise ValueError("TrainConfig: pair_count_weight needs atom presences: density_head='atoms' and density "
-                             "channels (grid_channels >= 2)")
+        for name in ("pair_count_weight", "bond_weight"):
+            if getattr(self, name) > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
+                raise ValueError(f"TrainConfig: {name} needs atom presences: density_head='atoms' and density "
+                                 "channels (grid_channels >= 2)")
         if self.energy_hold_weight > 0 and not self.init_from:
             raise ValueError("TrainConfig: energy_hold_weight needs init_from (the generator whose energy to hold)")
         if self.freeze_trunk and not (self.init_from and self.grid_channels >= 2):
@@ -3709,6 +3754,7 @@ class _Run:
     memory_format: torch.memory_format
     G_hold: torch.nn.Module | None = None  # energy_hold_weight: init_from's generator, whose energy G keeps
     pair_reference: dict | None = None     # pair_count_weight: `real_pair_counts` of real training cubes
+    bonds: tuple | None = None             # bond_weight: (`bond_voxels`, edge in voxels) of the data's classes
 
     def autocast(self, device_type):
         if self.precision == "fp32":
@@ -3825,7 +3871,7 @@ def _gan_step(run, real, step):
     if r1:
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
-        atoms = config.clash_weight > 0 or config.pair_count_weight > 0
+        atoms = config.clash_weight > 0 or config.pair_count_weight > 0 or config.bond_weight > 0
         fake, presence, shifts = run.G_step(z, with_presence=True) if atoms else (run.G_step(z), None, None)
         D_real = run.D_step_r1 if r1 else run.D_step
         if config.d_norm == "joint":  # one batch, real then generated: BatchNorm sees both (`Discriminator`)
@@ -3861,12 +3907,16 @@ def _gan_step(run, real, step):
         if config.clash_weight > 0:
             loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels, shifts,
                                                                 config.clash_voxels)
+        if config.pair_count_weight > 0 or config.bond_weight > 0:
+            density = from_gan_output(fake.detach(), 1.0, config.transform)[:, 1:]  # [0, 1], as the decoder reads
+            drawn = (presence.float(), None if shifts is None else shifts.float(), density,
+                     default_threshold(1.0, config.density_sigma_voxels))
         if config.pair_count_weight > 0:
             radii = [r / run.pair_reference["spacing_A"] for r in run.pair_reference["radii_A"]]
-            density = from_gan_output(fake.detach(), 1.0, config.transform)[:, 1:]  # [0, 1], as the decoder reads
-            counted = atom_pair_counts(presence.float(), None if shifts is None else shifts.float(), density,
-                                       default_threshold(1.0, config.density_sigma_voxels), radii)
-            loss_g = loss_g + config.pair_count_weight * pair_count_loss(*counted, run.pair_reference)
+            loss_g = loss_g + config.pair_count_weight * pair_count_loss(
+                *atom_pair_counts(*drawn, radii), run.pair_reference, config.pair_atoms_weight)
+        if config.bond_weight > 0:
+            loss_g = loss_g + config.bond_weight * unbonded_atoms(*drawn, *run.bonds).mean()
         if run.G_hold is not None:  # train mode, as G: both normalise by this batch
             with torch.no_grad():
                 held = run.G_hold(z)[:, :1]
@@ -4084,15 +4134,20 @@ PAIR_REFERENCE_GRIDS = 256  # real training cubes decoded for the pair-count ter
 def _prepare_terms(run, state, dataset, grid_params, world, device):
     """What G's extra terms compare with, made when a run starts and kept in its checkpoint (state.references):
     pair_count_weight: `real_pair_counts` of the first PAIR_REFERENCE_GRIDS training cubes, decoded by the
-    default decoder (rank 0's, shared); energy_hold_weight: init_from's sha256, so that a resumed run holds the
-    energy of the very file it started from."""
+    default decoder (rank 0's, shared); bond_weight: the bond lengths of the data's classes (`bond_voxels`);
+    energy_hold_weight: init_from's sha256, so that a resumed run holds the energy of the very file it started
+    from."""
     config = run.config
+    params = GridParams(**grid_params) if grid_params is not None else None
+    for name in ("pair_count_weight", "bond_weight"):
+        if getattr(config, name) > 0 and (params is None or not params.density_classes):
+            raise ValueError(f"{name}: train on shards with density channels (a ShardDataset): their grid "
+                             "parameters say how to decode the real cubes the term compares with")
+    if config.bond_weight > 0:
+        run.bonds = (bond_voxels(params.density_classes, params.spacing_A).to(device),
+                     REPORT_EDGE_A / params.spacing_A)
     if config.pair_count_weight > 0:
         if "pairs" not in state.references:
-            params = GridParams(**grid_params) if grid_params is not None else None
-            if params is None or not params.density_classes:
-                raise ValueError("pair_count_weight: train on shards with density channels (a ShardDataset): their "
-                                 "grid parameters say how to decode the real cubes the term compares with")
             reference = None
             if world == 1 or torch.distributed.get_rank() == 0:  # the others take rank 0's: decode once
                 grids = itertools.islice(iter(dataset), PAIR_REFERENCE_GRIDS)
@@ -5461,7 +5516,7 @@ def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, 
 
 
 def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DENSITY_CLASSES, sigma_A=None,
-                     names=None, edge_A=3.0, bond_mult=1.2, contact_A=0.7, probe=DEFAULT_GRID.probe, cutoff_A=None,
+                     names=None, edge_A=REPORT_EDGE_A, bond_mult=BOND_MULT, contact_A=0.7, probe=DEFAULT_GRID.probe, cutoff_A=None,
                      grid_cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, e_scale_K=None):
     """Chemistry of decoded structures: pandas DataFrame, one row per structure.
 
@@ -5472,7 +5527,7 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
       n_atoms, atoms_per_nm3 (per cube volume); frac_<class> for REPORT_CLASSES (metal = any metal);
       nn_median_A, nn_p10_A, nn_p90_A: nearest-neighbour distances of the atoms >= edge_A inside the cube;
       bonded_fraction: of those atoms, the share with a neighbour between contact_A and bond_mult x the sum of
-        covalent radii (ase natural_cutoffs(mult=bond_mult); 1.2 lets Zn-O at 2.0 A, radii 1.22 + 0.66, count);
+        covalent radii (ase natural_cutoffs(mult=bond_mult));
       contact_fraction: atoms with a neighbour closer than contact_A (impossible);
       energy_r, energy_mae_K, energy_voxels: with energies_K, the energy-atoms consistency (_energy_consistency:
         the probe energy recomputed from the atoms with cutoff_A (default: a quarter of the cube's edge, capped

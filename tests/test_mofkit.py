@@ -1665,6 +1665,59 @@ def atom_shards(folder, n=4, size=16, seed=0):
     return mofkit.ShardDataset(folder, seed=0)
 
 
+def test_unbonded_atoms_is_the_share_structure_report_finds_unbonded():
+    """Atoms of three classes drawn by the atoms head and decoded: 1 - unbonded_atoms equals structure_report's
+    bonded_fraction (same bond lengths, same inner atoms); its gradient drops a lonely atom and moves a would-be
+    neighbour nearer."""
+    spacing_A, sigma_A, size = 0.5, 0.75, 28
+    classes = ("C", "O", "H", "other")
+    bonds = mofkit.bond_voxels(classes, spacing_A)
+    assert bonds[0, 2].item() == pytest.approx(1.2 * (0.76 + 0.31) / spacing_A)  # C-H, ase's covalent radii
+    rng = np.random.default_rng(5)
+    edge = mofkit.REPORT_EDGE_A / spacing_A
+    positions, kinds = [rng.uniform(9, size - 10, 3)], [0]
+    while len(positions) < 40:  # 1.0-4 A apart, none within 0.4 voxel of a bond length or of the inner region's edge
+        q, k = positions[rng.integers(len(positions))] + rng.normal(size=3) * 3, int(rng.integers(3))
+        d = np.linalg.norm(np.array(positions) - q, axis=1)
+        limits = bonds[k, kinds].numpy()
+        if (d.min() >= 2.0 and (np.abs(d - limits) > 0.4).all() and ((2 <= q) & (q <= size - 3)).all()
+                and (np.abs(q - edge) > 0.4).all() and (np.abs(q - (size - edge)) > 0.4).all()):
+            positions.append(q)
+            kinds.append(k)
+    positions, kinds = np.array(positions), np.array(kinds)
+    presence, shifts = shifted_sites(positions, size)
+    kind = torch.zeros(1, len(classes), size, size, size, dtype=torch.float64)
+    site = np.round(positions).astype(int)
+    kind[0, kinds, site[:, 0], site[:, 1], site[:, 2]] = 1
+    drawn = mofkit.gaussian_dilate(presence * kind, sigma_A / spacing_A, 1, shifts)
+    decoded = mofkit.grid_to_atoms(drawn[0].numpy(), spacing_A, classes=classes, sigma_A=sigma_A)
+    assert len(decoded) == len(positions)
+    report = mofkit.structure_report(decoded)
+    threshold = mofkit.default_threshold(spacing_A, sigma_A)
+    share = mofkit.unbonded_atoms(presence, shifts, drawn, threshold, bonds, edge)
+    assert 0 < report.bonded_fraction[0] < 1, report.bonded_fraction[0]  # some inner atoms bonded, some not
+    assert 1 - share.item() == pytest.approx(report.bonded_fraction[0], abs=0.01)
+    # gradients: descending drops a lonely inner atom's presence and brings its nearest would-be neighbour closer
+    from scipy.spatial.distance import cdist
+    grid = np.stack(np.meshgrid(*[np.arange(int(edge) + 1, size - int(edge))] * 3, indexing="ij"), -1).reshape(-1, 3)
+    far = grid[cdist(grid, positions).min(1).argmax()]  # an inner site far from every atom: drawn as none
+    assert cdist([far], positions).min() > bonds.max() + 1
+    p, s = presence.clone(), shifts.clone()
+    p[(0, 0, *far)] = 0.05  # a candidate (most present of the rest), not an atom
+    p.requires_grad_(True), s.requires_grad_(True)
+    mofkit.unbonded_atoms(p, s, drawn, threshold, bonds, edge).sum().backward()
+    assert abs(p.grad[(0, 0, *far)]) < 1e-12  # it is no atom, so not a lonely one
+    d = cdist(positions, positions) + np.eye(len(positions)) * 99
+    lonely = [i for i in range(len(positions)) if (d[i] > bonds[kinds[i], kinds].numpy()).all()
+              and ((positions[i] >= edge) & (positions[i] <= size - edge)).all()]
+    assert lonely
+    i = lonely[0]
+    assert p.grad[(0, 0, *site[i])] > 0
+    j = int(d[i].argmin())  # moving j along the gradient's descent brings it nearer i
+    step = -s.grad[(0, slice(None), *site[j])].numpy()
+    assert step @ (positions[i] - positions[j]) > 0
+
+
 def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_references(tmp_path):
     (tmp_path / "shards").mkdir()
     data = atom_shards(tmp_path / "shards")
@@ -1673,7 +1726,7 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     mofkit.export_generator(tmp_path / "source" / "last.pt", tmp_path / "g.pt", dtype=torch.float32)
     config = tiny_config(grid_channels=4, e_scale_K=None, density_head="atoms", density_sigma_voxels=1.5,
                          atom_offsets=True, pair_count_weight=1.0, energy_hold_weight=1000.0, output_lr=1e-3,
-                         init_from=str(tmp_path / "g.pt"))
+                         bond_weight=1.0, init_from=str(tmp_path / "g.pt"))
     straight = mofkit.train(config, data, tmp_path / "a", max_steps=3, progress=False)
     mofkit.train(config, data, tmp_path / "b", max_steps=1, progress=False)
     resumed = mofkit.train(config, data, tmp_path / "b", max_steps=3, progress=False)
@@ -1688,6 +1741,27 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     alone = mofkit.train(dataclasses.replace(config, pair_count_weight=0.0), data, tmp_path / "alone", max_steps=1,
                          progress=False)
     assert alone.history[0]["loss_g"] < straight.history[0]["loss_g"]  # the same step, the pair-count term added
+    # the bond term: G's atoms (none yet at the first step) with the data's bond lengths, times bond_weight
+    calls, real_unbonded = [], mofkit.unbonded_atoms
+
+    def spy(*args):
+        calls.append(args)
+        return real_unbonded(*args) + 0.25
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mofkit, "unbonded_atoms", spy)
+        spied = mofkit.train(dataclasses.replace(config, bond_weight=2.0), data, tmp_path / "spied", max_steps=1,
+                             progress=False)
+    unbonded = mofkit.train(dataclasses.replace(config, bond_weight=0.0), data, tmp_path / "nobond", max_steps=1,
+                            progress=False)
+    assert spied.history[0]["loss_g"] - unbonded.history[0]["loss_g"] == pytest.approx(0.5, abs=1e-4)
+    assert straight.history[0]["loss_g"] == unbonded.history[0]["loss_g"]
+    (presence, _, density, threshold, bonds, edge), = calls
+    assert torch.equal(bonds, mofkit.bond_voxels(("C", "O", "other"), 0.5)) and edge == 6.0
+    assert presence.shape == (2, 1, 16, 16, 16) and density.shape == (2, 3, 16, 16, 16)
+    assert threshold == mofkit.default_threshold(1.0, 1.5)
+    weighed = mofkit.train(dataclasses.replace(config, pair_atoms_weight=50.0), data, tmp_path / "weighed",
+                           max_steps=1, progress=False)
+    assert weighed.history[0]["loss_g"] > straight.history[0]["loss_g"]  # the atom count weighs more
     # the output layer learns at output_lr, the trunk at lr
     run = mofkit._build_run(config, torch.device("cpu"))
     assert [g["lr"] for g in run.opt_g.param_groups] == [2e-4, 1e-3]
@@ -1708,6 +1782,8 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
                      tmp_path / "list", max_steps=1, progress=False)
     with pytest.raises(ValueError, match="pair_count_weight needs atom presences"):
         tiny_config(grid_channels=4, pair_count_weight=1.0)
+    with pytest.raises(ValueError, match="bond_weight needs atom presences"):
+        tiny_config(grid_channels=4, bond_weight=1.0)
     with pytest.raises(ValueError, match="energy_hold_weight needs init_from"):
         tiny_config(energy_hold_weight=1.0)
 
