@@ -2995,12 +2995,16 @@ def bond_voxels(classes, spacing_A, bond_mult=BOND_MULT):
     return bond_mult * (r[:, None] + r[None]) / spacing_A
 
 
+BOND_REACH_VOXELS = 0.5  # the bond term's gradient: sigmoid((b^2 - d^2) / (2 b reach)), felt ~2 reaches past b
+
+
 def unbonded_atoms(presence, shifts, density, threshold, bonds_voxels, edge_voxels, sites=PAIR_SITES):
     """The share of a grid's atoms with no bonded neighbour (N,), as `structure_report` counts it: atoms (as
     `atom_pair_counts` finds them) at least edge_voxels inside every face, whose class is their site's largest
-    density channel; a neighbour j of i counts sigmoid((b^2 - d^2) / (2 b PAIR_SOFTNESS_VOXELS)) times its
-    indicator, b = bonds_voxels[class i, class j] (`bond_voxels`), and i is unbonded by max(0, 1 - that sum). Its
-    gradient drops a lonely atom, or raises and moves up its would-be neighbours."""
+    density channel; a neighbour j of i counts if closer than b = bonds_voxels[class i, class j] (`bond_voxels`),
+    times its indicator, and i is unbonded by max(0, 1 - that sum). The count is exact; its gradient is that of
+    sigmoid((b^2 - d^2) / (2 b BOND_REACH_VOXELS)) (straight-through), so a lonely atom pulls in would-be
+    neighbours up to ~1 voxel beyond a bond, or is dropped, or raises a site near it."""
     n, size = presence.shape[0], presence.shape[-1]
     kind = density.detach().reshape(n, density.shape[1], -1).argmax(1)
     bonds = bonds_voxels.to(presence)
@@ -3009,7 +3013,8 @@ def unbonded_atoms(presence, shifts, density, threshold, bonds_voxels, edge_voxe
         c = kind[b, site]
         limit = bonds[c[:, None], c[None]]
         d2 = (at[:, None] - at[None]).square().sum(-1)
-        near = torch.sigmoid((limit ** 2 - d2) / (2 * limit * PAIR_SOFTNESS_VOXELS))
+        soft = torch.sigmoid((limit ** 2 - d2) / (2 * limit * BOND_REACH_VOXELS))
+        near = (d2 < limit ** 2).to(w.dtype) + soft - soft.detach()
         neighbours = ((near * w[None]).sum(1) - near.diagonal() * w)  # not itself
         inner = ((at.detach() >= edge_voxels) & (at.detach() <= size - edge_voxels)).all(1).to(w.dtype)
         lonely = inner * w.detach() * w * torch.relu(1 - neighbours)  # atoms only: a site that is none is not lonely

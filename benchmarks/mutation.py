@@ -248,6 +248,8 @@ MUTANTS = [
            "inner = ((at.detach() >= 0) & (at.detach() <= size", "unbonded"),
     Mutant("unbonded_one_bond_length", "GAN loss", "limit = bonds[c[:, None], c[None]]", "limit = bonds[1, 1]",
            "unbonded"),
+    Mutant("unbonded_count_smoothed", "GAN loss", "near = (d2 < limit ** 2).to(w.dtype) + soft - soft.detach()",
+           "near = soft", "unbonded"),
     Mutant("unbonded_sites_that_are_no_atoms", "GAN loss", "lonely = inner * w.detach() * w *",
            "lonely = inner * w *", "unbonded"),
     Mutant("energy_hold_dropped", "GAN loss", "loss_g = loss_g + config.energy_hold_weight *", "loss_g = loss_g + 0 *",
