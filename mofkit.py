@@ -2982,6 +2982,37 @@ def atom_pair_counts(presence, shifts, density, threshold, radii_voxels, sites=P
     return torch.stack(atoms), torch.stack(pairs)
 
 
+def atom_class_counts(presence, shifts, density, threshold, sites=PAIR_SITES):
+    """The atoms of each density class (N, C), counted as `atom_pair_counts` counts them, an atom's class its
+    site's largest density channel. The count is exact; its gradient goes to the presences (straight-through, as
+    there) and, for an atom, to its site's density values: a class short of atoms raises its channel there, one
+    with too many lowers it, so that atoms change class."""
+    n, classes = density.shape[:2]
+    values = density.reshape(n, classes, -1)
+    counts = []
+    for b, (_, w, site) in enumerate(_counted_sites(presence, shifts, density, threshold, sites)):
+        v = values[b][:, site].T  # (K, C)
+        one_hot = torch.nn.functional.one_hot(v.detach().argmax(1), classes).to(w.dtype)
+        counts.append((w[:, None] * one_hot + w.detach()[:, None] * (v - v.detach())).sum(0))
+    return torch.stack(counts)
+
+
+def real_class_counts(structures, classes) -> list:
+    """The class-count term's reference: the mean number of atoms of each density class in decoded real cubes."""
+    classes = check_density_classes(classes)
+    counts = np.zeros((0, len(classes)))
+    for s in structures:
+        kinds = [classes.index(element_class(x, classes)) for x in s.get_chemical_symbols()]
+        counts = np.vstack([counts, np.bincount(kinds, minlength=len(classes))])
+    return counts.mean(0).tolist()
+
+
+def class_count_loss(counts, reference):
+    """How far generated atoms per class (`atom_class_counts`) are from `real_class_counts`: the squared difference
+    of log(1 + count) of the batch means, averaged over classes."""
+    return (torch.log1p(counts.mean(0)) - torch.log1p(counts.new_tensor(reference))).square().mean()
+
+
 BOND_MULT = 1.2      # a bond: closer than this x the sum of covalent radii (Zn-O at 2.0 A, radii 1.22 + 0.66, counts)
 REPORT_EDGE_A = 3.0  # atoms this far inside the cube's faces have all their neighbours in it
 
@@ -3343,6 +3374,8 @@ class TrainConfig:
                                     # closer than PAIR_RADII_A, counted as the decoder finds them, against those of
                                     # real training cubes decoded when the run starts) in G's loss (README)
     pair_atoms_weight: float = PAIR_ATOMS_WEIGHT  # in that term, the atom count's weight beside the pairs'
+    class_count_weight: float = 0.0 # the "atoms" head: weight of `class_count_loss` (G's atoms per class against
+                                    # those of the real cubes the pair-count term decodes) (README)
     bond_weight: float = 0.0        # the "atoms" head: weight of `unbonded_atoms` (the share of G's atoms with no
                                     # bonded neighbour, as `structure_report` counts it; real cubes: ~0) (README)
     energy_hold_weight: float = 0.0 # with init_from: weight of the mean squared difference (GAN space) between G's
@@ -3377,6 +3410,7 @@ class TrainConfig:
                   "clash_weight": self.clash_weight >= 0, "clash_voxels": self.clash_voxels > 0,
                   "pair_count_weight": self.pair_count_weight >= 0, "energy_hold_weight": self.energy_hold_weight >= 0,
                   "pair_atoms_weight": self.pair_atoms_weight >= 0, "bond_weight": self.bond_weight >= 0,
+                  "class_count_weight": self.class_count_weight >= 0,
                   "output_lr": self.output_lr >= 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
                   "generator_channels": self.generator_channels >= 0,
@@ -3400,7 +3434,7 @@ class TrainConfig:
         if self.clash_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
             raise ValueError("TrainConfig: clash_weight needs atom presences: density_head='atoms' and density "
                              "channels (grid_channels >= 2)")
-        for name in ("pair_count_weight", "bond_weight"):
+        for name in ("pair_count_weight", "bond_weight", "class_count_weight"):
             if getattr(self, name) > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
                 raise ValueError(f"TrainConfig: {name} needs atom presences: density_head='atoms' and density "
                                  "channels (grid_channels >= 2)")
@@ -3759,6 +3793,7 @@ class _Run:
     memory_format: torch.memory_format
     G_hold: torch.nn.Module | None = None  # energy_hold_weight: init_from's generator, whose energy G keeps
     pair_reference: dict | None = None     # pair_count_weight: `real_pair_counts` of real training cubes
+    class_reference: list | None = None    # class_count_weight: `real_class_counts` of those cubes
     bonds: tuple | None = None             # bond_weight: (`bond_voxels`, edge in voxels) of the data's classes
 
     def autocast(self, device_type):
@@ -3876,7 +3911,8 @@ def _gan_step(run, real, step):
     if r1:
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
-        atoms = config.clash_weight > 0 or config.pair_count_weight > 0 or config.bond_weight > 0
+        counted = config.pair_count_weight > 0 or config.bond_weight > 0 or config.class_count_weight > 0
+        atoms = config.clash_weight > 0 or counted
         fake, presence, shifts = run.G_step(z, with_presence=True) if atoms else (run.G_step(z), None, None)
         D_real = run.D_step_r1 if r1 else run.D_step
         if config.d_norm == "joint":  # one batch, real then generated: BatchNorm sees both (`Discriminator`)
@@ -3912,8 +3948,8 @@ def _gan_step(run, real, step):
         if config.clash_weight > 0:
             loss_g = loss_g + config.clash_weight * clash_pairs(presence, config.atom_subvoxels, shifts,
                                                                 config.clash_voxels)
-        if config.pair_count_weight > 0 or config.bond_weight > 0:
-            density = from_gan_output(fake.detach(), 1.0, config.transform)[:, 1:]  # [0, 1], as the decoder reads
+        if counted:  # [0, 1], as the decoder reads; its gradient is the class count's
+            density = from_gan_output(fake, 1.0, config.transform)[:, 1:].float()
             drawn = (presence.float(), None if shifts is None else shifts.float(), density,
                      default_threshold(1.0, config.density_sigma_voxels))
         if config.pair_count_weight > 0:
@@ -3922,6 +3958,9 @@ def _gan_step(run, real, step):
                 *atom_pair_counts(*drawn, radii), run.pair_reference, config.pair_atoms_weight)
         if config.bond_weight > 0:
             loss_g = loss_g + config.bond_weight * unbonded_atoms(*drawn, *run.bonds).mean()
+        if config.class_count_weight > 0:
+            loss_g = loss_g + config.class_count_weight * class_count_loss(atom_class_counts(*drawn),
+                                                                          run.class_reference)
         if run.G_hold is not None:  # train mode, as G: both normalise by this batch
             with torch.no_grad():
                 held = run.G_hold(z)[:, :1]
@@ -4139,31 +4178,34 @@ PAIR_REFERENCE_GRIDS = 256  # real training cubes decoded for the pair-count ter
 def _prepare_terms(run, state, dataset, grid_params, world, device):
     """What G's extra terms compare with, made when a run starts and kept in its checkpoint (state.references):
     pair_count_weight: `real_pair_counts` of the first PAIR_REFERENCE_GRIDS training cubes, decoded by the
-    default decoder (rank 0's, shared); bond_weight: the bond lengths of the data's classes (`bond_voxels`);
+    default decoder (rank 0's, shared); class_count_weight: `real_class_counts` of the same cubes; bond_weight:
+    the bond lengths of the data's classes (`bond_voxels`);
     energy_hold_weight: init_from's sha256, so that a resumed run holds the energy of the very file it started
     from."""
     config = run.config
     params = GridParams(**grid_params) if grid_params is not None else None
-    for name in ("pair_count_weight", "bond_weight"):
+    for name in ("pair_count_weight", "bond_weight", "class_count_weight"):
         if getattr(config, name) > 0 and (params is None or not params.density_classes):
             raise ValueError(f"{name}: train on shards with density channels (a ShardDataset): their grid "
                              "parameters say how to decode the real cubes the term compares with")
     if config.bond_weight > 0:
         run.bonds = (bond_voxels(params.density_classes, params.spacing_A).to(device),
                      REPORT_EDGE_A / params.spacing_A)
-    if config.pair_count_weight > 0:
-        if "pairs" not in state.references:
-            reference = None
-            if world == 1 or torch.distributed.get_rank() == 0:  # the others take rank 0's: decode once
-                grids = itertools.islice(iter(dataset), PAIR_REFERENCE_GRIDS)
-                reference = {**real_pair_counts(grid_to_atoms(g, **params.decode_kwargs()) for g in grids),
-                             "spacing_A": params.spacing_A}
-            if world > 1:
-                shared = [reference]
-                torch.distributed.broadcast_object_list(shared, 0)
-                reference = shared[0]
-            state.references["pairs"] = reference
-        run.pair_reference = state.references["pairs"]
+    wanted = {"pairs": config.pair_count_weight > 0, "classes": config.class_count_weight > 0}
+    missing = [k for k, on in wanted.items() if on and k not in state.references]
+    if missing:
+        made = None
+        if world == 1 or torch.distributed.get_rank() == 0:  # the others take rank 0's: decode once
+            grids = itertools.islice(iter(dataset), PAIR_REFERENCE_GRIDS)
+            decoded = [grid_to_atoms(g, **params.decode_kwargs()) for g in grids]
+            made = {"pairs": {**real_pair_counts(decoded), "spacing_A": params.spacing_A},
+                    "classes": real_class_counts(decoded, params.density_classes)}
+        if world > 1:
+            shared = [made]
+            torch.distributed.broadcast_object_list(shared, 0)
+            made = shared[0]
+        state.references.update({k: made[k] for k in missing})
+    run.pair_reference, run.class_reference = state.references.get("pairs"), state.references.get("classes")
     if config.energy_hold_weight > 0:
         digest = sha256_file(config.init_from)
         kept = state.references.setdefault("energy_hold_sha256", digest)

@@ -1696,6 +1696,19 @@ def test_unbonded_atoms_is_the_share_structure_report_finds_unbonded():
     threshold = mofkit.default_threshold(spacing_A, sigma_A)
     share = mofkit.unbonded_atoms(presence, shifts, drawn, threshold, bonds, edge)
     assert 0 < report.bonded_fraction[0] < 1, report.bonded_fraction[0]  # some inner atoms bonded, some not
+    # the atoms of each class, as decoded; the reference and loss
+    density = drawn.clone().requires_grad_(True)
+    counts = mofkit.atom_class_counts(presence, shifts, density, threshold)
+    assert counts[0].tolist() == mofkit.real_class_counts([decoded], classes) == np.bincount(kinds, minlength=4).tolist()
+    first5 = np.bincount([classes.index(x) for x in decoded[:5].get_chemical_symbols()], minlength=4)
+    assert mofkit.real_class_counts([decoded, decoded[:5]], classes) == pytest.approx(
+        (np.bincount(kinds, minlength=4) + first5) / 2)
+    assert mofkit.class_count_loss(counts, counts[0].tolist()).item() == 0
+    assert mofkit.class_count_loss(counts, [0, 0, 0, 0]).item() == pytest.approx(
+        np.mean(np.log1p(np.bincount(kinds, minlength=4)) ** 2))
+    counts[0, 0].backward()  # more carbon: every atom's carbon channel at its site, nothing else
+    at_sites = density.grad[0, :, site[:, 0], site[:, 1], site[:, 2]]
+    assert (at_sites[0] == 1).all() and (at_sites[1:] == 0).all() and density.grad.abs().sum() == len(positions)
     assert 1 - share.item() == pytest.approx(report.bonded_fraction[0], abs=1e-12)
     # gradients: descending drops a lonely inner atom's presence and brings its nearest would-be neighbour closer
     from scipy.spatial.distance import cdist
@@ -1726,7 +1739,7 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     mofkit.export_generator(tmp_path / "source" / "last.pt", tmp_path / "g.pt", dtype=torch.float32)
     config = tiny_config(grid_channels=4, e_scale_K=None, density_head="atoms", density_sigma_voxels=1.5,
                          atom_offsets=True, pair_count_weight=1.0, energy_hold_weight=1000.0, output_lr=1e-3,
-                         bond_weight=1.0, init_from=str(tmp_path / "g.pt"))
+                         bond_weight=1.0, class_count_weight=1.0, init_from=str(tmp_path / "g.pt"))
     straight = mofkit.train(config, data, tmp_path / "a", max_steps=3, progress=False)
     mofkit.train(config, data, tmp_path / "b", max_steps=1, progress=False)
     resumed = mofkit.train(config, data, tmp_path / "b", max_steps=3, progress=False)
@@ -1736,6 +1749,7 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     references = mofkit.load_checkpoint(tmp_path / "b" / "last.pt")["references"]
     decoded = [mofkit.grid_to_atoms(g, **data.params.decode_kwargs()) for g in data]
     assert references["pairs"] == {**mofkit.real_pair_counts(decoded), "spacing_A": 0.5}
+    assert references["classes"] == mofkit.real_class_counts(decoded, ("C", "O", "other"))
     assert references["pairs"]["atoms"] >= 15 and references["energy_hold_sha256"] == mofkit.sha256_file(
         tmp_path / "g.pt")
     alone = mofkit.train(dataclasses.replace(config, pair_count_weight=0.0), data, tmp_path / "alone", max_steps=1,
@@ -1758,10 +1772,14 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     (presence, _, density, threshold, bonds, edge), = calls
     assert torch.equal(bonds, mofkit.bond_voxels(("C", "O", "other"), 0.5)) and edge == 6.0
     assert presence.shape == (2, 1, 16, 16, 16) and density.shape == (2, 3, 16, 16, 16)
+    assert density.requires_grad  # G's: the class count's gradient reaches it
     assert threshold == mofkit.default_threshold(1.0, 1.5)
     weighed = mofkit.train(dataclasses.replace(config, pair_atoms_weight=50.0), data, tmp_path / "weighed",
                            max_steps=1, progress=False)
     assert weighed.history[0]["loss_g"] > straight.history[0]["loss_g"]  # the atom count weighs more
+    classless = mofkit.train(dataclasses.replace(config, class_count_weight=0.0), data, tmp_path / "classless",
+                             max_steps=1, progress=False)
+    assert classless.history[0]["loss_g"] < straight.history[0]["loss_g"]  # and the class count
     # the output layer learns at output_lr, the trunk at lr
     run = mofkit._build_run(config, torch.device("cpu"))
     assert [g["lr"] for g in run.opt_g.param_groups] == [2e-4, 1e-3]
@@ -1784,6 +1802,8 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
         tiny_config(grid_channels=4, pair_count_weight=1.0)
     with pytest.raises(ValueError, match="bond_weight needs atom presences"):
         tiny_config(grid_channels=4, bond_weight=1.0)
+    with pytest.raises(ValueError, match="class_count_weight needs atom presences"):
+        tiny_config(grid_channels=4, class_count_weight=1.0)
     with pytest.raises(ValueError, match="energy_hold_weight needs init_from"):
         tiny_config(energy_hold_weight=1.0)
 
