@@ -3000,11 +3000,9 @@ def atom_class_counts(presence, shifts, density, threshold, sites=PAIR_SITES):
 def real_class_counts(structures, classes) -> list:
     """The class-count term's reference: the mean number of atoms of each density class in decoded real cubes."""
     classes = check_density_classes(classes)
-    counts = np.zeros((0, len(classes)))
-    for s in structures:
-        kinds = [classes.index(element_class(x, classes)) for x in s.get_chemical_symbols()]
-        counts = np.vstack([counts, np.bincount(kinds, minlength=len(classes))])
-    return counts.mean(0).tolist()
+    counts = [np.bincount([classes.index(element_class(x, classes)) for x in s.get_chemical_symbols()],
+                          minlength=len(classes)) for s in structures]
+    return np.mean(counts, 0).tolist()
 
 
 def class_count_loss(counts, reference):
@@ -4179,9 +4177,8 @@ def _prepare_terms(run, state, dataset, grid_params, world, device):
     """What G's extra terms compare with, made when a run starts and kept in its checkpoint (state.references):
     pair_count_weight: `real_pair_counts` of the first PAIR_REFERENCE_GRIDS training cubes, decoded by the
     default decoder (rank 0's, shared); class_count_weight: `real_class_counts` of the same cubes; bond_weight:
-    the bond lengths of the data's classes (`bond_voxels`);
-    energy_hold_weight: init_from's sha256, so that a resumed run holds the energy of the very file it started
-    from."""
+    the bond lengths of the data's classes (`bond_voxels`); energy_hold_weight: init_from's sha256, so that a
+    resumed run holds the energy of the very file it started from."""
     config = run.config
     params = GridParams(**grid_params) if grid_params is not None else None
     for name in ("pair_count_weight", "bond_weight", "class_count_weight"):
@@ -5563,8 +5560,8 @@ def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, 
 
 
 def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DENSITY_CLASSES, sigma_A=None,
-                     names=None, edge_A=REPORT_EDGE_A, bond_mult=BOND_MULT, contact_A=0.7, probe=DEFAULT_GRID.probe, cutoff_A=None,
-                     grid_cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, e_scale_K=None):
+                     names=None, edge_A=REPORT_EDGE_A, bond_mult=BOND_MULT, contact_A=0.7, probe=DEFAULT_GRID.probe,
+                     cutoff_A=None, grid_cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, e_scale_K=None):
     """Chemistry of decoded structures: pandas DataFrame, one row per structure.
 
     structures: ase.Atoms (decoded: cell = the cube, pbc False), a list of them, or grids (N, 1 + C, D, D, D)

@@ -1699,7 +1699,8 @@ def test_unbonded_atoms_is_the_share_structure_report_finds_unbonded():
     # the atoms of each class, as decoded; the reference and loss
     density = drawn.clone().requires_grad_(True)
     counts = mofkit.atom_class_counts(presence, shifts, density, threshold)
-    assert counts[0].tolist() == mofkit.real_class_counts([decoded], classes) == np.bincount(kinds, minlength=4).tolist()
+    per_class = np.bincount(kinds, minlength=4).tolist()
+    assert counts[0].tolist() == mofkit.real_class_counts([decoded], classes) == per_class
     first5 = np.bincount([classes.index(x) for x in decoded[:5].get_chemical_symbols()], minlength=4)
     assert mofkit.real_class_counts([decoded, decoded[:5]], classes) == pytest.approx(
         (np.bincount(kinds, minlength=4) + first5) / 2)
