@@ -163,6 +163,9 @@ def test_reproduce_atoms_scale_trains_both_generators_and_reports_structures(tmp
     targets = {row["figure"]: row for row in results["structures"]["targets"]}
     assert {"atoms_per_nm3", "nn_median_A", "bonded_fraction", "contact_fraction", "energy_r"} <= set(targets)
     assert results["structures"]["n"] == 4 and targets["atoms_per_nm3"]["real"] > 0
+    check = {row["figure"]: row for row in results["structures"]["real_vs_real"]}
+    assert check["atoms_per_nm3"]["real"] == targets["atoms_per_nm3"]["real"]  # the same held-out cubes
+    assert set(check) == set(targets) and check["atoms_per_nm3"]["generated"] != targets["atoms_per_nm3"]["generated"]
     assert (out / "generated_0.xyz").exists() and (out / "atoms.png").exists()
     G = mofkit.load_generator(tmp_path / "w" / "atoms.pt", tmp_path / "m.csv")
     assert G.out_channels == 1 + len(params.density_classes) and G.density_blur and multi["config"]["density_blur"]
