@@ -2944,6 +2944,7 @@ PAIR_RADII_A = (0.7, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.2, 2.5)
 PAIR_SITES = 768                 # candidate atoms per grid: 3.5x the ~215 of a real 16 A cube at the atoms scale
 PAIR_SOFTNESS_VOXELS = 0.1       # a pair 0.05 voxel inside a radius counts 0.62 of a pair, 0.2 voxel inside 0.88
 PAIR_ATOMS_WEIGHT = 5.0          # the atom count's weight beside the pair counts' (README, "Generated atoms")
+COUNTED_TERMS = ("pair_count_weight", "bond_weight", "class_count_weight", "crowd_weight")  # on decoded atoms
 
 
 def _counted_sites(presence, shifts, density, threshold, sites):
@@ -3012,6 +3013,7 @@ def class_count_loss(counts, reference):
 
 
 BOND_MULT = 1.2      # a bond: closer than this x the sum of covalent radii (Zn-O at 2.0 A, radii 1.22 + 0.66, counts)
+CROWD_MULT = 0.8     # crowded: closer than this x that sum (X-ray C-H, 0.93 A, is 0.87x; README "Generated atoms")
 REPORT_EDGE_A = 3.0  # atoms this far inside the cube's faces have all their neighbours in it
 
 
@@ -3034,21 +3036,39 @@ def unbonded_atoms(presence, shifts, density, threshold, bonds_voxels, edge_voxe
     times its indicator, and i is unbonded by max(0, 1 - that sum). The count is exact; its gradient is that of
     sigmoid((b^2 - d^2) / (2 b BOND_REACH_VOXELS)) (straight-through), so a lonely atom pulls in would-be
     neighbours up to ~1 voxel beyond a bond, or is dropped, or raises a site near it."""
+    shares = []
+    for neighbours, atom, w in _neighbours(presence, shifts, density, threshold, bonds_voxels, edge_voxels, sites):
+        lonely = atom * w * torch.relu(1 - neighbours)  # atoms only: a site that is none is not lonely
+        shares.append(lonely.sum() / atom.sum().clamp(min=1))
+    return torch.stack(shares)
+
+
+def crowded_atoms(presence, shifts, density, threshold, close_voxels, edge_voxels, sites=PAIR_SITES):
+    """The share of a grid's inner atoms with a neighbour closer than close_voxels[class i, class j] (N,)
+    (`bond_voxels` with CROWD_MULT), as `structure_report`'s crowded_fraction counts it; atoms, classes and the
+    straight-through gradient as `unbonded_atoms`': a crowded atom is dropped or its neighbours pushed away."""
+    shares = []
+    for neighbours, atom, w in _neighbours(presence, shifts, density, threshold, close_voxels, edge_voxels, sites):
+        near = neighbours.detach().clamp(max=1) + neighbours - neighbours.detach()
+        shares.append((atom * w * near).sum() / atom.sum().clamp(min=1))
+    return torch.stack(shares)
+
+
+def _neighbours(presence, shifts, density, threshold, limits_voxels, edge_voxels, sites):
+    """Per grid (neighbours (K,): how many atoms lie closer to each candidate than limits_voxels[its class, theirs],
+    exact, with the gradient of sigmoid((b^2 - d^2) / (2 b BOND_REACH_VOXELS)); atom (K,): 1 at an atom at least
+    edge_voxels inside every face, no gradient; w: the candidates' indicators (`_counted_sites`))."""
     n, size = presence.shape[0], presence.shape[-1]
     kind = density.detach().reshape(n, density.shape[1], -1).argmax(1)
-    bonds = bonds_voxels.to(presence)
-    shares = []
+    limits = limits_voxels.to(presence)
     for b, (at, w, site) in enumerate(_counted_sites(presence, shifts, density, threshold, sites)):
         c = kind[b, site]
-        limit = bonds[c[:, None], c[None]]
+        limit = limits[c[:, None], c[None]]
         d2 = (at[:, None] - at[None]).square().sum(-1)
         soft = torch.sigmoid((limit ** 2 - d2) / (2 * limit * BOND_REACH_VOXELS))
         near = (d2 < limit ** 2).to(w.dtype) + soft - soft.detach()
-        neighbours = ((near * w[None]).sum(1) - near.diagonal() * w)  # not itself
         inner = ((at.detach() >= edge_voxels) & (at.detach() <= size - edge_voxels)).all(1).to(w.dtype)
-        lonely = inner * w.detach() * w * torch.relu(1 - neighbours)  # atoms only: a site that is none is not lonely
-        shares.append(lonely.sum() / (inner * w.detach()).sum().clamp(min=1))
-    return torch.stack(shares)
+        yield (near * w[None]).sum(1) - near.diagonal() * w, inner * w.detach(), w  # not itself
 
 
 def real_pair_counts(structures, radii_A=PAIR_RADII_A) -> dict:
@@ -3376,6 +3396,8 @@ class TrainConfig:
                                     # those of the real cubes the pair-count term decodes) (README)
     bond_weight: float = 0.0        # the "atoms" head: weight of `unbonded_atoms` (the share of G's atoms with no
                                     # bonded neighbour, as `structure_report` counts it; real cubes: ~0) (README)
+    crowd_weight: float = 0.0       # the "atoms" head: weight of `crowded_atoms` (the share of G's atoms with a
+                                    # neighbour closer than CROWD_MULT x the covalent radii's sum) (README)
     energy_hold_weight: float = 0.0 # with init_from: weight of the mean squared difference (GAN space) between G's
                                     # energy channel and init_from's for the same z: the trunk may then train for
                                     # the atoms while the energy stays init_from's (README, "Generated atoms")
@@ -3408,7 +3430,7 @@ class TrainConfig:
                   "clash_weight": self.clash_weight >= 0, "clash_voxels": self.clash_voxels > 0,
                   "pair_count_weight": self.pair_count_weight >= 0, "energy_hold_weight": self.energy_hold_weight >= 0,
                   "pair_atoms_weight": self.pair_atoms_weight >= 0, "bond_weight": self.bond_weight >= 0,
-                  "class_count_weight": self.class_count_weight >= 0,
+                  "class_count_weight": self.class_count_weight >= 0, "crowd_weight": self.crowd_weight >= 0,
                   "output_lr": self.output_lr >= 0,
                   "r1_every": self.r1_every >= 1, "grid_channels": self.grid_channels >= 1,
                   "generator_channels": self.generator_channels >= 0,
@@ -3432,7 +3454,7 @@ class TrainConfig:
         if self.clash_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
             raise ValueError("TrainConfig: clash_weight needs atom presences: density_head='atoms' and density "
                              "channels (grid_channels >= 2)")
-        for name in ("pair_count_weight", "bond_weight", "class_count_weight"):
+        for name in COUNTED_TERMS:
             if getattr(self, name) > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
                 raise ValueError(f"TrainConfig: {name} needs atom presences: density_head='atoms' and density "
                                  "channels (grid_channels >= 2)")
@@ -3793,6 +3815,7 @@ class _Run:
     pair_reference: dict | None = None     # pair_count_weight: `real_pair_counts` of real training cubes
     class_reference: list | None = None    # class_count_weight: `real_class_counts` of those cubes
     bonds: tuple | None = None             # bond_weight: (`bond_voxels`, edge in voxels) of the data's classes
+    crowds: tuple | None = None            # crowd_weight: (`bond_voxels` with CROWD_MULT, edge in voxels)
 
     def autocast(self, device_type):
         if self.precision == "fp32":
@@ -3909,7 +3932,7 @@ def _gan_step(run, real, step):
     if r1:
         real = real.detach().requires_grad_(True)
     with run.autocast(device_type):
-        counted = config.pair_count_weight > 0 or config.bond_weight > 0 or config.class_count_weight > 0
+        counted = any(getattr(config, name) > 0 for name in COUNTED_TERMS)
         atoms = config.clash_weight > 0 or counted
         fake, presence, shifts = run.G_step(z, with_presence=True) if atoms else (run.G_step(z), None, None)
         D_real = run.D_step_r1 if r1 else run.D_step
@@ -3956,6 +3979,8 @@ def _gan_step(run, real, step):
                 *atom_pair_counts(*drawn, radii), run.pair_reference, config.pair_atoms_weight)
         if config.bond_weight > 0:
             loss_g = loss_g + config.bond_weight * unbonded_atoms(*drawn, *run.bonds).mean()
+        if config.crowd_weight > 0:
+            loss_g = loss_g + config.crowd_weight * crowded_atoms(*drawn, *run.crowds).mean()
         if config.class_count_weight > 0:
             loss_g = loss_g + config.class_count_weight * class_count_loss(atom_class_counts(*drawn),
                                                                           run.class_reference)
@@ -4177,17 +4202,21 @@ def _prepare_terms(run, state, dataset, grid_params, world, device):
     """What G's extra terms compare with, made when a run starts and kept in its checkpoint (state.references):
     pair_count_weight: `real_pair_counts` of the first PAIR_REFERENCE_GRIDS training cubes, decoded by the
     default decoder (rank 0's, shared); class_count_weight: `real_class_counts` of the same cubes; bond_weight:
-    the bond lengths of the data's classes (`bond_voxels`); energy_hold_weight: init_from's sha256, so that a
-    resumed run holds the energy of the very file it started from."""
+    the bond lengths of the data's classes (`bond_voxels`), crowd_weight likewise with CROWD_MULT;
+    energy_hold_weight: init_from's sha256, so that a resumed run holds the energy of the very file it started
+    from."""
     config = run.config
     params = GridParams(**grid_params) if grid_params is not None else None
-    for name in ("pair_count_weight", "bond_weight", "class_count_weight"):
+    for name in COUNTED_TERMS:
         if getattr(config, name) > 0 and (params is None or not params.density_classes):
             raise ValueError(f"{name}: train on shards with density channels (a ShardDataset): their grid "
                              "parameters say how to decode the real cubes the term compares with")
     if config.bond_weight > 0:
         run.bonds = (bond_voxels(params.density_classes, params.spacing_A).to(device),
                      REPORT_EDGE_A / params.spacing_A)
+    if config.crowd_weight > 0:
+        run.crowds = (bond_voxels(params.density_classes, params.spacing_A, CROWD_MULT).to(device),
+                      REPORT_EDGE_A / params.spacing_A)
     wanted = {"pairs": config.pair_count_weight > 0, "classes": config.class_count_weight > 0}
     missing = [k for k, on in wanted.items() if on and k not in state.references]
     if missing:
@@ -5560,7 +5589,8 @@ def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, 
 
 
 def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DENSITY_CLASSES, sigma_A=None,
-                     names=None, edge_A=REPORT_EDGE_A, bond_mult=BOND_MULT, contact_A=0.7, probe=DEFAULT_GRID.probe,
+                     names=None, edge_A=REPORT_EDGE_A, bond_mult=BOND_MULT, crowd_mult=CROWD_MULT, contact_A=0.7,
+                     probe=DEFAULT_GRID.probe,
                      cutoff_A=None, grid_cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, e_scale_K=None):
     """Chemistry of decoded structures: pandas DataFrame, one row per structure.
 
@@ -5572,6 +5602,7 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
       nn_median_A, nn_p10_A, nn_p90_A: nearest-neighbour distances of the atoms >= edge_A inside the cube;
       bonded_fraction: of those atoms, the share with a neighbour between contact_A and bond_mult x the sum of
         covalent radii (ase natural_cutoffs(mult=bond_mult));
+      crowded_fraction: of those atoms, the share with a neighbour closer than crowd_mult x that sum;
       contact_fraction: atoms with a neighbour closer than contact_A (impossible);
       energy_r, energy_mae_K, energy_voxels: with energies_K, the energy-atoms consistency (_energy_consistency:
         the probe energy recomputed from the atoms with cutoff_A (default: a quarter of the cube's edge, capped
@@ -5597,6 +5628,8 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
         inner = np.all((atoms.positions >= edge_A) & (atoms.positions <= length_A - edge_A), axis=1)
         bonded = np.zeros(n, bool)
         bonded[i[d >= contact_A]] = True
+        crowded = np.zeros(n, bool)
+        crowded[neighbor_list("i", cube, natural_cutoffs(cube, mult=crowd_mult))] = True
         tree = cKDTree(atoms.positions.reshape(-1, 3))
         contact = np.zeros(n, bool)
         contact[tree.query_pairs(contact_A, output_type="ndarray").ravel()] = True
@@ -5604,6 +5637,7 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
         p10, median, p90 = np.percentile(nn, [10, 50, 90]) if len(nn) else (math.nan,) * 3
         row.update(n_inner=int(inner.sum()), nn_median_A=median, nn_p10_A=p10, nn_p90_A=p90,
                    bonded_fraction=float(bonded[inner].mean()) if inner.any() else math.nan,
+                   crowded_fraction=float(crowded[inner].mean()) if inner.any() else math.nan,
                    contact_fraction=float(contact.mean()) if n else math.nan)
         if energy is not None:
             cut = min(length_A / 4, grid_cutoff_A) if cutoff_A is None else cutoff_A

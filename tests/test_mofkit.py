@@ -1665,35 +1665,45 @@ def atom_shards(folder, n=4, size=16, seed=0):
     return mofkit.ShardDataset(folder, seed=0)
 
 
-def test_unbonded_atoms_is_the_share_structure_report_finds_unbonded():
+def test_unbonded_and_crowded_atoms_are_the_shares_structure_report_finds():
     """Atoms of three classes drawn by the atoms head and decoded: 1 - unbonded_atoms equals structure_report's
-    bonded_fraction (same bond lengths, same inner atoms); its gradient drops a lonely atom and moves a would-be
-    neighbour nearer."""
+    bonded_fraction and crowded_atoms its crowded_fraction (same bond lengths, same inner atoms); their gradients
+    drop a lonely atom and move a would-be neighbour nearer, drop a crowded atom and move its neighbour away."""
     spacing_A, sigma_A, size = 0.5, 0.75, 28
     classes = ("C", "O", "H", "other")
     bonds = mofkit.bond_voxels(classes, spacing_A)
+    close = mofkit.bond_voxels(classes, spacing_A, mofkit.CROWD_MULT)
     assert bonds[0, 2].item() == pytest.approx(1.2 * (0.76 + 0.31) / spacing_A)  # C-H, ase's covalent radii
     rng = np.random.default_rng(5)
     edge = mofkit.REPORT_EDGE_A / spacing_A
     positions, kinds = [rng.uniform(9, size - 10, 3)], [0]
-    while len(positions) < 40:  # 1.0-4 A apart, none within 0.4 voxel of a bond length or of the inner region's edge
+    while len(positions) < 40:  # 0.75-4 A apart, none within 0.4 voxel of a bond or crowding length or of the edge
         q, k = positions[rng.integers(len(positions))] + rng.normal(size=3) * 3, int(rng.integers(3))
         d = np.linalg.norm(np.array(positions) - q, axis=1)
-        limits = bonds[k, kinds].numpy()
-        if (d.min() >= 2.0 and (np.abs(d - limits) > 0.4).all() and ((2 <= q) & (q <= size - 3)).all()
+        limits = np.concatenate([bonds[k, kinds].numpy(), close[k, kinds].numpy()])
+        apart = np.where(np.array(kinds) == k, 2.0, 1.5)  # the decoder parts classes (own channels) nearer
+        if ((d >= apart).all() and (np.abs(np.tile(d, 2) - limits) > 0.4).all() and ((2 <= q) & (q <= size - 3)).all()
                 and (np.abs(q - edge) > 0.4).all() and (np.abs(q - (size - edge)) > 0.4).all()):
             positions.append(q)
             kinds.append(k)
-    positions, kinds = np.array(positions), np.array(kinds)
-    presence, shifts = shifted_sites(positions, size)
-    kind = torch.zeros(1, len(classes), size, size, size, dtype=torch.float64)
-    site = np.round(positions).astype(int)
-    kind[0, kinds, site[:, 0], site[:, 1], site[:, 2]] = 1
-    drawn = mofkit.gaussian_dilate(presence * kind, sigma_A / spacing_A, 1, shifts)
-    decoded = mofkit.grid_to_atoms(drawn[0].numpy(), spacing_A, classes=classes, sigma_A=sigma_A)
-    assert len(decoded) == len(positions)
-    report = mofkit.structure_report(decoded)
     threshold = mofkit.default_threshold(spacing_A, sigma_A)
+
+    def draw(positions, kinds):  # (presence, shifts, density drawn by the atoms head, site, decoded atoms)
+        presence, shifts = shifted_sites(positions, size)
+        kind = torch.zeros(1, len(classes), size, size, size, dtype=torch.float64)
+        site = np.round(positions).astype(int)
+        kind[0, kinds, site[:, 0], site[:, 1], site[:, 2]] = 1
+        drawn = mofkit.gaussian_dilate(presence * kind, sigma_A / spacing_A, 1, shifts)
+        decoded = mofkit.grid_to_atoms(drawn[0].numpy(), spacing_A, classes=classes, sigma_A=sigma_A)
+        assert len(decoded) == len(positions)
+        return presence, shifts, drawn, site, decoded
+    # O-C-O in a line, C-O 0.9 A (crowded), O-O 1.8 A: the carbon crowded twice counts once
+    trio = draw(np.array([[14, 14, 12.2], [14, 14, 14.0], [14, 14, 15.8]]), [1, 0, 1])
+    assert mofkit.structure_report(trio[-1]).crowded_fraction[0] == 1
+    assert mofkit.crowded_atoms(*trio[:3], threshold, close, edge).item() == 1
+    positions, kinds = np.array(positions), np.array(kinds)
+    presence, shifts, drawn, site, decoded = draw(positions, kinds)
+    report = mofkit.structure_report(decoded)
     share = mofkit.unbonded_atoms(presence, shifts, drawn, threshold, bonds, edge)
     assert 0 < report.bonded_fraction[0] < 1, report.bonded_fraction[0]  # some inner atoms bonded, some not
     # the atoms of each class, as decoded; the reference and loss
@@ -1711,6 +1721,8 @@ def test_unbonded_atoms_is_the_share_structure_report_finds_unbonded():
     at_sites = density.grad[0, :, site[:, 0], site[:, 1], site[:, 2]]
     assert (at_sites[0] == 1).all() and (at_sites[1:] == 0).all() and density.grad.abs().sum() == len(positions)
     assert 1 - share.item() == pytest.approx(report.bonded_fraction[0], abs=1e-12)
+    crowded = mofkit.crowded_atoms(presence, shifts, drawn, threshold, close, edge)
+    assert 0 < report.crowded_fraction[0] < 1 and crowded.item() == pytest.approx(report.crowded_fraction[0], abs=1e-12)
     # gradients: descending drops a lonely inner atom's presence and brings its nearest would-be neighbour closer
     from scipy.spatial.distance import cdist
     grid = np.stack(np.meshgrid(*[np.arange(int(edge) + 1, size - int(edge))] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -1730,6 +1742,14 @@ def test_unbonded_atoms_is_the_share_structure_report_finds_unbonded():
     j = int(d[i].argmin())  # moving j along the gradient's descent brings it nearer i
     step = -s.grad[(0, slice(None), *site[j])].numpy()
     assert step @ (positions[i] - positions[j]) > 0
+    # descending the crowded share drops a crowded inner atom and moves its crowding neighbour away
+    p, s = presence.clone().requires_grad_(True), shifts.clone().requires_grad_(True)
+    mofkit.crowded_atoms(p, s, drawn, threshold, close, edge).sum().backward()
+    inside = ((positions >= edge) & (positions <= size - edge)).all(1)
+    i = next(i for i in range(len(positions)) if inside[i] and (d[i] < close[kinds[i], kinds].numpy()).any())
+    j = int(np.argmax(close[kinds[i], kinds].numpy() - d[i]))  # the neighbour deepest inside i's limit
+    assert p.grad[(0, 0, *site[i])] > 0
+    assert -s.grad[(0, slice(None), *site[j])].numpy() @ (positions[i] - positions[j]) < 0
 
 
 def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_references(tmp_path):
@@ -1775,6 +1795,19 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     assert presence.shape == (2, 1, 16, 16, 16) and density.shape == (2, 3, 16, 16, 16)
     assert density.requires_grad  # G's: the class count's gradient reaches it
     assert threshold == mofkit.default_threshold(1.0, 1.5)
+    # the crowding term likewise, with CROWD_MULT's limits
+    calls, real_crowded = [], mofkit.crowded_atoms
+
+    def spy_crowded(*args):
+        calls.append(args)
+        return real_crowded(*args) + 0.25
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mofkit, "crowded_atoms", spy_crowded)
+        crowd = mofkit.train(dataclasses.replace(config, crowd_weight=3.0), data, tmp_path / "crowd", max_steps=1,
+                             progress=False)
+    assert crowd.history[0]["loss_g"] - straight.history[0]["loss_g"] == pytest.approx(0.75, abs=1e-4)
+    (_, _, _, _, close, edge), = calls
+    assert torch.equal(close, mofkit.bond_voxels(("C", "O", "other"), 0.5, mofkit.CROWD_MULT)) and edge == 6.0
     weighed = mofkit.train(dataclasses.replace(config, pair_atoms_weight=50.0), data, tmp_path / "weighed",
                            max_steps=1, progress=False)
     assert weighed.history[0]["loss_g"] > straight.history[0]["loss_g"]  # the atom count weighs more
@@ -1805,6 +1838,8 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
         tiny_config(grid_channels=4, bond_weight=1.0)
     with pytest.raises(ValueError, match="class_count_weight needs atom presences"):
         tiny_config(grid_channels=4, class_count_weight=1.0)
+    with pytest.raises(ValueError, match="crowd_weight needs atom presences"):
+        tiny_config(grid_channels=4, crowd_weight=1.0)
     with pytest.raises(ValueError, match="energy_hold_weight needs init_from"):
         tiny_config(energy_hold_weight=1.0)
 
