@@ -5649,8 +5649,8 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
 
 def structure_targets(generated, real):
     """The generation targets (README, "Atoms from grids") from two structure_report tables (generated, held-out
-    real decoded the same way): pandas DataFrame of the generated and real medians (contact_fraction: means) per
-    figure, and whether the target is met."""
+    real decoded the same way): pandas DataFrame of the generated and real medians (contact_fraction,
+    crowded_fraction: means) per figure, and whether the target is met (None: reported, no target)."""
     import pandas as pd
     g, r = generated.median(numeric_only=True), real.median(numeric_only=True)
     rows = [("atoms_per_nm3", g["atoms_per_nm3"], r["atoms_per_nm3"], "within 15%",
@@ -5661,6 +5661,9 @@ def structure_targets(generated, real):
              g["bonded_fraction"] >= 0.9 * r["bonded_fraction"]),
             ("contact_fraction", generated["contact_fraction"].mean(), real["contact_fraction"].mean(), "<= 0.01",
              generated["contact_fraction"].mean() <= 0.01)]
+    if "crowded_fraction" in generated and "crowded_fraction" in real:
+        rows.append(("crowded_fraction", generated["crowded_fraction"].mean(), real["crowded_fraction"].mean(),
+                     "reported", None))
     if "energy_r" in generated and "energy_r" in real:
         rows.append(("energy_r", g["energy_r"], r["energy_r"], "reported", None))
         rows.append(("energy_mae_K", g["energy_mae_K"], r["energy_mae_K"], "reported", None))

@@ -3097,6 +3097,9 @@ def test_structure_targets_compare_generated_with_real():
     bad = real * [0.5, 2.0, 0.5, 1] + [0, 0, 0, 0.1]
     assert mofkit.structure_targets(good, real)["met"].all()
     assert not mofkit.structure_targets(bad, real)["met"].any()
+    real["crowded_fraction"], good["crowded_fraction"] = [0.0, 0.1], [0.5, 0.7]
+    reported = mofkit.structure_targets(good, real).loc["crowded_fraction"]
+    assert (reported.generated, reported.real, reported.met) == (0.6, 0.05, None)
 
 
 def test_grid_to_atoms_rejects_bad_grids():
