@@ -1,4 +1,5 @@
-"""Generated atoms under each decoder setting: 64 generated vs 64 held-out cubes, decoded the same way per row.
+"""Generated atoms under each decoder setting: as many generated as held-out cubes (N_STRUCTURES, --n), decoded the
+same way per row.
 
     OMP_NUM_THREADS=1 python benchmarks/decoder_sweep.py weights/generator_atoms32.pt runs/atoms/heldout
     OMP_NUM_THREADS=1 python benchmarks/decoder_sweep.py runs/atoms_s075/run/last.pt runs/atoms_s075/heldout
@@ -8,7 +9,7 @@ The generator (a shipped file or a checkpoint) and a folder of held-out shards m
 peak rules (grid_to_atoms' peak_neighbours) at the default threshold (0.6^((spacing/sigma)^2)) and at fixed ones;
 columns: the structure report's medians (contacts: mean) and composition, as `structure_targets` compares them.
 Real grids decode alike under every row (README, "Generated atoms"); the rows differ in what they make of
-generated ones. ~2 min on one thread.
+generated ones. ~2 min for 64 cubes each on one thread.
 """
 import argparse
 import sys

@@ -9,7 +9,8 @@ import torch
 
 from helpers import REPO  # first: it puts the repository on sys.path
 import mofkit  # noqa: E402
-from benchmarks import capacity_fit, decoder_sweep, energy_to_atoms, mutation, reproduce  # noqa: E402
+from benchmarks import (capacity_fit, decoder_sweep, energy_to_atoms, mutation, nn_spread,  # noqa: E402
+                        reproduce)
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +248,17 @@ def test_energy_to_atoms_moves_energy_and_atoms_together_and_decodes_a_perfect_o
         order = np.argsort(decoded.positions[:, 0])
         assert [decoded.get_chemical_symbols()[i] for i in order] == ["C", "H", "O"], threshold
         assert np.allclose(decoded.positions[order], 0.5 * atoms_vox[[0, 2, 1]], atol=1e-5)
+
+
+def test_nn_spread_counts_the_draws_in_which_real_cubes_miss_a_target():
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    # per-cube medians in two modes, as real cubes' (H bonds or C-C bonds): small samples straddle them
+    nn = np.where(rng.random(400) < 0.5, 0.93, 1.25)
+    table = lambda x: pd.DataFrame({"atoms_per_nm3": 55.0, "nn_median_A": x, "bonded_fraction": 1.0,
+                                    "contact_fraction": 0.0, "crowded_fraction": 0.03})
+    rates = nn_spread.miss_rates(table(nn[:200]), table(nn[200:]), sizes=[4, 200], draws=200)
+    assert list(rates.columns) == ["atoms_per_nm3", "nn_median_A", "bonded_fraction", "contact_fraction"]
+    assert (rates[["atoms_per_nm3", "bonded_fraction", "contact_fraction"]] == 0).all().all()
+    assert rates.loc[4, "nn_median_A"] > 0.2 and rates.loc[4, "nn_median_A"] > 2 * rates.loc[200, "nn_median_A"]
+    assert nn_spread.miss_rates(table(np.full(9, 1.0)), table(np.full(9, 1.2)), [5], 20).loc[5, "nn_median_A"] == 1
