@@ -1776,19 +1776,22 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     alone = mofkit.train(dataclasses.replace(config, pair_count_weight=0.0), data, tmp_path / "alone", max_steps=1,
                          progress=False)
     assert alone.history[0]["loss_g"] < straight.history[0]["loss_g"]  # the same step, the pair-count term added
-    # the bond term: G's atoms (none yet at the first step) with the data's bond lengths, times bond_weight
-    calls, real_unbonded = [], mofkit.unbonded_atoms
+    def spied(term, **change):  # one step with `term` 0.25 higher, and the arguments it was called with
+        calls, real = [], getattr(mofkit, term)
 
-    def spy(*args):
-        calls.append(args)
-        return real_unbonded(*args) + 0.25
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mofkit, "unbonded_atoms", spy)
-        spied = mofkit.train(dataclasses.replace(config, bond_weight=2.0), data, tmp_path / "spied", max_steps=1,
-                             progress=False)
+        def spy(*args):
+            calls.append(args)
+            return real(*args) + 0.25
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(mofkit, term, spy)
+            result = mofkit.train(dataclasses.replace(config, **change), data, tmp_path / term, max_steps=1,
+                                  progress=False)
+        return result, calls
+    # the bond term: G's atoms (none yet at the first step) with the data's bond lengths, times bond_weight
+    spy_bond, calls = spied("unbonded_atoms", bond_weight=2.0)
     unbonded = mofkit.train(dataclasses.replace(config, bond_weight=0.0), data, tmp_path / "nobond", max_steps=1,
                             progress=False)
-    assert spied.history[0]["loss_g"] - unbonded.history[0]["loss_g"] == pytest.approx(0.5, abs=1e-4)
+    assert spy_bond.history[0]["loss_g"] - unbonded.history[0]["loss_g"] == pytest.approx(0.5, abs=1e-4)
     assert straight.history[0]["loss_g"] == unbonded.history[0]["loss_g"]
     (presence, _, density, threshold, bonds, edge), = calls
     assert torch.equal(bonds, mofkit.bond_voxels(("C", "O", "other"), 0.5)) and edge == 6.0
@@ -1796,16 +1799,8 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     assert density.requires_grad  # G's: the class count's gradient reaches it
     assert threshold == mofkit.default_threshold(1.0, 1.5)
     # the crowding term likewise, with CROWD_MULT's limits
-    calls, real_crowded = [], mofkit.crowded_atoms
-
-    def spy_crowded(*args):
-        calls.append(args)
-        return real_crowded(*args) + 0.25
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mofkit, "crowded_atoms", spy_crowded)
-        crowd = mofkit.train(dataclasses.replace(config, crowd_weight=3.0), data, tmp_path / "crowd", max_steps=1,
-                             progress=False)
-    assert crowd.history[0]["loss_g"] - straight.history[0]["loss_g"] == pytest.approx(0.75, abs=1e-4)
+    spy_crowd, calls = spied("crowded_atoms", crowd_weight=3.0)
+    assert spy_crowd.history[0]["loss_g"] - straight.history[0]["loss_g"] == pytest.approx(0.75, abs=1e-4)
     (_, _, _, _, close, edge), = calls
     assert torch.equal(close, mofkit.bond_voxels(("C", "O", "other"), 0.5, mofkit.CROWD_MULT)) and edge == 6.0
     weighed = mofkit.train(dataclasses.replace(config, pair_atoms_weight=50.0), data, tmp_path / "weighed",
