@@ -53,7 +53,7 @@ def main(argv=None):
         nn = table.nn_median_A.dropna()
         print(f"{name}: {len(table)} cubes, per-cube nn median percentiles 10/25/50/75/90 (A):",
               np.percentile(nn, [10, 25, 50, 75, 90]).round(3))
-        counts, edges = np.histogram(nn, bins=np.arange(0.8, 1.85, 0.1))
+        counts = np.histogram(nn, bins=np.arange(0.8, 1.85, 0.1))[0]
         print("  cubes per 0.1 A bin from 0.8 A:", counts.tolist())
     print("\nshare of draws in which real training cubes miss each target against held-out ones:")
     print(miss_rates(train, heldout, args.sizes, args.draws).round(3).to_string())
