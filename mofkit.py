@@ -3043,15 +3043,17 @@ def unbonded_atoms(presence, shifts, density, threshold, bonds_voxels, edge_voxe
     return torch.stack(shares)
 
 
-def crowded_atoms(presence, shifts, density, threshold, close_voxels, edge_voxels, sites=PAIR_SITES):
+def crowded_atoms(presence, shifts, density, threshold, close_voxels, edge_voxels, sites=PAIR_SITES, share=True):
     """The share of a grid's inner atoms with a neighbour closer than close_voxels[class i, class j] (N,)
     (`bond_voxels` with CROWD_MULT), as `structure_report`'s crowded_fraction counts it; atoms, classes and the
-    straight-through gradient as `unbonded_atoms`': a crowded atom is dropped or its neighbours pushed away."""
-    shares = []
+    straight-through gradient as `unbonded_atoms`': a crowded atom is dropped or its neighbours pushed away.
+    share=False: their number instead."""
+    counts = []
     for neighbours, atom, w in _neighbours(presence, shifts, density, threshold, close_voxels, edge_voxels, sites):
         near = neighbours.detach().clamp(max=1) + neighbours - neighbours.detach()
-        shares.append((atom * w * near).sum() / atom.sum().clamp(min=1))
-    return torch.stack(shares)
+        crowded = (atom * w * near).sum()
+        counts.append(crowded / atom.sum().clamp(min=1) if share else crowded)
+    return torch.stack(counts)
 
 
 def _neighbours(presence, shifts, density, threshold, limits_voxels, edge_voxels, sites):
@@ -3072,25 +3074,33 @@ def _neighbours(presence, shifts, density, threshold, limits_voxels, edge_voxels
 
 
 def real_pair_counts(structures, radii_A=PAIR_RADII_A) -> dict:
-    """The reference of the pair-count term: the mean atom count of decoded real cubes (ase.Atoms) and their mean
-    number of atom pairs closer than each radius (float64)."""
-    atoms, pairs = [], []
+    """The reference of the pair-count term: the mean atom count of decoded real cubes (ase.Atoms), the mean
+    count of their uncrowded atoms (no neighbour closer than CROWD_MULT x the sum of covalent radii, anywhere in
+    the cube) and their mean number of atom pairs closer than each radius (float64)."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+    atoms, uncrowded, pairs = [], [], []
     for s in structures:
         d = s.get_all_distances()[np.triu_indices(len(s), 1)] if len(s) > 1 else np.zeros(0)
         atoms.append(len(s))
+        cube = s.copy()
+        cube.pbc = False
+        uncrowded.append(len(s) - len(np.unique(neighbor_list("i", cube, natural_cutoffs(cube, mult=CROWD_MULT)))))
         pairs.append([(d < r).sum() for r in radii_A])
     return {"radii_A": list(map(float, radii_A)), "atoms": float(np.mean(atoms)),
-            "pairs": np.mean(pairs, 0).tolist(), "structures": len(atoms)}
+            "uncrowded_atoms": float(np.mean(uncrowded)), "pairs": np.mean(pairs, 0).tolist(),
+            "structures": len(atoms)}
 
 
-def pair_count_loss(atoms, pairs, reference, atoms_weight=PAIR_ATOMS_WEIGHT):
+def pair_count_loss(atoms, pairs, reference, atoms_weight=PAIR_ATOMS_WEIGHT, uncrowded=False):
     """How far generated atom and pair counts (`atom_pair_counts`) are from `real_pair_counts`' reference: the
     squared difference of log(1 + count), pair counts averaged over radii, plus atoms_weight times the atom
     count's, on the batch means. It tells G how many atoms to draw and how many neighbours each has at every
-    distance: bonds, not contacts (README, "Generated atoms")."""
+    distance: bonds, not contacts (README, "Generated atoms"). uncrowded: `atoms` counts uncrowded atoms only,
+    compared with the reference's."""
     ref_pairs = pairs.new_tensor(reference["pairs"])
+    ref_atoms = reference["uncrowded_atoms" if uncrowded else "atoms"]
     shape = (torch.log1p(pairs.mean(0)) - torch.log1p(ref_pairs)).square().mean()
-    return shape + atoms_weight * (torch.log1p(atoms.mean()) - math.log1p(reference["atoms"])) ** 2
+    return shape + atoms_weight * (torch.log1p(atoms.mean()) - math.log1p(ref_atoms)) ** 2
 
 
 def _spread_to_sites(x, sub):
@@ -3398,6 +3408,9 @@ class TrainConfig:
                                     # bonded neighbour, as `structure_report` counts it; real cubes: ~0) (README)
     crowd_weight: float = 0.0       # the "atoms" head: weight of `crowded_atoms` (the share of G's atoms with a
                                     # neighbour closer than CROWD_MULT x the covalent radii's sum) (README)
+    count_uncrowded: bool = False   # the pair-count term counts G's uncrowded atoms only (all minus
+                                    # `crowded_atoms`' count, the whole cube), against real's: two sites where
+                                    # real has one atom no longer pay as two (README, "Generated atoms")
     energy_hold_weight: float = 0.0 # with init_from: weight of the mean squared difference (GAN space) between G's
                                     # energy channel and init_from's for the same z: the trunk may then train for
                                     # the atoms while the energy stays init_from's (README, "Generated atoms")
@@ -3454,6 +3467,8 @@ class TrainConfig:
         if self.clash_weight > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
             raise ValueError("TrainConfig: clash_weight needs atom presences: density_head='atoms' and density "
                              "channels (grid_channels >= 2)")
+        if self.count_uncrowded and self.pair_count_weight == 0:
+            raise ValueError("TrainConfig: count_uncrowded counts atoms for the pair-count term: set pair_count_weight")
         for name in COUNTED_TERMS:
             if getattr(self, name) > 0 and (self.density_head != "atoms" or self.grid_channels < 2):
                 raise ValueError(f"TrainConfig: {name} needs atom presences: density_head='atoms' and density "
@@ -3975,8 +3990,11 @@ def _gan_step(run, real, step):
                      default_threshold(1.0, config.density_sigma_voxels))
         if config.pair_count_weight > 0:
             radii = [r / run.pair_reference["spacing_A"] for r in run.pair_reference["radii_A"]]
+            atoms, pairs = atom_pair_counts(*drawn, radii)
+            if config.count_uncrowded:
+                atoms = atoms - crowded_atoms(*drawn, run.crowds[0], -math.inf, share=False)
             loss_g = loss_g + config.pair_count_weight * pair_count_loss(
-                *atom_pair_counts(*drawn, radii), run.pair_reference, config.pair_atoms_weight)
+                atoms, pairs, run.pair_reference, config.pair_atoms_weight, config.count_uncrowded)
         if config.bond_weight > 0:
             loss_g = loss_g + config.bond_weight * unbonded_atoms(*drawn, *run.bonds).mean()
         if config.crowd_weight > 0:
@@ -4214,11 +4232,13 @@ def _prepare_terms(run, state, dataset, grid_params, world, device):
     if config.bond_weight > 0:
         run.bonds = (bond_voxels(params.density_classes, params.spacing_A).to(device),
                      REPORT_EDGE_A / params.spacing_A)
-    if config.crowd_weight > 0:
+    if config.crowd_weight > 0 or config.count_uncrowded:
         run.crowds = (bond_voxels(params.density_classes, params.spacing_A, CROWD_MULT).to(device),
                       REPORT_EDGE_A / params.spacing_A)
     wanted = {"pairs": config.pair_count_weight > 0, "classes": config.class_count_weight > 0}
     missing = [k for k, on in wanted.items() if on and k not in state.references]
+    if config.count_uncrowded and "uncrowded_atoms" not in state.references.get("pairs", {"uncrowded_atoms": 0}):
+        missing.append("pairs")  # made before the count was
     if missing:
         made = None
         if world == 1 or torch.distributed.get_rank() == 0:  # the others take rank 0's: decode once

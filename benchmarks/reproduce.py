@@ -112,6 +112,7 @@ class Scale:
     bond_weight: float = 0.0        # TrainConfig.bond_weight (0: none; the "atoms" head)
     class_count_weight: float = 0.0 # TrainConfig.class_count_weight (0: none; the "atoms" head)
     crowd_weight: float = 0.0       # TrainConfig.crowd_weight (0: none; the "atoms" head)
+    count_uncrowded: int = 0        # TrainConfig.count_uncrowded (1: on; with pair_count_weight)
     energy_hold_weight: float = 0.0 # TrainConfig.energy_hold_weight (0: none; with init_from)
     output_lr: float = 0.0          # TrainConfig.output_lr (0: the recipe's lr)
     comparator_epochs: int = 0      # atoms: the energy-only comparator's epochs (0: epochs), e.g. 60 while a run
@@ -216,7 +217,8 @@ def train_config(scale: Scale, device="auto", **recipe) -> mofkit.TrainConfig:
                   freeze_trunk=bool(scale.freeze_trunk), pair_count_weight=scale.pair_count_weight,
                   energy_hold_weight=scale.energy_hold_weight, output_lr=scale.output_lr,
                   pair_atoms_weight=scale.pair_atoms_weight, bond_weight=scale.bond_weight,
-                  class_count_weight=scale.class_count_weight, crowd_weight=scale.crowd_weight)
+                  class_count_weight=scale.class_count_weight, crowd_weight=scale.crowd_weight,
+                  count_uncrowded=bool(scale.count_uncrowded))
     if scale.study:
         return mofkit.TrainConfig.study(**{**fields, **recipe})
     preset = mofkit.TrainConfig.fast_gpu if scale.fast_gpu else mofkit.TrainConfig
@@ -229,7 +231,7 @@ def comparator_config(scale: Scale, device="auto") -> mofkit.TrainConfig:
     return train_config(scale, device, grid_channels=1, init_from="", freeze_trunk=False, marginal_weight=0.0,
                         marginal_channels="all", pair_weight=0.0, clash_weight=0.0, pair_count_weight=0.0,
                         energy_hold_weight=0.0, output_lr=0.0, bond_weight=0.0, class_count_weight=0.0,
-                        crowd_weight=0.0, pair_atoms_weight=mofkit.PAIR_ATOMS_WEIGHT,
+                        crowd_weight=0.0, count_uncrowded=False, pair_atoms_weight=mofkit.PAIR_ATOMS_WEIGHT,
                         epochs=run_epochs(scale, "run_energy"))
 
 

@@ -122,11 +122,11 @@ def test_reproduce_atoms_head_takes_its_width_from_the_scale():
         reproduce.train_config(dataclasses.replace(scale, density_blur=1), "cpu")
     held = dataclasses.replace(scale, atom_offsets=1, pair_count_weight=3.0, energy_hold_weight=1000.0,
                                output_lr=2e-3, init_from="weights/generator_atoms32.pt", pair_atoms_weight=50.0,
-                               bond_weight=20.0, class_count_weight=10.0, crowd_weight=30.0)
+                               bond_weight=20.0, class_count_weight=10.0, crowd_weight=30.0, count_uncrowded=1)
     config = reproduce.train_config(held, "cpu")
     assert (config.pair_count_weight, config.energy_hold_weight, config.output_lr) == (3.0, 1000.0, 2e-3)
     assert (config.pair_atoms_weight, config.bond_weight, config.class_count_weight) == (50.0, 20.0, 10.0)
-    assert config.crowd_weight == 30.0
+    assert config.crowd_weight == 30.0 and config.count_uncrowded is True
     assert config.init_from == str(reproduce.ROOT / "weights" / "generator_atoms32.pt")
     # the energy-only comparator: the recipe on channel 0, from scratch, no atom terms, its own epochs
     held = dataclasses.replace(held, marginal_weight=300.0, marginal_channels="density", clash_weight=0.1, epochs=1,

@@ -1750,6 +1750,14 @@ def test_unbonded_and_crowded_atoms_are_the_shares_structure_report_finds():
     j = int(np.argmax(close[kinds[i], kinds].numpy() - d[i]))  # the neighbour deepest inside i's limit
     assert p.grad[(0, 0, *site[i])] > 0
     assert -s.grad[(0, slice(None), *site[j])].numpy() @ (positions[i] - positions[j]) < 0
+    # counted over the whole cube (share=False, no edge): every crowded atom, as the distances say; real's count
+    whole = (d < close.numpy()[kinds[:, None], kinds[None]]).any(1).sum()
+    assert mofkit.crowded_atoms(presence, shifts, drawn, threshold, close, -math.inf, share=False).item() == whole
+    assert mofkit.real_pair_counts([decoded])["uncrowded_atoms"] == len(positions) - whole
+    face = draw(np.array([[2, 14, 13.0], [2, 14, 14.5]]), [0, 1])  # C-O 0.75 A, beside a face: no inner atom
+    assert mofkit.crowded_atoms(*face[:3], threshold, close, edge).item() == 0
+    assert mofkit.crowded_atoms(*face[:3], threshold, close, -math.inf, share=False).item() == 2
+    assert mofkit.real_pair_counts([face[-1]])["uncrowded_atoms"] == 0
 
 
 def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_references(tmp_path):
@@ -1779,13 +1787,13 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     def spied(term, **change):  # one step with `term` 0.25 higher, and the arguments it was called with
         calls, real = [], getattr(mofkit, term)
 
-        def spy(*args):
-            calls.append(args)
-            return real(*args) + 0.25
+        def spy(*args, **kwargs):
+            calls.append(args + tuple(kwargs.values()))
+            return real(*args, **kwargs) + 0.25
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(mofkit, term, spy)
-            result = mofkit.train(dataclasses.replace(config, **change), data, tmp_path / term, max_steps=1,
-                                  progress=False)
+            result = mofkit.train(dataclasses.replace(config, **change), data, tmp_path / "_".join([term, *change]),
+                                  max_steps=1, progress=False)
         return result, calls
     # the bond term: G's atoms (none yet at the first step) with the data's bond lengths, times bond_weight
     spy_bond, calls = spied("unbonded_atoms", bond_weight=2.0)
@@ -1803,6 +1811,20 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
     assert spy_crowd.history[0]["loss_g"] - straight.history[0]["loss_g"] == pytest.approx(0.75, abs=1e-4)
     (_, _, _, _, close, edge), = calls
     assert torch.equal(close, mofkit.bond_voxels(("C", "O", "other"), 0.5, mofkit.CROWD_MULT)) and edge == 6.0
+    # count_uncrowded: the atom count less the crowded count of the whole cube, against real's uncrowded atoms
+    pairs = references["pairs"]
+    assert 0 < pairs["uncrowded_atoms"] < pairs["atoms"]  # the shards' atoms are 1.1-3 A apart: some crowded
+    uncrowded = mofkit.train(dataclasses.replace(config, count_uncrowded=True), data, tmp_path / "uncrowded",
+                             max_steps=1, progress=False)
+    spy_count, calls = spied("crowded_atoms", count_uncrowded=True)
+    (_, _, _, _, close, edge, share), = calls
+    assert torch.equal(close, mofkit.bond_voxels(("C", "O", "other"), 0.5, mofkit.CROWD_MULT))
+    assert edge == -math.inf and share is False
+    term = lambda atoms, ref: mofkit.PAIR_ATOMS_WEIGHT * (math.log1p(atoms) - math.log1p(ref)) ** 2  # no atoms yet
+    assert uncrowded.history[0]["loss_g"] - straight.history[0]["loss_g"] == pytest.approx(
+        term(0, pairs["uncrowded_atoms"]) - term(0, pairs["atoms"]), abs=1e-4)
+    assert spy_count.history[0]["loss_g"] - uncrowded.history[0]["loss_g"] == pytest.approx(
+        term(-0.25, pairs["uncrowded_atoms"]) - term(0, pairs["uncrowded_atoms"]), abs=1e-4)
     weighed = mofkit.train(dataclasses.replace(config, pair_atoms_weight=50.0), data, tmp_path / "weighed",
                            max_steps=1, progress=False)
     assert weighed.history[0]["loss_g"] > straight.history[0]["loss_g"]  # the atom count weighs more
@@ -1835,6 +1857,8 @@ def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_re
         tiny_config(grid_channels=4, class_count_weight=1.0)
     with pytest.raises(ValueError, match="crowd_weight needs atom presences"):
         tiny_config(grid_channels=4, crowd_weight=1.0)
+    with pytest.raises(ValueError, match="count_uncrowded counts atoms for the pair-count term"):
+        tiny_config(grid_channels=4, count_uncrowded=True)
     with pytest.raises(ValueError, match="energy_hold_weight needs init_from"):
         tiny_config(energy_hold_weight=1.0)
 
