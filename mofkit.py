@@ -3046,11 +3046,13 @@ def unbonded_atoms(presence, shifts, density, threshold, bonds_voxels, edge_voxe
 def crowded_atoms(presence, shifts, density, threshold, close_voxels, edge_voxels, sites=PAIR_SITES, share=True):
     """The share of a grid's inner atoms with a neighbour closer than close_voxels[class i, class j] (N,)
     (`bond_voxels` with CROWD_MULT), as `structure_report`'s crowded_fraction counts it; atoms, classes and the
-    straight-through gradient as `unbonded_atoms`': a crowded atom is dropped or its neighbours pushed away.
+    straight-through gradient as `unbonded_atoms`', on crowded atoms only: a crowded atom is dropped or its
+    neighbours pushed away, while a pair just past its limit (X-ray C-H, 0.93 A) is left where it is.
     share=False: their number instead."""
     counts = []
     for neighbours, atom, w in _neighbours(presence, shifts, density, threshold, close_voxels, edge_voxels, sites):
-        near = neighbours.detach().clamp(max=1) + neighbours - neighbours.detach()
+        crowded = (neighbours.detach() > 0).to(neighbours.dtype)
+        near = crowded + crowded * (neighbours - neighbours.detach())
         crowded = (atom * w * near).sum()
         counts.append(crowded / atom.sum().clamp(min=1) if share else crowded)
     return torch.stack(counts)

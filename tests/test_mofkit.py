@@ -1758,6 +1758,12 @@ def test_unbonded_and_crowded_atoms_are_the_shares_structure_report_finds():
     assert mofkit.crowded_atoms(*face[:3], threshold, close, edge).item() == 0
     assert mofkit.crowded_atoms(*face[:3], threshold, close, -math.inf, share=False).item() == 2
     assert mofkit.real_pair_counts([face[-1]])["uncrowded_atoms"] == 0
+    # a C-H pair just past its limit (0.95 A, X-ray's, against 0.86 A) is not crowded and feels no push
+    pair = draw(np.array([[14, 14, 13.0], [14, 14, 14.9]]), [0, 2])
+    p, s = pair[0].clone().requires_grad_(True), pair[1].clone().requires_grad_(True)
+    share = mofkit.crowded_atoms(p, s, pair[2], threshold, close, edge)
+    share.sum().backward()
+    assert share.item() == 0 and p.grad.abs().max() == 0 and s.grad.abs().max() == 0
 
 
 def test_pair_count_and_energy_hold_terms_train_resume_exactly_and_keep_their_references(tmp_path):
