@@ -115,6 +115,8 @@ class Scale:
     count_uncrowded: int = 0        # TrainConfig.count_uncrowded (1: on; with pair_count_weight)
     energy_hold_weight: float = 0.0 # TrainConfig.energy_hold_weight (0: none; with init_from)
     output_lr: float = 0.0          # TrainConfig.output_lr (0: the recipe's lr)
+    steps: int = 0                  # the run's target in optimizer steps instead of epochs (0: epochs), e.g. a
+                                    # fine-tune that probes chose part-way through an epoch
     comparator_epochs: int = 0      # atoms: the energy-only comparator's epochs (0: epochs), e.g. 60 while a run
                                     # that starts from a 60-epoch file (init_from) trains on for 1
     shard_size: int = 100
@@ -236,12 +238,12 @@ def comparator_config(scale: Scale, device="auto") -> mofkit.TrainConfig:
 
 
 def training_state(run_dir):
-    """(epoch, time_s) of the run's checkpoint, (0, 0.0) before the first one."""
+    """(epoch, time_s, step) of the run's checkpoint, (0, 0.0, 0) before the first one."""
     last = Path(run_dir) / "last.pt"
     if not last.exists():
-        return 0, 0.0
+        return 0, 0.0, 0
     ckpt = mofkit.load_checkpoint(last)
-    return ckpt["epoch"], ckpt["time_s"]
+    return ckpt["epoch"], ckpt["time_s"], ckpt["step"]
 
 
 def run_epochs(scale, name) -> int:
@@ -249,10 +251,17 @@ def run_epochs(scale, name) -> int:
     return scale.comparator_epochs if name == "run_energy" and scale.comparator_epochs else scale.epochs
 
 
+def run_steps(scale, name) -> int | None:
+    """The step target of one of the scale's runs (None: its epochs); the comparator always trains by epochs."""
+    return scale.steps if scale.steps and name == "run" else None
+
+
 def training_done(run_dir, scale, budget_min) -> bool:
-    epoch, time_s = training_state(run_dir)
+    epoch, time_s, step = training_state(run_dir)
+    name = Path(run_dir).name
     # train() stops at the first logged step past its deadline, so a finished budget reads >= budget_min
-    return epoch >= run_epochs(scale, Path(run_dir).name) or (budget_min is not None and time_s >= 60 * budget_min)
+    done = step >= run_steps(scale, name) if run_steps(scale, name) else epoch >= run_epochs(scale, name)
+    return done or (budget_min is not None and time_s >= 60 * budget_min)
 
 
 def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", progress=True):
@@ -262,7 +271,7 @@ def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", p
         run_dir = out / name
         if training_done(run_dir, scale, budget_min):
             continue
-        _, time_s = training_state(run_dir)
+        _, time_s, _ = training_state(run_dir)
         minutes = (deadline - time.monotonic()) / 60
         if budget_min is not None:
             minutes = min(minutes, budget_min - time_s / 60)
@@ -270,7 +279,8 @@ def train_chunk(out, scale, budget_min=None, deadline=math.inf, device="auto", p
             return
         config = comparator_config(scale, device) if channels else train_config(scale, device)
         dataset = mofkit.ShardDataset(out / "train", seed=scale.seed, batch_size=config.batch_size, channels=channels)
-        mofkit.train(config, dataset, run_dir, resume=True, progress=progress, max_minutes=minutes)
+        mofkit.train(config, dataset, run_dir, resume=True, progress=progress, max_minutes=minutes,
+                     max_steps=run_steps(scale, name))
 
 
 def all_trained(out, scale, budget_min) -> bool:
@@ -447,7 +457,7 @@ def main(argv=None):
         return None
     if not all_trained(out, scale, budget_min):
         train_chunk(out, scale, budget_min, deadline - checkpoint_s, device, progress)
-    epoch, time_s = training_state(out / "run")
+    epoch, time_s, _ = training_state(out / "run")
     if not all_trained(out, scale, budget_min):
         print(f"trained {time_s / 60:.1f} min, {epoch} epochs so far: run the same command again to continue")
         return None
