@@ -5612,7 +5612,7 @@ def _energy_consistency(atoms, energy_K, probe, cutoff_A, grid_cutoff_A, cap_K, 
 
 def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DENSITY_CLASSES, sigma_A=None,
                      names=None, edge_A=REPORT_EDGE_A, bond_mult=BOND_MULT, crowd_mult=CROWD_MULT, contact_A=0.7,
-                     probe=DEFAULT_GRID.probe,
+                     axis_deg=5.0, probe=DEFAULT_GRID.probe,
                      cutoff_A=None, grid_cutoff_A=DEFAULT_GRID.cutoff_A, cap_K=DEFAULT_GRID.cap_K, e_scale_K=None):
     """Chemistry of decoded structures: pandas DataFrame, one row per structure.
 
@@ -5626,6 +5626,8 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
         covalent radii (ase natural_cutoffs(mult=bond_mult));
       crowded_fraction: of those atoms, the share with a neighbour closer than crowd_mult x that sum;
       contact_fraction: atoms with a neighbour closer than contact_A (impossible);
+      axis_fraction: of the inner atoms, the share whose nearest neighbour lies within axis_deg of a cube axis
+        (atoms in rows along the grid, as a generator may draw them; isotropic bonds: 3 (1 - cos axis_deg), 0.011);
       energy_r, energy_mae_K, energy_voxels: with energies_K, the energy-atoms consistency (_energy_consistency:
         the probe energy recomputed from the atoms with cutoff_A (default: a quarter of the cube's edge, capped
         at grid_cutoff_A: 4 A for a 16 A cube) on the voxels >= cutoff_A inside every face (the central cube of
@@ -5655,12 +5657,16 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
         tree = cKDTree(atoms.positions.reshape(-1, 3))
         contact = np.zeros(n, bool)
         contact[tree.query_pairs(contact_A, output_type="ndarray").ravel()] = True
-        nn = tree.query(atoms.positions[inner], k=2)[0][:, 1] if n > 1 and inner.any() else []
+        nn, axis = [], math.nan
+        if n > 1 and inner.any():
+            nn, j = (x[:, 1] for x in tree.query(atoms.positions[inner], k=2))
+            v = atoms.positions[j] - atoms.positions[inner]
+            axis = float((np.abs(v).max(1) > nn * math.cos(math.radians(axis_deg))).mean())
         p10, median, p90 = np.percentile(nn, [10, 50, 90]) if len(nn) else (math.nan,) * 3
         row.update(n_inner=int(inner.sum()), nn_median_A=median, nn_p10_A=p10, nn_p90_A=p90,
                    bonded_fraction=float(bonded[inner].mean()) if inner.any() else math.nan,
                    crowded_fraction=float(crowded[inner].mean()) if inner.any() else math.nan,
-                   contact_fraction=float(contact.mean()) if n else math.nan)
+                   contact_fraction=float(contact.mean()) if n else math.nan, axis_fraction=axis)
         if energy is not None:
             cut = min(length_A / 4, grid_cutoff_A) if cutoff_A is None else cutoff_A
             r, mae, voxels = _energy_consistency(atoms, energy, probe, cut, grid_cutoff_A, cap_K, e_scale_K)
@@ -5672,7 +5678,7 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
 def structure_targets(generated, real):
     """The generation targets (README, "Atoms from grids") from two structure_report tables (generated, held-out
     real decoded the same way): pandas DataFrame of the generated and real medians (contact_fraction,
-    crowded_fraction: means) per figure, and whether the target is met (None: reported, no target)."""
+    crowded_fraction, axis_fraction: means) per figure, and whether the target is met (None: reported, no target)."""
     import pandas as pd
     g, r = generated.median(numeric_only=True), real.median(numeric_only=True)
     rows = [("atoms_per_nm3", g["atoms_per_nm3"], r["atoms_per_nm3"], "within 15%",
@@ -5683,9 +5689,9 @@ def structure_targets(generated, real):
              g["bonded_fraction"] >= 0.9 * r["bonded_fraction"]),
             ("contact_fraction", generated["contact_fraction"].mean(), real["contact_fraction"].mean(), "<= 0.01",
              generated["contact_fraction"].mean() <= 0.01)]
-    if "crowded_fraction" in generated and "crowded_fraction" in real:
-        rows.append(("crowded_fraction", generated["crowded_fraction"].mean(), real["crowded_fraction"].mean(),
-                     "reported", None))
+    for mean in ("crowded_fraction", "axis_fraction"):
+        if mean in generated and mean in real:
+            rows.append((mean, generated[mean].mean(), real[mean].mean(), "reported", None))
     if "energy_r" in generated and "energy_r" in real:
         rows.append(("energy_r", g["energy_r"], r["energy_r"], "reported", None))
         rows.append(("energy_mae_K", g["energy_mae_K"], r["energy_mae_K"], "reported", None))

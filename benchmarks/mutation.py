@@ -278,6 +278,8 @@ MUTANTS = [
            'ref_atoms = reference["atoms" if uncrowded else', "pair_count_and_energy_hold"),
     Mutant("real_uncrowded_at_bond_length", "GAN loss", "natural_cutoffs(cube, mult=CROWD_MULT)",
            "natural_cutoffs(cube, mult=BOND_MULT)", "unbonded"),
+    Mutant("axis_fraction_ignores_its_angle", "structure report", "nn * math.cos(math.radians(axis_deg))",
+           "nn * math.cos(math.radians(2 * axis_deg))", "structure_report_of_a_hand_built_cube"),
     Mutant("energy_hold_dropped", "GAN loss", "loss_g = loss_g + config.energy_hold_weight *", "loss_g = loss_g + 0 *",
            "energy_hold"),
     Mutant("energy_hold_draws_from_the_run_rng", "checkpoint", "with torch.random.fork_rng(devices=[]):  # building",

@@ -3088,6 +3088,15 @@ def test_structure_report_of_a_hand_built_cube():
     assert row["contact_fraction"] == pytest.approx(2 / 7)
     assert mofkit.structure_report(atoms, bond_mult=1.0).iloc[0]["bonded_fraction"] == pytest.approx(2 / 6)
     assert "energy_r" not in mofkit.structure_report(atoms).columns
+    # every inner pair lies along a cube axis; the O-H pair tilted 4 degrees still does, 6 degrees not
+    assert row["axis_fraction"] == 1
+    for degrees, share in ((4, 1), (6, 4 / 6)):
+        tilted = atoms.copy()
+        tilted.positions[3] = [5 + 0.5 * math.cos(math.radians(degrees)), 5 + 0.5 * math.sin(math.radians(degrees)), 5]
+        assert mofkit.structure_report(tilted).iloc[0]["axis_fraction"] == pytest.approx(share)
+    spread = atoms.copy()
+    spread.positions[5] = spread.positions[4] + 2 / math.sqrt(3)  # Zn-O 2.0 A along a body diagonal
+    assert mofkit.structure_report(spread).iloc[0]["axis_fraction"] == pytest.approx(4 / 6)
 
 
 def test_structure_report_energy_consistency_against_the_voxelizer():
