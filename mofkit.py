@@ -3053,8 +3053,8 @@ def crowded_atoms(presence, shifts, density, threshold, close_voxels, edge_voxel
     for neighbours, atom, w in _neighbours(presence, shifts, density, threshold, close_voxels, edge_voxels, sites):
         crowded = (neighbours.detach() > 0).to(neighbours.dtype)
         near = crowded + crowded * (neighbours - neighbours.detach())
-        crowded = (atom * w * near).sum()
-        counts.append(crowded / atom.sum().clamp(min=1) if share else crowded)
+        count = (atom * w * near).sum()
+        counts.append(count / atom.sum().clamp(min=1) if share else count)
     return torch.stack(counts)
 
 
@@ -3079,18 +3079,26 @@ def real_pair_counts(structures, radii_A=PAIR_RADII_A) -> dict:
     """The reference of the pair-count term: the mean atom count of decoded real cubes (ase.Atoms), the mean
     count of their uncrowded atoms (no neighbour closer than CROWD_MULT x the sum of covalent radii, anywhere in
     the cube) and their mean number of atom pairs closer than each radius (float64)."""
-    from ase.neighborlist import natural_cutoffs, neighbor_list
     atoms, uncrowded, pairs = [], [], []
     for s in structures:
         d = s.get_all_distances()[np.triu_indices(len(s), 1)] if len(s) > 1 else np.zeros(0)
         atoms.append(len(s))
-        cube = s.copy()
-        cube.pbc = False
-        uncrowded.append(len(s) - len(np.unique(neighbor_list("i", cube, natural_cutoffs(cube, mult=CROWD_MULT)))))
+        uncrowded.append(int((~_crowded(s, CROWD_MULT)).sum()))
         pairs.append([(d < r).sum() for r in radii_A])
     return {"radii_A": list(map(float, radii_A)), "atoms": float(np.mean(atoms)),
             "uncrowded_atoms": float(np.mean(uncrowded)), "pairs": np.mean(pairs, 0).tolist(),
             "structures": len(atoms)}
+
+
+def _crowded(atoms, crowd_mult):
+    """Bool (N,): the atoms of a decoded cube (ase.Atoms) with a neighbour closer than crowd_mult x the sum of
+    their covalent radii (ase natural_cutoffs), the cube not periodic."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+    cube = atoms.copy()
+    cube.pbc = False
+    crowded = np.zeros(len(atoms), bool)
+    crowded[neighbor_list("i", cube, natural_cutoffs(cube, mult=crowd_mult))] = True
+    return crowded
 
 
 def pair_count_loss(atoms, pairs, reference, atoms_weight=PAIR_ATOMS_WEIGHT, uncrowded=False):
@@ -4239,8 +4247,9 @@ def _prepare_terms(run, state, dataset, grid_params, world, device):
                       REPORT_EDGE_A / params.spacing_A)
     wanted = {"pairs": config.pair_count_weight > 0, "classes": config.class_count_weight > 0}
     missing = [k for k, on in wanted.items() if on and k not in state.references]
-    if config.count_uncrowded and "uncrowded_atoms" not in state.references.get("pairs", {"uncrowded_atoms": 0}):
-        missing.append("pairs")  # made before the count was
+    pairs = state.references.get("pairs")
+    if config.count_uncrowded and pairs is not None and "uncrowded_atoms" not in pairs:
+        missing.append("pairs")  # made before the uncrowded count was
     if missing:
         made = None
         if world == 1 or torch.distributed.get_rank() == 0:  # the others take rank 0's: decode once
@@ -5652,8 +5661,7 @@ def structure_report(structures, energies_K=None, *, spacing_A=None, classes=DEN
         inner = np.all((atoms.positions >= edge_A) & (atoms.positions <= length_A - edge_A), axis=1)
         bonded = np.zeros(n, bool)
         bonded[i[d >= contact_A]] = True
-        crowded = np.zeros(n, bool)
-        crowded[neighbor_list("i", cube, natural_cutoffs(cube, mult=crowd_mult))] = True
+        crowded = _crowded(atoms, crowd_mult)
         tree = cKDTree(atoms.positions.reshape(-1, 3))
         contact = np.zeros(n, bool)
         contact[tree.query_pairs(contact_A, output_type="ndarray").ravel()] = True
